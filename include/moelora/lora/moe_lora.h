@@ -1,0 +1,110 @@
+// LoRA on MoE experts: host-side adapter weights, the device slot pool with stable addresses,
+// the per-batch token->slot map, and the hooks the MoE runner calls at its two seams.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "moelora/core/stream.h"
+#include "moelora/core/tensor.h"
+#include "moelora/moe/types.h"
+
+namespace moelora {
+
+// One adapter's LoRA for one MoE layer, as PEFT defines it (scale not folded yet):
+// delta W = scale * B . A. Host tensors, f32 or bf16. Any subset of gate/up/down may be set.
+// The gate_up projection comes in one of two shapes seen in the wild:
+//  - separate: gate_a [E, r_g, H], gate_b [E, I, r_g], up_a [E, r_u, H], up_b [E, I, r_u]
+//    (per-expert PEFT keys `experts.E.gate_proj` / `up_proj`; Mixtral w1 / w3);
+//  - fused: gate_up_a [E, r, H] shared by all 2I rows, gate_up_b [E, 2I, r] (peft 0.21 on the
+//    3D `gate_up_proj` parameter of transformers 5).
+// down: down_a [E, r_d, I], down_b [E, H, r_d].
+struct MoeLoraWeights {
+  Tensor gate_a, gate_b, up_a, up_b;
+  Tensor gate_up_a, gate_up_b;
+  Tensor down_a, down_b;
+  float gate_scale = 1.0f, up_scale = 1.0f, gate_up_scale = 1.0f, down_scale = 1.0f;
+
+  bool has_gate_up_fused() const { return gate_up_a.defined(); }
+};
+
+// PEFT scaling: alpha / r, or alpha / sqrt(r) with rsLoRA.
+float lora_scaling(float alpha, int rank, bool use_rslora);
+
+// Where a slot's gate_up LoRA lives in the pool's shrink output u = A13 . x (per slot):
+// gate rows read u[gate_col, gate_col + gate_rank), up rows u[up_col, up_col + up_rank).
+// Fused adapters have gate_col == up_col == 0 and shrink_rank == r; separate ones stack
+// A_gate over A_up, so shrink_rank = r_g + r_u. Ranks of 0 mean "not targeted".
+struct MoeLoraSlotMeta {
+  int32_t shrink_rank = 0;
+  int32_t gate_rank = 0, gate_col = 0;
+  int32_t up_rank = 0, up_col = 0;
+  int32_t down_rank = 0;
+};
+static_assert(sizeof(MoeLoraSlotMeta) == 6 * sizeof(int32_t));
+
+// Device slots for one MoE layer. Addresses never move: a captured graph stays valid when a
+// different adapter is loaded into a slot. Scale is folded into B on load.
+class MoeLoraPool {
+ public:
+  MoeLoraPool(const MoeShape& shape, int num_slots, int r_max, Device device);
+
+  // Validates shapes against the pool (naming the tensor, expected vs found), converts to bf16,
+  // folds scales into B, zero-pads to r_max and copies into `slot`.
+  void load(int slot, const MoeLoraWeights& w, const Stream* stream = nullptr);
+  void unload(int slot);
+
+  const MoeShape& shape() const { return shape_; }
+  int num_slots() const { return num_slots_; }
+  int r_max() const { return r_max_; }
+  Device device() const { return device_; }
+  const MoeLoraSlotMeta& meta(int slot) const;
+  bool loaded(int slot) const;
+
+  // Device tensors (bf16 unless noted):
+  const Tensor& a13() const { return a13_; }   // [S, E, 2*r_max, H] shrink rows
+  const Tensor& b13() const { return b13_; }   // [S, E, 2I, r_max] row i uses its half's rank
+  const Tensor& a2() const { return a2_; }     // [S, E, r_max, I]
+  const Tensor& b2() const { return b2_; }     // [S, E, H, r_max]
+  const Tensor& slot_meta() const { return meta_dev_; }  // i32 [S, 6], MoeLoraSlotMeta
+
+ private:
+  MoeShape shape_;
+  int num_slots_, r_max_;
+  Device device_;
+  Tensor a13_, b13_, a2_, b2_, meta_dev_;
+  std::vector<MoeLoraSlotMeta> meta_;
+  std::vector<bool> loaded_;
+};
+
+// The batch's adapter choice per token: token_slot i32 [M] on the pool's device, -1 = base.
+struct LoraBatch {
+  Tensor token_slot;
+};
+
+// Called by MoeRunner at its two seams. One object per (layer, device), built once with its
+// workspace; bind() per batch; the rest per layer call, allocation-free.
+class MoeHooks {
+ public:
+  virtual ~MoeHooks() = default;
+  // After routing: lets the hooks group token-slots (e.g. by (adapter, expert)).
+  virtual void after_route(const TopK& topk, int64_t num_tokens, const Stream& stream) = 0;
+  // h f32 [M*k, 2I] += LoRA delta of gate_up, computed from x bf16 [M, H].
+  virtual void after_gate_up(const Tensor& x, const TopK& topk, Tensor& h,
+                             const Stream& stream) = 0;
+  // o f32 [M*k, H] += routed_weight * LoRA delta of down, computed from a bf16 [M*k, I].
+  virtual void after_down(const Tensor& a, const TopK& topk, Tensor& o,
+                          const Stream& stream) = 0;
+};
+
+// LoRA hooks over `pool` for batches of up to `max_tokens`, on the pool's device.
+class MoeLoraHooks : public MoeHooks {
+ public:
+  // `pool` must outlive the hooks.
+  static std::unique_ptr<MoeLoraHooks> create(const MoeLoraPool& pool, int64_t max_tokens);
+  // Binds the batch's token->slot map (kept by reference-counted handle; contents may change
+  // between calls, which is how graph replays see a new mix).
+  virtual void bind(const LoraBatch& batch) = 0;
+};
+
+}  // namespace moelora

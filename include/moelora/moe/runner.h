@@ -1,0 +1,52 @@
+// MoeRunner: one MoE layer forward with LoRA seams.
+//
+//   topk = route(router_logits); plan = align(topk)
+//   h = gemm1(x, plan)            ; hooks.after_gate_up(h)
+//   a = silu(gate) * up           ; o = gemm2(a, plan) * routed weight
+//   hooks.after_down(o)           ; y = sum over top-k (+ shared expert)
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "moelora/lora/moe_lora.h"
+#include "moelora/moe/backend.h"
+
+namespace moelora {
+
+struct MoeRunnerConfig {
+  MoeShape shape;
+  RouterConfig router;
+  Device device;
+  int64_t max_tokens = 256;
+  WeightFormat format = WeightFormat::bf16;
+  std::string backend;  // empty: pick the best backend for the device by capability
+};
+
+class MoeRunner {
+ public:
+  // Picks the backend and allocates every buffer for up to max_tokens tokens.
+  explicit MoeRunner(const MoeRunnerConfig& config);
+
+  // y bf16 [M, H]. `hooks` may be null (no LoRA). Allocation-free (graph-capturable on CUDA).
+  void run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, Tensor& y,
+           const Stream& stream);
+
+  const MoeBackend& backend() const { return *backend_; }
+  const MoeRunnerConfig& config() const { return config_; }
+  // Results of the last run's stages, first M rows valid (for tests and debugging).
+  const TopK& last_topk() const { return topk_view_; }
+  const MoeAlignment& last_plan() const { return plan_; }
+
+ private:
+  MoeRunnerConfig config_;
+  std::unique_ptr<MoeBackend> backend_;
+  TopK topk_, topk_view_;
+  MoeAlignment plan_;
+  Tensor h_, a_, o_;
+  // Shared expert: a fixed one-group plan over all tokens.
+  MoeAlignment shared_plan_;
+  Tensor shared_ids_, shared_h_, shared_a_, shared_o_;
+};
+
+}  // namespace moelora

@@ -1,0 +1,91 @@
+// The hook path: LoRA on experts as separate shrink/expand passes at the runner's seams,
+// grouped by virtual expert (slot * E + expert) so each (adapter, expert) pair's A and B are
+// read once per batch and base tokens cost nothing.
+#include "lora/moe_lora_kernels.h"
+#include "moelora/lora/moe_lora.h"
+
+namespace moelora {
+
+const MoeLoraKernels& cpu_moe_lora_kernels() {
+  static const MoeLoraKernels k{&cpu::moe_lora_group_ids, &cpu::moe_align, &cpu::moe_lora_shrink,
+                                &cpu::moe_lora_expand, &cpu::moe_lora_block_m};
+  return k;
+}
+
+namespace {
+
+class SeparateLoraHooks final : public MoeLoraHooks {
+ public:
+  SeparateLoraHooks(const MoeLoraPool& pool, int64_t max_tokens, const MoeLoraKernels& kernels)
+      : pool_(pool), kernels_(kernels), max_tokens_(max_tokens) {
+    MOELORA_CHECK(max_tokens > 0, "MoE LoRA hooks: max_tokens must be > 0, found {}", max_tokens);
+    const MoeShape& s = pool.shape();
+    const Device d = pool.device();
+    const int64_t slots = max_tokens * s.top_k;
+    vids_ = Tensor::empty({max_tokens, s.top_k}, DType::i32, d);
+    vplan_ = MoeAlignment::allocate(slots, pool.num_slots() * s.num_experts, kMaxBlockM, d);
+    u13_ = Tensor::empty({slots, 2 * int64_t(pool.r_max())}, DType::f32, d);
+    u2_ = Tensor::empty({slots, int64_t(pool.r_max())}, DType::f32, d);
+  }
+
+  void bind(const LoraBatch& batch) override {
+    check_dtype(batch.token_slot, DType::i32, "LoraBatch token_slot");
+    check_device(batch.token_slot, pool_.device(), "LoraBatch token_slot");
+    MOELORA_CHECK(batch.token_slot.dim() == 1 && batch.token_slot.size(0) <= max_tokens_,
+                  "LoraBatch token_slot: expected [M] with M <= {}, found {}", max_tokens_,
+                  batch.token_slot.describe());
+    token_slot_ = batch.token_slot;
+  }
+
+  void after_route(const TopK& topk, int64_t m, const Stream& stream) override {
+    MOELORA_CHECK(token_slot_.defined(), "MoE LoRA hooks: bind() a LoraBatch before running");
+    MOELORA_CHECK(m <= token_slot_.size(0),
+                  "MoE LoRA hooks: {} tokens in the layer call, the bound batch has {}", m,
+                  token_slot_.size(0));
+    const int k = pool_.shape().top_k;
+    Tensor vids = vids_.first_rows(m);
+    kernels_.group_ids(topk.ids, token_slot_.first_rows(m), pool_.shape().num_experts, vids,
+                       stream);
+    vplan_.block_m = kernels_.block_m(m, k);
+    kernels_.align(vids, vplan_, stream);
+  }
+
+  void after_gate_up(const Tensor& x, const TopK& topk, Tensor& h, const Stream& stream) override {
+    const int k = pool_.shape().top_k;
+    Tensor u = u13_.first_rows(topk.ids.size(0) * k);
+    kernels_.shrink(x, k, vplan_, pool_.a13(), pool_.slot_meta(), LoraSeam::gate_up, u, stream);
+    kernels_.expand(u, vplan_, pool_.b13(), pool_.slot_meta(), LoraSeam::gate_up, Tensor(), h,
+                    stream);
+  }
+
+  void after_down(const Tensor& a, const TopK& topk, Tensor& o, const Stream& stream) override {
+    const int64_t slots = topk.ids.size(0) * pool_.shape().top_k;
+    Tensor u = u2_.first_rows(slots);
+    kernels_.shrink(a, 1, vplan_, pool_.a2(), pool_.slot_meta(), LoraSeam::down, u, stream);
+    kernels_.expand(u, vplan_, pool_.b2(), pool_.slot_meta(), LoraSeam::down,
+                    topk.weights.view({slots}), o, stream);
+  }
+
+ private:
+  const MoeLoraPool& pool_;
+  const MoeLoraKernels& kernels_;
+  int64_t max_tokens_;
+  Tensor token_slot_;
+  Tensor vids_, u13_, u2_;
+  MoeAlignment vplan_;
+};
+
+}  // namespace
+
+std::unique_ptr<MoeLoraHooks> MoeLoraHooks::create(const MoeLoraPool& pool, int64_t max_tokens) {
+  if (pool.device().is_cpu())
+    return std::make_unique<SeparateLoraHooks>(pool, max_tokens, cpu_moe_lora_kernels());
+#ifdef MOELORA_WITH_CUDA
+  return std::make_unique<SeparateLoraHooks>(pool, max_tokens, cuda_moe_lora_kernels());
+#else
+  MOELORA_THROW("MoE LoRA hooks on {} need CUDA, but moelora was built without it",
+                pool.device().str());
+#endif
+}
+
+}  // namespace moelora

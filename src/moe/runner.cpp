@@ -1,0 +1,93 @@
+#include "moelora/moe/runner.h"
+
+namespace moelora {
+
+MoeRunner::MoeRunner(const MoeRunnerConfig& config) : config_(config) {
+  const MoeShape& s = config_.shape;
+  s.validate();
+  config_.router.validate();
+  MOELORA_CHECK(config_.router.num_experts == s.num_experts && config_.router.top_k == s.top_k,
+                "MoeRunner: router has E={}, top_k={} but shape '{}' has E={}, top_k={}",
+                config_.router.num_experts, config_.router.top_k, s.name, s.num_experts, s.top_k);
+  MOELORA_CHECK(config_.max_tokens > 0, "MoeRunner: max_tokens must be > 0, found {}",
+                config_.max_tokens);
+
+  MoeProblem problem{s, config_.format, DType::bf16, config_.device, config_.max_tokens};
+  backend_ = config_.backend.empty() ? pick_moe_backend(problem)
+                                     : make_moe_backend(config_.backend, problem);
+
+  const Device d = config_.device;
+  const int64_t M = config_.max_tokens, k = s.top_k, H = s.hidden, I = s.inter;
+  topk_.ids = Tensor::empty({M, k}, DType::i32, d);
+  topk_.weights = Tensor::empty({M, k}, DType::f32, d);
+  plan_ = MoeAlignment::allocate(M * k, s.num_experts, kMaxBlockM, d);
+  h_ = Tensor::empty({M * k, 2 * I}, DType::f32, d);
+  a_ = Tensor::empty({M * k, I}, DType::bf16, d);
+  o_ = Tensor::empty({M * k, H}, DType::f32, d);
+  if (s.shared_inter > 0) {
+    const int64_t Is = s.shared_inter;
+    shared_ids_ = Tensor::zeros({M, 1}, DType::i32, d);  // every token to group 0
+    shared_plan_ = MoeAlignment::allocate(M, 1, kMaxBlockM, d);
+    shared_h_ = Tensor::empty({M, 2 * Is}, DType::f32, d);
+    shared_a_ = Tensor::empty({M, Is}, DType::bf16, d);
+    shared_o_ = Tensor::empty({M, H}, DType::f32, d);
+  }
+}
+
+void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, Tensor& y,
+                    const Stream& stream) {
+  const MoeShape& s = config_.shape;
+  const Device d = config_.device;
+  check_dtype(in.x, DType::bf16, "MoE input x");
+  check_device(in.x, d, "MoE input x");
+  check_contiguous(in.x, "MoE input x");
+  MOELORA_CHECK(in.x.dim() == 2 && in.x.size(1) == s.hidden,
+                "MoE input x: expected [M, {}], found {}", s.hidden, in.x.describe());
+  const int64_t m = in.x.size(0);
+  MOELORA_CHECK(m >= 1 && m <= config_.max_tokens,
+                "MoE input x: {} tokens, the runner was sized for 1..{}", m, config_.max_tokens);
+  check_dtype(in.router_logits, DType::f32, "MoE router_logits");
+  check_device(in.router_logits, d, "MoE router_logits");
+  check_shape(in.router_logits, {m, s.num_experts}, "MoE router_logits");
+  check_dtype(y, DType::bf16, "MoE output y");
+  check_device(y, d, "MoE output y");
+  check_shape(y, {m, s.hidden}, "MoE output y");
+  if (s.shared_gate) {
+    check_dtype(in.shared_gate_logits, DType::f32, "MoE shared_gate_logits");
+    check_shape(in.shared_gate_logits, {m}, "MoE shared_gate_logits");
+  }
+  MOELORA_CHECK(!config_.router.use_correction_bias || w.correction_bias.defined(),
+                "MoE weights: the router uses e_score_correction_bias but none was given");
+
+  const int64_t slots = m * s.top_k;
+  topk_view_.ids = topk_.ids.first_rows(m);
+  topk_view_.weights = topk_.weights.first_rows(m);
+  backend_->route(in.router_logits, w.correction_bias, config_.router, topk_view_, stream);
+  if (hooks) hooks->after_route(topk_view_, m, stream);
+
+  plan_.block_m = backend_->block_m(m, s);
+  backend_->align(topk_view_.ids, plan_, stream);
+
+  Tensor h = h_.first_rows(slots), a = a_.first_rows(slots), o = o_.first_rows(slots);
+  backend_->gemm1(in.x, s.top_k, plan_, w.w13, h, stream);
+  if (hooks) hooks->after_gate_up(in.x, topk_view_, h, stream);
+  backend_->activation(h, topk_view_.ids, a, stream);
+  backend_->gemm2(a, plan_, w.w2, topk_view_.weights.view({slots}), o, stream);
+  if (hooks) hooks->after_down(a, topk_view_, o, stream);
+
+  Tensor shared_o;
+  if (s.shared_inter > 0) {
+    Tensor ids = shared_ids_.first_rows(m);
+    shared_plan_.block_m = backend_->block_m(m, s);
+    backend_->align(ids, shared_plan_, stream);
+    Tensor sh = shared_h_.first_rows(m), sa = shared_a_.first_rows(m);
+    shared_o = shared_o_.first_rows(m);
+    backend_->gemm1(in.x, 1, shared_plan_, w.shared_w13, sh, stream);
+    backend_->activation(sh, ids, sa, stream);
+    backend_->gemm2(sa, shared_plan_, w.shared_w2, Tensor(), shared_o, stream);
+  }
+  backend_->reduce(o, topk_view_.ids, shared_o, s.shared_gate ? in.shared_gate_logits : Tensor(),
+                   y, stream);
+}
+
+}  // namespace moelora
