@@ -71,9 +71,11 @@ Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {
   return t;
 }
 
-Tensor Tensor::wrap(void* data, Shape shape, DType dtype, Device device) {
+Tensor Tensor::wrap(void* data, Shape shape, DType dtype, Device device,
+                    std::shared_ptr<void> owner) {
   check_shape_valid(shape);
   Tensor t;
+  t.storage_ = std::move(owner);
   t.dtype_ = dtype;
   t.device_ = device;
   t.strides_ = contiguous_strides(shape);

@@ -24,8 +24,9 @@ class Tensor {
   // Uninitialized contiguous storage.
   static Tensor empty(Shape shape, DType dtype, Device device = Device::cpu());
   static Tensor zeros(Shape shape, DType dtype, Device device = Device::cpu());
-  // A non-owning view of memory someone else keeps alive.
-  static Tensor wrap(void* data, Shape shape, DType dtype, Device device = Device::cpu());
+  // A view of memory someone else owns; `owner` (optional) is kept alive with the tensor.
+  static Tensor wrap(void* data, Shape shape, DType dtype, Device device = Device::cpu(),
+                     std::shared_ptr<void> owner = nullptr);
 
   bool defined() const { return defined_; }
   DType dtype() const { return dtype_; }

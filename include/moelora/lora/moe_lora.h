@@ -3,6 +3,8 @@
 #pragma once
 
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "moelora/core/stream.h"
@@ -30,6 +32,15 @@ struct MoeLoraWeights {
 
 // PEFT scaling: alpha / r, or alpha / sqrt(r) with rsLoRA.
 float lora_scaling(float alpha, int rank, bool use_rslora);
+
+// Splits peft's LoRA on a 3D expert parameter (`target_parameters` on experts.gate_up_proj /
+// experts.down_proj, as peft 0.21 saves for transformers 5 MoE models) into per-expert
+// matrices. lora_A [E*r, in] is expert-major: rows e*r .. e*r+r-1 are expert e's A.
+// lora_B [out, E*r] is rank-major: column j*E + e is column j of expert e's B.
+// (Verified against peft 0.21's own forward by scripts/golden/make_moe_block_goldens.py.)
+// Returns f32 host tensors A [E, r, in] and B [E, out, r]; errors name `what`.
+std::pair<Tensor, Tensor> split_peft_expert_lora(const Tensor& lora_a, const Tensor& lora_b,
+                                                 int num_experts, const std::string& what);
 
 // Where a slot's gate_up LoRA lives in the pool's shrink output u = A13 . x (per slot):
 // gate rows read u[gate_col, gate_col + gate_rank), up rows u[up_col, up_col + up_rank).
