@@ -8,10 +8,12 @@
 #include <string>
 #include <limits>
 #include <numeric>
+#include <random>
 #include <vector>
 
 #include "moelora/core/tensor.h"
 #include "moelora/moe/config.h"
+#include "moelora/moe/types.h"
 #include "test_util.h"
 
 namespace moelora::test {
@@ -111,6 +113,36 @@ inline void ref_expert(const RefExperts& w, int e, const std::vector<double>& x,
     for (int i = 0; i < I; ++i) o += w2[size_t(c) * I + i] * act[size_t(i)];
     acc[size_t(c)] += weight * o;
   }
+}
+
+// Random bf16 layer weights scaled so activations stay O(1): x in [-1, 1), w13 in
+// ±3/sqrt(H), w2 in ±3/sqrt(I). A correction bias (f32 [E]) when `bias`.
+inline MoeWeights random_moe_weights(const MoeShape& s, std::mt19937_64& rng, bool bias) {
+  MoeWeights w;
+  const int64_t E = s.num_experts, H = s.hidden, I = s.inter;
+  const float a13 = 3.0f / std::sqrt(float(H)), a2 = 3.0f / std::sqrt(float(I));
+  w.w13 = random_tensor({E, 2 * I, H}, DType::bf16, rng, -a13, a13);
+  w.w2 = random_tensor({E, H, I}, DType::bf16, rng, -a2, a2);
+  if (bias) w.correction_bias = random_tensor({E}, DType::f32, rng, -0.2f, 0.2f);
+  if (s.shared_inter > 0) {
+    const int64_t Is = s.shared_inter;
+    const float as = 3.0f / std::sqrt(float(Is));
+    w.shared_w13 = random_tensor({1, 2 * Is, H}, DType::bf16, rng, -a13, a13);
+    w.shared_w2 = random_tensor({1, H, Is}, DType::bf16, rng, -as, as);
+  }
+  return w;
+}
+
+// The layer output of one token: sum_j w_j * expert_{id_j}(x) + gate * shared(x), in double.
+inline std::vector<double> ref_moe_token(const std::vector<double>& x, const float* logits,
+                                         const float* bias, const RouterConfig& cfg,
+                                         const RefExperts& experts, const RefExperts* shared,
+                                         double shared_gate) {
+  const RefRoute r = ref_route(logits, bias, cfg);
+  std::vector<double> acc(size_t(experts.H), 0.0);
+  for (int j = 0; j < cfg.top_k; ++j) ref_expert(experts, r.ids[size_t(j)], x, r.weights[size_t(j)], acc);
+  if (shared) ref_expert(*shared, 0, x, shared_gate, acc);
+  return acc;
 }
 
 // Expects `f` to throw moelora::Error whose message contains `needle`.
