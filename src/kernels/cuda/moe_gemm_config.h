@@ -1,0 +1,28 @@
+// Tile choice for the CUDA expert GEMMs (host-only header: no CUDA includes), and the ops
+// with an explicit tile so tests and benchmarks can sweep every variant.
+#pragma once
+
+#include <cstdint>
+
+#include "moelora/core/stream.h"
+#include "moelora/moe/types.h"
+
+namespace moelora::cuda {
+
+struct MoeGemmConfig {
+  int rows = 64;  // weight rows per CTA: 32, 64 or 128 (16 per warp)
+};
+
+// Weight rows per CTA for a GEMM with `n` output columns and reduction `k`, for a plan with
+// `num_slots` token-slots over `num_groups` groups in blocks of `block_m`, on `num_sms` SMs.
+MoeGemmConfig moe_gemm_config(int64_t n, int64_t k, int block_m, int64_t num_slots,
+                              int num_groups, int num_sms);
+
+// moe_gemm1 / moe_gemm2 (kernels/moe_ops.inc) with the tile given instead of chosen.
+void moe_gemm1_tiled(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13,
+                     Tensor& h, const Stream& stream, const MoeGemmConfig& config);
+void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
+                     const Tensor& slot_weights, Tensor& o, const Stream& stream,
+                     const MoeGemmConfig& config);
+
+}  // namespace moelora::cuda

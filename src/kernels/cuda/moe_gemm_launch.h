@@ -1,0 +1,33 @@
+// Launcher of the CUDA expert GEMMs (layer 2 of 3): raw pointers and sizes in, cudaError_t
+// out. Included by nvcc and host compilers alike, so it pulls in no fmt and no Tensor.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace moelora::cuda {
+
+// out[s, n] = scale(s) * sum_k act[s / rows_div, k] * w[g, n, k] for each aligned slot s of
+// group g (see moe_gemm1 / moe_gemm2 in kernels/moe_ops.inc).
+struct MoeGemmArgs {
+  const void* act;              // bf16 [num_slots / rows_div, k]
+  const void* w;                // bf16 [G, n, k]
+  float* out;                   // f32 [num_slots, n]
+  const float* slot_scale;      // f32 [num_slots], or nullptr for 1
+  const int32_t* sorted_slots;  // i32 plan.sorted_slots; padding entries == num_slots
+  const int32_t* block_group;   // i32 plan.block_group; -1 past the end
+  const int32_t* num_padded;    // i32 [1], read on the device
+  int num_slots;
+  int rows_div;
+  int block_m;  // 1..128
+  int n;
+  int k;  // multiple of 8
+};
+
+// Launches over `max_blocks` aligned blocks (the worst case; blocks past *num_padded exit)
+// with `rows` weight rows per CTA (32, 64 or 128).
+cudaError_t launch_moe_gemm(const MoeGemmArgs& args, int max_blocks, int rows,
+                            cudaStream_t stream);
+
+}  // namespace moelora::cuda

@@ -1,0 +1,64 @@
+// Tile and launch choices for the CUDA MoE kernels; device code lives in sm90_*.cuh.
+#include "kernels/cuda/moe_heuristics.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "kernels/cuda/moe_gemm_config.h"
+
+namespace moelora::cuda {
+
+bool moe_shape_supported(const MoeShape& shape, std::string* why) {
+  auto fail = [&](std::string reason) {
+    if (why) *why = std::move(reason);
+    return false;
+  };
+  // The GEMMs stream each weight row and activation row in 16-byte cp.async chunks, so the
+  // reduction lengths (H for gate_up, I for down) must be multiples of 8 bf16 values; output
+  // widths are free (partial row tiles are masked).
+  if (shape.hidden <= 0 || shape.hidden % 8 != 0)
+    return fail(fmt::format("hidden size {} is not a positive multiple of 8", shape.hidden));
+  if (shape.inter <= 0 || shape.inter % 8 != 0)
+    return fail(fmt::format("expert intermediate size {} is not a positive multiple of 8",
+                            shape.inter));
+  if (shape.shared_inter < 0 || shape.shared_inter % 8 != 0)
+    return fail(fmt::format("shared intermediate size {} is not a multiple of 8",
+                            shape.shared_inter));
+  // Grid rows: one CTA row per 32 weight rows (smallest tile), at most 65535.
+  const int64_t widest = std::max<int64_t>({2LL * shape.inter, 2LL * shape.shared_inter,
+                                            int64_t(shape.hidden)});
+  if ((widest + 31) / 32 > 65535)
+    return fail(fmt::format("output width {} exceeds the kernels' 65535 row tiles", widest));
+  return true;
+}
+
+int moe_block_m(int64_t num_tokens, const MoeShape& shape) {
+  // A block's weights are streamed once per block, so a block should hold all of an
+  // expert's tokens: size it for the mean load plus ~3 standard deviations (binomial
+  // routing). Wider blocks cost only MMA columns and shared memory, which decode has spare.
+  const double slots = double(std::max<int64_t>(num_tokens, 1)) * std::max(shape.top_k, 1);
+  const double mean = slots / std::max(shape.num_experts, 1);
+  const double want = mean + 3.0 * std::sqrt(mean) + 1.0;
+  int block_m = 8;  // one MMA column of tokens
+  while (block_m < want && block_m < kMaxBlockM) block_m *= 2;
+  return block_m;
+}
+
+MoeGemmConfig moe_gemm_config(int64_t n, int64_t /*k*/, int block_m, int64_t num_slots,
+                              int num_groups, int num_sms) {
+  // Busy blocks: ~one per touched group, plus overflow blocks of heavily loaded groups.
+  const double groups = std::max(num_groups, 1);
+  const double touched = groups * (1.0 - std::pow(1.0 - 1.0 / groups, double(num_slots)));
+  const double blocks = touched + std::max(0.0, double(num_slots) - touched) / block_m;
+  // The fewer weight rows per CTA, the more re-reads of the block's activations (from L2);
+  // take the widest tile that still gives every SM several CTAs to keep HBM busy.
+  const double want_ctas = 4.0 * std::max(num_sms, 1);
+  for (int rows : {128, 64}) {
+    if (blocks * std::ceil(double(n) / rows) >= want_ctas) return {rows};
+  }
+  return {32};
+}
+
+}  // namespace moelora::cuda

@@ -1,0 +1,235 @@
+// Device code of the grouped expert GEMMs (gemm1 gate_up, gemm2 down) for decode-sized
+// batches on Hopper. Raw pointers only; the launcher is in moe_gemm.cu.
+//
+// out[s, n] = scale(s) * sum_k act[s / rows_div, k] * w[g, n, k]  for each aligned slot s.
+//
+// Decode is memory-bound: every touched expert's weights stream from HBM once while a
+// handful of tokens ride along. So the MMA is "swapped": weight rows fill the m16 side of
+// mma.m16n8k16 and the block's tokens the n8 side, and no tensor-core work goes to padding
+// rows. A CTA owns kRows weight rows of one aligned block (one expert, block_m tokens) and
+// streams its whole K through a cp.async ring of kStages tiles (16-byte loads, weights marked
+// L2 evict-first since they are read once; activations stay in L2 for the other row tiles).
+// Each warp owns 16 weight rows and all of the block's tokens.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/moe_gemm_launch.h"
+
+namespace moelora::cuda::sm90 {
+
+// Kernel arguments: the launcher's, unchanged (bf16 pointers are cast on use).
+using MoeGemmParams = MoeGemmArgs;
+
+namespace detail {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes = 0 zero-fills the destination without reading.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
+// Same, with an L2 cache policy (weights: evict-first) and a 256-byte L2 prefetch.
+__device__ __forceinline__ void cp_async_16_policy(uint32_t dst, const void* src, int src_bytes,
+                                                   uint64_t policy) {
+  asm volatile(
+      "cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+      "l"(src), "r"(src_bytes), "l"(policy));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t addr, uint32_t& r0, uint32_t& r1) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r0), "=r"(r1)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Tiles are [rows][kKt] bf16 in 16-byte chunks; chunk c of row r sits at c ^ (r & 7) so the
+// 8 rows an ldmatrix reads hit 8 different bank groups.
+template <int kKt>
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
+  return row * kKt + ((chunk ^ (row & 7)) << 3);
+}
+
+}  // namespace detail
+
+// kNt: 8-token MMA columns per block (block_m <= 8 * kNt); kRows: weight rows per CTA (16 per
+// warp); kKt: K per pipeline stage; kStages: ring depth.
+template <int kNt, int kRows, int kKt, int kStages>
+struct MoeGemmTile {
+  static constexpr int kWarps = kRows / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTokens = 8 * kNt;
+  static constexpr int kChunks = kKt / 8;  // 16-byte chunks per tile row
+  static constexpr int kStageElems = (kRows + kTokens) * kKt;
+  static constexpr int kSmemBytes = kStages * kStageElems * 2 + kTokens * 8;
+  static_assert(kRows % 16 == 0 && kChunks >= 8 && kChunks % 8 == 0, "tile shape");
+  static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
+};
+
+template <int kNt, int kRows, int kKt, int kStages>
+__global__ void __launch_bounds__(MoeGemmTile<kNt, kRows, kKt, kStages>::kThreads)
+    moe_gemm_kernel(const MoeGemmParams p) {
+  using Tile = MoeGemmTile<kNt, kRows, kKt, kStages>;
+  constexpr int kTokens = Tile::kTokens;
+  constexpr int kChunks = Tile::kChunks;
+  constexpr int kThreads = Tile::kThreads;
+
+  const int block = blockIdx.x;
+  // Device-side counts: the grid is sized for the worst case, surplus CTAs leave here.
+  if (block * p.block_m >= *p.num_padded) return;
+  const int group = p.block_group[block];
+  if (group < 0) return;
+  const int row0 = blockIdx.y * kRows;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+  // Per token column: the source row offset into act (-1 = padding) and its slot.
+  int* tok_row = reinterpret_cast<int*>(smem_raw + kStages * Tile::kStageElems * 2);
+  int* tok_slot = tok_row + kTokens;
+
+  const int tid = threadIdx.x;
+  for (int j = tid; j < kTokens; j += kThreads) {
+    int slot = p.num_slots;
+    if (j < p.block_m) slot = p.sorted_slots[block * p.block_m + j];
+    const bool live = slot >= 0 && slot < p.num_slots;
+    tok_slot[j] = live ? slot : -1;
+    tok_row[j] = live ? slot / p.rows_div : -1;
+  }
+  __syncthreads();
+
+  const int K = p.k;
+  const int num_ktiles = (K + kKt - 1) / kKt;
+  const __nv_bfloat16* wg = static_cast<const __nv_bfloat16*>(p.w) + static_cast<int64_t>(group) * p.n * K;
+  const uint64_t policy = detail::evict_first_policy();
+
+  auto load_stage = [&](int kt) {
+    __nv_bfloat16* ws = smem + (kt % kStages) * Tile::kStageElems;
+    __nv_bfloat16* xs = ws + kRows * kKt;
+    const int k0 = kt * kKt;
+#pragma unroll
+    for (int i = tid; i < kRows * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const int row = min(row0 + r, p.n - 1);  // clamped rows are loaded but never stored
+      const int col = k0 + c * 8;
+      const bool ok = col < K;
+      const __nv_bfloat16* src = wg + static_cast<int64_t>(row) * K + (ok ? col : 0);
+      detail::cp_async_16_policy(detail::smem_addr(ws + detail::swizzled_offset<kKt>(r, c)), src,
+                                 ok ? 16 : 0, policy);
+    }
+#pragma unroll
+    for (int i = tid; i < kTokens * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const int src_row = tok_row[r];
+      const int col = k0 + c * 8;
+      const bool ok = src_row >= 0 && col < K;
+      const __nv_bfloat16* src = static_cast<const __nv_bfloat16*>(p.act) + (ok ? static_cast<int64_t>(src_row) * K + col : 0);
+      detail::cp_async_16(detail::smem_addr(xs + detail::swizzled_offset<kKt>(r, c)), src,
+                          ok ? 16 : 0);
+    }
+  };
+
+  float acc[kNt][4];
+#pragma unroll
+  for (int t = 0; t < kNt; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_ktiles) load_stage(s);
+    detail::cp_async_commit();
+  }
+
+  const int warp = tid / 32, lane = tid % 32;
+  // ldmatrix row/chunk roles: A x4 covers rows 0-15 at k-chunks {0,1}; B x4 covers tokens
+  // 0-7 at chunks {0,1} then tokens 8-15 at chunks {0,1}.
+  const int a_row = warp * 16 + (lane & 15);
+  const int a_chunk = lane >> 4;
+  const int b_tok = (lane & 7) + ((lane >> 4) << 3);
+  const int b_chunk = (lane >> 3) & 1;
+
+  for (int kt = 0; kt < num_ktiles; ++kt) {
+    detail::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    // Refill the slot consumed last iteration (every warp is past it after the barrier).
+    if (kt + kStages - 1 < num_ktiles) load_stage(kt + kStages - 1);
+    detail::cp_async_commit();
+
+    const __nv_bfloat16* ws = smem + (kt % kStages) * Tile::kStageElems;
+    const __nv_bfloat16* xs = ws + kRows * kKt;
+    const uint32_t ws_addr = detail::smem_addr(ws);
+    const uint32_t xs_addr = detail::smem_addr(xs);
+#pragma unroll
+    for (int kk = 0; kk < kChunks; kk += 2) {
+      uint32_t a[4];
+      detail::ldmatrix_x4(ws_addr + 2 * detail::swizzled_offset<kKt>(a_row, kk + a_chunk), a);
+      if constexpr (kNt == 1) {
+        uint32_t b0, b1;
+        detail::ldmatrix_x2(xs_addr + 2 * detail::swizzled_offset<kKt>(lane & 7, kk + b_chunk),
+                            b0, b1);
+        detail::mma_bf16_16816(acc[0], a, b0, b1);
+      } else {
+#pragma unroll
+        for (int t = 0; t < kNt; t += 2) {
+          uint32_t b[4];
+          detail::ldmatrix_x4(
+              xs_addr + 2 * detail::swizzled_offset<kKt>(t * 8 + b_tok, kk + b_chunk), b);
+          detail::mma_bf16_16816(acc[t], a, b[0], b[1]);
+          detail::mma_bf16_16816(acc[t + 1], a, b[2], b[3]);
+        }
+      }
+    }
+  }
+  detail::cp_async_wait<0>();
+
+  // C fragment: rows lane/4 and lane/4 + 8 of the warp's 16 weight rows (output columns),
+  // token columns 2*(lane%4) and +1.
+  const int n_base = row0 + warp * 16 + lane / 4;
+#pragma unroll
+  for (int t = 0; t < kNt; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = t * 8 + (lane % 4) * 2 + (e & 1);
+      const int n = n_base + (e >> 1) * 8;
+      const int slot = tok_slot[j];
+      if (slot < 0 || n >= p.n) continue;
+      const float scale = p.slot_scale ? p.slot_scale[slot] : 1.f;
+      p.out[static_cast<int64_t>(slot) * p.n + n] = acc[t][e] * scale;
+    }
+  }
+}
+
+}  // namespace moelora::cuda::sm90
