@@ -1,0 +1,62 @@
+// Ops (layer 3) for the CUDA activation and top-k reduction.
+#include "core/cuda_check.h"
+#include "kernels/cuda/moe_op_checks.h"
+#include "kernels/cuda/moe_ops.h"
+#include "kernels/cuda/moe_ops_launch.h"
+
+namespace moelora::cuda {
+
+void moe_activation(const Tensor& h, const Tensor& ids, Tensor& a, const Stream& stream) {
+  check_cuda_tensor(h, DType::f32, "moe_activation h");
+  check_cuda_tensor(ids, DType::i32, "moe_activation ids");
+  check_cuda_tensor(a, DType::bf16, "moe_activation a");
+  MOELORA_CHECK(ids.dim() == 2, "moe_activation ids: expected [M, k], found {}", ids.describe());
+  const int64_t slots = ids.numel();
+  MOELORA_CHECK(h.dim() == 2 && h.size(0) == slots && h.size(1) % 2 == 0 && h.size(1) > 0,
+                "moe_activation h: expected [M*k={}, 2I], found {}", slots, h.describe());
+  const int64_t inter = h.size(1) / 2;
+  check_shape(a, {slots, inter}, "moe_activation a");
+  MOELORA_CHECK(h.device() == a.device() && ids.device() == a.device(),
+                "moe_activation: h, ids and a must share a device, found {}, {}, {}",
+                h.device().str(), ids.device().str(), a.device().str());
+  MOELORA_CUDA_CHECK(detail::launch_moe_activation(h.data<float>(), ids.data<int32_t>(), slots,
+                                                   int(inter), a.data(), raw_stream(stream)));
+}
+
+void moe_reduce(const Tensor& o, const Tensor& ids, const Tensor& shared_o,
+                const Tensor& shared_gate_logits, Tensor& y, const Stream& stream) {
+  check_cuda_tensor(o, DType::f32, "moe_reduce o");
+  check_cuda_tensor(ids, DType::i32, "moe_reduce ids");
+  check_cuda_tensor(y, DType::bf16, "moe_reduce y");
+  MOELORA_CHECK(ids.dim() == 2, "moe_reduce ids: expected [M, k], found {}", ids.describe());
+  const int64_t m = ids.size(0), k = ids.size(1);
+  MOELORA_CHECK(y.dim() == 2 && y.size(0) == m, "moe_reduce y: expected [M={}, H], found {}", m,
+                y.describe());
+  const int64_t hidden = y.size(1);
+  check_shape(o, {m * k, hidden}, "moe_reduce o");
+  MOELORA_CHECK(o.device() == y.device() && ids.device() == y.device(),
+                "moe_reduce: o, ids and y must share a device, found {}, {}, {}",
+                o.device().str(), ids.device().str(), y.device().str());
+  const float* shared = nullptr;
+  const float* gate = nullptr;
+  if (shared_o.defined()) {
+    check_cuda_tensor(shared_o, DType::f32, "moe_reduce shared_o");
+    check_shape(shared_o, {m, hidden}, "moe_reduce shared_o");
+    shared = shared_o.data<float>();
+    if (shared_gate_logits.defined()) {
+      check_cuda_tensor(shared_gate_logits, DType::f32, "moe_reduce shared_gate_logits");
+      MOELORA_CHECK(shared_gate_logits.numel() == m,
+                    "moe_reduce shared_gate_logits: expected [M={}], found {}", m,
+                    shared_gate_logits.describe());
+      gate = shared_gate_logits.data<float>();
+    }
+  } else {
+    MOELORA_CHECK(!shared_gate_logits.defined(),
+                  "moe_reduce: shared_gate_logits given without shared_o");
+  }
+  MOELORA_CUDA_CHECK(detail::launch_moe_reduce(o.data<float>(), ids.data<int32_t>(), m, int(k),
+                                               int(hidden), shared, gate, y.data(),
+                                               raw_stream(stream)));
+}
+
+}  // namespace moelora::cuda

@@ -1,0 +1,189 @@
+// Device code for LoRA on experts, grouped by virtual expert v = slot * E + expert.
+//
+// Shrink (u = A . x per aligned slot) runs on tensor cores: mma.sync m16n8k16 with LoRA ranks
+// in M and 8 token-slots in N, so one MMA covers a whole rank-16 adapter for 8 slots; warps
+// split K and meet in shared memory. The k order inside each 32-wide chunk is permuted the
+// same way for A and x, so every thread does plain 16-byte loads of both.
+// Expand (out += w . B . u) is FMA work on the (small) rank; each thread owns two output
+// columns of a block's slots and reads u from shared memory (broadcast).
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/moe_ops_launch.h"
+
+namespace moelora::cuda::detail {
+
+constexpr int kShrinkWarps = 4;
+constexpr int kShrinkRanks = 64;    // ranks per CTA (4 MMA row tiles)
+constexpr int kExpandThreads = 128;
+constexpr int kExpandCols = 2 * kExpandThreads;
+constexpr int kExpandSlots = 8;     // slots staged per step
+
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4],
+                                               uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
+  return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+}
+
+// grid: (plan blocks, ceil(R / 64), ceil(block_m / 8)); block: kShrinkWarps warps.
+__global__ void __launch_bounds__(kShrinkWarps * 32)
+    moe_lora_shrink_kernel(LoraPlanView plan, ShrinkArgs a) {
+  __shared__ float red[kShrinkWarps][kShrinkRanks][8];
+  const int b = blockIdx.x;
+  if (b * plan.block_m >= plan.num_padded[0]) return;
+  const int v = plan.block_group[b];
+  if (v < 0) return;
+  const int slot = v / plan.num_experts, e = v % plan.num_experts;
+  const int rank = min(a.meta[slot * 6 + a.rank_field], a.R);
+  const int r0 = blockIdx.y * kShrinkRanks;
+  if (r0 >= rank) return;
+  const int n0 = blockIdx.z * 8;
+  if (n0 >= plan.block_m) return;
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, tig = lane & 3;
+  // This thread's x row (slot column g of the MMA tile).
+  const int pos = n0 + g;
+  int s = plan.num_slots;
+  if (pos < plan.block_m) s = plan.sorted_slots[b * plan.block_m + pos];
+  const bool has_row = s < plan.num_slots;
+  const __nv_bfloat16* xrow = static_cast<const __nv_bfloat16*>(a.in) + int64_t(has_row ? s / a.rows_div : 0) * a.K;
+  const __nv_bfloat16* arow = static_cast<const __nv_bfloat16*>(a.A) + (int64_t(slot) * plan.num_experts + e) * a.R * a.K;
+
+  float acc[4][4] = {};
+  const int chunks = (a.K + 31) / 32;
+  const int per_warp = (chunks + kShrinkWarps - 1) / kShrinkWarps;
+  const int c_end = min(chunks, (warp + 1) * per_warp);
+#pragma unroll 2
+  for (int c = warp * per_warp; c < c_end; ++c) {
+    const int k = c * 32 + tig * 8;
+    const bool k_ok = k < a.K;
+    const uint4 x = load_or_zero(xrow + k, k_ok && has_row);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int ra = r0 + t * 16 + g, rb = ra + 8;
+      const uint4 lo = load_or_zero(arow + int64_t(ra) * a.K + k, k_ok && ra < rank);
+      const uint4 hi = load_or_zero(arow + int64_t(rb) * a.K + k, k_ok && rb < rank);
+      const uint32_t f0[4] = {lo.x, hi.x, lo.y, hi.y};
+      const uint32_t f1[4] = {lo.z, hi.z, lo.w, hi.w};
+      mma_bf16_16816(acc[t], f0, x.x, x.y);
+      mma_bf16_16816(acc[t], f1, x.z, x.w);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    red[warp][t * 16 + g][2 * tig] = acc[t][0];
+    red[warp][t * 16 + g][2 * tig + 1] = acc[t][1];
+    red[warp][t * 16 + g + 8][2 * tig] = acc[t][2];
+    red[warp][t * 16 + g + 8][2 * tig + 1] = acc[t][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kShrinkRanks * 8; i += kShrinkWarps * 32) {
+    const int r = i >> 3, col = i & 7;
+    if (r0 + r >= rank || n0 + col >= plan.block_m) continue;
+    const int sc = plan.sorted_slots[b * plan.block_m + n0 + col];
+    if (sc >= plan.num_slots) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kShrinkWarps; ++w) sum += red[w][r][col];
+    a.u[int64_t(sc) * a.ldu + r0 + r] = sum;
+  }
+}
+
+// grid: (plan blocks, ceil(N / kExpandCols)); dynamic smem: kExpandSlots * ldu floats.
+__global__ void __launch_bounds__(kExpandThreads)
+    moe_lora_expand_kernel(LoraPlanView plan, ExpandArgs a) {
+  extern __shared__ float us[];  // [kExpandSlots][width]
+  const int b = blockIdx.x;
+  if (b * plan.block_m >= plan.num_padded[0]) return;
+  const int v = plan.block_group[b];
+  if (v < 0) return;
+  const int slot = v / plan.num_experts, e = v % plan.num_experts;
+  const int32_t* m = a.meta + slot * 6;
+  // (rank, u column) of the gate half and of the up half; down uses one pair.
+  int rank_lo, col_lo, rank_hi, col_hi;
+  if (a.gate_up) {
+    rank_lo = m[1], col_lo = m[2], rank_hi = m[3], col_hi = m[4];
+  } else {
+    rank_lo = rank_hi = m[5];
+    col_lo = col_hi = 0;
+  }
+  rank_lo = max(0, min(rank_lo, min(a.r_max, a.ldu - col_lo)));
+  rank_hi = max(0, min(rank_hi, min(a.r_max, a.ldu - col_hi)));
+  if (rank_lo == 0 && rank_hi == 0) return;
+  const int width = min(a.ldu, (max(col_lo + rank_lo, col_hi + rank_hi) + 7) / 8 * 8);
+  const int half = a.gate_up ? a.N / 2 : a.N;
+
+  const int i0 = blockIdx.y * kExpandCols + threadIdx.x * 2;  // this thread's columns i0, i0+1
+  const bool active = i0 < a.N;
+  int rk[2], cl[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const bool lo = i0 + c < half;
+    rk[c] = lo ? rank_lo : rank_hi;
+    cl[c] = lo ? col_lo : col_hi;
+    if (i0 + c >= a.N) rk[c] = 0;
+  }
+  const int rmax = max(rk[0], rk[1]);
+  const __nv_bfloat16* brow =
+      static_cast<const __nv_bfloat16*>(a.B) + ((int64_t(slot) * plan.num_experts + e) * a.N + i0) * a.r_max;
+
+  for (int j0 = 0; j0 < plan.block_m; j0 += kExpandSlots) {
+    __syncthreads();  // previous step's readers are done with `us`
+    for (int i = threadIdx.x; i < kExpandSlots * width; i += kExpandThreads) {
+      const int j = i / width, c = i % width;
+      int s = plan.num_slots;
+      if (j0 + j < plan.block_m) s = plan.sorted_slots[b * plan.block_m + j0 + j];
+      // Columns past every rank are never read as nonzero-weight terms but may be unwritten
+      // (NaN poison): stage them as zero.
+      const bool live = s < plan.num_slots &&
+                        ((c >= col_lo && c < col_lo + rank_lo) || (c >= col_hi && c < col_hi + rank_hi));
+      us[j * width + c] = live ? a.u[int64_t(s) * a.ldu + c] : 0.0f;
+    }
+    __syncthreads();
+    if (!active) continue;
+    float acc[kExpandSlots][2] = {};
+    for (int r = 0; r < rmax; ++r) {
+      float bv[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        bv[c] = r < rk[c] ? __bfloat162float(brow[int64_t(c) * a.r_max + r]) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < kExpandSlots; ++j) {
+        acc[j][0] += bv[0] * us[j * width + min(cl[0] + r, width - 1)];
+        acc[j][1] += bv[1] * us[j * width + min(cl[1] + r, width - 1)];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kExpandSlots; ++j) {
+      if (j0 + j >= plan.block_m) break;
+      const int s = plan.sorted_slots[b * plan.block_m + j0 + j];
+      if (s >= plan.num_slots) continue;
+      const float w = a.slot_weights ? a.slot_weights[s] : 1.0f;
+      float* o = a.out + int64_t(s) * a.N + i0;
+      if (rk[0] > 0) o[0] += w * acc[j][0];
+      if (rk[1] > 0) o[1] += w * acc[j][1];
+    }
+  }
+}
+
+__global__ void moe_lora_group_ids_kernel(const int32_t* __restrict__ ids,
+                                          const int32_t* __restrict__ token_slot, int top_k,
+                                          int num_experts, int64_t n, int32_t* __restrict__ vids) {
+  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= n) return;
+  const int slot = token_slot[s / top_k], e = ids[s];
+  vids[s] = (slot >= 0 && e >= 0) ? slot * num_experts + e : -1;
+}
+
+}  // namespace moelora::cuda::detail

@@ -1,0 +1,126 @@
+// Ops (layer 3) for LoRA on experts on CUDA: virtual-expert ids, shrink, expand, block_m.
+#include "core/cuda_check.h"
+#include "kernels/cuda/moe_op_checks.h"
+#include "kernels/cuda/moe_ops.h"
+#include "kernels/cuda/moe_ops_launch.h"
+
+namespace moelora::cuda {
+namespace {
+
+// Validates the virtual-expert plan against `n` slots and a pool tensor [S, E, ., .].
+detail::LoraPlanView check_vplan(const MoeAlignment& vplan, int64_t n, const Tensor& pool,
+                                 const char* op) {
+  MOELORA_CHECK(pool.dim() == 4, "{}: pool tensor: expected [S, E, ., .], found {}", op,
+                pool.describe());
+  const int64_t S = pool.size(0), E = pool.size(1);
+  MOELORA_CHECK(vplan.num_groups == S * E,
+                "{}: vplan.num_groups must be slots * experts = {} * {} = {}, found {}", op, S, E,
+                S * E, vplan.num_groups);
+  MOELORA_CHECK(vplan.block_m >= 1 && vplan.block_m <= kMaxBlockM,
+                "{}: vplan.block_m must be in [1, {}], found {}", op, kMaxBlockM, vplan.block_m);
+  check_cuda_tensor(vplan.sorted_slots, DType::i32, "vplan sorted_slots");
+  check_cuda_tensor(vplan.block_group, DType::i32, "vplan block_group");
+  check_cuda_tensor(vplan.num_padded, DType::i32, "vplan num_padded");
+  const int64_t cap = MoeAlignment::capacity(n, vplan.num_groups, vplan.block_m);
+  MOELORA_CHECK(
+      vplan.sorted_slots.numel() >= cap && vplan.block_group.numel() >= cap / vplan.block_m,
+      "{}: vplan holds {} slots / {} blocks; {} slots may need {} / {}", op,
+      vplan.sorted_slots.numel(), vplan.block_group.numel(), n, cap, cap / vplan.block_m);
+  return {vplan.sorted_slots.data<int32_t>(), vplan.block_group.data<int32_t>(),
+          vplan.num_padded.data<int32_t>(), vplan.block_m, int(n), int(E)};
+}
+
+void check_meta(const Tensor& meta, const Tensor& pool, const char* op) {
+  check_cuda_tensor(meta, DType::i32, "LoRA slot meta");
+  MOELORA_CHECK(meta.dim() == 2 && meta.size(0) == pool.size(0) && meta.size(1) == 6,
+                "{}: slot meta: expected [{}, 6], found {}", op, pool.size(0), meta.describe());
+}
+
+// Every block the plan can hold for `n` slots (the kernels exit past *num_padded).
+int plan_blocks(const MoeAlignment& plan, int64_t n) {
+  return int(MoeAlignment::capacity(n, plan.num_groups, plan.block_m) / plan.block_m);
+}
+
+}  // namespace
+
+void moe_lora_group_ids(const Tensor& ids, const Tensor& token_slot, int num_experts,
+                        Tensor& vids, const Stream& stream) {
+  check_cuda_tensor(ids, DType::i32, "moe_lora_group_ids ids");
+  MOELORA_CHECK(ids.dim() == 2, "moe_lora_group_ids ids: expected [M, k], found {}",
+                ids.describe());
+  check_cuda_tensor(token_slot, DType::i32, "moe_lora_group_ids token_slot");
+  check_shape(token_slot, {ids.size(0)}, "moe_lora_group_ids token_slot");
+  check_cuda_tensor(vids, DType::i32, "moe_lora_group_ids vids");
+  check_shape(vids, ids.shape(), "moe_lora_group_ids vids");
+  MOELORA_CHECK(num_experts >= 1, "moe_lora_group_ids: num_experts must be >= 1, found {}",
+                num_experts);
+  MOELORA_CUDA_CHECK(detail::launch_moe_lora_group_ids(
+      ids.data<int32_t>(), token_slot.data<int32_t>(), int(ids.size(1)), num_experts,
+      ids.numel(), vids.data<int32_t>(), raw_stream(stream)));
+}
+
+void moe_lora_shrink(const Tensor& in, int rows_div, const MoeAlignment& vplan, const Tensor& A,
+                     const Tensor& meta, LoraSeam seam, Tensor& u, const Stream& stream) {
+  check_cuda_tensor(in, DType::bf16, "moe_lora_shrink input");
+  check_cuda_tensor(A, DType::bf16, "moe_lora_shrink A");
+  check_cuda_tensor(u, DType::f32, "moe_lora_shrink u");
+  MOELORA_CHECK(rows_div >= 1, "moe_lora_shrink: rows_div must be >= 1, found {}", rows_div);
+  MOELORA_CHECK(in.dim() == 2, "moe_lora_shrink input: expected [rows, K], found {}",
+                in.describe());
+  MOELORA_CHECK(A.dim() == 4 && A.size(3) == in.size(1),
+                "moe_lora_shrink A: expected [S, E, R, K={}], found {}", in.size(1),
+                A.describe());
+  const int64_t n = in.size(0) * rows_div, R = A.size(2), K = in.size(1);
+  MOELORA_CHECK(K % 8 == 0, "moe_lora_shrink: K={} must be a multiple of 8 on CUDA", K);
+  MOELORA_CHECK(u.dim() == 2 && u.size(0) == n && u.size(1) >= R,
+                "moe_lora_shrink u: expected [{}, >= {}], found {}", n, R, u.describe());
+  check_meta(meta, A, "moe_lora_shrink");
+  const detail::LoraPlanView pv = check_vplan(vplan, n, A, "moe_lora_shrink");
+  detail::ShrinkArgs a{in.data(),       rows_div, A.data(), int(R), int(K), meta.data<int32_t>(),
+                       seam == LoraSeam::gate_up ? 0 : 5, u.data<float>(), int(u.size(1))};
+  MOELORA_CUDA_CHECK(
+      detail::launch_moe_lora_shrink(pv, a, plan_blocks(vplan, n), raw_stream(stream)));
+}
+
+void moe_lora_expand(const Tensor& u, const MoeAlignment& vplan, const Tensor& B,
+                     const Tensor& meta, LoraSeam seam, const Tensor& slot_weights, Tensor& out,
+                     const Stream& stream) {
+  check_cuda_tensor(u, DType::f32, "moe_lora_expand u");
+  check_cuda_tensor(B, DType::bf16, "moe_lora_expand B");
+  check_cuda_tensor(out, DType::f32, "moe_lora_expand out");
+  MOELORA_CHECK(B.dim() == 4, "moe_lora_expand B: expected [S, E, N, r_max], found {}",
+                B.describe());
+  const int64_t N = B.size(2), r_max = B.size(3);
+  MOELORA_CHECK(out.dim() == 2 && out.size(1) == N,
+                "moe_lora_expand out: expected [M*k, N={}], found {}", N, out.describe());
+  MOELORA_CHECK(N % 2 == 0, "moe_lora_expand: N={} must be even on CUDA", N);
+  const int64_t n = out.size(0);
+  const int64_t need = seam == LoraSeam::gate_up ? 2 * r_max : r_max;
+  MOELORA_CHECK(u.dim() == 2 && u.size(0) == n && u.size(1) >= need && u.size(1) <= 1024,
+                "moe_lora_expand u: expected [{}, {}..1024], found {}", n, need, u.describe());
+  const float* sw = nullptr;
+  if (slot_weights.defined()) {
+    check_cuda_tensor(slot_weights, DType::f32, "moe_lora_expand slot_weights");
+    MOELORA_CHECK(slot_weights.numel() == n,
+                  "moe_lora_expand slot_weights: expected [{}], found {}", n,
+                  slot_weights.describe());
+    sw = slot_weights.data<float>();
+  }
+  check_meta(meta, B, "moe_lora_expand");
+  const detail::LoraPlanView pv = check_vplan(vplan, n, B, "moe_lora_expand");
+  detail::ExpandArgs a{u.data<float>(), int(u.size(1)), B.data(), int(N), int(r_max),
+                       meta.data<int32_t>(), seam == LoraSeam::gate_up, sw, out.data<float>()};
+  MOELORA_CUDA_CHECK(
+      detail::launch_moe_lora_expand(pv, a, plan_blocks(vplan, n), raw_stream(stream)));
+}
+
+int moe_lora_block_m(int64_t num_tokens, int top_k) {
+  // The shrink MMA covers 8 slots; wider blocks only pay off once (adapter, expert) pairs
+  // hold many slots each.
+  const int64_t slots = num_tokens * top_k;
+  if (slots <= 2048) return 8;
+  if (slots <= 8192) return 16;
+  return 32;
+}
+
+}  // namespace moelora::cuda
