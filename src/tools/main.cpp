@@ -4,12 +4,37 @@
 #include <CLI/CLI.hpp>
 
 #include "moelora/core/error.h"
+#include "moelora/moe/config.h"
+#include "tools/bench_moe.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"moelora: MoE serving with many LoRA adapters"};
+  CLI::App app{"moelora: Mixture-of-Experts serving with many LoRA adapters"};
   app.require_subcommand(1);
+
+  CLI::App* bench = app.add_subcommand("bench", "benchmarks");
+  bench->require_subcommand(1);
+  moelora::tools::BenchMoeOptions moe;
+  CLI::App* bench_moe = bench->add_subcommand(
+      "moe", "time one MoE layer (routing + alignment + experts + LoRA) per batch size");
+  std::string shapes_help = "model shape:";
+  for (const auto& n : moelora::MoeShape::known_names()) shapes_help += " " + n;
+  bench_moe->add_option("--shape", moe.shape, shapes_help)->capture_default_str();
+  bench_moe->add_option("--dtype", moe.dtype, "expert weight format (bf16)")->capture_default_str();
+  bench_moe->add_option("--batches", moe.batches, "batch sizes (default 1,4,16,64,128,256; CPU 1,4,16)")
+      ->delimiter(',');
+  bench_moe->add_option("--lora", moe.lora, "LoRA settings: none, r<rank>x<adapters>")
+      ->delimiter(',')
+      ->capture_default_str();
+  bench_moe->add_option("--device", moe.device, "auto, cpu or cuda")->capture_default_str();
+  bench_moe->add_option("--backend", moe.backend, "MoE backend by name (default: by capability)");
+  bench_moe->add_option("--layers", moe.layers, "layer calls per graph (default 8 on CUDA, 1 on CPU)");
+  bench_moe->add_option("--repeats", moe.repeats, "timed repeats (default 30 on CUDA, 2 on CPU)");
+  bench_moe->add_option("--json", moe.json, "write results as JSON to this file");
+  bench_moe->add_option("--seed", moe.seed, "random seed")->capture_default_str();
+
   try {
     app.parse(argc, argv);
+    if (*bench_moe) return moelora::tools::run_bench_moe(moe);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const moelora::Error& e) {

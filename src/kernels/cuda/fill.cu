@@ -1,0 +1,64 @@
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "core/cuda_check.h"
+#include "kernels/cuda/fill.h"
+
+namespace moelora::cuda {
+namespace {
+
+template <class T>
+__device__ T from_float(float f);
+template <>
+__device__ float from_float<float>(float f) { return f; }
+template <>
+__device__ __nv_bfloat16 from_float<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
+template <>
+__device__ __half from_float<__half>(float f) { return __float2half_rn(f); }
+
+// Same hash as moelora::uniform_at (host), so CPU and GPU fills agree.
+__device__ float uniform_at_dev(uint64_t seed, uint64_t i, float lo, float hi) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + i;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  const float u = float(z >> 40) * (1.0f / 16777216.0f);
+  return lo + (hi - lo) * u;
+}
+
+template <class T>
+__global__ void fill_uniform_kernel(T* out, int64_t n, uint64_t seed, float lo, float hi) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_float<T>(uniform_at_dev(seed, uint64_t(i), lo, hi));
+}
+
+template <class T>
+cudaError_t launch_fill(T* out, int64_t n, uint64_t seed, float lo, float hi, cudaStream_t s) {
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 132 * 16);
+  if (n == 0) return cudaSuccess;
+  fill_uniform_kernel<T><<<unsigned(blocks), threads, 0, s>>>(out, n, seed, lo, hi);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi, const Stream& stream) {
+  auto s = static_cast<cudaStream_t>(stream.handle());
+  const int64_t n = t.numel();
+  switch (t.dtype()) {
+    case DType::f32:
+      MOELORA_CUDA_CHECK(launch_fill(static_cast<float*>(t.data()), n, seed, lo, hi, s));
+      break;
+    case DType::bf16:
+      MOELORA_CUDA_CHECK(launch_fill(static_cast<__nv_bfloat16*>(t.data()), n, seed, lo, hi, s));
+      break;
+    case DType::f16:
+      MOELORA_CUDA_CHECK(launch_fill(static_cast<__half*>(t.data()), n, seed, lo, hi, s));
+      break;
+    default: MOELORA_THROW("fill_uniform: unsupported dtype {}", dtype_name(t.dtype()));
+  }
+}
+
+}  // namespace moelora::cuda

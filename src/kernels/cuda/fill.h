@@ -1,0 +1,7 @@
+#pragma once
+
+#include "moelora/core/random.h"
+
+namespace moelora::cuda {
+void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi, const Stream& stream);
+}  // namespace moelora::cuda

@@ -1,0 +1,27 @@
+// `moelora bench moe`: the MoE layer (routing and alignment included) timed per batch size and
+// LoRA setting, against the byte roofline measured on the same device in the same run.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moelora::tools {
+
+struct BenchMoeOptions {
+  std::string shape = "qwen3-30b-a3b";
+  std::string dtype = "bf16";
+  std::vector<int> batches;  // empty: 1,4,16,64,128,256 on CUDA; 1,4,16 on the CPU
+  std::vector<std::string> lora = {"none", "r16x1", "r16x4", "r64x1"};
+  std::string device = "auto";  // auto | cpu | cuda
+  std::string backend;          // empty: pick by capability
+  int layers = 0;               // layer calls per graph; 0: 8 on CUDA, 1 on the CPU
+  int repeats = 0;              // timed replays; 0: 30 on CUDA, 2 on the CPU
+  std::string json;             // write results here when set
+  uint64_t seed = 1;
+};
+
+// Runs the benchmark, prints the table; returns a process exit code.
+int run_bench_moe(const BenchMoeOptions& options);
+
+}  // namespace moelora::tools
