@@ -68,6 +68,10 @@ void check_moe_block_golden(const std::string& kind, Device device) {
   const auto base = to_floats(y_base);
   EXPECT_TRUE(allclose(base, to_floats(f.tensor("y_base")), 1e-2)) << kind << " base";
 
+  // The fixture is meaningful: the adapters move the output far beyond the tolerance.
+  EXPECT_GT(diff(to_floats(f.tensor("y_a")), to_floats(f.tensor("y_base"))).rel_l2, 0.1);
+  EXPECT_GT(diff(to_floats(f.tensor("y_b")), to_floats(f.tensor("y_base"))).rel_l2, 0.1);
+
   MoeLoraPool pool(shape, /*num_slots=*/2, /*r_max=*/8, device);
   pool.load(0, adapter_weights(f, "a"));
   pool.load(1, adapter_weights(f, "b"));
