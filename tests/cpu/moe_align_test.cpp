@@ -123,22 +123,36 @@ TEST(MoeAlign, SmallExampleExact) {
 
 TEST(MoeAlign, BadInputThrows) {
   MoeAlignment p = poisoned_plan(8, 4, 4);
-  test::expect_error([&] { cpu::moe_align(test::from_ints({0, 1, 4, 2}, {2, 2}), p, Stream()); },
-                     "group id 4 at slot 2 (token 1, choice 0) is outside [-1, 4)");
-  test::expect_error([&] { cpu::moe_align(test::from_ints({0, -2, 1, 2}, {2, 2}), p, Stream()); },
-                     "group id -2");
+  test::expect_error(
+      [&] {
+        cpu::moe_align(test::from_ints({0, 1, 4, 2}, {2, 2}), p, Stream());
+      },
+      "group id 4 at slot 2 (token 1, choice 0) is outside [-1, 4)");
+  test::expect_error(
+      [&] {
+        cpu::moe_align(test::from_ints({0, -2, 1, 2}, {2, 2}), p, Stream());
+      },
+      "group id -2");
   // More slots than the plan was sized for.
   MoeAlignment small = MoeAlignment::allocate(2, 4, /*max_block_m=*/4, Device::cpu());
   test::expect_error(
-      [&] { cpu::moe_align(test::from_ints({0, 1, 2, 3, 0, 1, 2, 3}, {4, 2}), small, Stream()); },
+      [&] {
+        cpu::moe_align(test::from_ints({0, 1, 2, 3, 0, 1, 2, 3}, {4, 2}), small, Stream());
+      },
       "do not fit");
   // block_m outside [1, kMaxBlockM]; wrong dtype.
   MoeAlignment bad = poisoned_plan(8, 4, 4);
   bad.block_m = 0;
-  test::expect_error([&] { cpu::moe_align(test::from_ints({0, 1}, {1, 2}), bad, Stream()); },
-                     "block_m");
-  test::expect_error([&] { cpu::moe_align(Tensor::zeros({1, 2}, DType::f32), p, Stream()); },
-                     "expected dtype i32");
+  test::expect_error(
+      [&] {
+        cpu::moe_align(test::from_ints({0, 1}, {1, 2}), bad, Stream());
+      },
+      "block_m");
+  test::expect_error(
+      [&] {
+        cpu::moe_align(Tensor::zeros({1, 2}, DType::f32), p, Stream());
+      },
+      "expected dtype i32");
 }
 
 }  // namespace

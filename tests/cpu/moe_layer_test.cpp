@@ -52,7 +52,8 @@ void check_layer(const MoeShape& s, const RouterConfig& r, const std::vector<int
     MoeInputs in;
     in.x = test::random_tensor({M, s.hidden}, DType::bf16, rng);
     in.router_logits = test::random_tensor({M, s.num_experts}, DType::f32, rng, -3.0f, 3.0f);
-    if (s.shared_gate) in.shared_gate_logits = test::random_tensor({M}, DType::f32, rng, -3.0f, 3.0f);
+    if (s.shared_gate)
+      in.shared_gate_logits = test::random_tensor({M}, DType::f32, rng, -3.0f, 3.0f);
     Tensor y = Tensor::empty({M, s.hidden}, DType::bf16);
     y.fill_bytes(0xff);
     runner.run(in, w, nullptr, y, Stream());
@@ -106,8 +107,10 @@ TEST(MoeLayer, NotHereSlotsAreSkipped) {
   MoeAlignment plan = MoeAlignment::allocate(slots, s.num_experts, kMaxBlockM, Device::cpu());
   plan.block_m = 4;
   cpu::moe_align(ids_t, plan, Stream());
-  Tensor h = Tensor::empty({slots, 2 * s.inter}, DType::f32), a = Tensor::empty({slots, s.inter}, DType::bf16);
-  Tensor o = Tensor::empty({slots, s.hidden}, DType::f32), y = Tensor::empty({M, s.hidden}, DType::bf16);
+  Tensor h = Tensor::empty({slots, 2 * s.inter}, DType::f32),
+         a = Tensor::empty({slots, s.inter}, DType::bf16);
+  Tensor o = Tensor::empty({slots, s.hidden}, DType::f32),
+         y = Tensor::empty({M, s.hidden}, DType::bf16);
   for (Tensor* t : {&h, &a, &o, &y}) t->fill_bytes(0xff);  // NaN where unwritten
   cpu::moe_gemm1(x, int(k), plan, w.w13, h, Stream());
   cpu::moe_activation(h, ids_t, a, Stream());
@@ -151,9 +154,12 @@ TEST(MoeLayer, BadInputThrows) {
   plan.block_m = 1;
   cpu::moe_align(test::from_ints({0, 1, 2, 3, 0, 1}, {3, 2}), plan, Stream());
   Tensor h = Tensor::empty({6, 32}, DType::f32);
-  test::expect_error([&] {
-    cpu::moe_gemm1(in.x, 2, plan, test::random_tensor({3, 32, 32}, DType::bf16, rng), h, Stream());
-  }, "moe_gemm1 w13");
+  test::expect_error(
+      [&] {
+        cpu::moe_gemm1(in.x, 2, plan, test::random_tensor({3, 32, 32}, DType::bf16, rng), h,
+                       Stream());
+      },
+      "moe_gemm1 w13");
   Tensor h_small = Tensor::empty({5, 32}, DType::f32);
   test::expect_error([&] { cpu::moe_gemm1(in.x, 2, plan, w.w13, h_small, Stream()); },
                      "moe_gemm1 h");

@@ -27,7 +27,9 @@ struct AdapterSpec {
 };
 
 // The PEFT scale, computed here independently of lora_scaling().
-double peft_scale(int r, bool rslora) { return rslora ? kAlpha / std::sqrt(double(r)) : kAlpha / r; }
+double peft_scale(int r, bool rslora) {
+  return rslora ? kAlpha / std::sqrt(double(r)) : kAlpha / r;
+}
 
 // A [E, r, in] with A . x ~ O(1) for x in [-1, 1); B [E, out, r] with B . u ~ O(|u|).
 void random_pair(int64_t E, int64_t in, int64_t out, int r, DType dt, std::mt19937_64& rng,
@@ -80,7 +82,8 @@ void merge(std::vector<double>& dst, int64_t rows_per_e, int64_t row0, int64_t c
 }
 
 // The adapter's merged expert weights W + s * B . A, in double.
-test::RefExperts merged(const test::RefExperts& base, const MoeLoraWeights& w, const AdapterSpec& spec) {
+test::RefExperts merged(const test::RefExperts& base, const MoeLoraWeights& w,
+                        const AdapterSpec& spec) {
   test::RefExperts m = base;
   const int64_t H = base.H, I = base.I;
   if (spec.gate) merge(m.w13, 2 * I, 0, H, w.gate_a, w.gate_b, peft_scale(spec.gate, spec.rslora));
@@ -123,8 +126,9 @@ std::vector<uint16_t> bf16_bits(const Tensor& t) {
 //  - y against the double loop on merged weights (base weights for slot -1 / empty slots);
 //  - base tokens bit-identical to a LoRA-off run;
 //  - adapter tokens actually changed (the test would notice LoRA being skipped).
-void check_lora_layer(const MoeShape& s, const RouterConfig& router, const std::vector<AdapterSpec>& specs,
-                      int r_max, const std::vector<int64_t>& Ms, int extra_slots = 0) {
+void check_lora_layer(const MoeShape& s, const RouterConfig& router,
+                      const std::vector<AdapterSpec>& specs, int r_max,
+                      const std::vector<int64_t>& Ms, int extra_slots = 0) {
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t max_tokens = 300;
   MoeRunner runner(reference_config(s, router, max_tokens));
@@ -176,8 +180,11 @@ void check_lora_layer(const MoeShape& s, const RouterConfig& router, const std::
     for (int64_t t = 0; t < M; ++t) {
       const bool lora = ts[t] >= 0 && ts[t] < n;
       bool same = true;
-      for (int64_t c = 0; c < s.hidden; ++c) same &= on[size_t(t * s.hidden + c)] == off[size_t(t * s.hidden + c)];
-      if (!lora) EXPECT_TRUE(same) << "base token " << t << " (slot " << ts[t] << ") differs from the LoRA-off run";
+      for (int64_t c = 0; c < s.hidden; ++c)
+        same &= on[size_t(t * s.hidden + c)] == off[size_t(t * s.hidden + c)];
+      if (!lora)
+        EXPECT_TRUE(same) << "base token " << t << " (slot " << ts[t]
+                          << ") differs from the LoRA-off run";
       adapter_rows += lora;
       changed_rows += lora && !same;
     }
@@ -273,7 +280,8 @@ TEST(MoeLora, BadInputThrows) {
   w.down_b = test::random_tensor({8, 64, 4}, DType::bf16, rng);
   test::expect_error([&] { pool.load(0, w); }, "lora_A rank 8 != lora_B rank 4");
   // Slot out of range.
-  test::expect_error([&] { pool.load(2, make_adapter(s, {.down = 8}, rng)); }, "slot 2 out of range");
+  test::expect_error([&] { pool.load(2, make_adapter(s, {.down = 8}, rng)); },
+                     "slot 2 out of range");
   // Separate and fused gate_up both given; an A without its B.
   w = make_adapter(s, {.gate = 8, .fused = 8}, rng);
   test::expect_error([&] { pool.load(0, w); }, "both separate gate/up and fused gate_up");
@@ -311,17 +319,22 @@ TEST(MoeLora, OpsRejectMismatchedPlanAndWorkspace) {
   wrong.block_m = 1;
   cpu::moe_align(test::from_ints({0, 1, 2, 3, 4, 5}, {3, 2}), wrong, Stream());
   Tensor u = Tensor::empty({6, 32}, DType::f32);
-  test::expect_error([&] {
-    cpu::moe_lora_shrink(x, 2, wrong, pool.a13(), pool.slot_meta(), LoraSeam::gate_up, u, Stream());
-  }, "expected S*E");
+  test::expect_error(
+      [&] {
+        cpu::moe_lora_shrink(x, 2, wrong, pool.a13(), pool.slot_meta(), LoraSeam::gate_up, u,
+                             Stream());
+      },
+      "expected S*E");
   MoeAlignment plan = MoeAlignment::allocate(6, 16, kMaxBlockM, Device::cpu());
   plan.block_m = 1;
   cpu::moe_align(test::from_ints({0, 9, 2, 3, 4, 15}, {3, 2}), plan, Stream());
   Tensor narrow_u = Tensor::empty({6, 8}, DType::f32);
-  test::expect_error([&] {
-    cpu::moe_lora_shrink(x, 2, plan, pool.a13(), pool.slot_meta(), LoraSeam::gate_up, narrow_u,
-                         Stream());
-  }, "shrink u");
+  test::expect_error(
+      [&] {
+        cpu::moe_lora_shrink(x, 2, plan, pool.a13(), pool.slot_meta(), LoraSeam::gate_up, narrow_u,
+                             Stream());
+      },
+      "shrink u");
 }
 
 }  // namespace

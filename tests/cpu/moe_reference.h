@@ -5,10 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#include <string>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "moelora/core/tensor.h"
@@ -19,8 +19,8 @@
 namespace moelora::test {
 
 struct RefRoute {
-  std::vector<int> ids;        // [k], by descending selection score, ties lowest id first
-  std::vector<double> weights; // [k]
+  std::vector<int> ids;         // [k], by descending selection score, ties lowest id first
+  std::vector<double> weights;  // [k]
 };
 
 // One token's routing. `bias` may be null.
@@ -36,7 +36,9 @@ inline RefRoute ref_route(const float* logits, const float* bias, const RouterCo
     for (int e = 0; e < E; ++e) score[size_t(e)] = 1.0 / (1.0 + std::exp(-double(logits[e])));
   }
   for (int e = 0; e < E; ++e) sel[size_t(e)] = score[size_t(e)] + (bias ? double(bias[e]) : 0.0);
-  auto better = [&](int a, int b) { return sel[size_t(a)] > sel[size_t(b)] || (sel[size_t(a)] == sel[size_t(b)] && a < b); };
+  auto better = [&](int a, int b) {
+    return sel[size_t(a)] > sel[size_t(b)] || (sel[size_t(a)] == sel[size_t(b)] && a < b);
+  };
   std::vector<bool> allowed(size_t(E), true);
   if (cfg.n_group > 1) {
     const int per = E / cfg.n_group;
@@ -49,7 +51,8 @@ inline RefRoute ref_route(const float* logits, const float* bias, const RouterCo
     std::vector<int> gorder(size_t(cfg.n_group));
     std::iota(gorder.begin(), gorder.end(), 0);
     std::sort(gorder.begin(), gorder.end(), [&](int a, int b) {
-      return gscore[size_t(a)] > gscore[size_t(b)] || (gscore[size_t(a)] == gscore[size_t(b)] && a < b);
+      return gscore[size_t(a)] > gscore[size_t(b)] ||
+             (gscore[size_t(a)] == gscore[size_t(b)] && a < b);
     });
     for (int r = cfg.topk_group; r < cfg.n_group; ++r)
       for (int e = gorder[size_t(r)] * per; e < (gorder[size_t(r)] + 1) * per; ++e)
@@ -140,7 +143,8 @@ inline std::vector<double> ref_moe_token(const std::vector<double>& x, const flo
                                          double shared_gate) {
   const RefRoute r = ref_route(logits, bias, cfg);
   std::vector<double> acc(size_t(experts.H), 0.0);
-  for (int j = 0; j < cfg.top_k; ++j) ref_expert(experts, r.ids[size_t(j)], x, r.weights[size_t(j)], acc);
+  for (int j = 0; j < cfg.top_k; ++j)
+    ref_expert(experts, r.ids[size_t(j)], x, r.weights[size_t(j)], acc);
   if (shared) ref_expert(*shared, 0, x, shared_gate, acc);
   return acc;
 }
@@ -156,6 +160,8 @@ inline void expect_error(const std::function<void()>& f, const std::string& need
   }
 }
 
-inline double ref_sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+inline double ref_sigmoid(double v) {
+  return 1.0 / (1.0 + std::exp(-v));
+}
 
 }  // namespace moelora::test

@@ -43,7 +43,8 @@ void expect_matches_reference(const Tensor& logits, const Tensor& bias, const Ro
     const auto ref = ref_route(lg + m * E, b, cfg);
     for (int j = 0; j < k; ++j) {
       ASSERT_EQ(ids[size_t(m * k + j)], ref.ids[size_t(j)]) << "token " << m << " choice " << j;
-      EXPECT_NEAR(w[size_t(m * k + j)], ref.weights[size_t(j)], 1e-6 * std::max(1.0, ref.weights[size_t(j)]))
+      EXPECT_NEAR(w[size_t(m * k + j)], ref.weights[size_t(j)],
+                  1e-6 * std::max(1.0, ref.weights[size_t(j)]))
           << "token " << m << " choice " << j;
     }
   }
@@ -58,15 +59,17 @@ TEST(MoeRouter, SoftmaxTopKWithAndWithoutRenormalize) {
     const auto w = test::to_floats(route(logits, Tensor(), cfg).weights);
     double sum0 = 0;
     for (int j = 0; j < 4; ++j) sum0 += w[size_t(j)];
-    if (renorm) EXPECT_NEAR(sum0, 1.0, 1e-6);
-    else EXPECT_LT(sum0, 1.0);
+    if (renorm)
+      EXPECT_NEAR(sum0, 1.0, 1e-6);
+    else
+      EXPECT_LT(sum0, 1.0);
   }
 }
 
 TEST(MoeRouter, SoftmaxKnownValues) {
   // logits {0, ln 2, ln 3, ln 4}: p = {1, 2, 3, 4} / 10. Top-2 = experts 3, 2.
-  const Tensor logits = test::from_floats({0.0f, std::log(2.0f), std::log(3.0f), std::log(4.0f)},
-                                          {1, 4}, DType::f32);
+  const Tensor logits =
+      test::from_floats({0.0f, std::log(2.0f), std::log(3.0f), std::log(4.0f)}, {1, 4}, DType::f32);
   TopK t = route(logits, Tensor(), RouterConfig::softmax_topk(4, 2, false));
   EXPECT_EQ(test::to_ints(t.ids), (std::vector<int32_t>{3, 2}));
   EXPECT_NEAR(test::to_floats(t.weights)[0], 0.4, 1e-6);
@@ -78,8 +81,8 @@ TEST(MoeRouter, SoftmaxKnownValues) {
 
 TEST(MoeRouter, TiesGoToLowestExpertId) {
   // Token 0: experts 1, 2, 4 tie at the top; token 1: all equal; token 2: tie for second place.
-  const Tensor logits = test::from_floats({1, 3, 3, 0, 3, -1,   //
-                                           2, 2, 2, 2, 2, 2,    //
+  const Tensor logits = test::from_floats({1, 3, 3, 0, 3, -1,  //
+                                           2, 2, 2, 2, 2, 2,   //
                                            0, 1, 5, 1, 1, 0},
                                           {3, 6}, DType::f32);
   const TopK t = route(logits, Tensor(), RouterConfig::softmax_topk(6, 2, false));
@@ -173,31 +176,45 @@ TEST(MoeRouter, BadConfigsAndInputsThrow) {
   TopK t9 = make_topk(2, 9);
   expect_error([&] { cpu::moe_route(logits, Tensor(), cfg, t9, Stream()); }, "top_k");
   cfg = RouterConfig::deepseek_v3(8, 2, 3, 1, 1.0f);  // n_group does not divide E
-  expect_error([&] { route(logits, test::from_floats(std::vector<float>(8, 0), {8}, DType::f32), cfg); },
-               "n_group");
+  expect_error(
+      [&] { route(logits, test::from_floats(std::vector<float>(8, 0), {8}, DType::f32), cfg); },
+      "n_group");
   cfg = RouterConfig::deepseek_v3(8, 2, 4, 5, 1.0f);  // topk_group > n_group
-  expect_error([&] { route(logits, test::from_floats(std::vector<float>(8, 0), {8}, DType::f32), cfg); },
-               "topk_group");
+  expect_error(
+      [&] { route(logits, test::from_floats(std::vector<float>(8, 0), {8}, DType::f32), cfg); },
+      "topk_group");
   // Bias required but missing; bias of the wrong length.
   cfg = RouterConfig::deepseek_v3(8, 2, 4, 2, 1.0f);
   expect_error([&] { route(logits, Tensor(), cfg); }, "correction_bias");
-  expect_error([&] { route(logits, test::from_floats({0, 0, 0}, {3}, DType::f32), cfg); },
-               "expected shape [8]");
+  expect_error(
+      [&] {
+        route(logits, test::from_floats({0, 0, 0}, {3}, DType::f32), cfg);
+      },
+      "expected shape [8]");
   // Logits with the wrong expert count or dtype; outputs of the wrong shape.
-  expect_error([&] { route(logits, Tensor(), RouterConfig::softmax_topk(16, 2, false)); }, "[M, 16]");
-  expect_error([&] {
-    route(test::from_floats(std::vector<float>(16, 0.5f), {2, 8}, DType::bf16), Tensor(),
-          RouterConfig::softmax_topk(8, 2, false));
-  }, "expected dtype f32");
+  expect_error([&] { route(logits, Tensor(), RouterConfig::softmax_topk(16, 2, false)); },
+               "[M, 16]");
+  expect_error(
+      [&] {
+        route(test::from_floats(std::vector<float>(16, 0.5f), {2, 8}, DType::bf16), Tensor(),
+              RouterConfig::softmax_topk(8, 2, false));
+      },
+      "expected dtype f32");
   TopK bad = make_topk(3, 2);
-  expect_error([&] { cpu::moe_route(logits, Tensor(), RouterConfig::softmax_topk(8, 2, false), bad, Stream()); },
-               "topk.ids");
+  expect_error(
+      [&] {
+        cpu::moe_route(logits, Tensor(), RouterConfig::softmax_topk(8, 2, false), bad, Stream());
+      },
+      "topk.ids");
   // NaN logits name the token.
   std::vector<float> v(16, 0.5f);
   v[11] = std::nanf("");
-  expect_error([&] { route(test::from_floats(v, {2, 8}, DType::f32), Tensor(),
-                           RouterConfig::softmax_topk(8, 2, false)); },
-               "token 1 expert 3");
+  expect_error(
+      [&] {
+        route(test::from_floats(v, {2, 8}, DType::f32), Tensor(),
+              RouterConfig::softmax_topk(8, 2, false));
+      },
+      "token 1 expert 3");
 }
 
 }  // namespace

@@ -44,10 +44,10 @@ void moe_gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tenso
   MOELORA_CHECK(top_k >= 1, "moe_gemm1: top_k must be >= 1, found {}", top_k);
   const int64_t M = x.size(0), H = x.size(1), slots = M * top_k;
   check_host(w13, DType::bf16, "moe_gemm1 w13");
-  MOELORA_CHECK(w13.dim() == 3 && w13.size(0) == plan.num_groups && w13.size(2) == H &&
-                    w13.size(1) % 2 == 0,
-                "moe_gemm1 w13: expected bf16 [{} (groups), 2I, {} (H)], found {}",
-                plan.num_groups, H, w13.describe());
+  MOELORA_CHECK(
+      w13.dim() == 3 && w13.size(0) == plan.num_groups && w13.size(2) == H && w13.size(1) % 2 == 0,
+      "moe_gemm1 w13: expected bf16 [{} (groups), 2I, {} (H)], found {}", plan.num_groups, H,
+      w13.describe());
   const int64_t N = w13.size(1);
   check_host(h, DType::f32, "moe_gemm1 h");
   check_shape(h, {slots, N}, "moe_gemm1 h");
@@ -63,8 +63,10 @@ void moe_activation(const Tensor& h, const Tensor& ids, Tensor& a, const Stream&
                 "moe_activation h: expected f32 [slots, 2I], found {}", h.describe());
   const int64_t slots = h.size(0), I = h.size(1) / 2;
   check_host(ids, DType::i32, "moe_activation ids");
-  MOELORA_CHECK(ids.numel() == slots, "moe_activation ids: expected {} entries (one per row of h), "
-                "found {}", slots, ids.describe());
+  MOELORA_CHECK(ids.numel() == slots,
+                "moe_activation ids: expected {} entries (one per row of h), "
+                "found {}",
+                slots, ids.describe());
   check_host(a, DType::bf16, "moe_activation a");
   check_shape(a, {slots, I}, "moe_activation a");
   const float* hp = h.data<float>();

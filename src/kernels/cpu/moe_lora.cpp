@@ -37,8 +37,8 @@ MoeLoraSlotMeta slot_meta(const Tensor& meta, int64_t slot) {
 
 }  // namespace
 
-void moe_lora_group_ids(const Tensor& ids, const Tensor& token_slot, int num_experts,
-                        Tensor& vids, const Stream& stream) {
+void moe_lora_group_ids(const Tensor& ids, const Tensor& token_slot, int num_experts, Tensor& vids,
+                        const Stream& stream) {
   (void)stream;
   check_host(ids, DType::i32, "MoE LoRA ids");
   MOELORA_CHECK(ids.dim() == 2, "MoE LoRA ids: expected i32 [M, k], found {}", ids.describe());
@@ -52,13 +52,13 @@ void moe_lora_group_ids(const Tensor& ids, const Tensor& token_slot, int num_exp
   const int32_t* ts = token_slot.data<int32_t>();
   int32_t* v = vids.data<int32_t>();
   for (int64_t t = 0; t < M; ++t) {
-    MOELORA_CHECK(ts[t] >= -1, "MoE LoRA token_slot[{}] = {}: expected -1 (base) or a slot >= 0",
-                  t, ts[t]);
+    MOELORA_CHECK(ts[t] >= -1, "MoE LoRA token_slot[{}] = {}: expected -1 (base) or a slot >= 0", t,
+                  ts[t]);
     for (int64_t j = 0; j < k; ++j) {
       const int32_t e = id[t * k + j];
       MOELORA_CHECK(e >= -1 && e < num_experts,
-                    "MoE LoRA ids: expert id {} of token {} choice {} is outside [-1, {})", e, t,
-                    j, num_experts);
+                    "MoE LoRA ids: expert id {} of token {} choice {} is outside [-1, {})", e, t, j,
+                    num_experts);
       const int64_t vid = int64_t(ts[t]) * num_experts + e;
       MOELORA_CHECK(vid <= INT32_MAX, "MoE LoRA: virtual expert id {} overflows i32", vid);
       v[t * k + j] = (ts[t] >= 0 && e >= 0) ? int32_t(vid) : -1;

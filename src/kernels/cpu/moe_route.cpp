@@ -17,9 +17,7 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // True when expert a ranks before expert b by `score` (descending, ties: lower id first).
 struct ByScore {
   const double* score;
-  bool operator()(int a, int b) const {
-    return score[a] != score[b] ? score[a] > score[b] : a < b;
-  }
+  bool operator()(int a, int b) const { return score[a] != score[b] ? score[a] > score[b] : a < b; }
 };
 
 // Group-limited routing: masks (to -inf) the experts of every group outside the topk_group
@@ -75,8 +73,8 @@ void moe_route(const Tensor& logits, const Tensor& correction_bias, const Router
     check_shape(correction_bias, {E}, "router correction_bias");
     bias = correction_bias.data<float>();
     for (int e = 0; e < E; ++e)
-      MOELORA_CHECK(std::isfinite(bias[e]), "router correction_bias[{}] is {} (expected finite)",
-                    e, bias[e]);
+      MOELORA_CHECK(std::isfinite(bias[e]), "router correction_bias[{}] is {} (expected finite)", e,
+                    bias[e]);
   }
 
   const float* lg = logits.data<float>();
@@ -86,9 +84,10 @@ void moe_route(const Tensor& logits, const Tensor& correction_bias, const Router
   std::vector<int> order(static_cast<size_t>(E));
   for (int64_t t = 0; t < M; ++t) {
     const float* row = lg + t * E;
+    // NaN (and +-inf, which turn softmax into NaN) would pick arbitrary experts silently.
     for (int e = 0; e < E; ++e)
-      MOELORA_CHECK(std::isfinite(row[e]), "router logits: token {} expert {} is {} (expected finite)",
-                    t, e, row[e]);
+      MOELORA_CHECK(std::isfinite(row[e]),
+                    "router logits: token {} expert {} is {} (expected finite)", t, e, row[e]);
     if (cfg.scoring == ScoringFunc::softmax) {
       const double mx = *std::max_element(row, row + E);
       double sum = 0;
