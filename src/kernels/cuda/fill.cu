@@ -1,8 +1,12 @@
+// Device code and launcher for the counter-based uniform fill (no framework types here: fmt's
+// consteval format strings do not survive nvcc, so the Tensor op lives in fill_op.cpp).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "core/cuda_check.h"
-#include "kernels/cuda/fill.h"
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/fill_launch.h"
 
 namespace moelora::cuda {
 namespace {
@@ -34,31 +38,24 @@ __global__ void fill_uniform_kernel(T* out, int64_t n, uint64_t seed, float lo, 
 }
 
 template <class T>
-cudaError_t launch_fill(T* out, int64_t n, uint64_t seed, float lo, float hi, cudaStream_t s) {
+cudaError_t launch(T* out, int64_t n, uint64_t seed, float lo, float hi, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 132 * 16);
-  if (n == 0) return cudaSuccess;
   fill_uniform_kernel<T><<<unsigned(blocks), threads, 0, s>>>(out, n, seed, lo, hi);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi, const Stream& stream) {
-  auto s = static_cast<cudaStream_t>(stream.handle());
-  const int64_t n = t.numel();
-  switch (t.dtype()) {
-    case DType::f32:
-      MOELORA_CUDA_CHECK(launch_fill(static_cast<float*>(t.data()), n, seed, lo, hi, s));
-      break;
-    case DType::bf16:
-      MOELORA_CUDA_CHECK(launch_fill(static_cast<__nv_bfloat16*>(t.data()), n, seed, lo, hi, s));
-      break;
-    case DType::f16:
-      MOELORA_CUDA_CHECK(launch_fill(static_cast<__half*>(t.data()), n, seed, lo, hi, s));
-      break;
-    default: MOELORA_THROW("fill_uniform: unsupported dtype {}", dtype_name(t.dtype()));
+cudaError_t launch_fill_uniform(void* out, FillType type, int64_t n, uint64_t seed, float lo,
+                                float hi, cudaStream_t stream) {
+  switch (type) {
+    case FillType::f32: return launch(static_cast<float*>(out), n, seed, lo, hi, stream);
+    case FillType::bf16: return launch(static_cast<__nv_bfloat16*>(out), n, seed, lo, hi, stream);
+    case FillType::f16: return launch(static_cast<__half*>(out), n, seed, lo, hi, stream);
   }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace moelora::cuda
