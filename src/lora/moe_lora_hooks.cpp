@@ -3,6 +3,9 @@
 // read once per batch and base tokens cost nothing.
 #include "lora/moe_lora_kernels.h"
 #include "moelora/lora/moe_lora.h"
+#ifdef MOELORA_WITH_CUDA
+#include "kernels/cuda/moe_fused_ops.h"
+#endif
 
 namespace moelora {
 
@@ -43,10 +46,17 @@ class SeparateLoraHooks final : public MoeLoraHooks {
                   "MoE LoRA hooks: {} tokens in the layer call, the bound batch has {}", m,
                   token_slot_.size(0));
     const int k = pool_.shape().top_k;
+    vplan_.block_m = kernels_.block_m(m, k);
+#ifdef MOELORA_WITH_CUDA
+    if (pool_.device().is_cuda()) {  // one launch: virtual ids are never materialized
+      cuda::moe_lora_align(topk.ids, token_slot_.first_rows(m), pool_.shape().num_experts,
+                           vplan_, stream);
+      return;
+    }
+#endif
     Tensor vids = vids_.first_rows(m);
     kernels_.group_ids(topk.ids, token_slot_.first_rows(m), pool_.shape().num_experts, vids,
                        stream);
-    vplan_.block_m = kernels_.block_m(m, k);
     kernels_.align(vids, vplan_, stream);
   }
 

@@ -38,7 +38,7 @@ __global__ void moe_route_align_kernel(const float* __restrict__ logits,
   extern __shared__ __align__(16) unsigned char smem[];
   int32_t* sids = reinterpret_cast<int32_t*>(smem + scratch_bytes);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-  float* scores = reinterpret_cast<float*>(smem) + warp * (p.num_experts + p.n_group);
+  double* scores = reinterpret_cast<double*>(smem) + warp * (p.num_experts + p.n_group);
   for (int t = warp; t < m; t += nwarps) {
     int id;
     float w;
@@ -69,7 +69,7 @@ template <class Kernel>
 cudaError_t allow_large_smem(Kernel kernel) {
   // Once per kernel; not a stream operation, so harmless under graph capture too.
   static const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kAlignSmemLimit + 16 * 1024));
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kAlignSmemLimit + kSmemSlack));
   return err;
 }
 
@@ -96,12 +96,12 @@ cudaError_t launch_moe_route_align(const float* logits, const float* bias, const
                                    int m, int32_t* ids, float* weights, AlignOut o,
                                    cudaStream_t stream) {
   int threads;
-  const size_t align_smem = configure(o, threads);
+  configure(o, threads);
   threads = 1024;  // one warp per token while routing
   const size_t scratch =
-      (std::max(align_smem, size_t(32) * (p.num_experts + p.n_group) * 4) + 15) / 16 * 16;
+      route_align_scratch_bytes(p.num_experts, p.n_group, o.num_groups, o.row_warps);
   const size_t smem = scratch + size_t(m) * p.top_k * 4;
-  if (smem > kAlignSmemLimit + 16 * 1024) return cudaErrorInvalidValue;
+  if (smem > kAlignSmemLimit + kSmemSlack) return cudaErrorInvalidValue;
   if (cudaError_t e = allow_large_smem(moe_route_align_kernel); e != cudaSuccess) return e;
   moe_route_align_kernel<<<1, threads, smem, stream>>>(logits, bias, p, m, ids, weights, o,
                                                        int(scratch));

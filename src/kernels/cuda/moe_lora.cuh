@@ -16,7 +16,9 @@
 
 namespace moelora::cuda::detail {
 
-constexpr int kShrinkWarps = 4;
+// Many warps per CTA split K so a whole A tile is in flight at once (batch 1 has one CTA
+// per touched (adapter, expert) pair: latency, not bandwidth, bounds it).
+constexpr int kShrinkWarps = 16;
 constexpr int kShrinkRanks = 64;    // ranks per CTA (4 MMA row tiles)
 constexpr int kExpandThreads = 128;
 constexpr int kExpandCols = 2 * kExpandThreads;
@@ -64,7 +66,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const int chunks = (a.K + 31) / 32;
   const int per_warp = (chunks + kShrinkWarps - 1) / kShrinkWarps;
   const int c_end = min(chunks, (warp + 1) * per_warp);
-#pragma unroll 2
+#pragma unroll 4
   for (int c = warp * per_warp; c < c_end; ++c) {
     const int k = c * 32 + tig * 8;
     const bool k_ok = k < a.K;

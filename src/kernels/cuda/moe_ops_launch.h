@@ -49,6 +49,16 @@ inline size_t align_smem_bytes(int num_groups, int row_warps) {
   return size_t(2 * num_groups + 1) * 4 + ((size_t(row_warps) * num_groups * 2 + 3) & ~size_t(3));
 }
 
+// Shared memory of the fused route+align kernel: routing scratch (32 warps, doubles), reused
+// by the aligner, then the ids. At most kAlignSmemLimit + kSmemSlack.
+inline constexpr size_t kSmemSlack = 16 * 1024;
+inline size_t route_align_scratch_bytes(int num_experts, int n_group, int num_groups,
+                                        int row_warps) {
+  const size_t route = size_t(32) * (num_experts + n_group) * 8;
+  const size_t align = align_smem_bytes(num_groups, row_warps);
+  return ((route > align ? route : align) + 15) / 16 * 16;
+}
+
 cudaError_t launch_moe_align(const int32_t* group_ids, AlignOut o, cudaStream_t stream);
 // Virtual ids token_slot[s / top_k] * E + ids[s] aligned without materializing them.
 cudaError_t launch_moe_lora_align(const int32_t* ids, const int32_t* token_slot, int top_k,

@@ -11,10 +11,10 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
     moe_route_kernel(const float* __restrict__ logits, const float* __restrict__ bias,
                      RouteParams p, int m, int32_t* __restrict__ ids,
                      float* __restrict__ weights) {
-  extern __shared__ float smem[];
+  extern __shared__ double smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* scores = smem + warp * (p.num_experts + p.n_group);
-  float* gscores = scores + p.num_experts;
+  double* scores = smem + warp * (p.num_experts + p.n_group);
+  double* gscores = scores + p.num_experts;
   for (int t = blockIdx.x * kRouteWarps + warp; t < m; t += gridDim.x * kRouteWarps) {
     int id;
     float w;
@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32)
 
 cudaError_t launch_moe_route(const float* logits, const float* bias, const RouteParams& p, int m,
                              int32_t* ids, float* weights, cudaStream_t stream) {
-  const size_t smem = size_t(kRouteWarps) * (p.num_experts + p.n_group) * sizeof(float);
+  const size_t smem = size_t(kRouteWarps) * (p.num_experts + p.n_group) * sizeof(double);
   const int blocks = (m + kRouteWarps - 1) / kRouteWarps;
   moe_route_kernel<<<blocks, kRouteWarps * 32, smem, stream>>>(logits, bias, p, m, ids, weights);
   return cudaGetLastError();

@@ -11,7 +11,7 @@ namespace moelora::cuda::detail {
 
 // Keeps (v, i) or takes (ov, oi): larger value wins, ties to the lower index; index INT32_MAX
 // marks "no candidate".
-__device__ __forceinline__ void argmax_merge(float& v, int& i, float ov, int oi) {
+__device__ __forceinline__ void argmax_merge(double& v, int& i, double ov, int oi) {
   if (oi == INT32_MAX) return;
   if (i == INT32_MAX || ov > v || (ov == v && oi < i)) {
     v = ov;
@@ -19,10 +19,10 @@ __device__ __forceinline__ void argmax_merge(float& v, int& i, float ov, int oi)
   }
 }
 
-__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+__device__ __forceinline__ void warp_argmax(double& v, int& i) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
+    const double ov = __shfl_xor_sync(0xffffffffu, v, off);
     const int oi = __shfl_xor_sync(0xffffffffu, i, off);
     argmax_merge(v, i, ov, oi);
   }
@@ -40,23 +40,24 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-__device__ __forceinline__ float sigmoidf_accurate(float x) { return 1.0f / (1.0f + expf(-x)); }
+// Selection scores are doubles so near-ties resolve as in the (double) CPU reference.
+__device__ __forceinline__ double sigmoid_d(float x) { return 1.0 / (1.0 + exp(-double(x))); }
 
-// Routes one token with the whole warp. `scores` is this warp's scratch of num_experts floats,
-// `gscores` of n_group floats. On return lane j < top_k holds the j-th choice in `id`/`w`
+// Routes one token with the whole warp. `scores` is this warp's scratch of num_experts doubles,
+// `gscores` of n_group doubles. On return lane j < top_k holds the j-th choice in `id`/`w`
 // (descending choice score). Experts are chosen by the logit for softmax (same order as the
 // probabilities) and by sigmoid + bias for sigmoid scoring.
 __device__ __forceinline__ void route_token_warp(const float* __restrict__ logits,
                                                  const float* __restrict__ bias,
-                                                 const RouteParams& p, float* scores,
-                                                 float* gscores, int& id, float& w) {
+                                                 const RouteParams& p, double* scores,
+                                                 double* gscores, int& id, float& w) {
   const int lane = threadIdx.x & 31;
   const int E = p.num_experts;
   float lmax = -INFINITY;
   for (int e = lane; e < E; e += 32) {
     const float l = logits[e];
-    float s = l;
-    if (p.sigmoid) s = sigmoidf_accurate(l) + (p.use_bias ? bias[e] : 0.0f);
+    double s = l;
+    if (p.sigmoid) s = sigmoid_d(l) + (p.use_bias ? double(bias[e]) : 0.0);
     scores[e] = s;
     lmax = fmaxf(lmax, l);
   }
@@ -72,9 +73,9 @@ __device__ __forceinline__ void route_token_warp(const float* __restrict__ logit
   if (p.n_group > 1) {
     const int per_group = E / p.n_group;
     for (int g = lane; g < p.n_group; g += 32) {
-      float b1 = -INFINITY, b2 = -INFINITY;
+      double b1 = -INFINITY, b2 = -INFINITY;
       for (int e = g * per_group; e < (g + 1) * per_group; ++e) {
-        const float s = scores[e];
+        const double s = scores[e];
         if (s > b1) {
           b2 = b1;
           b1 = s;
@@ -88,17 +89,17 @@ __device__ __forceinline__ void route_token_warp(const float* __restrict__ logit
     // Keep the topk_group best groups; the others' experts become ineligible (-inf).
     unsigned keep_bits = 0;  // lane's groups g = lane + 32 * b
     for (int j = 0; j < p.topk_group; ++j) {
-      float v = -INFINITY;
+      double v = -INFINITY;
       int i = INT32_MAX;
       for (int g = lane, b = 0; g < p.n_group; g += 32, ++b)
         if (!(keep_bits >> b & 1u)) argmax_merge(v, i, gscores[g], g);
       warp_argmax(v, i);
       if (i != INT32_MAX && (i & 31) == lane) keep_bits |= 1u << (i >> 5);
     }
-    for (int g = lane, b = 0; g < p.n_group; g += 32, ++b) gscores[g] = (keep_bits >> b & 1u) ? 1.0f : 0.0f;
+    for (int g = lane, b = 0; g < p.n_group; g += 32, ++b) gscores[g] = (keep_bits >> b & 1u) ? 1.0 : 0.0;
     __syncwarp();
     for (int e = lane; e < E; e += 32)
-      if (gscores[e / per_group] == 0.0f) scores[e] = -INFINITY;
+      if (gscores[e / per_group] == 0.0) scores[e] = -INFINITY;
     __syncwarp();
   }
 
@@ -106,7 +107,7 @@ __device__ __forceinline__ void route_token_warp(const float* __restrict__ logit
   id = -1;
   w = 0.0f;
   for (int j = 0; j < p.top_k; ++j) {
-    float v = -INFINITY;
+    double v = -INFINITY;
     int i = INT32_MAX;
     for (int e = lane, b = 0; e < E; e += 32, ++b)
       if (!(chosen >> b & 1u)) argmax_merge(v, i, scores[e], e);
@@ -116,7 +117,7 @@ __device__ __forceinline__ void route_token_warp(const float* __restrict__ logit
     if (lane == j) {
       id = i;
       const float l = logits[i];
-      w = p.sigmoid ? sigmoidf_accurate(l) : expf(l - lmax) / denom;
+      w = p.sigmoid ? float(sigmoid_d(l)) : expf(l - lmax) / denom;
     }
   }
   if (p.renormalize) {

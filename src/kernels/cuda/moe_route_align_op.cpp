@@ -134,7 +134,11 @@ void moe_route_align(const Tensor& logits, const Tensor& correction_bias,
                      const Stream& stream) {
   check_route_args(logits, correction_bias, cfg, topk);
   const int64_t m = logits.size(0);
-  if (m > detail::kFusedRouteMaxTokens || cfg.num_experts != plan.num_groups) {
+  const size_t smem = detail::route_align_scratch_bytes(cfg.num_experts, cfg.n_group,
+                                                       plan.num_groups, 32) +
+                      size_t(m) * cfg.top_k * 4;
+  if (m > detail::kFusedRouteMaxTokens || cfg.num_experts != plan.num_groups ||
+      smem > detail::kAlignSmemLimit + detail::kSmemSlack) {
     moe_route(logits, correction_bias, cfg, topk, stream);
     moe_align(topk.ids, plan, stream);
     return;

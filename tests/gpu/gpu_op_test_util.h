@@ -1,0 +1,74 @@
+// Helpers for the GPU op tests: device copies, poisoning, host mirrors of plans.
+#pragma once
+
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "moelora/core/device.h"
+#include "moelora/core/stream.h"
+#include "moelora/core/tensor.h"
+#include "moelora/moe/types.h"
+#include "test_util.h"
+
+namespace moelora::test {
+
+// 0xFF bytes: NaN for f32/bf16, -1 for i32; 0x7F bytes: a large positive i32 (0x7F7F7F7F).
+inline constexpr uint8_t kPoisonFloat = 0xFF;
+inline constexpr uint8_t kPoisonInt = 0x7F;
+inline constexpr int32_t kPoisonIntValue = 0x7F7F7F7F;
+
+inline Tensor poisoned(const Shape& shape, DType dtype, Device device, uint8_t byte) {
+  Tensor t = Tensor::empty(shape, dtype, device);
+  t.fill_bytes(byte);
+  return t;
+}
+
+inline Tensor to_gpu(const Tensor& t) { return t.to(Device::cuda()); }
+
+// A plan allocated like the runner does, every tensor poisoned with 0x7F.
+inline MoeAlignment poisoned_plan(int64_t slots, int groups, int block_m, Device d) {
+  MoeAlignment p = MoeAlignment::allocate(slots, groups, kMaxBlockM, d);
+  p.block_m = block_m;
+  for (Tensor* t : {&p.sorted_slots, &p.block_group, &p.num_padded, &p.group_offsets})
+    t->fill_bytes(kPoisonInt);
+  return p;
+}
+
+// A host copy of a device plan (same sizes), for feeding the CPU reference the GPU's plan.
+inline MoeAlignment host_copy(const MoeAlignment& p) {
+  MoeAlignment h = p;
+  h.sorted_slots = p.sorted_slots.to(Device::cpu());
+  h.block_group = p.block_group.to(Device::cpu());
+  h.num_padded = p.num_padded.to(Device::cpu());
+  h.group_offsets = p.group_offsets.to(Device::cpu());
+  return h;
+}
+
+inline std::vector<uint16_t> raw_bits16(const Tensor& t0) {
+  const Tensor t = t0.device().is_cpu() ? t0 : t0.to(Device::cpu());
+  std::vector<uint16_t> v(size_t(t.numel()));
+  std::memcpy(v.data(), t.data(), v.size() * 2);
+  return v;
+}
+
+inline std::vector<uint32_t> raw_bits32(const Tensor& t0) {
+  const Tensor t = t0.device().is_cpu() ? t0 : t0.to(Device::cpu());
+  std::vector<uint32_t> v(size_t(t.numel()));
+  std::memcpy(v.data(), t.data(), v.size() * 4);
+  return v;
+}
+
+// Expects `f` to throw moelora::Error whose message contains `needle`.
+inline void expect_error_with(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "expected moelora::Error containing '" << needle << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << "message '" << e.what() << "' lacks '" << needle << "'";
+  }
+}
+
+}  // namespace moelora::test
