@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <cuda_runtime_api.h>
+
 #include "moelora/core/device.h"
 #include "moelora/core/stream.h"
 #include "moelora/core/tensor.h"
@@ -19,13 +21,23 @@ inline constexpr uint8_t kPoisonFloat = 0xFF;
 inline constexpr uint8_t kPoisonInt = 0x7F;
 inline constexpr int32_t kPoisonIntValue = 0x7F7F7F7F;
 
+// Stream-less copies and memsets run on the legacy default stream, which does not order with
+// the non-blocking streams the ops run on (and a pageable cudaMemcpy may return before its
+// DMA lands): the helpers below finish their device work before returning.
+inline void device_sync() { ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess); }
+
 inline Tensor poisoned(const Shape& shape, DType dtype, Device device, uint8_t byte) {
   Tensor t = Tensor::empty(shape, dtype, device);
   t.fill_bytes(byte);
+  if (device.is_cuda()) device_sync();
   return t;
 }
 
-inline Tensor to_gpu(const Tensor& t) { return t.to(Device::cuda()); }
+inline Tensor to_gpu(const Tensor& t) {
+  Tensor d = t.to(Device::cuda());
+  device_sync();
+  return d;
+}
 
 // A plan allocated like the runner does, every tensor poisoned with 0x7F.
 inline MoeAlignment poisoned_plan(int64_t slots, int groups, int block_m, Device d) {
@@ -33,6 +45,7 @@ inline MoeAlignment poisoned_plan(int64_t slots, int groups, int block_m, Device
   p.block_m = block_m;
   for (Tensor* t : {&p.sorted_slots, &p.block_group, &p.num_padded, &p.group_offsets})
     t->fill_bytes(kPoisonInt);
+  if (d.is_cuda()) device_sync();
   return p;
 }
 

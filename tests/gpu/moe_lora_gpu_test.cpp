@@ -149,8 +149,8 @@ TEST(CudaMoeLora, OpsMatchReference) {
         cpu::moe_lora_shrink(in, rows_div, hplan, A_cpu, pools.cpu.slot_meta(), seam, u_ref,
                              Stream());
         Tensor u = poisoned({n, R}, DType::f32, Device::cuda(), test::kPoisonFloat);
-        cuda::moe_lora_shrink(to_gpu(in), rows_div, vplan, A_gpu, pools.gpu.slot_meta(), seam, u,
-                              s);
+        const Tensor din = to_gpu(in);
+        cuda::moe_lora_shrink(din, rows_div, vplan, A_gpu, pools.gpu.slot_meta(), seam, u, s);
         s.synchronize();
         expect_same_written(u, u_ref, 1e-4);
 
@@ -161,9 +161,8 @@ TEST(CudaMoeLora, OpsMatchReference) {
         Tensor h_u = u_ref.to(Device::cpu());
         cpu::moe_lora_expand(h_u, hplan, B_cpu, pools.cpu.slot_meta(), seam, sw, out_ref,
                              Stream());
-        Tensor out = to_gpu(out0);
-        cuda::moe_lora_expand(to_gpu(h_u), vplan, B_gpu, pools.gpu.slot_meta(), seam,
-                              sw.defined() ? to_gpu(sw) : Tensor(), out, s);
+        Tensor out = to_gpu(out0), du = to_gpu(h_u), dsw = sw.defined() ? to_gpu(sw) : Tensor();
+        cuda::moe_lora_expand(du, vplan, B_gpu, pools.gpu.slot_meta(), seam, dsw, out, s);
         s.synchronize();
         EXPECT_TRUE(test::allclose(test::to_floats(out), test::to_floats(out_ref), 1e-5, 1e-5));
       }
@@ -191,8 +190,8 @@ TEST(CudaMoeLora, HooksMatchReference) {
     Tensor a = test::random_tensor({n, I}, DType::bf16, rng);
     Tensor h = test::random_tensor({n, 2 * I}, DType::f32, rng);
     Tensor o = test::random_tensor({n, H}, DType::f32, rng);
-    Tensor dh = to_gpu(h), dout = to_gpu(o);
-    Tensor dts = to_gpu(ts);
+    // Device copies live until after the sync (the ops run asynchronously).
+    Tensor dh = to_gpu(h), dout = to_gpu(o), dts = to_gpu(ts), dx = to_gpu(x), da = to_gpu(a);
 
     hooks_cpu->bind(LoraBatch{ts});
     hooks_cpu->after_route(topk, m, Stream());
@@ -200,8 +199,8 @@ TEST(CudaMoeLora, HooksMatchReference) {
     hooks_cpu->after_down(a, topk, o, Stream());
     hooks_gpu->bind(LoraBatch{dts});
     hooks_gpu->after_route(dtopk, m, s);
-    hooks_gpu->after_gate_up(to_gpu(x), dtopk, dh, s);
-    hooks_gpu->after_down(to_gpu(a), dtopk, dout, s);
+    hooks_gpu->after_gate_up(dx, dtopk, dh, s);
+    hooks_gpu->after_down(da, dtopk, dout, s);
     s.synchronize();
     EXPECT_TRUE(test::allclose(test::to_floats(dh), test::to_floats(h), 1e-4, 1e-4));
     EXPECT_TRUE(test::allclose(test::to_floats(dout), test::to_floats(o), 1e-4, 1e-4));

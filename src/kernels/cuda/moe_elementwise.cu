@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/moe_ops_launch.h"
+#include "kernels/cuda/pdl_launch.cuh"
 
 namespace moelora::cuda::detail {
 
@@ -16,6 +17,8 @@ template <int kVec>
 __global__ void __launch_bounds__(kActThreads)
     moe_activation_kernel(const float* __restrict__ h, const int32_t* __restrict__ ids, int inter,
                           __nv_bfloat16* __restrict__ a) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t s = blockIdx.x;
   if (ids[s] < 0) return;
   const int col = (blockIdx.y * kActThreads + threadIdx.x) * kVec;
@@ -42,6 +45,8 @@ __global__ void __launch_bounds__(kReduceThreads)
     moe_reduce_kernel(const float* __restrict__ o, const int32_t* __restrict__ ids, int top_k,
                       int hidden, const float* __restrict__ shared_o,
                       const float* __restrict__ gate_logits, __nv_bfloat16* __restrict__ y) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const int col = (blockIdx.y * kReduceThreads + threadIdx.x) * kVec;
   if (col >= hidden) return;
@@ -80,12 +85,11 @@ cudaError_t launch_moe_activation(const float* h, const int32_t* ids, int64_t sl
   auto* a = static_cast<__nv_bfloat16*>(out);
   if (inter % 4 == 0) {
     const dim3 grid(unsigned(slots), unsigned((inter / 4 + kActThreads - 1) / kActThreads));
-    moe_activation_kernel<4><<<grid, kActThreads, 0, stream>>>(h, ids, inter, a);
+    return launch_pdl(moe_activation_kernel<4>, grid, dim3(kActThreads), 0, stream, h, ids, inter, a);
   } else {
     const dim3 grid(unsigned(slots), unsigned((inter + kActThreads - 1) / kActThreads));
-    moe_activation_kernel<1><<<grid, kActThreads, 0, stream>>>(h, ids, inter, a);
+    return launch_pdl(moe_activation_kernel<1>, grid, dim3(kActThreads), 0, stream, h, ids, inter, a);
   }
-  return cudaGetLastError();
 }
 
 cudaError_t launch_moe_reduce(const float* o, const int32_t* ids, int64_t m, int top_k,
@@ -94,14 +98,13 @@ cudaError_t launch_moe_reduce(const float* o, const int32_t* ids, int64_t m, int
   auto* y = static_cast<__nv_bfloat16*>(out);
   if (hidden % 4 == 0) {
     const dim3 grid(unsigned(m), unsigned((hidden / 4 + kReduceThreads - 1) / kReduceThreads));
-    moe_reduce_kernel<4><<<grid, kReduceThreads, 0, stream>>>(o, ids, top_k, hidden, shared_o,
-                                                              gate_logits, y);
+    return launch_pdl(moe_reduce_kernel<4>, grid, dim3(kReduceThreads), 0, stream, o, ids, top_k,
+                      hidden, shared_o, gate_logits, y);
   } else {
     const dim3 grid(unsigned(m), unsigned((hidden + kReduceThreads - 1) / kReduceThreads));
-    moe_reduce_kernel<1><<<grid, kReduceThreads, 0, stream>>>(o, ids, top_k, hidden, shared_o,
-                                                              gate_logits, y);
+    return launch_pdl(moe_reduce_kernel<1>, grid, dim3(kReduceThreads), 0, stream, o, ids, top_k,
+                      hidden, shared_o, gate_logits, y);
   }
-  return cudaGetLastError();
 }
 
 }  // namespace moelora::cuda::detail

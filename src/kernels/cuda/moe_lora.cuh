@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/moe_ops_launch.h"
+#include "kernels/cuda/pdl_launch.cuh"
 
 namespace moelora::cuda::detail {
 
@@ -41,6 +42,8 @@ __device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     moe_lora_shrink_kernel(LoraPlanView plan, ShrinkArgs a) {
   __shared__ float red[kShrinkWarps][kShrinkRanks][8];
+  pdl_wait();
+  pdl_trigger();
   const int b = blockIdx.x;
   if (b * plan.block_m >= plan.num_padded[0]) return;
   const int v = plan.block_group[b];
@@ -102,10 +105,41 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   }
 }
 
-// grid: (plan blocks, ceil(N / kExpandCols)); dynamic smem: kExpandSlots * ldu floats.
+// Eight B values of ranks [r, r + 8) of one output row, zero at ranks >= rank.
+template <bool kVec>
+__device__ __forceinline__ void load_b8(const __nv_bfloat16* row, int r, int rank, float (&b)[8]) {
+  if (r >= rank) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) b[i] = 0.0f;
+    return;
+  }
+  if constexpr (kVec) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(row + r));
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      b[2 * i] = r + 2 * i < rank ? f.x : 0.0f;
+      b[2 * i + 1] = r + 2 * i + 1 < rank ? f.y : 0.0f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) b[i] = r + i < rank ? __bfloat162float(row[r + i]) : 0.0f;
+  }
+}
+
+// Shared-memory row stride of staged u: the block's live columns plus one rank chunk of
+// zeros, so unrolled reads past a rank stay in bounds and read zero.
+constexpr int kExpandRankChunk = 64;
+
+// grid: (plan blocks, ceil(N / kExpandCols)); dynamic smem: kExpandSlots * (ldu + 64) floats.
+// kVec: r_max % 8 == 0, so B rows take 16-byte loads.
+template <bool kVec>
 __global__ void __launch_bounds__(kExpandThreads)
     moe_lora_expand_kernel(LoraPlanView plan, ExpandArgs a) {
-  extern __shared__ float us[];  // [kExpandSlots][width]
+  extern __shared__ float us[];  // [kExpandSlots][stride]
+  pdl_wait();
+  pdl_trigger();
   const int b = blockIdx.x;
   if (b * plan.block_m >= plan.num_padded[0]) return;
   const int v = plan.block_group[b];
@@ -120,10 +154,12 @@ __global__ void __launch_bounds__(kExpandThreads)
     rank_lo = rank_hi = m[5];
     col_lo = col_hi = 0;
   }
+  col_lo = max(0, min(col_lo, a.ldu)), col_hi = max(0, min(col_hi, a.ldu));
   rank_lo = max(0, min(rank_lo, min(a.r_max, a.ldu - col_lo)));
   rank_hi = max(0, min(rank_hi, min(a.r_max, a.ldu - col_hi)));
   if (rank_lo == 0 && rank_hi == 0) return;
-  const int width = min(a.ldu, (max(col_lo + rank_lo, col_hi + rank_hi) + 7) / 8 * 8);
+  const int width = max(col_lo + rank_lo, col_hi + rank_hi);
+  const int stride = width + kExpandRankChunk;
   const int half = a.gate_up ? a.N / 2 : a.N;
 
   const int i0 = blockIdx.y * kExpandCols + threadIdx.x * 2;  // this thread's columns i0, i0+1
@@ -132,49 +168,61 @@ __global__ void __launch_bounds__(kExpandThreads)
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
     const bool lo = i0 + c < half;
-    rk[c] = lo ? rank_lo : rank_hi;
+    rk[c] = active ? (lo ? rank_lo : rank_hi) : 0;
     cl[c] = lo ? col_lo : col_hi;
-    if (i0 + c >= a.N) rk[c] = 0;
   }
   const int rmax = max(rk[0], rk[1]);
   const __nv_bfloat16* brow =
       static_cast<const __nv_bfloat16*>(a.B) + ((int64_t(slot) * plan.num_experts + e) * a.N + i0) * a.r_max;
 
   for (int j0 = 0; j0 < plan.block_m; j0 += kExpandSlots) {
-    __syncthreads();  // previous step's readers are done with `us`
-    for (int i = threadIdx.x; i < kExpandSlots * width; i += kExpandThreads) {
-      const int j = i / width, c = i % width;
+    __syncthreads();  // the previous step's readers are done with `us`
+    for (int i = threadIdx.x; i < kExpandSlots * stride; i += kExpandThreads) {
+      const int j = i / stride, c = i - j * stride;
       int s = plan.num_slots;
       if (j0 + j < plan.block_m) s = plan.sorted_slots[b * plan.block_m + j0 + j];
-      // Columns past every rank are never read as nonzero-weight terms but may be unwritten
-      // (NaN poison): stage them as zero.
-      const bool live = s < plan.num_slots &&
-                        ((c >= col_lo && c < col_lo + rank_lo) || (c >= col_hi && c < col_hi + rank_hi));
-      us[j * width + c] = live ? a.u[int64_t(s) * a.ldu + c] : 0.0f;
+      // Only live columns are read from u (others may be unwritten NaN poison).
+      const bool live = s < plan.num_slots && ((c >= col_lo && c < col_lo + rank_lo) ||
+                                               (c >= col_hi && c < col_hi + rank_hi));
+      us[i] = live ? a.u[int64_t(s) * a.ldu + c] : 0.0f;
     }
     __syncthreads();
     if (!active) continue;
     float acc[kExpandSlots][2] = {};
-    for (int r = 0; r < rmax; ++r) {
-      float bv[2];
+    for (int rc = 0; rc < rmax; rc += kExpandRankChunk) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c)
-        bv[c] = r < rk[c] ? __bfloat162float(brow[int64_t(c) * a.r_max + r]) : 0.0f;
+      for (int q = 0; q < kExpandRankChunk / 8; ++q) {
+        const int r = rc + q * 8;
+        if (r >= rmax) break;
+        float bv[2][8];
+        load_b8<kVec>(brow, r, rk[0], bv[0]);
+        load_b8<kVec>(brow + a.r_max, r, rk[1], bv[1]);
 #pragma unroll
-      for (int j = 0; j < kExpandSlots; ++j) {
-        acc[j][0] += bv[0] * us[j * width + min(cl[0] + r, width - 1)];
-        acc[j][1] += bv[1] * us[j * width + min(cl[1] + r, width - 1)];
+        for (int c = 0; c < 2; ++c) {
+          if (r >= rk[c]) continue;
+          const float* ur = us + cl[c] + r;
+#pragma unroll
+          for (int j = 0; j < kExpandSlots; ++j)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[j][c] += bv[c][i] * ur[j * stride + i];
+        }
       }
+    }
+    float2 prev[kExpandSlots];
+    int srow[kExpandSlots];
+#pragma unroll
+    for (int j = 0; j < kExpandSlots; ++j) {
+      srow[j] = j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
+      if (srow[j] < plan.num_slots)
+        prev[j] = *reinterpret_cast<const float2*>(a.out + int64_t(srow[j]) * a.N + i0);
     }
 #pragma unroll
     for (int j = 0; j < kExpandSlots; ++j) {
-      if (j0 + j >= plan.block_m) break;
-      const int s = plan.sorted_slots[b * plan.block_m + j0 + j];
-      if (s >= plan.num_slots) continue;
-      const float w = a.slot_weights ? a.slot_weights[s] : 1.0f;
-      float* o = a.out + int64_t(s) * a.N + i0;
-      if (rk[0] > 0) o[0] += w * acc[j][0];
-      if (rk[1] > 0) o[1] += w * acc[j][1];
+      if (srow[j] >= plan.num_slots) continue;
+      const float w = a.slot_weights ? a.slot_weights[srow[j]] : 1.0f;
+      prev[j].x += w * acc[j][0];
+      prev[j].y += w * acc[j][1];
+      *reinterpret_cast<float2*>(a.out + int64_t(srow[j]) * a.N + i0) = prev[j];
     }
   }
 }
@@ -182,6 +230,8 @@ __global__ void __launch_bounds__(kExpandThreads)
 __global__ void moe_lora_group_ids_kernel(const int32_t* __restrict__ ids,
                                           const int32_t* __restrict__ token_slot, int top_k,
                                           int num_experts, int64_t n, int32_t* __restrict__ vids) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= n) return;
   const int slot = token_slot[s / top_k], e = ids[s];

@@ -8,6 +8,12 @@
 
 #include <cuda_runtime_api.h>
 
+#ifdef __CUDACC__
+#define MOELORA_HOST_DEVICE __host__ __device__
+#else
+#define MOELORA_HOST_DEVICE
+#endif
+
 namespace moelora::cuda::detail {
 
 // --- routing ---
@@ -22,6 +28,12 @@ struct RouteParams {
   bool use_bias;
   float scale;  // routed_scaling_factor
 };
+
+// A team of ceil32(E) threads routes one token; its shared memory (bytes, 16-aligned).
+MOELORA_HOST_DEVICE inline int route_team(int num_experts) { return (num_experts + 31) / 32 * 32; }
+MOELORA_HOST_DEVICE inline size_t route_team_smem(int num_experts, int n_group) {
+  return (size_t(num_experts) * 8 + size_t(n_group) * 12 + 32 * 4 * 3 + 15) / 16 * 16;
+}
 
 cudaError_t launch_moe_route(const float* logits, const float* bias, const RouteParams& p, int m,
                              int32_t* ids, float* weights, cudaStream_t stream);
@@ -49,12 +61,13 @@ inline size_t align_smem_bytes(int num_groups, int row_warps) {
   return size_t(2 * num_groups + 1) * 4 + ((size_t(row_warps) * num_groups * 2 + 3) & ~size_t(3));
 }
 
-// Shared memory of the fused route+align kernel: routing scratch (32 warps, doubles), reused
-// by the aligner, then the ids. At most kAlignSmemLimit + kSmemSlack.
+// Shared memory of the fused route+align kernel (1024 threads): routing scratch of all teams,
+// reused by the aligner, then the ids. At most kAlignSmemLimit + kSmemSlack.
 inline constexpr size_t kSmemSlack = 16 * 1024;
 inline size_t route_align_scratch_bytes(int num_experts, int n_group, int num_groups,
                                         int row_warps) {
-  const size_t route = size_t(32) * (num_experts + n_group) * 8;
+  const size_t route =
+      size_t(1024 / route_team(num_experts)) * route_team_smem(num_experts, n_group);
   const size_t align = align_smem_bytes(num_groups, row_warps);
   return ((route > align ? route : align) + 15) / 16 * 16;
 }

@@ -1,5 +1,8 @@
-// Device code for MoE routing: one warp routes one token (softmax or sigmoid scores,
-// optional group-limited selection, top-k with ties to the lowest expert id).
+// Device code for MoE routing. A team of ceil32(E) threads routes one token: thread e holds
+// expert e's selection score and finds its rank by counting better experts (one broadcast
+// shared-memory pass), so the top-k costs one O(E) loop instead of k dependent warp
+// reductions. Ties go to the lowest expert id; selection scores are doubles so near-ties
+// resolve as in the (double) CPU reference.
 #pragma once
 
 #include <cstdint>
@@ -9,123 +12,104 @@
 
 namespace moelora::cuda::detail {
 
-// Keeps (v, i) or takes (ov, oi): larger value wins, ties to the lower index; index INT32_MAX
-// marks "no candidate".
-__device__ __forceinline__ void argmax_merge(double& v, int& i, double ov, int oi) {
-  if (oi == INT32_MAX) return;
-  if (i == INT32_MAX || ov > v || (ov == v && oi < i)) {
-    v = ov;
-    i = oi;
-  }
-}
-
-__device__ __forceinline__ void warp_argmax(double& v, int& i) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const double ov = __shfl_xor_sync(0xffffffffu, v, off);
-    const int oi = __shfl_xor_sync(0xffffffffu, i, off);
-    argmax_merge(v, i, ov, oi);
-  }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-
-// Selection scores are doubles so near-ties resolve as in the (double) CPU reference.
 __device__ __forceinline__ double sigmoid_d(float x) { return 1.0 / (1.0 + exp(-double(x))); }
 
-// Routes one token with the whole warp. `scores` is this warp's scratch of num_experts doubles,
-// `gscores` of n_group doubles. On return lane j < top_k holds the j-th choice in `id`/`w`
-// (descending choice score). Experts are chosen by the logit for softmax (same order as the
-// probabilities) and by sigmoid + bias for sigmoid scoring.
-__device__ __forceinline__ void route_token_warp(const float* __restrict__ logits,
-                                                 const float* __restrict__ bias,
-                                                 const RouteParams& p, double* scores,
-                                                 double* gscores, int& id, float& w) {
-  const int lane = threadIdx.x & 31;
-  const int E = p.num_experts;
-  float lmax = -INFINITY;
-  for (int e = lane; e < E; e += 32) {
-    const float l = logits[e];
-    double s = l;
-    if (p.sigmoid) s = sigmoid_d(l) + (p.use_bias ? double(bias[e]) : 0.0);
-    scores[e] = s;
-    lmax = fmaxf(lmax, l);
-  }
-  float denom = 1.0f;
-  if (!p.sigmoid) {
-    lmax = warp_max(lmax);
-    float sum = 0.0f;
-    for (int e = lane; e < E; e += 32) sum += expf(logits[e] - lmax);
-    denom = warp_sum(sum);
-  }
-  __syncwarp();
+// True when (a, ia) ranks before (b, ib): larger score first, ties to the lower index.
+__device__ __forceinline__ bool ranks_before(double a, int ia, double b, int ib) {
+  return a > b || (a == b && ia < ib);
+}
 
-  if (p.n_group > 1) {
+// Routes token `t` (valid when t < m) with a team of route_team(E) threads starting at thread
+// `team0`; `smem` is this team's route_team_smem bytes. All threads of the block must call it
+// together (it uses __syncthreads). On return the team has written ids/weights [t, :k] and,
+// when `sids` is set, sids[t*k + j] too.
+__device__ __forceinline__ void route_token_team(const float* __restrict__ logits,
+                                                 const float* __restrict__ bias,
+                                                 const RouteParams& p, int t, int m, int team0,
+                                                 unsigned char* smem, int32_t* ids,
+                                                 float* weights, int32_t* sids) {
+  const int E = p.num_experts, k = p.top_k, team = route_team(E);
+  const int e = int(threadIdx.x) - team0;  // this thread's expert
+  const bool live = t < m && e < E;
+  double* score = reinterpret_cast<double*>(smem);           // [E]
+  double* gscore = score + E;                                 // [n_group]
+  int32_t* gkeep = reinterpret_cast<int32_t*>(gscore + p.n_group);  // [n_group]
+  float* red = reinterpret_cast<float*>(gkeep + p.n_group);  // [32] per-warp partials
+  int32_t* sel_id = reinterpret_cast<int32_t*>(red + 32);    // [32]
+  float* sel_w = reinterpret_cast<float*>(sel_id + 32);      // [32]
+  const int lane = threadIdx.x & 31, wteam = e >> 5, nwarps = team >> 5;
+
+  const float l = live ? logits[int64_t(t) * E + e] : -INFINITY;
+  double s = l;
+  if (p.sigmoid && live) s = sigmoid_d(l) + (p.use_bias ? double(bias[e]) : 0.0);
+  if (live) score[e] = s;
+  if (e < 32) sel_id[e] = -1;
+
+  // Softmax normalizer (max, then sum of exp) over the team.
+  float mx = l;
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if (lane == 0) red[wteam] = mx;
+  __syncthreads();
+  mx = -INFINITY;
+  for (int w = 0; w < nwarps; ++w) mx = fmaxf(mx, red[w]);
+  float ex = (live && !p.sigmoid) ? expf(l - mx) : 0.0f;
+  float sum = ex;
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  __syncthreads();  // everyone has read red[] (max)
+  if (lane == 0) red[wteam] = sum;
+
+  if (p.n_group > 1) {  // group-limited: experts outside the topk_group best groups drop out
     const int per_group = E / p.n_group;
-    for (int g = lane; g < p.n_group; g += 32) {
+    if (t < m && e < p.n_group) {
       double b1 = -INFINITY, b2 = -INFINITY;
-      for (int e = g * per_group; e < (g + 1) * per_group; ++e) {
-        const double s = scores[e];
-        if (s > b1) {
+      for (int x = e * per_group; x < (e + 1) * per_group; ++x) {
+        const double v = score[x];
+        if (v > b1) {
           b2 = b1;
-          b1 = s;
-        } else if (s > b2) {
-          b2 = s;
+          b1 = v;
+        } else if (v > b2) {
+          b2 = v;
         }
       }
-      gscores[g] = p.top2_sum ? b1 + b2 : b1;
+      gscore[e] = p.top2_sum ? b1 + b2 : b1;
     }
-    __syncwarp();
-    // Keep the topk_group best groups; the others' experts become ineligible (-inf).
-    unsigned keep_bits = 0;  // lane's groups g = lane + 32 * b
-    for (int j = 0; j < p.topk_group; ++j) {
-      double v = -INFINITY;
-      int i = INT32_MAX;
-      for (int g = lane, b = 0; g < p.n_group; g += 32, ++b)
-        if (!(keep_bits >> b & 1u)) argmax_merge(v, i, gscores[g], g);
-      warp_argmax(v, i);
-      if (i != INT32_MAX && (i & 31) == lane) keep_bits |= 1u << (i >> 5);
+    __syncthreads();
+    if (t < m && e < p.n_group) {
+      int rank = 0;
+      const double mine = gscore[e];
+      for (int g = 0; g < p.n_group; ++g) rank += ranks_before(gscore[g], g, mine, e);
+      gkeep[e] = rank < p.topk_group;
     }
-    for (int g = lane, b = 0; g < p.n_group; g += 32, ++b) gscores[g] = (keep_bits >> b & 1u) ? 1.0 : 0.0;
-    __syncwarp();
-    for (int e = lane; e < E; e += 32)
-      if (gscores[e / per_group] == 0.0) scores[e] = -INFINITY;
-    __syncwarp();
+    __syncthreads();
+    if (live && !gkeep[e / per_group]) score[e] = s = -INFINITY;
   }
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < nwarps; ++w) total += red[w];
 
-  unsigned chosen = 0;  // lane's experts e = lane + 32 * b
-  id = -1;
-  w = 0.0f;
-  for (int j = 0; j < p.top_k; ++j) {
-    double v = -INFINITY;
-    int i = INT32_MAX;
-    for (int e = lane, b = 0; e < E; e += 32, ++b)
-      if (!(chosen >> b & 1u)) argmax_merge(v, i, scores[e], e);
-    warp_argmax(v, i);
-    if (i == INT32_MAX) break;
-    if ((i & 31) == lane) chosen |= 1u << (i >> 5);
-    if (lane == j) {
-      id = i;
-      const float l = logits[i];
-      w = p.sigmoid ? float(sigmoid_d(l)) : expf(l - lmax) / denom;
+  if (live) {
+    int rank = 0;
+    for (int x = 0; x < E && rank < k; ++x) rank += ranks_before(score[x], x, s, e);
+    if (rank < k) {
+      sel_id[rank] = e;
+      sel_w[rank] = p.sigmoid ? float(sigmoid_d(l)) : ex / total;
     }
   }
-  if (p.renormalize) {
-    const float sum = warp_sum(lane < p.top_k ? w : 0.0f);
-    w = p.sigmoid ? w / (sum + 1e-20f) : w / sum;
+  __syncthreads();
+  if (t < m && e < k) {
+    const int id = sel_id[e];
+    float w = id >= 0 ? sel_w[e] : 0.0f;
+    if (p.renormalize) {
+      float ssum = 0.0f;
+      for (int j = 0; j < k; ++j) ssum += sel_id[j] >= 0 ? sel_w[j] : 0.0f;
+      w = p.sigmoid ? w / (ssum + 1e-20f) : w / ssum;
+    }
+    w *= p.scale;
+    ids[int64_t(t) * k + e] = id;
+    weights[int64_t(t) * k + e] = w;
+    if (sids) sids[t * k + e] = id;
   }
-  w *= p.scale;
+  __syncthreads();  // the team's smem is reused by the caller
 }
 
 }  // namespace moelora::cuda::detail
-
