@@ -10,11 +10,16 @@ namespace {
 
 constexpr int kPack = 8;
 
-QuantDims dims_for(const AwqConfig& cfg, int64_t n, int64_t k, const std::string& who) {
+void check_config(const AwqConfig& cfg, const std::string& who) {
   MOELORA_CHECK(cfg.bits == 4, "{}: AWQ (GEMM) bits: only 4 is supported, found {}", who, cfg.bits);
   const int64_t g = cfg.group_size;
   MOELORA_CHECK(g == -1 || g == 32 || g == 64 || g == 128,
                 "{}: AWQ group_size: supported 32, 64, 128 and -1 (per-channel), found {}", who, g);
+}
+
+QuantDims dims_for(const AwqConfig& cfg, int64_t n, int64_t k, const std::string& who) {
+  check_config(cfg, who);
+  const int64_t g = cfg.group_size;
   MOELORA_CHECK(n > 0 && k > 0, "{}: expected a non-empty weight, found N = {}, K = {}", who, n, k);
   QuantDims d;
   d.n = n;
@@ -47,6 +52,15 @@ QuantDims validate_awq(const AwqTensors& t, const AwqConfig& cfg, const std::str
   MOELORA_CHECK(t.qweight.dim() == 2, "{}: expected a 2-D tensor [K, N/8], found {}", qw,
                 shape_str(t.qweight.shape()));
   const int64_t n = t.scales.size(1), k = t.qweight.size(0);
+  check_config(cfg, prefix);
+  if (cfg.group_size != -1 && t.scales.size(0) * cfg.group_size != k) {
+    const bool gptq_layout = t.qweight.size(1) == n && t.qweight.size(0) * kPack ==
+                                                           t.scales.size(0) * cfg.group_size;
+    MOELORA_THROW("{}: {} rows (K) but {} has {} groups of {} = {} channels: expected qweight "
+                  "[K, N/8] and scales [K/G, N]{}", qw, k, sc, t.scales.size(0), cfg.group_size,
+                  t.scales.size(0) * cfg.group_size,
+                  gptq_layout ? " — qweight looks like GPTQ's [K/8, N] layout" : "");
+  }
   const QuantDims d = dims_for(cfg, n, k, prefix);
   if (t.qweight.dtype() != DType::i32 || t.qweight.size(1) != d.packed_cols) {
     std::string hint;
@@ -105,15 +119,17 @@ AwqTensors quantize_awq(const Tensor& weight, const AwqConfig& cfg) {
   for (int64_t g = 0; g < d.num_groups; ++g)
     for (int64_t r = 0; r < n; ++r) {
       const float* row = &w[size_t(r * k + g * d.group_size)];
-      const auto [mn, mx] = std::minmax_element(row, row + d.group_size);
+      // The range always includes 0 (AutoAWQ's does not, and clips all-positive groups).
+      float mn = 0.0f, mx = 0.0f;
+      for (int64_t c = 0; c < d.group_size; ++c) mn = std::min(mn, row[c]), mx = std::max(mx, row[c]);
       const size_t si = size_t(g * n + r);
-      scales[si] = float_to_f16(std::max(*mx - *mn, 1e-5f) / 15.0f);
+      scales[si] = float_to_f16(std::max(mx - mn, 1e-5f) / 15.0f);
       float s = f16_to_float(scales[si]);
       if (!(s > 0.0f)) {
         scales[si] = f16_t{1};
         s = f16_to_float(scales[si]);
       }
-      const int32_t z = int32_t(std::clamp(-detail::round_even(*mn / s), 0.0f, 15.0f));
+      const int32_t z = int32_t(std::clamp(-detail::round_even(mn / s), 0.0f, 15.0f));
       const int nib = kAwqReverseOrder[size_t(r % kPack)];
       qzeros[g * d.packed_cols + r / kPack] |= uint32_t(z) << (4 * nib);
       for (int64_t c = 0; c < d.group_size; ++c) {

@@ -55,7 +55,8 @@ Tensor dequantize_awq(const AwqTensors& t, const AwqConfig& cfg,
 
 // Round-to-nearest zero-point quantization as AutoAWQ computes it (without the activation-
 // aware scale search): per group, scale = (max - min) / 15 (at least 1e-5), zero =
-// clamp(-round(min / scale), 0, 15); q = clamp(round(w / scale) + zero, 0, 15). Scales are
+// clamp(-round(min / scale), 0, 15); q = clamp(round(w / scale) + zero, 0, 15) — except that
+// [min, max] is widened to include 0, so all-positive groups are not clipped. Scales are
 // rounded to f16 first so the stored grid dequantizes exactly.
 AwqTensors quantize_awq(const Tensor& w, const AwqConfig& cfg);
 
