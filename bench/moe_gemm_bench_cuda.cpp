@@ -6,7 +6,9 @@
 // achieved weight bandwidth against the device-to-device copy bandwidth measured in the same
 // run. Every tile (rows per CTA) is timed next to the heuristic's choice.
 //
-//   moe_gemm_bench [shape ...]     (default: qwen3-30b-a3b deepseek-v2-lite mixtral-8x7b)
+//   moe_gemm_bench [--profile] [--batch N] [shape ...]
+//     default shapes: qwen3-30b-a3b deepseek-v2-lite mixtral-8x7b; default batches
+//     1,4,16,64,128,256. --profile: one eager gemm1 + gemm2 per batch, no timing (for ncu).
 #include <algorithm>
 #include <cstdio>
 #include <functional>
@@ -105,7 +107,7 @@ double copy_bandwidth_gbs(const Stream& stream) {
 }
 
 void bench_shape(const MoeShape& shape, const std::vector<int>& batches, double copy_gbs,
-                 int num_sms, const Stream& stream) {
+                 int num_sms, bool profile, const Stream& stream) {
   const int64_t H = shape.hidden, I = shape.inter, E = shape.num_experts, k = shape.top_k;
   const int64_t max_m = *std::max_element(batches.begin(), batches.end());
   Tensor w13 = Tensor::empty({E, 2 * I, H}, DType::bf16, Device::cuda());
@@ -128,6 +130,7 @@ void bench_shape(const MoeShape& shape, const std::vector<int>& batches, double 
   for (int m : batches) {
     const int block_m = cuda::moe_block_m(m, shape);
     std::vector<MoeAlignment> plans;
+    std::vector<std::vector<int32_t>> routing_ids;
     double touched = 0;
     for (int r = 0; r < kRoutings; ++r) {
       std::vector<int32_t> ids(m * k), perm(E);
@@ -139,6 +142,7 @@ void bench_shape(const MoeShape& shape, const std::vector<int>& batches, double 
       }
       touched += std::count(hit.begin(), hit.end(), 1) / double(kRoutings);
       plans.push_back(make_plan(ids, int(E), block_m));
+      routing_ids.push_back(ids);
     }
     const int64_t slots = m * k;
     const double bytes1 = touched * 2 * I * H * 2, bytes2 = touched * H * I * 2;
@@ -153,6 +157,14 @@ void bench_shape(const MoeShape& shape, const std::vector<int>& batches, double 
       cuda::moe_gemm2_tiled(as[r].first_rows(slots), plans[r], w2, sws[r].first_rows(slots), ov,
                             stream, {rows});
     };
+    if (profile) {
+      gemm1(0, rows1);
+      gemm2(0, rows2);
+      stream.synchronize();
+      std::printf("%s batch %d: profiled gemm1 rows %d, gemm2 rows %d, block_m %d\n",
+                  shape.name.c_str(), m, rows1, rows2, block_m);
+      continue;
+    }
     for (int rows : {32, 64, 128}) {
       const double us1 = time_graph(stream, kRoutings, [&] {
         for (int r = 0; r < kRoutings; ++r) gemm1(r, rows);
@@ -166,6 +178,33 @@ void bench_shape(const MoeShape& shape, const std::vector<int>& batches, double 
                   bytes2 / us2 / 1e3, 100.0 * bytes2 / us2 / 1e3 / copy_gbs,
                   rows == rows2 ? "*" : " ");
     }
+    // Neighbouring block sizes with the heuristic tiles (block_m trades re-reads of an
+    // expert's weights by its extra blocks against MMA columns spent on padding).
+    for (int bm : {block_m / 2, block_m * 2}) {
+      if (bm < 8 || bm > kMaxBlockM) continue;
+      std::vector<MoeAlignment> alt;
+      for (int r = 0; r < kRoutings; ++r) {
+        alt.push_back(make_plan(routing_ids[r], int(E), bm));
+      }
+      const int r1 = cuda::moe_gemm_config(2 * I, H, bm, slots, int(E), num_sms).rows;
+      const int r2 = cuda::moe_gemm_config(H, I, bm, slots, int(E), num_sms).rows;
+      const double us1 = time_graph(stream, kRoutings, [&] {
+        for (int r = 0; r < kRoutings; ++r) {
+          Tensor hv = h.first_rows(slots);
+          cuda::moe_gemm1_tiled(xs[r].first_rows(m), int(k), alt[r], w13, hv, stream, {r1});
+        }
+      });
+      const double us2 = time_graph(stream, kRoutings, [&] {
+        for (int r = 0; r < kRoutings; ++r) {
+          Tensor ov = o.first_rows(slots);
+          cuda::moe_gemm2_tiled(as[r].first_rows(slots), alt[r], w2, sws[r].first_rows(slots),
+                                ov, stream, {r2});
+        }
+      });
+      std::printf("%-17s batch %4d block_m %3d (alt)        rows %3d/%3d | gemm1 %8.2f us %6.0f GB/s | gemm2 %8.2f us %6.0f GB/s\n",
+                  shape.name.c_str(), m, bm, r1, r2, us1, bytes1 / us1 / 1e3, us2,
+                  bytes2 / us2 / 1e3);
+    }
     const double both = time_graph(stream, kRoutings, [&] {
       for (int r = 0; r < kRoutings; ++r) gemm1(r, rows1), gemm2(r, rows2);
     });
@@ -173,6 +212,23 @@ void bench_shape(const MoeShape& shape, const std::vector<int>& batches, double 
                 shape.name.c_str(), m, rows1, rows2, both, (bytes1 + bytes2) / both / 1e3,
                 100.0 * (bytes1 + bytes2) / both / 1e3 / copy_gbs,
                 (bytes1 + bytes2) / copy_gbs / 1e3);
+    if (m <= 16) {
+      // Small batches: what programmatic dependent launch buys between the GEMMs.
+      auto pair = [&](bool pdl) {
+        return time_graph(stream, kRoutings, [&] {
+          for (int r = 0; r < kRoutings; ++r) {
+            Tensor hv = h.first_rows(slots), ov = o.first_rows(slots);
+            cuda::moe_gemm1_tiled(xs[r].first_rows(m), int(k), plans[r], w13, hv, stream,
+                                  {rows1, pdl});
+            cuda::moe_gemm2_tiled(as[r].first_rows(slots), plans[r], w2,
+                                  sws[r].first_rows(slots), ov, stream, {rows2, pdl});
+          }
+        });
+      };
+      const double off = pair(false), on = pair(true);
+      std::printf("%-17s batch %4d PAIR gemm1+gemm2 no-PDL %8.2f us | PDL %8.2f us | floor at 3.0 TB/s %.2f us\n",
+                  shape.name.c_str(), m, off, on, (bytes1 + bytes2) / 3.0e6);
+    }
     std::fflush(stdout);
   }
 }
@@ -184,16 +240,24 @@ int main(int argc, char** argv) {
   using namespace moelora;
   try {
     std::vector<std::string> names;
-    for (int i = 1; i < argc; ++i) names.push_back(argv[i]);
+    std::vector<int> batches;
+    bool profile = false;
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--profile") profile = true;
+      else if (a == "--batch" && i + 1 < argc) batches.push_back(std::stoi(argv[++i]));
+      else names.push_back(a);
+    }
+    if (batches.empty()) batches = {1, 4, 16, 64, 128, 256};
     if (names.empty()) names = {"qwen3-30b-a3b", "deepseek-v2-lite", "mixtral-8x7b"};
     Stream stream = Stream::create(Device::cuda());
     int device = 0, sms = 0;
     MOELORA_CUDA_CHECK(cudaGetDevice(&device));
     MOELORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    const double copy_gbs = copy_bandwidth_gbs(stream);
+    const double copy_gbs = profile ? 3000.0 : copy_bandwidth_gbs(stream);
     std::printf("device copy bandwidth (read+write): %.0f GB/s, %d SMs\n", copy_gbs, sms);
     for (const auto& n : names)
-      bench_shape(MoeShape::by_name(n), {1, 4, 16, 64, 128, 256}, copy_gbs, sms, stream);
+      bench_shape(MoeShape::by_name(n), batches, copy_gbs, sms, profile, stream);
   } catch (const Error& e) {
     std::fprintf(stderr, "moe_gemm_bench: %s\n", e.what());
     return 1;

@@ -13,11 +13,13 @@ namespace {
 constexpr int kStages = 4;
 
 template <int kNt, int kRows>
-cudaError_t launch_tile(const sm90::MoeGemmParams& p, int max_blocks, cudaStream_t stream) {
-  // Wide token tiles take a shorter K step so four stages still fit in shared memory.
-  constexpr int kKt = kNt >= 8 ? 64 : 128;
-  using Tile = sm90::MoeGemmTile<kNt, kRows, kKt, kStages>;
-  auto* kernel = &sm90::moe_gemm_kernel<kNt, kRows, kKt, kStages>;
+cudaError_t launch_tile(const MoeGemmArgs& p, int max_blocks, cudaStream_t stream) {
+  // Wide token tiles: two 16-row MMA tiles per warp (halves the shared-memory reads of the
+  // token fragments) and a shorter K step so the ring still leaves room for 2+ CTAs per SM.
+  constexpr int kMt = kNt >= 8 ? 2 : 1;
+  constexpr int kKt = kNt >= 4 ? 64 : 128;
+  using Tile = sm90::MoeGemmTile<kNt, kMt, kRows, kKt, kStages>;
+  auto* kernel = &sm90::moe_gemm_kernel<kNt, kMt, kRows, kKt, kStages>;
   // Opt in to more than 48 KB of shared memory once per device (not on every call, so that
   // graph capture sees only the launch).
   static std::atomic<uint64_t> opted_in{0};
@@ -31,9 +33,19 @@ cudaError_t launch_tile(const sm90::MoeGemmParams& p, int max_blocks, cudaStream
       return e;
     opted_in.fetch_or(bit, std::memory_order_acq_rel);
   }
-  const dim3 grid(max_blocks, (p.n + kRows - 1) / kRows);
-  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  // Programmatic dependent launch: the kernel waits (griddepcontrol.wait) before reading
+  // anything, so it may be scheduled while its predecessor drains.
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(max_blocks, (p.n + kRows - 1) / kRows);
+  config.blockDim = dim3(Tile::kThreads);
+  config.dynamicSmemBytes = Tile::kSmemBytes;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = p.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 template <int kNt>

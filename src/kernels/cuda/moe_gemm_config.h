@@ -10,7 +10,8 @@
 namespace moelora::cuda {
 
 struct MoeGemmConfig {
-  int rows = 64;  // weight rows per CTA: 32, 64 or 128 (16 per warp)
+  int rows = 64;     // weight rows per CTA: 32, 64 or 128
+  bool pdl = true;  // programmatic dependent launch (see bench/NOTES.md)
 };
 
 // Weight rows per CTA for a GEMM with `n` output columns and reduction `k`, for a plan with

@@ -23,6 +23,9 @@ struct MoeGemmArgs {
   int block_m;  // 1..128
   int n;
   int k;  // multiple of 8
+  // Launch with programmatic stream serialization (the kernel waits on its predecessor with
+  // griddepcontrol.wait either way, so this is always safe).
+  bool pdl = true;
 };
 
 // Launches over `max_blocks` aligned blocks (the worst case; blocks past *num_padded exit)

@@ -97,8 +97,10 @@ void run(const MoeGemmArgs& p, int64_t max_blocks, const MoeGemmConfig& cfg,
 
 }  // namespace
 
-void moe_gemm1_tiled(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13,
-                     Tensor& h, const Stream& stream, const MoeGemmConfig& cfg) {
+namespace {
+
+void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13, Tensor& h,
+           const Stream& stream, const MoeGemmConfig& cfg) {
   constexpr const char* op = "moe_gemm1";
   MOELORA_CHECK(top_k >= 1, "{}: top_k must be >= 1, found {}", op, top_k);
   MOELORA_CHECK(x.dim() == 2, "{}: x must be [M, H], found {}", op, x.describe());
@@ -119,7 +121,15 @@ void moe_gemm1_tiled(const Tensor& x, int top_k, const MoeAlignment& plan, const
   p.block_m = plan.block_m;
   p.n = int(w13.size(1));
   p.k = int(w13.size(2));
+  p.pdl = cfg.pdl;
   run(p, blocks, cfg, stream);
+}
+
+}  // namespace
+
+void moe_gemm1_tiled(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13,
+                     Tensor& h, const Stream& stream, const MoeGemmConfig& cfg) {
+  gemm1(x, top_k, plan, w13, h, stream, cfg);
 }
 
 void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
@@ -150,6 +160,7 @@ void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2
   p.block_m = plan.block_m;
   p.n = int(w2.size(1));
   p.k = int(w2.size(2));
+  p.pdl = cfg.pdl;
   run(p, blocks, cfg, stream);
 }
 

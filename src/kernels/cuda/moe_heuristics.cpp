@@ -37,28 +37,31 @@ bool moe_shape_supported(const MoeShape& shape, std::string* why) {
 int moe_block_m(int64_t num_tokens, const MoeShape& shape) {
   // A block's weights are streamed once per block, so a block should hold all of an
   // expert's tokens: size it for the mean load plus ~3 standard deviations (binomial
-  // routing). Wider blocks cost only MMA columns and shared memory, which decode has spare.
+  // routing). Wider blocks cost only MMA columns and shared memory, which decode has spare,
+  // up to 64: at 128 tokens the mma.sync kernel turns compute-bound (measured 1.4 TB/s), and
+  // two 64-token blocks reading the same weights (the second mostly from L2) are faster.
   const double slots = double(std::max<int64_t>(num_tokens, 1)) * std::max(shape.top_k, 1);
   const double mean = slots / std::max(shape.num_experts, 1);
   const double want = mean + 3.0 * std::sqrt(mean) + 1.0;
   int block_m = 8;  // one MMA column of tokens
-  while (block_m < want && block_m < kMaxBlockM) block_m *= 2;
+  constexpr int kWidest = 64;
+  while (block_m < want && block_m < kWidest) block_m *= 2;
   return block_m;
 }
 
 MoeGemmConfig moe_gemm_config(int64_t n, int64_t /*k*/, int block_m, int64_t num_slots,
                               int num_groups, int num_sms) {
+  // Measured on H100 (bench/NOTES.md): with at least one CTA per SM the row tile barely
+  // matters for narrow token tiles (64 is never worse than 5 % off the best); wide token
+  // tiles (block_m > 32) need 128 rows, i.e. two 16-row MMA tiles per warp, to keep the
+  // shared-memory reads of token fragments below the weight stream.
+  if (block_m > 32) return {128};
   // Busy blocks: ~one per touched group, plus overflow blocks of heavily loaded groups.
   const double groups = std::max(num_groups, 1);
   const double touched = groups * (1.0 - std::pow(1.0 - 1.0 / groups, double(num_slots)));
   const double blocks = touched + std::max(0.0, double(num_slots) - touched) / block_m;
-  // The fewer weight rows per CTA, the more re-reads of the block's activations (from L2);
-  // take the widest tile that still gives every SM several CTAs to keep HBM busy.
-  const double want_ctas = 4.0 * std::max(num_sms, 1);
-  for (int rows : {128, 64}) {
-    if (blocks * std::ceil(double(n) / rows) >= want_ctas) return {rows};
-  }
-  return {32};
+  if (blocks * std::ceil(double(n) / 64) < num_sms) return {32};
+  return {64};
 }
 
 }  // namespace moelora::cuda

@@ -87,59 +87,56 @@ __device__ __forceinline__ int swizzled_offset(int row, int chunk) {
 
 }  // namespace detail
 
-// kNt: 8-token MMA columns per block (block_m <= 8 * kNt); kRows: weight rows per CTA (16 per
-// warp); kKt: K per pipeline stage; kStages: ring depth.
-template <int kNt, int kRows, int kKt, int kStages>
+// kNt: 8-token MMA columns per block (block_m <= 8 * kNt); kMt: 16-row MMA tiles per warp
+// (2 for wide token tiles, so each B fragment read from shared memory feeds two MMAs);
+// kRows: weight rows per CTA; kKt: K per pipeline stage; kStages: ring depth.
+template <int kNt, int kMt, int kRows, int kKt, int kStages>
 struct MoeGemmTile {
-  static constexpr int kWarps = kRows / 16;
+  static constexpr int kWarps = kRows / (16 * kMt);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTokens = 8 * kNt;
   static constexpr int kChunks = kKt / 8;  // 16-byte chunks per tile row
   static constexpr int kStageElems = (kRows + kTokens) * kKt;
   static constexpr int kSmemBytes = kStages * kStageElems * 2 + kTokens * 8;
-  static_assert(kRows % 16 == 0 && kChunks >= 8 && kChunks % 8 == 0, "tile shape");
+  static_assert(kRows % (16 * kMt) == 0 && kChunks >= 8 && kChunks % 8 == 0, "tile shape");
   static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
 };
 
-template <int kNt, int kRows, int kKt, int kStages>
-__global__ void __launch_bounds__(MoeGemmTile<kNt, kRows, kKt, kStages>::kThreads)
+template <int kNt, int kMt, int kRows, int kKt, int kStages>
+__global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kThreads)
     moe_gemm_kernel(const MoeGemmParams p) {
-  using Tile = MoeGemmTile<kNt, kRows, kKt, kStages>;
+  using Tile = MoeGemmTile<kNt, kMt, kRows, kKt, kStages>;
   constexpr int kTokens = Tile::kTokens;
   constexpr int kChunks = Tile::kChunks;
   constexpr int kThreads = Tile::kThreads;
 
+  // Programmatic dependent launch: this grid may start while its predecessor drains; wait
+  // here for everything the predecessor wrote (plan, activations). A no-op otherwise.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+
   const int block = blockIdx.x;
-  // Device-side counts: the grid is sized for the worst case, surplus CTAs leave here.
-  if (block * p.block_m >= *p.num_padded) return;
+  // Both reads are issued before either is used: one memory latency, not two.
+  const int num_padded = *p.num_padded;
   const int group = p.block_group[block];
-  if (group < 0) return;
+  // Device-side counts: the grid is sized for the worst case, surplus CTAs leave here.
+  if (block * p.block_m >= num_padded || group < 0) return;
   const int row0 = blockIdx.y * kRows;
+  const int tid = threadIdx.x;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-  // Per token column: the source row offset into act (-1 = padding) and its slot.
+  // Per token column: the source row into act (-1 = padding) and its slot.
   int* tok_row = reinterpret_cast<int*>(smem_raw + kStages * Tile::kStageElems * 2);
   int* tok_slot = tok_row + kTokens;
 
-  const int tid = threadIdx.x;
-  for (int j = tid; j < kTokens; j += kThreads) {
-    int slot = p.num_slots;
-    if (j < p.block_m) slot = p.sorted_slots[block * p.block_m + j];
-    const bool live = slot >= 0 && slot < p.num_slots;
-    tok_slot[j] = live ? slot : -1;
-    tok_row[j] = live ? slot / p.rows_div : -1;
-  }
-  __syncthreads();
-
   const int K = p.k;
   const int num_ktiles = (K + kKt - 1) / kKt;
-  const __nv_bfloat16* wg = static_cast<const __nv_bfloat16*>(p.w) + static_cast<int64_t>(group) * p.n * K;
+  const __nv_bfloat16* wg =
+      static_cast<const __nv_bfloat16*>(p.w) + static_cast<int64_t>(group) * p.n * K;
   const uint64_t policy = detail::evict_first_policy();
 
-  auto load_stage = [&](int kt) {
+  auto load_weights = [&](int kt) {
     __nv_bfloat16* ws = smem + (kt % kStages) * Tile::kStageElems;
-    __nv_bfloat16* xs = ws + kRows * kKt;
     const int k0 = kt * kKt;
 #pragma unroll
     for (int i = tid; i < kRows * kChunks; i += kThreads) {
@@ -151,32 +148,54 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kRows, kKt, kStages>::kThread
       detail::cp_async_16_policy(detail::smem_addr(ws + detail::swizzled_offset<kKt>(r, c)), src,
                                  ok ? 16 : 0, policy);
     }
+  };
+  auto load_acts = [&](int kt) {
+    __nv_bfloat16* xs = smem + (kt % kStages) * Tile::kStageElems + kRows * kKt;
+    const int k0 = kt * kKt;
 #pragma unroll
     for (int i = tid; i < kTokens * kChunks; i += kThreads) {
       const int r = i / kChunks, c = i % kChunks;
       const int src_row = tok_row[r];
       const int col = k0 + c * 8;
       const bool ok = src_row >= 0 && col < K;
-      const __nv_bfloat16* src = static_cast<const __nv_bfloat16*>(p.act) + (ok ? static_cast<int64_t>(src_row) * K + col : 0);
+      const __nv_bfloat16* src =
+          static_cast<const __nv_bfloat16*>(p.act) + (ok ? static_cast<int64_t>(src_row) * K + col : 0);
       detail::cp_async_16(detail::smem_addr(xs + detail::swizzled_offset<kKt>(r, c)), src,
                           ok ? 16 : 0);
     }
   };
 
-  float acc[kNt][4];
+  // Prologue. The weights of the first stages go out before the token table is read (they
+  // do not depend on it), so HBM starts streaming one latency earlier. Group 0 holds
+  // weights 0..S-2 and acts 0; group s holds acts s: stage 0 waits for a little more than
+  // it needs, which costs nothing as those loads were issued together.
 #pragma unroll
-  for (int t = 0; t < kNt; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-
+  for (int s = 0; s < kStages - 1; ++s)
+    if (s < num_ktiles) load_weights(s);
+  for (int j = tid; j < kTokens; j += kThreads) {
+    int slot = p.num_slots;
+    if (j < p.block_m) slot = p.sorted_slots[block * p.block_m + j];
+    const bool live = slot >= 0 && slot < p.num_slots;
+    tok_slot[j] = live ? slot : -1;
+    tok_row[j] = live ? slot / p.rows_div : -1;
+  }
+  __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_ktiles) load_stage(s);
+    if (s < num_ktiles) load_acts(s);
     detail::cp_async_commit();
   }
+
+  float acc[kMt][kNt][4];
+#pragma unroll
+  for (int m = 0; m < kMt; ++m)
+#pragma unroll
+    for (int t = 0; t < kNt; ++t) acc[m][t][0] = acc[m][t][1] = acc[m][t][2] = acc[m][t][3] = 0.f;
 
   const int warp = tid / 32, lane = tid % 32;
   // ldmatrix row/chunk roles: A x4 covers rows 0-15 at k-chunks {0,1}; B x4 covers tokens
   // 0-7 at chunks {0,1} then tokens 8-15 at chunks {0,1}.
-  const int a_row = warp * 16 + (lane & 15);
+  const int a_row = warp * 16 * kMt + (lane & 15);
   const int a_chunk = lane >> 4;
   const int b_tok = (lane & 7) + ((lane >> 4) << 3);
   const int b_chunk = (lane >> 3) & 1;
@@ -185,49 +204,64 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kRows, kKt, kStages>::kThread
     detail::cp_async_wait<kStages - 2>();
     __syncthreads();
     // Refill the slot consumed last iteration (every warp is past it after the barrier).
-    if (kt + kStages - 1 < num_ktiles) load_stage(kt + kStages - 1);
+    if (kt + kStages - 1 < num_ktiles) {
+      load_weights(kt + kStages - 1);
+      load_acts(kt + kStages - 1);
+    }
     detail::cp_async_commit();
 
     const __nv_bfloat16* ws = smem + (kt % kStages) * Tile::kStageElems;
-    const __nv_bfloat16* xs = ws + kRows * kKt;
     const uint32_t ws_addr = detail::smem_addr(ws);
-    const uint32_t xs_addr = detail::smem_addr(xs);
+    const uint32_t xs_addr = detail::smem_addr(ws + kRows * kKt);
 #pragma unroll
     for (int kk = 0; kk < kChunks; kk += 2) {
-      uint32_t a[4];
-      detail::ldmatrix_x4(ws_addr + 2 * detail::swizzled_offset<kKt>(a_row, kk + a_chunk), a);
+      uint32_t a[kMt][4];
+#pragma unroll
+      for (int m = 0; m < kMt; ++m)
+        detail::ldmatrix_x4(
+            ws_addr + 2 * detail::swizzled_offset<kKt>(a_row + 16 * m, kk + a_chunk), a[m]);
       if constexpr (kNt == 1) {
         uint32_t b0, b1;
         detail::ldmatrix_x2(xs_addr + 2 * detail::swizzled_offset<kKt>(lane & 7, kk + b_chunk),
                             b0, b1);
-        detail::mma_bf16_16816(acc[0], a, b0, b1);
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) detail::mma_bf16_16816(acc[m][0], a[m], b0, b1);
       } else {
 #pragma unroll
         for (int t = 0; t < kNt; t += 2) {
           uint32_t b[4];
           detail::ldmatrix_x4(
               xs_addr + 2 * detail::swizzled_offset<kKt>(t * 8 + b_tok, kk + b_chunk), b);
-          detail::mma_bf16_16816(acc[t], a, b[0], b[1]);
-          detail::mma_bf16_16816(acc[t + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int m = 0; m < kMt; ++m) {
+            detail::mma_bf16_16816(acc[m][t], a[m], b[0], b[1]);
+            detail::mma_bf16_16816(acc[m][t + 1], a[m], b[2], b[3]);
+          }
         }
       }
     }
   }
   detail::cp_async_wait<0>();
+  // The successor may launch once every CTA is past its stream (triggering at the start let
+  // waiting successor CTAs take the slots this grid's own later CTAs needed: measured slower).
+  asm volatile("griddepcontrol.launch_dependents;\n");
 
-  // C fragment: rows lane/4 and lane/4 + 8 of the warp's 16 weight rows (output columns),
-  // token columns 2*(lane%4) and +1.
-  const int n_base = row0 + warp * 16 + lane / 4;
+  // C fragment: rows lane/4 and lane/4 + 8 of each 16-row tile (output columns), token
+  // columns 2*(lane%4) and +1.
 #pragma unroll
-  for (int t = 0; t < kNt; ++t) {
+  for (int m = 0; m < kMt; ++m) {
+    const int n_base = row0 + warp * 16 * kMt + 16 * m + lane / 4;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int j = t * 8 + (lane % 4) * 2 + (e & 1);
-      const int n = n_base + (e >> 1) * 8;
-      const int slot = tok_slot[j];
-      if (slot < 0 || n >= p.n) continue;
-      const float scale = p.slot_scale ? p.slot_scale[slot] : 1.f;
-      p.out[static_cast<int64_t>(slot) * p.n + n] = acc[t][e] * scale;
+    for (int t = 0; t < kNt; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = t * 8 + (lane % 4) * 2 + (e & 1);
+        const int n = n_base + (e >> 1) * 8;
+        const int slot = tok_slot[j];
+        if (slot < 0 || n >= p.n) continue;
+        const float scale = p.slot_scale ? p.slot_scale[slot] : 1.f;
+        p.out[static_cast<int64_t>(slot) * p.n + n] = acc[m][t][e] * scale;
+      }
     }
   }
 }
