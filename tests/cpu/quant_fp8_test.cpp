@@ -95,7 +95,13 @@ TEST(QuantFp8Block, QuantizeWriteReadDequantizeRoundTrip) {
   std::mt19937_64 rng(test::fresh_seed());
   for (auto [n, k] : {std::pair<int64_t, int64_t>{256, 384}, {100, 260}, {1, 129}}) {
     SCOPED_TRACE(fmt::format("{} x {}", n, k));
-    const Tensor w = test::random_tensor({n, k}, DType::bf16, rng, -0.1f, 0.1f);
+    // Blocks of very different magnitudes, so a scale applied to the wrong block shows.
+    Tensor w = test::random_tensor({n, k}, DType::bf16, rng, -0.1f, 0.1f);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < k; ++c) {
+        bf16_t& x = w.data<bf16_t>()[r * k + c];
+        x = float_to_bf16(bf16_to_float(x) * float(1 + 8 * (r / 128) + 3 * (c / 128)));
+      }
     const Fp8BlockTensors q = quantize_fp8_block(w);
     std::map<std::string, Tensor> tensors;
     add_fp8_block_tensors(tensors, "model.layers.0.mlp.experts.7.down_proj", q);
