@@ -10,7 +10,7 @@
 namespace moelora::cuda {
 
 struct MoeGemmConfig {
-  int rows = 64;     // weight rows per CTA: 32, 64 or 128
+  int rows = 64;    // weight rows per CTA: 32, 64 or 128
   bool pdl = true;  // programmatic dependent launch (see bench/NOTES.md)
 };
 
