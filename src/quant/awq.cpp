@@ -29,8 +29,10 @@ QuantDims dims_for(const AwqConfig& cfg, int64_t n, int64_t k, const std::string
   d.group_size = g == -1 ? k : g;
   MOELORA_CHECK(k % d.group_size == 0, "{}: group_size {} must divide K = {}", who, d.group_size,
                 k);
-  MOELORA_CHECK(n % kPack == 0, "{}: N = {} must be a multiple of 8 (AWQ packs 8 columns per "
-                "int32 along N)", who, n);
+  MOELORA_CHECK(n % kPack == 0,
+                "{}: N = {} must be a multiple of 8 (AWQ packs 8 columns per "
+                "int32 along N)",
+                who, n);
   d.packed_rows = k;
   d.packed_cols = n / kPack;
   d.num_groups = k / d.group_size;
@@ -41,7 +43,9 @@ QuantDims dims_for(const AwqConfig& cfg, int64_t n, int64_t k, const std::string
 
 }  // namespace
 
-QuantDims awq_dims(const AwqConfig& cfg, int64_t n, int64_t k) { return dims_for(cfg, n, k, "awq"); }
+QuantDims awq_dims(const AwqConfig& cfg, int64_t n, int64_t k) {
+  return dims_for(cfg, n, k, "awq");
+}
 
 QuantDims validate_awq(const AwqTensors& t, const AwqConfig& cfg, const std::string& prefix) {
   const std::string qw = prefix + ".qweight", qz = prefix + ".qzeros", sc = prefix + ".scales";
@@ -54,12 +58,13 @@ QuantDims validate_awq(const AwqTensors& t, const AwqConfig& cfg, const std::str
   const int64_t n = t.scales.size(1), k = t.qweight.size(0);
   check_config(cfg, prefix);
   if (cfg.group_size != -1 && t.scales.size(0) * cfg.group_size != k) {
-    const bool gptq_layout = t.qweight.size(1) == n && t.qweight.size(0) * kPack ==
-                                                           t.scales.size(0) * cfg.group_size;
-    MOELORA_THROW("{}: {} rows (K) but {} has {} groups of {} = {} channels: expected qweight "
-                  "[K, N/8] and scales [K/G, N]{}", qw, k, sc, t.scales.size(0), cfg.group_size,
-                  t.scales.size(0) * cfg.group_size,
-                  gptq_layout ? " — qweight looks like GPTQ's [K/8, N] layout" : "");
+    const bool gptq_layout =
+        t.qweight.size(1) == n && t.qweight.size(0) * kPack == t.scales.size(0) * cfg.group_size;
+    MOELORA_THROW(
+        "{}: {} rows (K) but {} has {} groups of {} = {} channels: expected qweight "
+        "[K, N/8] and scales [K/G, N]{}",
+        qw, k, sc, t.scales.size(0), cfg.group_size, t.scales.size(0) * cfg.group_size,
+        gptq_layout ? " — qweight looks like GPTQ's [K/8, N] layout" : "");
   }
   const QuantDims d = dims_for(cfg, n, k, prefix);
   if (t.qweight.dtype() != DType::i32 || t.qweight.size(1) != d.packed_cols) {
@@ -69,8 +74,8 @@ QuantDims validate_awq(const AwqTensors& t, const AwqConfig& cfg, const std::str
     else if (t.qweight.dtype() == DType::i32 && t.qweight.size(1) == n)
       hint = " — N columns: a GPTQ-layout qweight [K/8, N]?";
     MOELORA_THROW("{}: expected i32 [K = {}, N/8 = {}] (N = {} from {}), found {} {}{}", qw, k,
-                  d.packed_cols, n, sc, dtype_name(t.qweight.dtype()),
-                  shape_str(t.qweight.shape()), hint);
+                  d.packed_cols, n, sc, dtype_name(t.qweight.dtype()), shape_str(t.qweight.shape()),
+                  hint);
   }
   detail::check_float_tensor(t.scales, sc, {d.num_groups, n},
                              fmt::format("K/G = {}/{} groups, N = {}", k, d.group_size, n));
@@ -121,7 +126,8 @@ AwqTensors quantize_awq(const Tensor& weight, const AwqConfig& cfg) {
       const float* row = &w[size_t(r * k + g * d.group_size)];
       // The range always includes 0 (AutoAWQ's does not, and clips all-positive groups).
       float mn = 0.0f, mx = 0.0f;
-      for (int64_t c = 0; c < d.group_size; ++c) mn = std::min(mn, row[c]), mx = std::max(mx, row[c]);
+      for (int64_t c = 0; c < d.group_size; ++c)
+        mn = std::min(mn, row[c]), mx = std::max(mx, row[c]);
       const size_t si = size_t(g * n + r);
       scales[si] = float_to_f16(std::max(mx - mn, 1e-5f) / 15.0f);
       float s = f16_to_float(scales[si]);

@@ -22,9 +22,12 @@ QuantDims dims_for(const CtPackConfig& cfg, int64_t n, int64_t k, const std::str
     const int64_t g = cfg.group_size;
     MOELORA_CHECK(g == 32 || g == 64 || g == 128,
                   "{}: pack-quantized group_size: supported 32, 64 and 128 (or strategy "
-                  "channel), found {}", who, g);
-    MOELORA_CHECK(k % g == 0, "{}: group_size {} must divide K = {} (compressed-tensors requires "
-                  "it too)", who, g, k);
+                  "channel), found {}",
+                  who, g);
+    MOELORA_CHECK(k % g == 0,
+                  "{}: group_size {} must divide K = {} (compressed-tensors requires "
+                  "it too)",
+                  who, g, k);
     d.group_size = g;
   } else {
     d.group_size = k;
@@ -68,9 +71,11 @@ QuantDims validate_ct_pack(const CtPackTensors& t, const CtPackConfig& cfg,
     if (t.weight_packed.dim() == 2 && t.weight_packed.size(1) == ceil_div(k, 32 / other))
       hint = fmt::format(" — ceil(K/{}) columns: a {}-bit checkpoint read as {}-bit?", 32 / other,
                          other, cfg.bits);
-    MOELORA_THROW("{}: expected i32 [N = {}, ceil(K/{}) = {}] for {}-bit values (N, K = {}, {} "
-                  "from {}), found {} {}{}", wp, n, d.pack, d.packed_cols, cfg.bits, n, k, wsh,
-                  dtype_name(t.weight_packed.dtype()), shape_str(t.weight_packed.shape()), hint);
+    MOELORA_THROW(
+        "{}: expected i32 [N = {}, ceil(K/{}) = {}] for {}-bit values (N, K = {}, {} "
+        "from {}), found {} {}{}",
+        wp, n, d.pack, d.packed_cols, cfg.bits, n, k, wsh, dtype_name(t.weight_packed.dtype()),
+        shape_str(t.weight_packed.shape()), hint);
   }
   detail::check_float_tensor(
       t.weight_scale, ws, {n, d.num_groups},
@@ -92,7 +97,8 @@ QuantDims validate_ct_pack(const CtPackTensors& t, const CtPackConfig& cfg,
       for (int64_t g = 0; g < d.num_groups; ++g)
         MOELORA_CHECK(ct_zero(t, cfg, r, g) == 0,
                       "{}: symmetric: true expects zero points of 0, found {} at row {}, group "
-                      "{}; the checkpoint is asymmetric", zp, ct_zero(t, cfg, r, g), r, g);
+                      "{}; the checkpoint is asymmetric",
+                      zp, ct_zero(t, cfg, r, g), r, g);
   }
   if (t.weight_g_idx.defined())
     act_order_from_g_idx(t.weight_g_idx, k, d.num_groups, d.group_size, gi);
@@ -133,9 +139,9 @@ CtPackTensors quantize_ct_pack(const Tensor& weight, const CtPackConfig& cfg, DT
   int64_t n = 0, k = 0;
   const std::vector<float> w = detail::weight_values(weight, "quantize_ct_pack: weight", n, k);
   const QuantDims d = dims_for(cfg, n, k, "quantize_ct_pack");
-  MOELORA_CHECK(scale_dtype == DType::f16 || scale_dtype == DType::bf16 || scale_dtype == DType::f32,
-                "quantize_ct_pack: scale dtype must be f16, bf16 or f32, found {}",
-                dtype_name(scale_dtype));
+  MOELORA_CHECK(
+      scale_dtype == DType::f16 || scale_dtype == DType::bf16 || scale_dtype == DType::f32,
+      "quantize_ct_pack: scale dtype must be f16, bf16 or f32, found {}", dtype_name(scale_dtype));
   const int bits = cfg.bits, offset = 1 << (bits - 1);
   const float qmin = float(-offset), qmax = float(offset - 1), range = qmax - qmin;
   // What compressed-tensors substitutes for a zero scale: the scale dtype's epsilon.

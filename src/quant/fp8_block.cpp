@@ -8,7 +8,9 @@
 namespace moelora::quant {
 namespace {
 
-bool is_e4m3_nan(uint8_t bits) { return (bits & 0x7fu) == 0x7fu; }
+bool is_e4m3_nan(uint8_t bits) {
+  return (bits & 0x7fu) == 0x7fu;
+}
 
 QuantDims dims_for(const Fp8BlockConfig& cfg, int64_t n, int64_t k, const std::string& who) {
   MOELORA_CHECK(cfg.block_n > 0 && cfg.block_k > 0,
@@ -49,8 +51,8 @@ QuantDims validate_fp8_block(const Fp8BlockTensors& t, const Fp8BlockConfig& cfg
   detail::check_finite(t.weight_scale_inv, sn, /*positive=*/true);
   const auto* w = reinterpret_cast<const uint8_t*>(t.weight.data());
   for (int64_t i = 0; i < t.weight.numel(); ++i)
-    MOELORA_CHECK(!is_e4m3_nan(w[i]), "{}[{}, {}]: e4m3 NaN (0x{:02x}) in the weight", wn,
-                  i / d.k, i % d.k, w[i]);
+    MOELORA_CHECK(!is_e4m3_nan(w[i]), "{}[{}, {}]: e4m3 NaN (0x{:02x}) in the weight", wn, i / d.k,
+                  i % d.k, w[i]);
   return d;
 }
 
@@ -63,8 +65,8 @@ Tensor dequantize_fp8_block(const Fp8BlockTensors& t, const Fp8BlockConfig& cfg,
   const float* s = t.weight_scale_inv.data<float>();
   for (int64_t n = 0; n < d.n; ++n)
     for (int64_t k = 0; k < d.k; ++k)
-      o[n * d.k + k] = f8e4m3_to_float(w[n * d.k + k]) *
-                       s[(n / cfg.block_n) * d.num_groups + k / cfg.block_k];
+      o[n * d.k + k] =
+          f8e4m3_to_float(w[n * d.k + k]) * s[(n / cfg.block_n) * d.num_groups + k / cfg.block_k];
   return out;
 }
 
@@ -88,8 +90,8 @@ Fp8BlockTensors quantize_fp8_block(const Tensor& weight, const Fp8BlockConfig& c
       sinv[bn * d.num_groups + bk] = 1.0f / scale;
       for (int64_t r = n0; r < n1; ++r)
         for (int64_t c = k0; c < k1; ++c)
-          q[r * k + c] = float_to_f8e4m3(
-              std::clamp(w[size_t(r * k + c)] * scale, -kFp8E4m3Max, kFp8E4m3Max));
+          q[r * k + c] =
+              float_to_f8e4m3(std::clamp(w[size_t(r * k + c)] * scale, -kFp8E4m3Max, kFp8E4m3Max));
     }
   return t;
 }

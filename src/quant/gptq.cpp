@@ -30,12 +30,16 @@ QuantDims dims_for(const GptqConfig& cfg, int64_t n, int64_t k, const std::strin
   d.group_size = g == -1 ? k : g;
   MOELORA_CHECK(n > 0 && k > 0, "{}: expected a non-empty weight, found N = {}, K = {}", who, n, k);
   MOELORA_CHECK(k % d.group_size == 0,
-                "{}: group_size {} must divide K = {} (a partial last group is not supported)",
-                who, d.group_size, k);
-  MOELORA_CHECK(k % d.pack == 0, "{}: K = {} must be a multiple of {} ({}-bit values packed {} per "
-                "int32 along K)", who, k, d.pack, cfg.bits, d.pack);
-  MOELORA_CHECK(n % d.pack == 0, "{}: N = {} must be a multiple of {} (qzeros pack {} zeros per "
-                "int32 along N)", who, n, d.pack, d.pack);
+                "{}: group_size {} must divide K = {} (a partial last group is not supported)", who,
+                d.group_size, k);
+  MOELORA_CHECK(k % d.pack == 0,
+                "{}: K = {} must be a multiple of {} ({}-bit values packed {} per "
+                "int32 along K)",
+                who, k, d.pack, cfg.bits, d.pack);
+  MOELORA_CHECK(n % d.pack == 0,
+                "{}: N = {} must be a multiple of {} (qzeros pack {} zeros per "
+                "int32 along N)",
+                who, n, d.pack, d.pack);
   d.packed_rows = k / d.pack;
   d.packed_cols = n;
   d.num_groups = k / d.group_size;
@@ -54,20 +58,23 @@ QuantDims dims_for(const GptqConfig& cfg, int64_t n, int64_t k, const std::strin
       hint = fmt::format(" — that is K*{}/32 rows: a {}-bit checkpoint read as {}-bit?", other,
                          other, d.bits);
   }
-  MOELORA_THROW("{}: expected i32 [K/{} = {}, N = {}] for {}-bit GPTQ (K = {} from {}), found {} "
-                "{}{}", name, d.pack, d.packed_rows, d.n, d.bits, d.k, k_from,
-                dtype_name(qweight.dtype()), shape_str(qweight.shape()), hint);
+  MOELORA_THROW(
+      "{}: expected i32 [K/{} = {}, N = {}] for {}-bit GPTQ (K = {} from {}), found {} "
+      "{}{}",
+      name, d.pack, d.packed_rows, d.n, d.bits, d.k, k_from, dtype_name(qweight.dtype()),
+      shape_str(qweight.shape()), hint);
 }
 
 void check_sym_zeros(const Tensor& qzeros, const GptqConfig& cfg, const std::string& name) {
-  const int32_t expected = (1 << (cfg.bits - 1)) - (cfg.zero_format == GptqZeroFormat::v1_minus_one);
+  const int32_t expected =
+      (1 << (cfg.bits - 1)) - (cfg.zero_format == GptqZeroFormat::v1_minus_one);
   const std::optional<GptqZeroFormat> found = detect_gptq_zero_format(qzeros, cfg.bits);
   if (found && *found != cfg.zero_format) {
-    MOELORA_THROW("{}: every zero field is {}, which is the symmetric zero of a {} checkpoint, "
-                  "but the config declares {}: check checkpoint_format in quantize_config.json",
-                  name,
-                  (1 << (cfg.bits - 1)) - (*found == GptqZeroFormat::v1_minus_one ? 1 : 0),
-                  format_name(*found), format_name(cfg.zero_format));
+    MOELORA_THROW(
+        "{}: every zero field is {}, which is the symmetric zero of a {} checkpoint, "
+        "but the config declares {}: check checkpoint_format in quantize_config.json",
+        name, (1 << (cfg.bits - 1)) - (*found == GptqZeroFormat::v1_minus_one ? 1 : 0),
+        format_name(*found), format_name(cfg.zero_format));
   }
   if (found) return;
   const int pack = 32 / cfg.bits;
@@ -79,7 +86,8 @@ void check_sym_zeros(const Tensor& qzeros, const GptqConfig& cfg, const std::str
       MOELORA_CHECK(int32_t(v) == expected,
                     "{}[{}, {}] field {} (zero of column {}): sym: true expects the stored "
                     "constant {} ({}), found {}; the checkpoint has real zero points — set sym: "
-                    "false", name, i / cols, i % cols, j, (i % cols) * pack + j, expected,
+                    "false",
+                    name, i / cols, i % cols, j, (i % cols) * pack + j, expected,
                     format_name(cfg.zero_format), v);
     }
   }
@@ -92,8 +100,7 @@ QuantDims gptq_dims(const GptqConfig& cfg, int64_t n, int64_t k) {
 }
 
 std::optional<GptqZeroFormat> detect_gptq_zero_format(const Tensor& qzeros, int bits) {
-  if (!qzeros.defined() || qzeros.dtype() != DType::i32 || qzeros.numel() == 0)
-    return std::nullopt;
+  if (!qzeros.defined() || qzeros.dtype() != DType::i32 || qzeros.numel() == 0) return std::nullopt;
   // Symmetric v1 packs 2^(bits-1) - 1 in every field: 0x77777777 for 4 bits, 0x7f7f7f7f for 8.
   uint32_t v1 = 0, v2 = 0;
   for (int j = 0; j < 32 / bits; ++j) {
@@ -101,9 +108,11 @@ std::optional<GptqZeroFormat> detect_gptq_zero_format(const Tensor& qzeros, int 
     v2 |= uint32_t(1 << (bits - 1)) << (j * bits);
   }
   const int32_t* z = qzeros.data<int32_t>();
-  const bool all_v1 = std::all_of(z, z + qzeros.numel(), [&](int32_t w) { return uint32_t(w) == v1; });
+  const bool all_v1 =
+      std::all_of(z, z + qzeros.numel(), [&](int32_t w) { return uint32_t(w) == v1; });
   if (all_v1) return GptqZeroFormat::v1_minus_one;
-  const bool all_v2 = std::all_of(z, z + qzeros.numel(), [&](int32_t w) { return uint32_t(w) == v2; });
+  const bool all_v2 =
+      std::all_of(z, z + qzeros.numel(), [&](int32_t w) { return uint32_t(w) == v2; });
   if (all_v2) return GptqZeroFormat::v2_true;
   return std::nullopt;
 }
@@ -143,11 +152,14 @@ QuantDims validate_gptq(const GptqTensors& t, const GptqConfig& cfg, const std::
   detail::check_finite(t.scales, sc);
   if (t.g_idx.defined()) {
     const ActOrder a = act_order_from_g_idx(t.g_idx, d.k, d.num_groups, d.group_size, gi);
-    MOELORA_CHECK(a.uniform, "{}: every group must hold group_size = {} channels (GPTQ assigns "
-                  "K/G channels per group), found an uneven assignment", gi, d.group_size);
+    MOELORA_CHECK(a.uniform,
+                  "{}: every group must hold group_size = {} channels (GPTQ assigns "
+                  "K/G channels per group), found an uneven assignment",
+                  gi, d.group_size);
     MOELORA_CHECK(a.monotonic || cfg.desc_act,
                   "{}: g_idx is not monotonic (act-order) but the config says desc_act: false; "
-                  "a kernel trusting the config would use the wrong scales", gi);
+                  "a kernel trusting the config would use the wrong scales",
+                  gi);
   }
   if (cfg.sym) check_sym_zeros(t.qzeros, cfg, qz);
   return d;

@@ -39,7 +39,8 @@ QuantDims nvfp4_dims(int64_t n, int64_t k) {
   MOELORA_CHECK(n > 0 && k > 0, "nvfp4: expected a non-empty weight, found N = {}, K = {}", n, k);
   MOELORA_CHECK(k % kNvfp4GroupSize == 0,
                 "nvfp4: K = {} must be a multiple of the group size 16 (weight_scale has K/16 "
-                "columns)", k);
+                "columns)",
+                k);
   QuantDims d;
   d.n = n;
   d.k = k;
@@ -66,9 +67,9 @@ QuantDims validate_nvfp4(const Nvfp4Tensors& t, const std::string& prefix) {
                 "{}: K = 2 x {} columns = {} must be a multiple of 16 (the NVFP4 group size)", wn,
                 t.weight.size(1), k);
   const QuantDims d = nvfp4_dims(n, k);
-  detail::check_tensor(t.weight_scale, sn, DType::f8_e4m3, {n, d.num_groups},
-                       fmt::format("one e4m3 scale per 16 elements: [N, K/16] with K = {} from {}",
-                                   k, wn));
+  detail::check_tensor(
+      t.weight_scale, sn, DType::f8_e4m3, {n, d.num_groups},
+      fmt::format("one e4m3 scale per 16 elements: [N, K/16] with K = {} from {}", k, wn));
   const auto* s = reinterpret_cast<const uint8_t*>(t.weight_scale.data());
   for (int64_t i = 0; i < t.weight_scale.numel(); ++i) {
     const float v = f8e4m3_to_float(f8e4m3_t{s[i]});

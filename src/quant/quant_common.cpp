@@ -10,9 +10,10 @@
 namespace moelora::quant {
 
 std::string describe(const QuantDims& d) {
-  return fmt::format("n={} k={} bits={} pack={} packed=[{}, {}] groups={}x{} ({} along N, {} along K)",
-                     d.n, d.k, d.bits, d.pack, d.packed_rows, d.packed_cols, d.group_n,
-                     d.group_size, d.num_groups_n, d.num_groups);
+  return fmt::format(
+      "n={} k={} bits={} pack={} packed=[{}, {}] groups={}x{} ({} along N, {} along K)", d.n, d.k,
+      d.bits, d.pack, d.packed_rows, d.packed_cols, d.group_n, d.group_size, d.num_groups_n,
+      d.num_groups);
 }
 
 ActOrder act_order_from_g_idx(const Tensor& g_idx, int64_t k, int64_t num_groups,
@@ -23,8 +24,7 @@ ActOrder act_order_from_g_idx(const Tensor& g_idx, int64_t k, int64_t num_groups
   std::vector<int64_t> count(size_t(num_groups), 0);
   for (int64_t i = 0; i < k; ++i) {
     MOELORA_CHECK(g[i] >= 0 && g[i] < num_groups,
-                  "{}[{}]: expected a group index in [0, {}), found {}", name, i, num_groups,
-                  g[i]);
+                  "{}[{}]: expected a group index in [0, {}), found {}", name, i, num_groups, g[i]);
     if (i > 0 && g[i] < g[i - 1]) a.monotonic = false;
     ++count[size_t(g[i])];
   }
@@ -35,8 +35,7 @@ ActOrder act_order_from_g_idx(const Tensor& g_idx, int64_t k, int64_t num_groups
   }
   a.perm.resize(size_t(k));
   std::iota(a.perm.begin(), a.perm.end(), 0);
-  std::stable_sort(a.perm.begin(), a.perm.end(),
-                   [g](int32_t x, int32_t y) { return g[x] < g[y]; });
+  std::stable_sort(a.perm.begin(), a.perm.end(), [g](int32_t x, int32_t y) { return g[x] < g[y]; });
   return a;
 }
 
@@ -87,8 +86,8 @@ void check_finite(const Tensor& t, const std::string& name, bool positive) {
   const int64_t cols = t.dim() >= 2 ? t.size(-1) : 1;
   for (int64_t i = 0; i < t.numel(); ++i) {
     const float v = float_at(t, i);
-    MOELORA_CHECK(std::isfinite(v), "{}[{}, {}]: expected a finite scale, found {}", name,
-                  i / cols, i % cols, v);
+    MOELORA_CHECK(std::isfinite(v), "{}[{}, {}]: expected a finite scale, found {}", name, i / cols,
+                  i % cols, v);
     MOELORA_CHECK(!positive || v > 0.0f, "{}[{}, {}]: expected a positive scale, found {}", name,
                   i / cols, i % cols, v);
   }

@@ -24,18 +24,25 @@ void check_float_tensor(const Tensor& t, const std::string& name, const Shape& s
 // Element i (contiguous order) of an f16/bf16/f32/f8_e4m3 tensor as float.
 inline float float_at(const Tensor& t, int64_t i) {
   switch (t.dtype()) {
-    case DType::f32: return static_cast<const float*>(t.data())[i];
-    case DType::f16: return f16_to_float(static_cast<const f16_t*>(t.data())[i]);
-    case DType::bf16: return bf16_to_float(static_cast<const bf16_t*>(t.data())[i]);
-    case DType::f8_e4m3: return f8e4m3_to_float(static_cast<const f8e4m3_t*>(t.data())[i]);
-    default: MOELORA_THROW("float_at: {} is not a float tensor", t.describe());
+    case DType::f32:
+      return static_cast<const float*>(t.data())[i];
+    case DType::f16:
+      return f16_to_float(static_cast<const f16_t*>(t.data())[i]);
+    case DType::bf16:
+      return bf16_to_float(static_cast<const bf16_t*>(t.data())[i]);
+    case DType::f8_e4m3:
+      return f8e4m3_to_float(static_cast<const f8e4m3_t*>(t.data())[i]);
+    default:
+      MOELORA_THROW("float_at: {} is not a float tensor", t.describe());
   }
 }
 
 // Stores v into element i of an f16/bf16/f32 tensor; returns the value as stored (rounded).
 inline float store_float(const Tensor& t, int64_t i, float v) {
   switch (t.dtype()) {
-    case DType::f32: static_cast<float*>(t.data())[i] = v; return v;
+    case DType::f32:
+      static_cast<float*>(t.data())[i] = v;
+      return v;
     case DType::f16: {
       const f16_t h = float_to_f16(v);
       static_cast<f16_t*>(t.data())[i] = h;
@@ -46,7 +53,8 @@ inline float store_float(const Tensor& t, int64_t i, float v) {
       static_cast<bf16_t*>(t.data())[i] = b;
       return bf16_to_float(b);
     }
-    default: MOELORA_THROW("store_float: {} is not an f16/bf16/f32 tensor", t.describe());
+    default:
+      MOELORA_THROW("store_float: {} is not an f16/bf16/f32 tensor", t.describe());
   }
 }
 
@@ -63,6 +71,8 @@ inline uint32_t field(int32_t word, int idx, int bits) {
 }
 
 // Round half to even, as torch.round does.
-inline float round_even(float x) { return std::nearbyint(x); }
+inline float round_even(float x) {
+  return std::nearbyint(x);
+}
 
 }  // namespace moelora::quant::detail

@@ -67,7 +67,8 @@ TEST(QuantAwq, QuantizeWriteReadDequantizeRoundTrip) {
     EXPECT_EQ(d, awq_dims(cfg, n, k));
     EXPECT_EQ(d.packed_rows, k);
     EXPECT_EQ(d.packed_cols, n / 8);
-    const std::vector<float> ref = test::to_floats(w), got = quant_test::values(dequantize_awq(back, cfg));
+    const std::vector<float> ref = test::to_floats(w),
+                             got = quant_test::values(dequantize_awq(back, cfg));
     for (int64_t r = 0; r < n; ++r)
       for (int64_t c = 0; c < k; ++c) {
         const float s = f16_to_float(back.scales.data<f16_t>()[(c / d.group_size) * n + r]);
@@ -91,7 +92,8 @@ TEST(QuantAwq, BadCheckpointsNameTheTensor) {
 
   AwqTensors t = good;
   t.scales = Tensor::zeros({2, 56}, DType::f16);
-  EXPECT_QUANT_ERROR([&] { validate_awq(t, cfg, "l"); }, "l.qweight", "N/8 = 7", "found i32 [256, 8]");
+  EXPECT_QUANT_ERROR([&] { validate_awq(t, cfg, "l"); }, "l.qweight", "N/8 = 7",
+                     "found i32 [256, 8]");
   t = good;
   t.scales = Tensor::zeros({3, 64}, DType::f16);
   EXPECT_QUANT_ERROR([&] { validate_awq(t, cfg, "l"); }, "l.scales has 3 groups of 128");

@@ -145,17 +145,22 @@ TEST(QuantCompressedTensors, BadCheckpointsNameTheTensor) {
 
   CtPackTensors t = good;
   t.weight_shape = shape_tensor(16, 300);  // K disagrees with the packed width
-  EXPECT_QUANT_ERROR([&] { validate_ct_pack(t, {.bits = 4, .strategy = CtStrategy::channel, .symmetric = false}, "l"); },
-                     "l.weight_packed", "ceil(K/8) = 38", "found i32 [16, 32]");
+  EXPECT_QUANT_ERROR(
+      [&] {
+        validate_ct_pack(t, {.bits = 4, .strategy = CtStrategy::channel, .symmetric = false}, "l");
+      },
+      "l.weight_packed", "ceil(K/8) = 38", "found i32 [16, 32]");
   // An int8 checkpoint read as int4, and the other way round.
   const CtPackTensors q8 = quantize_ct_pack(w, {.bits = 8, .group_size = 64});
   EXPECT_QUANT_ERROR([&] { validate_ct_pack(q8, {.bits = 4, .group_size = 64}, "l"); },
                      "l.weight_packed", "8-bit checkpoint read as 4-bit");
-  EXPECT_QUANT_ERROR([&] { validate_ct_pack(good, {.bits = 8, .group_size = 64, .symmetric = false}, "l"); },
-                     "l.weight_packed", "4-bit checkpoint read as 8-bit");
+  EXPECT_QUANT_ERROR(
+      [&] { validate_ct_pack(good, {.bits = 8, .group_size = 64, .symmetric = false}, "l"); },
+      "l.weight_packed", "4-bit checkpoint read as 8-bit");
   // Scales of the wrong group count; unsupported and non-dividing group sizes.
-  EXPECT_QUANT_ERROR([&] { validate_ct_pack(good, {.bits = 4, .group_size = 128, .symmetric = false}, "l"); },
-                     "l.weight_scale", "expected shape [16, 2]", "found [16, 4]");
+  EXPECT_QUANT_ERROR(
+      [&] { validate_ct_pack(good, {.bits = 4, .group_size = 128, .symmetric = false}, "l"); },
+      "l.weight_scale", "expected shape [16, 2]", "found [16, 4]");
   EXPECT_QUANT_ERROR([&] { validate_ct_pack(good, {.bits = 4, .group_size = 16}, "l"); },
                      "group_size", "found 16");
   EXPECT_QUANT_ERROR([&] { ct_pack_dims({.group_size = 128}, 16, 200); },

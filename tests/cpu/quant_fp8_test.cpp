@@ -21,7 +21,7 @@ TEST(QuantFp8Block, E4m3EdgeValuesTimesTheBlockMultiplier) {
                                    DType::f8_e4m3);
   t.weight_scale_inv = quant_test::f32_tensor({2.0f}, {1, 1});
   const Tensor w = dequantize_fp8_block(t, {}, "edge");
-  const std::vector<float> expect = {896.0f,           -896.0f, 2.0f * 0x1p-9f, 2.0f * 7 * 0x1p-9f,
+  const std::vector<float> expect = {896.0f,         -896.0f, 2.0f * 0x1p-9f, 2.0f * 7 * 0x1p-9f,
                                      2.0f * 0x1p-6f, -0.0f,   2.0f,           0.0f};
   for (size_t i = 0; i < expect.size(); ++i) EXPECT_EQ(w.data<float>()[i], expect[i]) << i;
   EXPECT_TRUE(std::signbit(w.data<float>()[5]));
@@ -169,15 +169,17 @@ TEST(QuantFp8Block, BadCheckpointsNameTheTensor) {
   EXPECT_QUANT_ERROR([&] { validate_fp8_block(t, {}, "l"); }, "l.weight[3, 4]", "NaN");
   t = good;
   t.weight = w;  // bf16 weight where fp8 is declared
-  EXPECT_QUANT_ERROR([&] { validate_fp8_block(t, {}, "l"); }, "l.weight", "f8_e4m3",
-                     "found bf16");
+  EXPECT_QUANT_ERROR([&] { validate_fp8_block(t, {}, "l"); }, "l.weight", "f8_e4m3", "found bf16");
   t = good;
   t.weight_scale_inv = Tensor::zeros({2, 2}, DType::bf16);
   EXPECT_QUANT_ERROR([&] { validate_fp8_block(t, {}, "l"); }, "l.weight_scale_inv",
                      "expected dtype f32, found bf16");
   // A 64 x 64 block config against a 128 x 128 checkpoint.
-  EXPECT_QUANT_ERROR([&] { validate_fp8_block(good, {64, 64}, "l"); }, "l.weight_scale_inv",
-                     "expected shape [3, 4]", "found [2, 2]");
+  EXPECT_QUANT_ERROR(
+      [&] {
+        validate_fp8_block(good, {64, 64}, "l");
+      },
+      "l.weight_scale_inv", "expected shape [3, 4]", "found [2, 2]");
 
   std::map<std::string, Tensor> tensors;
   add_fp8_block_tensors(tensors, "l", good);

@@ -39,7 +39,7 @@ TEST(QuantGptq, HandBuiltWordsFollowTheDefinition) {
   for (int k = 0; k < 16; ++k) {
     const int q = k < 8 ? k : 15 - (k - 8);
     EXPECT_EQ(gptq_q(t, 4, 0, k), q) << k;
-    EXPECT_FLOAT_EQ(p[0 * 16 + k], 0.5f * float(q - 4)) << k;  // stored 3 -> zero 4
+    EXPECT_FLOAT_EQ(p[0 * 16 + k], 0.5f * float(q - 4)) << k;     // stored 3 -> zero 4
     EXPECT_FLOAT_EQ(p[1 * 16 + k], 0.25f * float(15 - 16)) << k;  // stored 15 -> zero 16
   }
   // GPTQModel v2 stores the zero itself.
@@ -176,12 +176,47 @@ TEST(QuantGptq, QuantizeWriteReadDequantizeRoundTrip) {
   }
 }
 
+// What a kernel does with act-order: permute K so each group is contiguous. The product with
+// the permuted activation columns must equal the original one, and in sorted order the
+// groups are the contiguous runs group_start[g] .. group_start[g + 1].
+TEST(QuantGptq, ActOrderPermutationMakesGroupsContiguous) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const int64_t n = 16, k = 128, g = 32;
+  const Tensor w = test::random_tensor({n, k}, DType::f32, rng);
+  std::vector<int32_t> perm(k);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  const GptqConfig cfg{.bits = 4, .group_size = g, .sym = true, .desc_act = true};
+  const GptqTensors q = quantize_gptq(w, cfg, perm);
+  const ActOrder a = act_order_from_g_idx(q.g_idx, k, k / g, g, "g_idx");
+  ASSERT_FALSE(a.monotonic);
+  const int32_t* g_idx = q.g_idx.data<int32_t>();
+  for (int64_t grp = 0; grp < k / g; ++grp) {
+    EXPECT_EQ(a.group_start[size_t(grp)], grp * g);
+    for (int32_t i = a.group_start[size_t(grp)]; i < a.group_start[size_t(grp) + 1]; ++i)
+      EXPECT_EQ(g_idx[a.perm[size_t(i)]], grp);
+  }
+  // The quantizer grouped exactly the channels the caller's permutation named.
+  for (int64_t i = 0; i < k; ++i) EXPECT_EQ(g_idx[perm[size_t(i)]], i / g);
+  const Tensor dq = dequantize_gptq(q, cfg, "ao");
+  const std::vector<float> x = test::to_floats(test::random_tensor({k}, DType::f32, rng));
+  for (int64_t r = 0; r < n; ++r) {
+    double direct = 0, permuted = 0;
+    for (int64_t c = 0; c < k; ++c) direct += double(dq.data<float>()[r * k + c]) * x[size_t(c)];
+    for (int64_t i = 0; i < k; ++i) {
+      const int32_t c = a.perm[size_t(i)];
+      permuted += double(dq.data<float>()[r * k + c]) * x[size_t(c)];
+    }
+    EXPECT_NEAR(direct, permuted, 1e-9);
+  }
+}
+
 TEST(QuantGptq, EightBitCheckpointReadAsFourBitIsNamed) {
   std::mt19937_64 rng(test::fresh_seed());
   const Tensor w = test::random_tensor({64, 256}, DType::bf16, rng);
   const GptqTensors q8 = quantize_gptq(w, {.bits = 8, .group_size = 128});
-  EXPECT_QUANT_ERROR([&] { validate_gptq(q8, {.bits = 4, .group_size = 128}, "l"); },
-                     "l.qweight", "expected i32 [K/8 = 32, N = 64]", "found i32 [64, 64]",
+  EXPECT_QUANT_ERROR([&] { validate_gptq(q8, {.bits = 4, .group_size = 128}, "l"); }, "l.qweight",
+                     "expected i32 [K/8 = 32, N = 64]", "found i32 [64, 64]",
                      "8-bit checkpoint read as 4-bit");
   // With g_idx gone K still follows from scales x G.
   GptqTensors no_gidx = q8;
@@ -239,14 +274,14 @@ TEST(QuantGptq, SymmetricZerosAreChecked) {
   const GptqTensors asym = quantize_gptq(w, {.bits = 4, .group_size = 128, .sym = false});
   EXPECT_QUANT_ERROR([&] { validate_gptq(asym, {.bits = 4, .group_size = 128, .sym = true}, "l"); },
                      "l.qzeros", "sym: true", "set sym: false");
-  const GptqTensors v2 = quantize_gptq(
-      w, {.bits = 4, .group_size = 128, .zero_format = GptqZeroFormat::v2_true});
+  const GptqTensors v2 =
+      quantize_gptq(w, {.bits = 4, .group_size = 128, .zero_format = GptqZeroFormat::v2_true});
   EXPECT_EQ(uint32_t(v2.qzeros.data<int32_t>()[0]), 0x88888888u);
   EXPECT_QUANT_ERROR([&] { validate_gptq(v2, {.bits = 4, .group_size = 128}, "l"); }, "l.qzeros",
                      "gptq_v2", "checkpoint_format");
   // Both readings agree once the format is declared.
-  const Tensor a = dequantize_gptq(
-      v2, {.bits = 4, .group_size = 128, .zero_format = GptqZeroFormat::v2_true});
+  const Tensor a =
+      dequantize_gptq(v2, {.bits = 4, .group_size = 128, .zero_format = GptqZeroFormat::v2_true});
   const GptqTensors v1 = quantize_gptq(w, {.bits = 4, .group_size = 128});
   EXPECT_EQ(quant_test::values(a), quant_test::values(dequantize_gptq(v1, {.bits = 4})));
 }

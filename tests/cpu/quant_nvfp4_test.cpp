@@ -31,10 +31,9 @@ TEST(QuantNvfp4, RoundingMatchesModelOpt) {
   // Ties go to the even code: 0.25 -> 0, 0.75 -> 1.0, 1.25 -> 1.0, 1.75 -> 2, 2.5 -> 2,
   // 3.5 -> 4, 5 -> 4; beyond 6 saturates; tiny negatives keep the sign (-0).
   const std::vector<std::pair<float, uint8_t>> cases = {
-      {0.0f, 0},   {0.24f, 0},  {0.25f, 0}, {0.26f, 1}, {0.75f, 2},  {1.25f, 2},
-      {1.3f, 3},   {1.75f, 4},  {2.5f, 4},  {2.6f, 5},  {3.5f, 6},   {4.9f, 6},
-      {5.0f, 6},   {5.1f, 7},   {6.0f, 7},  {100.0f, 7}, {-0.1f, 8}, {-0.0f, 0},
-      {-0.75f, 10}, {-3.5f, 14}, {-7.0f, 15}};
+      {0.0f, 0},  {0.24f, 0},  {0.25f, 0}, {0.26f, 1}, {0.75f, 2},   {1.25f, 2},  {1.3f, 3},
+      {1.75f, 4}, {2.5f, 4},   {2.6f, 5},  {3.5f, 6},  {4.9f, 6},    {5.0f, 6},   {5.1f, 7},
+      {6.0f, 7},  {100.0f, 7}, {-0.1f, 8}, {-0.0f, 0}, {-0.75f, 10}, {-3.5f, 14}, {-7.0f, 15}};
   for (auto [v, code] : cases) EXPECT_EQ(int(float_to_e2m1(v)), int(code)) << v;
 }
 
@@ -67,7 +66,8 @@ TEST(QuantNvfp4, QuantizerScalesAreModelOpts) {
   // the e2m1 values exactly, ties included (0.25, 0.75, 1.25, 2.5, 3.5, 5 round to even).
   const float kUnit = 0.4375f;
   std::vector<float> v(32, 0.0f);
-  const float row[16] = {6, -3, 1.5f, 0.25f, 0.75f, -0.1f, 2.5f, 5, 4, -6, 0.5f, 1.25f, 0, 3.5f, -2, 1.75f};
+  const float row[16] = {6, -3, 1.5f, 0.25f, 0.75f, -0.1f, 2.5f, 5,
+                         4, -6, 0.5f, 1.25f, 0,     3.5f,  -2,   1.75f};
   const uint8_t codes[16] = {7, 13, 3, 0, 2, 8, 4, 6, 6, 15, 1, 2, 0, 6, 12, 4};
   for (int i = 0; i < 16; ++i) v[size_t(i)] = row[i] * kUnit;
   for (int i = 16; i < 32; ++i) v[size_t(i)] = 0.001f * float(i - 16);  // second block, tiny
@@ -83,11 +83,11 @@ TEST(QuantNvfp4, QuantizerScalesAreModelOpts) {
   EXPECT_EQ(f8e4m3_to_float(f8e4m3_t{sc[1]}), 2.5f);
   for (int i = 0; i < 16; ++i) EXPECT_EQ(int(nvfp4_code(q, 0, i)), int(codes[i])) << i;
   const Tensor dq = dequantize_nvfp4(q);
-  for (int i = 0; i < 16; ++i)
-    EXPECT_EQ(dq.data<float>()[i], e2m1_to_float(codes[i]) * kUnit) << i;
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(dq.data<float>()[i], e2m1_to_float(codes[i]) * kUnit) << i;
   for (int i = 16; i < 32; ++i)  // 0.001 i / (2.5 * 2^-10) on the e2m1 grid
     EXPECT_EQ(dq.data<float>()[i],
-              e2m1_to_float(float_to_e2m1(v[size_t(i)] / (2.5f * s2))) * 2.5f * s2) << i;
+              e2m1_to_float(float_to_e2m1(v[size_t(i)] / (2.5f * s2))) * 2.5f * s2)
+        << i;
   // An all-zero weight still gets finite scales.
   const Nvfp4Tensors z = quantize_nvfp4(Tensor::zeros({2, 16}, DType::bf16));
   EXPECT_NO_THROW(validate_nvfp4(z, "zero"));
@@ -95,7 +95,9 @@ TEST(QuantNvfp4, QuantizerScalesAreModelOpts) {
 }
 
 // Half the gap to the next e2m1 magnitude at |v| (the format's step there).
-float half_step(float a) { return a <= 2.0f ? 0.25f : a <= 4.0f ? 0.5f : 1.0f; }
+float half_step(float a) {
+  return a <= 2.0f ? 0.25f : a <= 4.0f ? 0.5f : 1.0f;
+}
 
 TEST(QuantNvfp4, QuantizeWriteReadDequantizeRoundTrip) {
   std::mt19937_64 rng(test::fresh_seed());
@@ -110,11 +112,13 @@ TEST(QuantNvfp4, QuantizeWriteReadDequantizeRoundTrip) {
   EXPECT_EQ(file.entry("model.layers.3.mlp.experts.1.gate_proj.weight_scale_2").shape, Shape{});
   const Nvfp4Tensors back = load_nvfp4(file, "model.layers.3.mlp.experts.1.gate_proj");
   EXPECT_EQ(validate_nvfp4(back, "x"), nvfp4_dims(n, k));
-  const std::vector<float> ref = test::to_floats(w), got = quant_test::values(dequantize_nvfp4(back));
+  const std::vector<float> ref = test::to_floats(w),
+                           got = quant_test::values(dequantize_nvfp4(back));
   const float s2 = back.weight_scale_2.data<float>()[0];
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < k; ++c) {
-      const float denom = f8e4m3_to_float(back.weight_scale.data<f8e4m3_t>()[r * (k / 16) + c / 16]) * s2;
+      const float denom =
+          f8e4m3_to_float(back.weight_scale.data<f8e4m3_t>()[r * (k / 16) + c / 16]) * s2;
       const float a = std::fabs(ref[size_t(r * k + c)]) / denom;
       // Within half a step of the e2m1 grid, plus what saturation at 6 cuts off (the e4m3
       // rounding of the block scale can push a block's amax slightly past 6).

@@ -37,10 +37,10 @@ inline std::string error_of(const std::function<void()>& fn) {
 }
 
 // Expects `fn` to throw a moelora::Error whose message contains every one of `parts`.
-#define EXPECT_QUANT_ERROR(fn, ...)                                                  \
-  do {                                                                               \
-    const std::string msg_ = ::moelora::quant_test::error_of(fn);                    \
-    for (const std::string& part_ : std::vector<std::string>{__VA_ARGS__})           \
+#define EXPECT_QUANT_ERROR(fn, ...)                                                               \
+  do {                                                                                            \
+    const std::string msg_ = ::moelora::quant_test::error_of(fn);                                 \
+    for (const std::string& part_ : std::vector<std::string>{__VA_ARGS__})                        \
       EXPECT_NE(msg_.find(part_), std::string::npos) << "missing '" << part_ << "' in: " << msg_; \
   } while (0)
 

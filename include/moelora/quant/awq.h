@@ -50,8 +50,7 @@ int32_t awq_q(const AwqTensors& t, int64_t n, int64_t k);
 int32_t awq_zero(const AwqTensors& t, int64_t g, int64_t n);
 
 // Reference dequantization to f32 [N, K] (validates first).
-Tensor dequantize_awq(const AwqTensors& t, const AwqConfig& cfg,
-                      const std::string& prefix = "awq");
+Tensor dequantize_awq(const AwqTensors& t, const AwqConfig& cfg, const std::string& prefix = "awq");
 
 // Round-to-nearest zero-point quantization as AutoAWQ computes it (without the activation-
 // aware scale search): per group, scale = (max - min) / 15 (at least 1e-5), zero =

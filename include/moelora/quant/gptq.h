@@ -35,10 +35,10 @@ enum class GptqZeroFormat : uint8_t {
 
 // quantize_config.json of a GPTQ checkpoint.
 struct GptqConfig {
-  int bits = 4;                // 4 or 8
-  int64_t group_size = 128;    // 32, 64, 128, or -1 for per-channel (one group spanning K)
-  bool sym = true;             // zero points are the constant 2^(bits-1)
-  bool desc_act = false;       // act-order: g_idx may be non-monotonic
+  int bits = 4;              // 4 or 8
+  int64_t group_size = 128;  // 32, 64, 128, or -1 for per-channel (one group spanning K)
+  bool sym = true;           // zero points are the constant 2^(bits-1)
+  bool desc_act = false;     // act-order: g_idx may be non-monotonic
   GptqZeroFormat zero_format = GptqZeroFormat::v1_minus_one;
 };
 

@@ -37,16 +37,18 @@ struct QuantDims {
 // "n=64 k=128 bits=4 packed=[16, 64] groups=1x128 (4 along K)" — for error messages.
 std::string describe(const QuantDims& d);
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // The act-order view of a g_idx (group of each input channel k). GPTQ with desc_act stores a
 // non-monotonic g_idx; a kernel that wants each group's channels contiguous multiplies by the
 // weight rows permuted with `perm` and reads the activation columns x[:, perm].
 struct ActOrder {
-  std::vector<int32_t> perm;          // stable sort of k by group: sorted position -> k
-  std::vector<int32_t> group_start;   // [num_groups + 1]: sorted positions of each group
-  bool monotonic = true;              // g_idx never decreases (no permutation needed)
-  bool uniform = true;                // every group has exactly group_size channels
+  std::vector<int32_t> perm;         // stable sort of k by group: sorted position -> k
+  std::vector<int32_t> group_start;  // [num_groups + 1]: sorted positions of each group
+  bool monotonic = true;             // g_idx never decreases (no permutation needed)
+  bool uniform = true;               // every group has exactly group_size channels
 };
 
 // Validates `g_idx` (i32 [K], every value in [0, num_groups)) and builds its permutation.
