@@ -3,9 +3,6 @@
 // read once per batch and base tokens cost nothing.
 #include "lora/moe_lora_kernels.h"
 #include "moelora/lora/moe_lora.h"
-#ifdef MOELORA_WITH_CUDA
-#include "kernels/cuda/moe_fused_ops.h"
-#endif
 
 namespace moelora {
 
@@ -46,17 +43,10 @@ class SeparateLoraHooks final : public MoeLoraHooks {
                   "MoE LoRA hooks: {} tokens in the layer call, the bound batch has {}", m,
                   token_slot_.size(0));
     const int k = pool_.shape().top_k;
-    vplan_.block_m = kernels_.block_m(m, k);
-#ifdef MOELORA_WITH_CUDA
-    if (pool_.device().is_cuda()) {  // one launch: virtual ids are never materialized
-      cuda::moe_lora_align(topk.ids, token_slot_.first_rows(m), pool_.shape().num_experts,
-                           vplan_, stream);
-      return;
-    }
-#endif
     Tensor vids = vids_.first_rows(m);
     kernels_.group_ids(topk.ids, token_slot_.first_rows(m), pool_.shape().num_experts, vids,
                        stream);
+    vplan_.block_m = kernels_.block_m(m, k);
     kernels_.align(vids, vplan_, stream);
   }
 
@@ -87,11 +77,16 @@ class SeparateLoraHooks final : public MoeLoraHooks {
 
 }  // namespace
 
+#ifdef MOELORA_WITH_CUDA
+// The CUDA hook path (moe_lora_hooks_cuda.cpp).
+std::unique_ptr<MoeLoraHooks> make_cuda_moe_lora_hooks(const MoeLoraPool& pool, int64_t max_tokens);
+#endif
+
 std::unique_ptr<MoeLoraHooks> MoeLoraHooks::create(const MoeLoraPool& pool, int64_t max_tokens) {
   if (pool.device().is_cpu())
     return std::make_unique<SeparateLoraHooks>(pool, max_tokens, cpu_moe_lora_kernels());
 #ifdef MOELORA_WITH_CUDA
-  return std::make_unique<SeparateLoraHooks>(pool, max_tokens, cuda_moe_lora_kernels());
+  return make_cuda_moe_lora_hooks(pool, max_tokens);
 #else
   MOELORA_THROW("MoE LoRA hooks on {} need CUDA, but moelora was built without it",
                 pool.device().str());

@@ -165,6 +165,19 @@ TEST(CudaMoeLora, OpsMatchReference) {
         cuda::moe_lora_expand(du, vplan, B_gpu, pools.gpu.slot_meta(), seam, dsw, out, s);
         s.synchronize();
         EXPECT_TRUE(test::allclose(test::to_floats(out), test::to_floats(out_ref), 1e-5, 1e-5));
+
+        // K-split shrink + summing expand (the hook path) gives the same result.
+        for (int splits : {2, 3, 8}) {
+          Tensor parts = poisoned({splits * n, R}, DType::f32, Device::cuda(), test::kPoisonFloat);
+          cuda::moe_lora_shrink_split(din, rows_div, vplan, A_gpu, pools.gpu.slot_meta(), seam,
+                                      splits, parts, s);
+          Tensor out2 = to_gpu(out0);
+          cuda::moe_lora_expand_split(parts, splits, vplan, B_gpu, pools.gpu.slot_meta(), seam,
+                                      dsw, out2, s);
+          s.synchronize();
+          EXPECT_TRUE(test::allclose(test::to_floats(out2), test::to_floats(out_ref), 1e-4, 1e-4))
+              << "splits=" << splits;
+        }
       }
     }
 }

@@ -18,6 +18,23 @@ void moe_route_align(const Tensor& logits, const Tensor& correction_bias,
 void moe_lora_align(const Tensor& ids, const Tensor& token_slot, int num_experts,
                     MoeAlignment& vplan, const Stream& stream);
 
+// K-split LoRA shrink/expand for the hook path: shrink writes `splits` partial sums
+// (u f32 [splits * M*k, R], partial p of slot s in row p * M*k + s), expand sums them while
+// staging. splits == 1 is exactly moe_lora_shrink / moe_lora_expand.
+inline constexpr int kMaxLoraSplits = 8;
+void moe_lora_shrink_split(const Tensor& in, int rows_div, const MoeAlignment& vplan,
+                           const Tensor& A, const Tensor& meta, LoraSeam seam, int splits,
+                           Tensor& u, const Stream& stream);
+void moe_lora_expand_split(const Tensor& u, int splits, const MoeAlignment& vplan,
+                           const Tensor& B, const Tensor& meta, LoraSeam seam,
+                           const Tensor& slot_weights, Tensor& out, const Stream& stream);
+// Splits the hooks use for `num_slots` token-slots (1..kMaxLoraSplits).
+int moe_lora_shrink_splits(int64_t num_slots);
+// Rows of u a hook workspace needs for up to `max_slots` slots at any split.
+inline int64_t moe_lora_split_rows(int64_t max_slots) {
+  return max_slots > 512 ? max_slots : 512;
+}
+
 // Argument checks of moe_route (shared with the fused op).
 void check_route_args(const Tensor& logits, const Tensor& correction_bias,
                       const RouterConfig& cfg, const TopK& topk);

@@ -15,7 +15,7 @@ cudaError_t launch_moe_lora_group_ids(const int32_t* ids, const int32_t* token_s
 cudaError_t launch_moe_lora_shrink(const LoraPlanView& plan, const ShrinkArgs& a, int blocks,
                                    cudaStream_t stream) {
   const dim3 grid(unsigned(blocks), unsigned((a.R + kShrinkRanks - 1) / kShrinkRanks),
-                  unsigned((plan.block_m + 7) / 8));
+                  unsigned((plan.block_m + 7) / 8 * a.splits));
   return launch_pdl(moe_lora_shrink_kernel, grid, dim3(kShrinkWarps * 32), 0, stream, plan, a);
 }
 

@@ -52,8 +52,8 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const int rank = min(a.meta[slot * 6 + a.rank_field], a.R);
   const int r0 = blockIdx.y * kShrinkRanks;
   if (r0 >= rank) return;
-  const int n0 = blockIdx.z * 8;
-  if (n0 >= plan.block_m) return;
+  const int ntiles = (plan.block_m + 7) / 8;
+  const int n0 = int(blockIdx.z) % ntiles * 8, split = int(blockIdx.z) / ntiles;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;
@@ -67,10 +67,12 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
 
   float acc[4][4] = {};
   const int chunks = (a.K + 31) / 32;
-  const int per_warp = (chunks + kShrinkWarps - 1) / kShrinkWarps;
-  const int c_end = min(chunks, (warp + 1) * per_warp);
+  const int per_split = (chunks + a.splits - 1) / a.splits;
+  const int c0 = split * per_split, c1 = min(chunks, c0 + per_split);
+  const int per_warp = (c1 - c0 + kShrinkWarps - 1) / kShrinkWarps;
+  const int c_end = min(c1, c0 + (warp + 1) * per_warp);
 #pragma unroll 4
-  for (int c = warp * per_warp; c < c_end; ++c) {
+  for (int c = c0 + warp * per_warp; c < c_end; ++c) {
     const int k = c * 32 + tig * 8;
     const bool k_ok = k < a.K;
     const uint4 x = load_or_zero(xrow + k, k_ok && has_row);
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kShrinkWarps; ++w) sum += red[w][r][col];
-    a.u[int64_t(sc) * a.ldu + r0 + r] = sum;
+    a.u[split * a.split_stride + int64_t(sc) * a.ldu + r0 + r] = sum;
   }
 }
 
@@ -176,6 +178,15 @@ __global__ void __launch_bounds__(kExpandThreads)
       static_cast<const __nv_bfloat16*>(a.B) + ((int64_t(slot) * plan.num_experts + e) * a.N + i0) * a.r_max;
 
   for (int j0 = 0; j0 < plan.block_m; j0 += kExpandSlots) {
+    // Output rows first: their loads overlap the staging of u below.
+    float2 prev[kExpandSlots];
+    int srow[kExpandSlots];
+#pragma unroll
+    for (int j = 0; j < kExpandSlots; ++j) {
+      srow[j] = j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
+      if (active && srow[j] < plan.num_slots)
+        prev[j] = *reinterpret_cast<const float2*>(a.out + int64_t(srow[j]) * a.N + i0);
+    }
     __syncthreads();  // the previous step's readers are done with `us`
     for (int i = threadIdx.x; i < kExpandSlots * stride; i += kExpandThreads) {
       const int j = i / stride, c = i - j * stride;
@@ -184,7 +195,10 @@ __global__ void __launch_bounds__(kExpandThreads)
       // Only live columns are read from u (others may be unwritten NaN poison).
       const bool live = s < plan.num_slots && ((c >= col_lo && c < col_lo + rank_lo) ||
                                                (c >= col_hi && c < col_hi + rank_hi));
-      us[i] = live ? a.u[int64_t(s) * a.ldu + c] : 0.0f;
+      float v = 0.0f;
+      if (live)
+        for (int sp = 0; sp < a.splits; ++sp) v += a.u[sp * a.split_stride + int64_t(s) * a.ldu + c];
+      us[i] = v;
     }
     __syncthreads();
     if (!active) continue;
@@ -207,14 +221,6 @@ __global__ void __launch_bounds__(kExpandThreads)
             for (int i = 0; i < 8; ++i) acc[j][c] += bv[c][i] * ur[j * stride + i];
         }
       }
-    }
-    float2 prev[kExpandSlots];
-    int srow[kExpandSlots];
-#pragma unroll
-    for (int j = 0; j < kExpandSlots; ++j) {
-      srow[j] = j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
-      if (srow[j] < plan.num_slots)
-        prev[j] = *reinterpret_cast<const float2*>(a.out + int64_t(srow[j]) * a.N + i0);
     }
 #pragma unroll
     for (int j = 0; j < kExpandSlots; ++j) {

@@ -1,5 +1,6 @@
 // Ops (layer 3) for LoRA on experts on CUDA: virtual-expert ids, shrink, expand, block_m.
 #include "core/cuda_check.h"
+#include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_op_checks.h"
 #include "kernels/cuda/moe_ops.h"
 #include "kernels/cuda/moe_ops_launch.h"
@@ -61,6 +62,14 @@ void moe_lora_group_ids(const Tensor& ids, const Tensor& token_slot, int num_exp
 
 void moe_lora_shrink(const Tensor& in, int rows_div, const MoeAlignment& vplan, const Tensor& A,
                      const Tensor& meta, LoraSeam seam, Tensor& u, const Stream& stream) {
+  moe_lora_shrink_split(in, rows_div, vplan, A, meta, seam, 1, u, stream);
+}
+
+void moe_lora_shrink_split(const Tensor& in, int rows_div, const MoeAlignment& vplan,
+                           const Tensor& A, const Tensor& meta, LoraSeam seam, int splits,
+                           Tensor& u, const Stream& stream) {
+  MOELORA_CHECK(splits >= 1 && splits <= kMaxLoraSplits,
+                "moe_lora_shrink: splits must be in [1, {}], found {}", kMaxLoraSplits, splits);
   check_cuda_tensor(in, DType::bf16, "moe_lora_shrink input");
   check_cuda_tensor(A, DType::bf16, "moe_lora_shrink A");
   check_cuda_tensor(u, DType::f32, "moe_lora_shrink u");
@@ -72,12 +81,14 @@ void moe_lora_shrink(const Tensor& in, int rows_div, const MoeAlignment& vplan, 
                 A.describe());
   const int64_t n = in.size(0) * rows_div, R = A.size(2), K = in.size(1);
   MOELORA_CHECK(K % 8 == 0, "moe_lora_shrink: K={} must be a multiple of 8 on CUDA", K);
-  MOELORA_CHECK(u.dim() == 2 && u.size(0) == n && u.size(1) >= R,
-                "moe_lora_shrink u: expected [{}, >= {}], found {}", n, R, u.describe());
+  MOELORA_CHECK(u.dim() == 2 && u.size(0) == splits * n && u.size(1) >= R,
+                "moe_lora_shrink u: expected [{} * {}, >= {}], found {}", splits, n, R,
+                u.describe());
   check_meta(meta, A, "moe_lora_shrink");
   const detail::LoraPlanView pv = check_vplan(vplan, n, A, "moe_lora_shrink");
-  detail::ShrinkArgs a{in.data(),       rows_div, A.data(), int(R), int(K), meta.data<int32_t>(),
-                       seam == LoraSeam::gate_up ? 0 : 5, u.data<float>(), int(u.size(1))};
+  detail::ShrinkArgs a{in.data(), rows_div, A.data(), int(R), int(K), meta.data<int32_t>(),
+                       seam == LoraSeam::gate_up ? 0 : 5, u.data<float>(), int(u.size(1)), splits,
+                       n * u.size(1)};
   MOELORA_CUDA_CHECK(
       detail::launch_moe_lora_shrink(pv, a, plan_blocks(vplan, n), raw_stream(stream)));
 }
@@ -85,6 +96,14 @@ void moe_lora_shrink(const Tensor& in, int rows_div, const MoeAlignment& vplan, 
 void moe_lora_expand(const Tensor& u, const MoeAlignment& vplan, const Tensor& B,
                      const Tensor& meta, LoraSeam seam, const Tensor& slot_weights, Tensor& out,
                      const Stream& stream) {
+  moe_lora_expand_split(u, 1, vplan, B, meta, seam, slot_weights, out, stream);
+}
+
+void moe_lora_expand_split(const Tensor& u, int splits, const MoeAlignment& vplan,
+                           const Tensor& B, const Tensor& meta, LoraSeam seam,
+                           const Tensor& slot_weights, Tensor& out, const Stream& stream) {
+  MOELORA_CHECK(splits >= 1 && splits <= kMaxLoraSplits,
+                "moe_lora_expand: splits must be in [1, {}], found {}", kMaxLoraSplits, splits);
   check_cuda_tensor(u, DType::f32, "moe_lora_expand u");
   check_cuda_tensor(B, DType::bf16, "moe_lora_expand B");
   check_cuda_tensor(out, DType::f32, "moe_lora_expand out");
@@ -96,8 +115,10 @@ void moe_lora_expand(const Tensor& u, const MoeAlignment& vplan, const Tensor& B
   MOELORA_CHECK(N % 2 == 0, "moe_lora_expand: N={} must be even on CUDA", N);
   const int64_t n = out.size(0);
   const int64_t need = seam == LoraSeam::gate_up ? 2 * r_max : r_max;
-  MOELORA_CHECK(u.dim() == 2 && u.size(0) == n && u.size(1) >= need && u.size(1) <= 1024,
-                "moe_lora_expand u: expected [{}, {}..1024], found {}", n, need, u.describe());
+  MOELORA_CHECK(u.dim() == 2 && u.size(0) == splits * n && u.size(1) >= need &&
+                    u.size(1) <= 1024,
+                "moe_lora_expand u: expected [{} * {}, {}..1024], found {}", splits, n, need,
+                u.describe());
   const float* sw = nullptr;
   if (slot_weights.defined()) {
     check_cuda_tensor(slot_weights, DType::f32, "moe_lora_expand slot_weights");
@@ -108,10 +129,19 @@ void moe_lora_expand(const Tensor& u, const MoeAlignment& vplan, const Tensor& B
   }
   check_meta(meta, B, "moe_lora_expand");
   const detail::LoraPlanView pv = check_vplan(vplan, n, B, "moe_lora_expand");
-  detail::ExpandArgs a{u.data<float>(), int(u.size(1)), B.data(), int(N), int(r_max),
+  detail::ExpandArgs a{u.data<float>(), int(u.size(1)), splits, n * u.size(1), B.data(), int(N), int(r_max),
                        meta.data<int32_t>(), seam == LoraSeam::gate_up, sw, out.data<float>()};
   MOELORA_CUDA_CHECK(
       detail::launch_moe_lora_expand(pv, a, plan_blocks(vplan, n), raw_stream(stream)));
+}
+
+int moe_lora_shrink_splits(int64_t num_slots) {
+  // Few (adapter, expert) blocks leave most SMs idle and each CTA latency-bound on its A
+  // tile: split K so ~8x more CTAs each stream a slice.
+  if (num_slots <= 16) return 8;
+  if (num_slots <= 64) return 4;
+  if (num_slots <= 256) return 2;
+  return 1;
 }
 
 int moe_lora_block_m(int64_t num_tokens, int top_k) {

@@ -105,13 +105,17 @@ struct ShrinkArgs {
   int R, K;
   const int32_t* meta;  // [S, 6]
   int rank_field;       // 0 (shrink_rank) or 5 (down_rank)
-  float* u;             // [n, ldu]
+  float* u;             // [splits][n, ldu]: K-split partial sums (splits == 1: u itself)
   int ldu;
+  int splits;           // CTAs along K per (block, rank tile, slot tile)
+  int64_t split_stride; // elements between partial buffers
 };
 
 struct ExpandArgs {
-  const float* u;  // [n, ldu]
+  const float* u;  // [splits][n, ldu]: summed over the splits when staged
   int ldu;
+  int splits;
+  int64_t split_stride;
   const void* B;   // bf16 [S, E, N, r_max]
   int N, r_max;
   const int32_t* meta;

@@ -12,10 +12,12 @@
 
 namespace moelora::cuda::detail {
 
-__device__ __forceinline__ double sigmoid_d(float x) { return 1.0 / (1.0 + exp(-double(x))); }
+template <class Score>
+__device__ __forceinline__ Score sigmoid_s(float x) { return Score(1) / (Score(1) + exp(-Score(x))); }
 
 // True when (a, ia) ranks before (b, ib): larger score first, ties to the lower index.
-__device__ __forceinline__ bool ranks_before(double a, int ia, double b, int ib) {
+template <class Score>
+__device__ __forceinline__ bool ranks_before(Score a, int ia, Score b, int ib) {
   return a > b || (a == b && ia < ib);
 }
 
@@ -23,6 +25,8 @@ __device__ __forceinline__ bool ranks_before(double a, int ia, double b, int ib)
 // `team0`; `smem` is this team's route_team_smem bytes. All threads of the block must call it
 // together (it uses __syncthreads). On return the team has written ids/weights [t, :k] and,
 // when `sids` is set, sids[t*k + j] too.
+// Score: the selection-score type (double in the library; the template exists for probes).
+template <class Score = double, bool kRankLoop = true>
 __device__ __forceinline__ void route_token_team(const float* __restrict__ logits,
                                                  const float* __restrict__ bias,
                                                  const RouteParams& p, int t, int m, int team0,
@@ -31,8 +35,8 @@ __device__ __forceinline__ void route_token_team(const float* __restrict__ logit
   const int E = p.num_experts, k = p.top_k, team = route_team(E);
   const int e = int(threadIdx.x) - team0;  // this thread's expert
   const bool live = t < m && e < E;
-  double* score = reinterpret_cast<double*>(smem);           // [E]
-  double* gscore = score + E;                                 // [n_group]
+  Score* score = reinterpret_cast<Score*>(smem);             // [E]
+  Score* gscore = score + E;                                  // [n_group]
   int32_t* gkeep = reinterpret_cast<int32_t*>(gscore + p.n_group);  // [n_group]
   float* red = reinterpret_cast<float*>(gkeep + p.n_group);  // [32] per-warp partials
   int32_t* sel_id = reinterpret_cast<int32_t*>(red + 32);    // [32]
@@ -40,8 +44,8 @@ __device__ __forceinline__ void route_token_team(const float* __restrict__ logit
   const int lane = threadIdx.x & 31, wteam = e >> 5, nwarps = team >> 5;
 
   const float l = live ? logits[int64_t(t) * E + e] : -INFINITY;
-  double s = l;
-  if (p.sigmoid && live) s = sigmoid_d(l) + (p.use_bias ? double(bias[e]) : 0.0);
+  Score s = l;
+  if (p.sigmoid && live) s = sigmoid_s<Score>(l) + (p.use_bias ? Score(bias[e]) : Score(0));
   if (live) score[e] = s;
   if (e < 32) sel_id[e] = -1;
 
@@ -61,9 +65,9 @@ __device__ __forceinline__ void route_token_team(const float* __restrict__ logit
   if (p.n_group > 1) {  // group-limited: experts outside the topk_group best groups drop out
     const int per_group = E / p.n_group;
     if (t < m && e < p.n_group) {
-      double b1 = -INFINITY, b2 = -INFINITY;
+      Score b1 = -INFINITY, b2 = -INFINITY;
       for (int x = e * per_group; x < (e + 1) * per_group; ++x) {
-        const double v = score[x];
+        const Score v = score[x];
         if (v > b1) {
           b2 = b1;
           b1 = v;
@@ -76,7 +80,7 @@ __device__ __forceinline__ void route_token_team(const float* __restrict__ logit
     __syncthreads();
     if (t < m && e < p.n_group) {
       int rank = 0;
-      const double mine = gscore[e];
+      const Score mine = gscore[e];
       for (int g = 0; g < p.n_group; ++g) rank += ranks_before(gscore[g], g, mine, e);
       gkeep[e] = rank < p.topk_group;
     }
@@ -88,11 +92,12 @@ __device__ __forceinline__ void route_token_team(const float* __restrict__ logit
   for (int w = 0; w < nwarps; ++w) total += red[w];
 
   if (live) {
-    int rank = 0;
-    for (int x = 0; x < E && rank < k; ++x) rank += ranks_before(score[x], x, s, e);
+    int rank = kRankLoop ? 0 : e;
+    if (kRankLoop)
+      for (int x = 0; x < E && rank < k; ++x) rank += ranks_before(score[x], x, s, e);
     if (rank < k) {
       sel_id[rank] = e;
-      sel_w[rank] = p.sigmoid ? float(sigmoid_d(l)) : ex / total;
+      sel_w[rank] = p.sigmoid ? float(sigmoid_s<double>(l)) : ex / total;
     }
   }
   __syncthreads();
