@@ -18,6 +18,7 @@ __device__ __forceinline__ void stage_and_align(GidFn gid, const AlignOut& o, un
                                                 int staged_offset) {
   if constexpr (kStaged) {
     int32_t* sg = reinterpret_cast<int32_t*>(smem + staged_offset);
+#pragma unroll 8
     for (int s = threadIdx.x; s < o.num_slots; s += blockDim.x) sg[s] = gid(s);
     __syncthreads();
     align_block([&](int s) { return sg[s]; }, o, smem);

@@ -6,7 +6,7 @@
 // Pass 2: per group, exclusive prefix over the warp rows and the padded group sizes; a block
 // scan gives each group's padded offset. Pass 3: each warp walks its range again and places
 // every slot at offset + (earlier warps' count) + (rank among equal ids in this chunk).
-// Padding, block groups and offsets are then written by all threads in parallel.
+// Each group's owner thread then writes its padding and block entries.
 #pragma once
 
 #include <cstdint>
@@ -44,16 +44,6 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int& total) {
   const int result = incl - v + (warp > 0 ? warp_sums[warp - 1] : 0);
   __syncthreads();  // warp_sums may be reused by a later call
   return result;
-}
-
-// The group whose padded segment holds position p: the last g with offsets[g] <= p.
-__device__ __forceinline__ int find_group(const int32_t* offsets, int num_groups, int p) {
-  int lo = 0, hi = num_groups;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (offsets[mid] <= p) lo = mid; else hi = mid;
-  }
-  return lo;
 }
 
 // Aligns n slots whose group ids come from gid(s) (any value outside [0, G) is skipped).
@@ -129,13 +119,13 @@ __device__ void align_block(GidFn gid, const AlignOut& o, void* smem) {
 
   for (int g = tid; g <= G; g += nthreads) o.group_offsets[g] = offsets[g];
   if (tid == 0) o.num_padded[0] = total;
-  const int used_blocks = total / bm;
-  for (int b = tid; b < o.fill_blocks; b += nthreads)
-    o.block_group[b] = b < used_blocks ? find_group(offsets, G, b * bm) : -1;
-  for (int p = tid; p < total; p += nthreads) {
-    const int g = find_group(offsets, G, p);
-    if (p - offsets[g] >= counts[g]) o.sorted_slots[p] = n;
+  // Each group's owner writes its blocks and padding (stores only, no searches).
+  for (int g = g_begin; g < g_end; ++g) {
+    const int off = offsets[g], c = counts[g], end = offsets[g + 1];
+    for (int p = off + c; p < end; ++p) o.sorted_slots[p] = n;
+    for (int b = off / bm; b < end / bm; ++b) o.block_group[b] = g;
   }
+  for (int b = total / bm + tid; b < o.fill_blocks; b += nthreads) o.block_group[b] = -1;
 }
 
 }  // namespace moelora::cuda::detail

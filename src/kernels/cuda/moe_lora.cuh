@@ -188,17 +188,19 @@ __global__ void __launch_bounds__(kExpandThreads)
         prev[j] = *reinterpret_cast<const float2*>(a.out + int64_t(srow[j]) * a.N + i0);
     }
     __syncthreads();  // the previous step's readers are done with `us`
-    for (int i = threadIdx.x; i < kExpandSlots * stride; i += kExpandThreads) {
-      const int j = i / stride, c = i - j * stride;
-      int s = plan.num_slots;
-      if (j0 + j < plan.block_m) s = plan.sorted_slots[b * plan.block_m + j0 + j];
-      // Only live columns are read from u (others may be unwritten NaN poison).
-      const bool live = s < plan.num_slots && ((c >= col_lo && c < col_lo + rank_lo) ||
-                                               (c >= col_hi && c < col_hi + rank_hi));
-      float v = 0.0f;
-      if (live)
-        for (int sp = 0; sp < a.splits; ++sp) v += a.u[sp * a.split_stride + int64_t(s) * a.ldu + c];
-      us[i] = v;
+    // Stage u (summing K-split partials); only live columns are read from u, the rest may be
+    // unwritten NaN poison. Slots unrolled so all loads of a column are in flight together.
+    for (int c = threadIdx.x; c < stride; c += kExpandThreads) {
+      const bool live_col =
+          (c >= col_lo && c < col_lo + rank_lo) || (c >= col_hi && c < col_hi + rank_hi);
+#pragma unroll
+      for (int j = 0; j < kExpandSlots; ++j) {
+        float v = 0.0f;
+        if (live_col && srow[j] < plan.num_slots)
+          for (int sp = 0; sp < a.splits; ++sp)
+            v += a.u[sp * a.split_stride + int64_t(srow[j]) * a.ldu + c];
+        us[j * stride + c] = v;
+      }
     }
     __syncthreads();
     if (!active) continue;

@@ -54,7 +54,7 @@ struct AlignOut {
 // Dynamic shared memory the single-CTA aligner may use (H100: 227 KB per block).
 inline constexpr size_t kAlignSmemLimit = 200 * 1024;
 // Tokens up to which routing runs inside the alignment kernel.
-inline constexpr int kFusedRouteMaxTokens = 64;
+inline constexpr int kFusedRouteMaxTokens = 16;
 
 // Shared memory the aligner needs: offsets[G+1], counts[G], rows u16[W][G].
 inline size_t align_smem_bytes(int num_groups, int row_warps) {

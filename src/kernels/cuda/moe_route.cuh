@@ -92,9 +92,13 @@ __device__ __forceinline__ void route_token_team(const float* __restrict__ logit
   for (int w = 0; w < nwarps; ++w) total += red[w];
 
   if (live) {
+    // No early exit: independent broadcast loads pipeline (an exit test on `rank` would make
+    // every iteration wait for the previous load).
     int rank = kRankLoop ? 0 : e;
-    if (kRankLoop)
-      for (int x = 0; x < E && rank < k; ++x) rank += ranks_before(score[x], x, s, e);
+    if (kRankLoop) {
+#pragma unroll 8
+      for (int x = 0; x < E; ++x) rank += ranks_before(score[x], x, s, e);
+    }
     if (rank < k) {
       sel_id[rank] = e;
       sel_w[rank] = p.sigmoid ? float(sigmoid_s<double>(l)) : ex / total;
