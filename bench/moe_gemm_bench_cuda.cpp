@@ -21,6 +21,7 @@
 #include "core/cuda_check.h"
 #include "kernels/cuda/moe_gemm_config.h"
 #include "kernels/cuda/moe_heuristics.h"
+#include "kernels/cuda/moe_ops.h"
 #include "moelora/core/stream.h"
 #include "moelora/core/tensor.h"
 #include "moelora/moe/config.h"
@@ -214,20 +215,44 @@ void bench_shape(const MoeShape& shape, const std::vector<int>& batches, double 
                 (bytes1 + bytes2) / copy_gbs / 1e3);
     if (m <= 16) {
       // Small batches: what programmatic dependent launch buys between the GEMMs.
-      auto pair = [&](bool pdl) {
+      auto pair = [&](bool pdl, bool plan_ready = false) {
         return time_graph(stream, kRoutings, [&] {
           for (int r = 0; r < kRoutings; ++r) {
             Tensor hv = h.first_rows(slots), ov = o.first_rows(slots);
             cuda::moe_gemm1_tiled(xs[r].first_rows(m), int(k), plans[r], w13, hv, stream,
                                   {rows1, pdl});
             cuda::moe_gemm2_tiled(as[r].first_rows(slots), plans[r], w2,
-                                  sws[r].first_rows(slots), ov, stream, {rows2, pdl});
+                                  sws[r].first_rows(slots), ov, stream,
+                                  {rows2, pdl, plan_ready});
           }
         });
       };
-      const double off = pair(false), on = pair(true);
-      std::printf("%-17s batch %4d PAIR gemm1+gemm2 no-PDL %8.2f us | PDL %8.2f us | floor at 3.0 TB/s %.2f us\n",
-                  shape.name.c_str(), m, off, on, (bytes1 + bytes2) / 3.0e6);
+      // As in the layer: gemm1 -> activation (another helper's kernel) -> gemm2.
+      std::vector<Tensor> ids_dev;
+      for (int r = 0; r < kRoutings; ++r) {
+        Tensor t = Tensor::empty({int64_t(m), k}, DType::i32);
+        std::copy(routing_ids[r].begin(), routing_ids[r].end(), t.data<int32_t>());
+        ids_dev.push_back(t.to(Device::cuda()));
+      }
+      auto triple = [&](bool plan_ready) {
+        return time_graph(stream, kRoutings, [&] {
+          for (int r = 0; r < kRoutings; ++r) {
+            Tensor hv = h.first_rows(slots), ov = o.first_rows(slots);
+            Tensor av = as[r].first_rows(slots);
+            cuda::moe_gemm1_tiled(xs[r].first_rows(m), int(k), plans[r], w13, hv, stream,
+                                  {rows1, true});
+            cuda::moe_activation(hv, ids_dev[r], av, stream);
+            cuda::moe_gemm2_tiled(av, plans[r], w2, sws[r].first_rows(slots), ov, stream,
+                                  {rows2, true, plan_ready});
+          }
+        });
+      };
+      const double t_wait = triple(false), t_early = triple(true);
+      std::printf("%-17s batch %4d TRIPLE gemm1+activation+gemm2 PDL %8.2f us | + gemm2 plan_ready %8.2f us\n",
+                  shape.name.c_str(), m, t_wait, t_early);
+      const double off = pair(false), on = pair(true), early = pair(true, true);
+      std::printf("%-17s batch %4d PAIR gemm1+gemm2 no-PDL %8.2f us | PDL %8.2f us | PDL + gemm2 plan_ready %8.2f us | floor at 3.0 TB/s %.2f us\n",
+                  shape.name.c_str(), m, off, on, early, (bytes1 + bytes2) / 3.0e6);
     }
     std::fflush(stdout);
   }

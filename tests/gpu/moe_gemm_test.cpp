@@ -140,8 +140,9 @@ void run_case(const Case& c) {
   const Tensor no_weights;
   if (c.rows) {
     cuda::moe_gemm1_tiled(dx, c.top_k, plan, dw13, h, stream, {c.rows, c.pdl});
+    // gemm2 after gemm1 with plan_ready: the plan was uploaded before gemm1 started.
     cuda::moe_gemm2_tiled(da, plan, dw2, c.weighted ? dsw : no_weights, o, stream,
-                          {c.rows, c.pdl});
+                          {c.rows, c.pdl, c.pdl});
   } else {
     cuda::moe_gemm1(dx, c.top_k, plan, dw13, h, stream);
     cuda::moe_gemm2(da, plan, dw2, c.weighted ? dsw : no_weights, o, stream);

@@ -12,6 +12,9 @@ namespace moelora::cuda {
 struct MoeGemmConfig {
   int rows = 64;    // weight rows per CTA: 32, 64 or 128
   bool pdl = true;  // programmatic dependent launch (see bench/NOTES.md)
+  // The plan is older than the predecessor kernel: start streaming weights before waiting
+  // on it (MoeGemmArgs::plan_ready says when that is safe; gemm2 in the MoE layer).
+  bool plan_ready = false;
 };
 
 // Weight rows per CTA for a GEMM with `n` output columns and reduction `k`, for a plan with

@@ -26,6 +26,11 @@ struct MoeGemmArgs {
   // Launch with programmatic stream serialization (the kernel waits on its predecessor with
   // griddepcontrol.wait either way, so this is always safe).
   bool pdl = true;
+  // The plan (sorted_slots, block_group, num_padded) was complete before the predecessor
+  // kernel started, so the weight stream may begin before griddepcontrol.wait. True for
+  // gemm2 in the MoE layer, where align is 2+ kernels back and every kernel in between waits
+  // before it triggers (as all moelora kernels do). Never for a GEMM right after align.
+  bool plan_ready = false;
 };
 
 // Launches over `max_blocks` aligned blocks (the worst case; blocks past *num_padded exit)

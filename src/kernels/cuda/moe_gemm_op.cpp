@@ -122,6 +122,7 @@ void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w
   p.n = int(w13.size(1));
   p.k = int(w13.size(2));
   p.pdl = cfg.pdl;
+  p.plan_ready = cfg.plan_ready;
   run(p, blocks, cfg, stream);
 }
 
@@ -161,6 +162,7 @@ void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2
   p.n = int(w2.size(1));
   p.k = int(w2.size(2));
   p.pdl = cfg.pdl;
+  p.plan_ready = cfg.plan_ready;
   run(p, blocks, cfg, stream);
 }
 

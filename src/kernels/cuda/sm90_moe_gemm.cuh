@@ -111,13 +111,15 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
   constexpr int kThreads = Tile::kThreads;
 
   // Programmatic dependent launch: this grid may start while its predecessor drains; wait
-  // here for everything the predecessor wrote (plan, activations). A no-op otherwise.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  // for everything the predecessor wrote (plan, activations) -- or, when the plan is known
+  // to be older than the predecessor, only before the activations (below).
+  if (!p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
   const int block = blockIdx.x;
-  // Both reads are issued before either is used: one memory latency, not two.
-  const int num_padded = *p.num_padded;
-  const int group = p.block_group[block];
+  // Both reads are issued before either is used: one memory latency, not two. L2 reads
+  // (.cg): this CTA may have started before the plan's writer finished on this SM's L1 view.
+  const int num_padded = __ldcg(p.num_padded);
+  const int group = __ldcg(p.block_group + block);
   // Device-side counts: the grid is sized for the worst case, surplus CTAs leave here.
   if (block * p.block_m >= num_padded || group < 0) return;
   const int row0 = blockIdx.y * kRows;
@@ -172,9 +174,10 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s)
     if (s < num_ktiles) load_weights(s);
+  if (p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   for (int j = tid; j < kTokens; j += kThreads) {
     int slot = p.num_slots;
-    if (j < p.block_m) slot = p.sorted_slots[block * p.block_m + j];
+    if (j < p.block_m) slot = __ldcg(p.sorted_slots + block * p.block_m + j);
     const bool live = slot >= 0 && slot < p.num_slots;
     tok_slot[j] = live ? slot : -1;
     tok_row[j] = live ? slot / p.rows_div : -1;
