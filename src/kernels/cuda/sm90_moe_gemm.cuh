@@ -9,7 +9,7 @@
 // rows. A CTA owns kRows weight rows of one aligned block (one expert, block_m tokens) and
 // streams its whole K through a cp.async ring of kStages tiles (16-byte loads, weights marked
 // L2 evict-first since they are read once; activations stay in L2 for the other row tiles).
-// Each warp owns 16 weight rows and all of the block's tokens.
+// Each warp owns 16 (or, for wide token tiles, 32) weight rows and all of the block's tokens.
 #pragma once
 
 #include <cstdint>
