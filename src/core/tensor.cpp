@@ -171,7 +171,10 @@ void Tensor::copy_from(const Tensor& src, const Stream* stream) {
     MOELORA_CUDA_CHECK(cudaMemcpyAsync(data_, src.data_, bytes, kind,
                                        static_cast<cudaStream_t>(stream->handle())));
   } else {
+    // cudaMemcpy from pageable memory may return before the DMA lands, and the legacy stream
+    // is not ordered with non-blocking streams: synchronize so "complete on return" holds.
     MOELORA_CUDA_CHECK(cudaMemcpy(data_, src.data_, bytes, kind));
+    MOELORA_CUDA_CHECK(cudaDeviceSynchronize());
   }
 #else
   (void)stream;
@@ -193,6 +196,7 @@ void Tensor::fill_bytes(uint8_t value, const Stream* stream) {
         cudaMemsetAsync(data_, value, nbytes(), static_cast<cudaStream_t>(stream->handle())));
   } else {
     MOELORA_CUDA_CHECK(cudaMemset(data_, value, nbytes()));
+    MOELORA_CUDA_CHECK(cudaDeviceSynchronize());  // complete on return, as copy_from
   }
 #else
   (void)stream;

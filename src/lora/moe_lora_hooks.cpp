@@ -1,23 +1,17 @@
-// The hook path: LoRA on experts as separate shrink/expand passes at the runner's seams,
-// grouped by virtual expert (slot * E + expert) so each (adapter, expert) pair's A and B are
-// read once per batch and base tokens cost nothing.
-#include "lora/moe_lora_kernels.h"
+// The hook path: LoRA on experts as shrink/expand passes at the runner's seams, grouped by
+// virtual expert (slot * E + expert) so each (adapter, expert) pair's A and B are read once per
+// batch and base tokens cost nothing. This file holds the CPU hooks and the factory; the CUDA
+// hooks (same math, arranged for latency) are in moe_lora_hooks_cuda.cpp.
+#include "kernels/cpu/moe_ops.h"
 #include "moelora/lora/moe_lora.h"
 
 namespace moelora {
-
-const MoeLoraKernels& cpu_moe_lora_kernels() {
-  static const MoeLoraKernels k{&cpu::moe_lora_group_ids, &cpu::moe_align, &cpu::moe_lora_shrink,
-                                &cpu::moe_lora_expand, &cpu::moe_lora_block_m};
-  return k;
-}
-
 namespace {
 
-class SeparateLoraHooks final : public MoeLoraHooks {
+class CpuLoraHooks final : public MoeLoraHooks {
  public:
-  SeparateLoraHooks(const MoeLoraPool& pool, int64_t max_tokens, const MoeLoraKernels& kernels)
-      : pool_(pool), kernels_(kernels), max_tokens_(max_tokens) {
+  CpuLoraHooks(const MoeLoraPool& pool, int64_t max_tokens)
+      : pool_(pool), max_tokens_(max_tokens) {
     MOELORA_CHECK(max_tokens > 0, "MoE LoRA hooks: max_tokens must be > 0, found {}", max_tokens);
     const MoeShape& s = pool.shape();
     const Device d = pool.device();
@@ -42,33 +36,32 @@ class SeparateLoraHooks final : public MoeLoraHooks {
     MOELORA_CHECK(m <= token_slot_.size(0),
                   "MoE LoRA hooks: {} tokens in the layer call, the bound batch has {}", m,
                   token_slot_.size(0));
-    const int k = pool_.shape().top_k;
     Tensor vids = vids_.first_rows(m);
-    kernels_.group_ids(topk.ids, token_slot_.first_rows(m), pool_.shape().num_experts, vids,
-                       stream);
-    vplan_.block_m = kernels_.block_m(m, k);
-    kernels_.align(vids, vplan_, stream);
+    cpu::moe_lora_group_ids(topk.ids, token_slot_.first_rows(m), pool_.shape().num_experts, vids,
+                            stream);
+    vplan_.block_m = cpu::moe_lora_block_m(m, pool_.shape().top_k);
+    cpu::moe_align(vids, vplan_, stream);
   }
 
   void after_gate_up(const Tensor& x, const TopK& topk, Tensor& h, const Stream& stream) override {
     const int k = pool_.shape().top_k;
     Tensor u = u13_.first_rows(topk.ids.size(0) * k);
-    kernels_.shrink(x, k, vplan_, pool_.a13(), pool_.slot_meta(), LoraSeam::gate_up, u, stream);
-    kernels_.expand(u, vplan_, pool_.b13(), pool_.slot_meta(), LoraSeam::gate_up, Tensor(), h,
-                    stream);
+    cpu::moe_lora_shrink(x, k, vplan_, pool_.a13(), pool_.slot_meta(), LoraSeam::gate_up, u,
+                         stream);
+    cpu::moe_lora_expand(u, vplan_, pool_.b13(), pool_.slot_meta(), LoraSeam::gate_up, Tensor(),
+                         h, stream);
   }
 
   void after_down(const Tensor& a, const TopK& topk, Tensor& o, const Stream& stream) override {
     const int64_t slots = topk.ids.size(0) * pool_.shape().top_k;
     Tensor u = u2_.first_rows(slots);
-    kernels_.shrink(a, 1, vplan_, pool_.a2(), pool_.slot_meta(), LoraSeam::down, u, stream);
-    kernels_.expand(u, vplan_, pool_.b2(), pool_.slot_meta(), LoraSeam::down,
-                    topk.weights.view({slots}), o, stream);
+    cpu::moe_lora_shrink(a, 1, vplan_, pool_.a2(), pool_.slot_meta(), LoraSeam::down, u, stream);
+    cpu::moe_lora_expand(u, vplan_, pool_.b2(), pool_.slot_meta(), LoraSeam::down,
+                         topk.weights.view({slots}), o, stream);
   }
 
  private:
   const MoeLoraPool& pool_;
-  const MoeLoraKernels& kernels_;
   int64_t max_tokens_;
   Tensor token_slot_;
   Tensor vids_, u13_, u2_;
@@ -83,8 +76,7 @@ std::unique_ptr<MoeLoraHooks> make_cuda_moe_lora_hooks(const MoeLoraPool& pool, 
 #endif
 
 std::unique_ptr<MoeLoraHooks> MoeLoraHooks::create(const MoeLoraPool& pool, int64_t max_tokens) {
-  if (pool.device().is_cpu())
-    return std::make_unique<SeparateLoraHooks>(pool, max_tokens, cpu_moe_lora_kernels());
+  if (pool.device().is_cpu()) return std::make_unique<CpuLoraHooks>(pool, max_tokens);
 #ifdef MOELORA_WITH_CUDA
   return make_cuda_moe_lora_hooks(pool, max_tokens);
 #else

@@ -69,9 +69,11 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
   backend_->align(topk_view_.ids, plan_, stream);
 
   Tensor h = h_.first_rows(slots), a = a_.first_rows(slots), o = o_.first_rows(slots);
+  if (hooks) hooks->before_gate_up(in.x, topk_view_, stream);
   backend_->gemm1(in.x, s.top_k, plan_, w.w13, h, stream);
   if (hooks) hooks->after_gate_up(in.x, topk_view_, h, stream);
   backend_->activation(h, topk_view_.ids, a, stream);
+  if (hooks) hooks->before_down(a, topk_view_, stream);
   backend_->gemm2(a, plan_, w.w2, topk_view_.weights.view({slots}), o, stream);
   if (hooks) hooks->after_down(a, topk_view_, o, stream);
 

@@ -61,7 +61,8 @@ class Tensor {
   Tensor to(Device device, const Stream* stream = nullptr) const;
   // Copies `src` (same dtype and shape, both contiguous) into this tensor.
   void copy_from(const Tensor& src, const Stream* stream = nullptr);
-  // Fills every byte (e.g. 0xFF poisons float outputs with NaN).
+  // Fills every byte (e.g. 0xFF poisons float outputs with NaN). Without a stream, complete
+  // on return.
   void fill_bytes(uint8_t value, const Stream* stream = nullptr);
 
   // "bf16[4, 8] cuda:0"

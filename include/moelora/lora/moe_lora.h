@@ -100,9 +100,18 @@ class MoeHooks {
   virtual ~MoeHooks() = default;
   // After routing: lets the hooks group token-slots (e.g. by (adapter, expert)).
   virtual void after_route(const TopK& topk, int64_t num_tokens, const Stream& stream) = 0;
+  // Before the gate_up GEMM: x bf16 [M, H] is final, so work that reads only x (the LoRA
+  // shrink) may start here, e.g. on a side stream overlapping the GEMM. Optional.
+  virtual void before_gate_up(const Tensor& x, const TopK& topk, const Stream& stream) {
+    (void)x, (void)topk, (void)stream;
+  }
   // h f32 [M*k, 2I] += LoRA delta of gate_up, computed from x bf16 [M, H].
   virtual void after_gate_up(const Tensor& x, const TopK& topk, Tensor& h,
                              const Stream& stream) = 0;
+  // Before the down GEMM: a bf16 [M*k, I] (the activation) is final. Optional, as above.
+  virtual void before_down(const Tensor& a, const TopK& topk, const Stream& stream) {
+    (void)a, (void)topk, (void)stream;
+  }
   // o f32 [M*k, H] += routed_weight * LoRA delta of down, computed from a bf16 [M*k, I].
   virtual void after_down(const Tensor& a, const TopK& topk, Tensor& o,
                           const Stream& stream) = 0;

@@ -1,9 +1,12 @@
 // MoeRunner: one MoE layer forward with LoRA seams.
 //
-//   topk = route(router_logits); plan = align(topk)
+//   topk = route(router_logits)   ; hooks.after_route(topk)
+//   plan = align(topk)            ; hooks.before_gate_up(x)
 //   h = gemm1(x, plan)            ; hooks.after_gate_up(h)
-//   a = silu(gate) * up           ; o = gemm2(a, plan) * routed weight
-//   hooks.after_down(o)           ; y = sum over top-k (+ shared expert)
+//   a = silu(gate) * up           ; hooks.before_down(a)
+//   o = gemm2(a, plan) * routed w ; hooks.after_down(o)
+//   y = sum over top-k (+ shared expert)
+// The before_* seams let LoRA start its shrink beside the base GEMM (side stream).
 #pragma once
 
 #include <memory>
