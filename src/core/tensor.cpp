@@ -50,6 +50,16 @@ std::string shape_str(const Shape& shape) {
   return s + "]";
 }
 
+float float_at(const Tensor& t, int64_t i) {
+  switch (t.dtype()) {
+    case DType::f32: return static_cast<const float*>(t.data())[i];
+    case DType::bf16: return bf16_to_float(static_cast<const bf16_t*>(t.data())[i]);
+    case DType::f16: return f16_to_float(static_cast<const f16_t*>(t.data())[i]);
+    case DType::f8_e4m3: return f8e4m3_to_float(static_cast<const f8e4m3_t*>(t.data())[i]);
+    default: MOELORA_THROW("float_at: {} is not a float tensor", t.describe());
+  }
+}
+
 Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
   check_shape_valid(shape);
   Tensor t;

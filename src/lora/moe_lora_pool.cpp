@@ -6,15 +6,6 @@
 namespace moelora {
 namespace {
 
-float value_at(const Tensor& t, int64_t i) {
-  switch (t.dtype()) {
-    case DType::f32: return static_cast<const float*>(t.data())[i];
-    case DType::bf16: return bf16_to_float(static_cast<const bf16_t*>(t.data())[i]);
-    case DType::f16: return f16_to_float(static_cast<const f16_t*>(t.data())[i]);
-    default: MOELORA_THROW("LoRA weight: unsupported dtype {}", dtype_name(t.dtype()));
-  }
-}
-
 // Checks a host LoRA tensor [E, d1, d2] where one of d1/d2 is the rank (returned).
 int check_lora_tensor(const Tensor& t, const char* what, int64_t E, int64_t d1, int64_t d2,
                       int rank_dim, int r_max) {
@@ -43,7 +34,7 @@ void place(std::vector<bf16_t>& dst, int64_t dst_rows, int64_t dst_cols, int64_t
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j)
         dst[size_t((e * dst_rows + row0 + i) * dst_cols + j)] =
-            float_to_bf16(scale * value_at(src, (e * rows + i) * cols + j));
+            float_to_bf16(scale * float_at(src, (e * rows + i) * cols + j));
 }
 
 void copy_slot(const Tensor& pool, int slot, const std::vector<bf16_t>& host, const Stream* s) {

@@ -1,18 +1,6 @@
 #include "moelora/lora/moe_lora.h"
 
 namespace moelora {
-namespace {
-
-float to_float_at(const Tensor& t, int64_t i) {
-  switch (t.dtype()) {
-    case DType::f32: return static_cast<const float*>(t.data())[i];
-    case DType::bf16: return bf16_to_float(static_cast<const bf16_t*>(t.data())[i]);
-    case DType::f16: return f16_to_float(static_cast<const f16_t*>(t.data())[i]);
-    default: MOELORA_THROW("LoRA weight: unsupported dtype {}", dtype_name(t.dtype()));
-  }
-}
-
-}  // namespace
 
 std::pair<Tensor, Tensor> split_peft_expert_lora(const Tensor& lora_a, const Tensor& lora_b,
                                                  int num_experts, const std::string& what) {
@@ -34,10 +22,10 @@ std::pair<Tensor, Tensor> split_peft_expert_lora(const Tensor& lora_a, const Ten
   Tensor B = Tensor::empty({E, out, r}, DType::f32);
   float* pa = A.data<float>();
   float* pb = B.data<float>();
-  for (int64_t i = 0; i < Er * in; ++i) pa[i] = to_float_at(lora_a, i);  // expert-major rows
+  for (int64_t i = 0; i < Er * in; ++i) pa[i] = float_at(lora_a, i);  // expert-major rows
   for (int64_t e = 0; e < E; ++e)
     for (int64_t o = 0; o < out; ++o)
-      for (int64_t j = 0; j < r; ++j) pb[(e * out + o) * r + j] = to_float_at(lora_b, o * Er + j * E + e);
+      for (int64_t j = 0; j < r; ++j) pb[(e * out + o) * r + j] = float_at(lora_b, o * Er + j * E + e);
   return {A, B};
 }
 

@@ -22,20 +22,7 @@ void check_float_tensor(const Tensor& t, const std::string& name, const Shape& s
                         const std::string& why = "");
 
 // Element i (contiguous order) of an f16/bf16/f32/f8_e4m3 tensor as float.
-inline float float_at(const Tensor& t, int64_t i) {
-  switch (t.dtype()) {
-    case DType::f32:
-      return static_cast<const float*>(t.data())[i];
-    case DType::f16:
-      return f16_to_float(static_cast<const f16_t*>(t.data())[i]);
-    case DType::bf16:
-      return bf16_to_float(static_cast<const bf16_t*>(t.data())[i]);
-    case DType::f8_e4m3:
-      return f8e4m3_to_float(static_cast<const f8e4m3_t*>(t.data())[i]);
-    default:
-      MOELORA_THROW("float_at: {} is not a float tensor", t.describe());
-  }
-}
+using ::moelora::float_at;  // core/tensor.h
 
 // Stores v into element i of an f16/bf16/f32 tensor; returns the value as stored (rounded).
 inline float store_float(const Tensor& t, int64_t i, float v) {

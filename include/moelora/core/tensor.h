@@ -80,6 +80,9 @@ class Tensor {
 
 std::string shape_str(const Shape& shape);
 
+// Element i (in contiguous order) of a host f32/bf16/f16/f8_e4m3 tensor, as float.
+float float_at(const Tensor& t, int64_t i);
+
 // Argument checks for ops: they throw moelora::Error naming `what`, expected vs found.
 void check_dtype(const Tensor& t, DType expected, const char* what);
 void check_shape(const Tensor& t, const Shape& expected, const char* what);
