@@ -62,20 +62,28 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
   const int64_t slots = m * s.top_k;
   topk_view_.ids = topk_.ids.first_rows(m);
   topk_view_.weights = topk_.weights.first_rows(m);
-  backend_->route(in.router_logits, w.correction_bias, config_.router, topk_view_, stream);
+  // Routing and alignment (one kernel where the backend fuses them); the hooks see the routing
+  // after both, which only moves their side-stream fork past the alignment.
+  plan_.block_m = backend_->block_m(m, s);
+  backend_->route_align(in.router_logits, w.correction_bias, config_.router, topk_view_, plan_,
+                        stream);
   if (hooks) hooks->after_route(topk_view_, m, stream);
 
-  plan_.block_m = backend_->block_m(m, s);
-  backend_->align(topk_view_.ids, plan_, stream);
-
   Tensor h = h_.first_rows(slots), a = a_.first_rows(slots), o = o_.first_rows(slots);
-  if (hooks) hooks->before_gate_up(in.x, topk_view_, stream);
-  backend_->gemm1(in.x, s.top_k, plan_, w.w13, h, stream);
-  if (hooks) hooks->after_gate_up(in.x, topk_view_, h, stream);
-  backend_->activation(h, topk_view_.ids, a, stream);
-  if (hooks) hooks->before_down(a, topk_view_, stream);
-  backend_->gemm2(a, plan_, w.w2, topk_view_.weights.view({slots}), o, stream);
-  if (hooks) hooks->after_down(a, topk_view_, o, stream);
+  const Tensor slot_weights = topk_view_.weights.view({slots});
+  if (hooks) {
+    hooks->before_gate_up(in.x, topk_view_, stream);
+    backend_->gemm1(in.x, s.top_k, plan_, w.w13, h, stream);
+    hooks->after_gate_up(in.x, topk_view_, h, stream);
+    backend_->activation(h, topk_view_.ids, a, stream);
+    hooks->before_down(a, topk_view_, stream);
+    backend_->gemm2(a, plan_, w.w2, slot_weights, o, stream);
+    hooks->after_down(a, topk_view_, o, stream);
+  } else {
+    // No seams to honour: the backend may fuse (same o bit for bit, see MoeBackend).
+    backend_->expert_mlp(in.x, s.top_k, topk_view_.ids, plan_, w.w13, w.w2, slot_weights, h, a,
+                         o, stream);
+  }
 
   Tensor shared_o;
   if (s.shared_inter > 0) {
@@ -84,9 +92,9 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
     backend_->align(ids, shared_plan_, stream);
     Tensor sh = shared_h_.first_rows(m), sa = shared_a_.first_rows(m);
     shared_o = shared_o_.first_rows(m);
-    backend_->gemm1(in.x, 1, shared_plan_, w.shared_w13, sh, stream);
-    backend_->activation(sh, ids, sa, stream);
-    backend_->gemm2(sa, shared_plan_, w.shared_w2, Tensor(), shared_o, stream);
+    // The shared expert has no LoRA seams.
+    backend_->expert_mlp(in.x, 1, ids, shared_plan_, w.shared_w13, w.shared_w2, Tensor(), sh, sa,
+                         shared_o, stream);
   }
   backend_->reduce(o, topk_view_.ids, shared_o, s.shared_gate ? in.shared_gate_logits : Tensor(),
                    y, stream);

@@ -40,6 +40,15 @@ class MoeBackend {
                      const RouterConfig& cfg, TopK& topk, const Stream& stream) = 0;
   // Groups the slots of `group_ids` (i32 [M, k], -1 skipped) by id into `plan`.
   virtual void align(const Tensor& group_ids, MoeAlignment& plan, const Stream& stream) = 0;
+  // Optional fused capability: route, then align topk.ids into `plan` (plan.block_m set by the
+  // caller), with exactly the results of the two stages (the runner calls the hooks'
+  // after_route once both are done). Default: the two stages.
+  virtual void route_align(const Tensor& logits, const Tensor& correction_bias,
+                           const RouterConfig& cfg, TopK& topk, MoeAlignment& plan,
+                           const Stream& stream) {
+    route(logits, correction_bias, cfg, topk, stream);
+    align(topk.ids, plan, stream);
+  }
   // h f32 [M*k, 2I] = x[slot / k] . w13[group]^T for every aligned slot (other rows untouched).
   virtual void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13,
                      Tensor& h, const Stream& stream) = 0;
@@ -50,6 +59,18 @@ class MoeBackend {
   // An undefined `slot_weights` means weight 1.
   virtual void gemm2(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
                      const Tensor& slot_weights, Tensor& o, const Stream& stream) = 0;
+  // Optional fused capability: the expert MLP with no LoRA seam, o = gemm2(activation(gemm1(x)))
+  // with `ids` (i32 [M, k]) for the activation. The runner uses it when there are no hooks.
+  // h and a are scratch (a backend may leave h unwritten). Must give exactly the o of the three
+  // stages, bit for bit: a LoRA batch's base tokens take the staged path and must match a
+  // LoRA-off run. Default: the three stages.
+  virtual void expert_mlp(const Tensor& x, int top_k, const Tensor& ids, const MoeAlignment& plan,
+                          const Tensor& w13, const Tensor& w2, const Tensor& slot_weights,
+                          Tensor& h, Tensor& a, Tensor& o, const Stream& stream) {
+    gemm1(x, top_k, plan, w13, h, stream);
+    activation(h, ids, a, stream);
+    gemm2(a, plan, w2, slot_weights, o, stream);
+  }
   // y bf16 [M, H] = sum_j o[t*k+j] over ids[t, j] >= 0, plus gate(t) * shared_o[t] when
   // shared_o is defined (gate = sigmoid(shared_gate_logits[t]) when those are defined, else 1).
   virtual void reduce(const Tensor& o, const Tensor& ids, const Tensor& shared_o,

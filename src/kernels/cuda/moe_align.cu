@@ -123,7 +123,12 @@ cudaError_t launch_moe_route_align(const float* logits, const float* bias, const
                                    cudaStream_t stream) {
   int threads;
   configure(o, threads);
-  threads = 1024 / route_team(p.num_experts) * route_team(p.num_experts);  // whole teams
+  // Whole teams, one per token up to 1024 threads, at least 128 threads for the aligner: a
+  // 1024-thread CTA for one token spends its time in block-wide barriers.
+  const int team = route_team(p.num_experts), max_teams = 1024 / team;
+  const int teams = std::min(max_teams, std::max(m, (128 + team - 1) / team));
+  threads = teams * team;
+  o.row_warps = std::max(1, std::min(o.row_warps, threads / 32));
   const size_t scratch =
       route_align_scratch_bytes(p.num_experts, p.n_group, o.num_groups, o.row_warps);
   const size_t smem = scratch + size_t(m) * p.top_k * 4;

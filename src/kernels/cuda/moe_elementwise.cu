@@ -3,14 +3,13 @@
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/moe_ops_launch.h"
+#include "kernels/cuda/moe_silu.cuh"
 #include "kernels/cuda/pdl_launch.cuh"
 
 namespace moelora::cuda::detail {
 
 constexpr int kActThreads = 128;
 constexpr int kReduceThreads = 256;
-
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 // One CTA row per (slot, chunk of kVec * kActThreads columns); slots routed nowhere are skipped.
 template <int kVec>

@@ -39,7 +39,11 @@ cudaError_t launch_tile(const MoeGemmArgs& p, int max_blocks, cudaStream_t strea
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(max_blocks, (p.n + kRows - 1) / kRows);
+  // x: row tiles (of the intermediate columns when the activation is fused: kRows / 2 gate
+  // plus kRows / 2 up rows each); y: blocks, so the worst case's empty blocks come last.
+  const int row_tiles =
+      p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
+  config.gridDim = p.row_tiles_fastest ? dim3(row_tiles, max_blocks) : dim3(max_blocks, row_tiles);
   config.blockDim = dim3(Tile::kThreads);
   config.dynamicSmemBytes = Tile::kSmemBytes;
   config.stream = stream;
@@ -65,6 +69,8 @@ cudaError_t launch_rows(const sm90::MoeGemmParams& p, int max_blocks, int rows,
 cudaError_t launch_moe_gemm(const MoeGemmArgs& p, int max_blocks, int rows,
                             cudaStream_t stream) {
   if (max_blocks <= 0) return cudaSuccess;
+  if ((p.row_tiles_fastest && max_blocks > 65535) || (p.act_out && (p.n % 2 != 0 || p.slot_scale)))
+    return cudaErrorInvalidValue;
   const int nt = (p.block_m + 7) / 8;
   if (nt <= 1) return launch_rows<1>(p, max_blocks, rows, stream);
   if (nt <= 2) return launch_rows<2>(p, max_blocks, rows, stream);

@@ -15,6 +15,9 @@ struct MoeGemmConfig {
   // The plan is older than the predecessor kernel: start streaming weights before waiting
   // on it (MoeGemmArgs::plan_ready says when that is safe; gemm2 in the MoE layer).
   bool plan_ready = false;
+  // Grid order (MoeGemmArgs::row_tiles_fastest): false keeps the surplus blocks of the
+  // worst-case grid interleaved with the live ones, true dispatches them last.
+  bool row_tiles_fastest = false;
 };
 
 // Weight rows per CTA for a GEMM with `n` output columns and reduction `k`, for a plan with
@@ -28,5 +31,18 @@ void moe_gemm1_tiled(const Tensor& x, int top_k, const MoeAlignment& plan, const
 void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
                      const Tensor& slot_weights, Tensor& o, const Stream& stream,
                      const MoeGemmConfig& config);
+
+// moe_gemm1 then moe_activation(h, ids, a) without materializing h, for callers with no LoRA
+// seam in between: a bf16 [M*k, I] for every aligned slot (other rows untouched), bit-identical
+// to the two ops. w13 [G, 2I, H].
+void moe_gemm1_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
+                          const Tensor& w13, Tensor& a, const Stream& stream);
+void moe_gemm1_activation_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
+                                const Tensor& w13, Tensor& a, const Stream& stream,
+                                const MoeGemmConfig& config);
+// moe_gemm2 with the heuristic tile and plan_ready set: only when the plan was complete
+// before the kernel right before this one started (see MoeGemmArgs::plan_ready).
+void moe_gemm2_plan_ready(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
+                          const Tensor& slot_weights, Tensor& o, const Stream& stream);
 
 }  // namespace moelora::cuda

@@ -31,10 +31,19 @@ struct MoeGemmArgs {
   // gemm2 in the MoE layer, where align is 2+ kernels back and every kernel in between waits
   // before it triggers (as all moelora kernels do). Never for a GEMM right after align.
   bool plan_ready = false;
+  // Fused activation (gemm1 with no LoRA seam after it): when set, `out` is not written and
+  // instead act_out[s, c] = bf16(silu(gate) * up) with gate = column c and up = column
+  // n/2 + c of the product, the same float operations as moe_activation (bit-identical).
+  // Each CTA then owns matching gate and up rows. n must be even; slot_scale must be null.
+  void* act_out = nullptr;  // bf16 [num_slots, n / 2]
+  // Grid order: x = row tiles and y = blocks (every CTA of one block dispatched together, the
+  // worst case's empty blocks last), or x = blocks and y = row tiles (empty blocks interleaved).
+  bool row_tiles_fastest = false;
 };
 
 // Launches over `max_blocks` aligned blocks (the worst case; blocks past *num_padded exit)
-// with `rows` weight rows per CTA (32, 64 or 128).
+// with `rows` weight rows per CTA (32, 64 or 128); at most 65535 of whichever of blocks and
+// row tiles is on the grid's y axis.
 cudaError_t launch_moe_gemm(const MoeGemmArgs& args, int max_blocks, int rows,
                             cudaStream_t stream);
 

@@ -55,7 +55,8 @@ int64_t check_plan(const MoeAlignment& plan, int64_t num_slots, int64_t groups, 
   return blocks;
 }
 
-// Shared checks of both GEMMs: act [rows, K] bf16, w [G, N, K] bf16, out [num_slots, N] f32.
+// Shared checks of both GEMMs: act [rows, K] bf16, w [G, N, K] bf16, out [num_slots, N] f32
+// (out unchecked when out_name is null: the fused activation checks its own output).
 void check_gemm(const Tensor& act, const Tensor& w, const Tensor& out, int64_t num_slots,
                 const char* op, const char* act_name, const char* w_name, const char* out_name) {
   const Device d = act.device();
@@ -65,9 +66,11 @@ void check_gemm(const Tensor& act, const Tensor& w, const Tensor& out, int64_t n
   check_dtype(w, DType::bf16, w_name);
   check_device(w, d, w_name);
   check_contiguous(w, w_name);
-  check_dtype(out, DType::f32, out_name);
-  check_device(out, d, out_name);
-  check_contiguous(out, out_name);
+  if (out_name) {
+    check_dtype(out, DType::f32, out_name);
+    check_device(out, d, out_name);
+    check_contiguous(out, out_name);
+  }
   MOELORA_CHECK(act.dim() == 2, "{}: {} must be 2-D, found {}", op, act_name, act.describe());
   MOELORA_CHECK(w.dim() == 3, "{}: {} must be [G, N, K], found {}", op, w_name, w.describe());
   const int64_t K = act.size(1), N = w.size(1);
@@ -76,7 +79,7 @@ void check_gemm(const Tensor& act, const Tensor& w, const Tensor& out, int64_t n
   MOELORA_CHECK(K % 8 == 0 && K > 0,
                 "{}: the reduction length (K = {}) must be a positive multiple of 8 (16-byte "
                 "rows for cp.async)", op, K);
-  check_shape(out, {num_slots, N}, out_name);
+  if (out_name) check_shape(out, {num_slots, N}, out_name);
   check_aligned_16(act, act_name);
   check_aligned_16(w, w_name);
   MOELORA_CHECK(num_slots <= std::numeric_limits<int32_t>::max() &&
@@ -84,12 +87,15 @@ void check_gemm(const Tensor& act, const Tensor& w, const Tensor& out, int64_t n
                     K <= std::numeric_limits<int32_t>::max(),
                 "{}: sizes (slots {}, N {}, K {}) must fit in 32 bits", op, num_slots, N, K);
   MOELORA_CHECK((N + 31) / 32 <= 65535, "{}: N = {} needs more than 65535 row tiles", op, N);
+  if (out_name == nullptr) check_aligned_16(out, "moe_gemm1_activation a");
 }
 
 void run(const MoeGemmArgs& p, int64_t max_blocks, const MoeGemmConfig& cfg,
          const Stream& stream) {
   MOELORA_CHECK(cfg.rows == 32 || cfg.rows == 64 || cfg.rows == 128,
                 "expert GEMM tile: rows must be 32, 64 or 128, found {}", cfg.rows);
+  MOELORA_CHECK(!cfg.row_tiles_fastest || max_blocks <= 65535,
+                "expert GEMM: {} blocks on the grid's y axis, at most 65535", max_blocks);
   if (p.num_slots == 0) return;
   MOELORA_CUDA_CHECK(launch_moe_gemm(p, int(max_blocks), cfg.rows,
                                      static_cast<cudaStream_t>(stream.handle())));
@@ -99,19 +105,30 @@ void run(const MoeGemmArgs& p, int64_t max_blocks, const MoeGemmConfig& cfg,
 
 namespace {
 
-void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13, Tensor& h,
-           const Stream& stream, const MoeGemmConfig& cfg) {
-  constexpr const char* op = "moe_gemm1";
+// gemm1 into h f32 [M*k, 2I], or with the activation fused into a bf16 [M*k, I] when `fused`.
+void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13, Tensor& out,
+           const Stream& stream, const MoeGemmConfig& cfg, bool fused) {
+  const char* op = fused ? "moe_gemm1_activation" : "moe_gemm1";
   MOELORA_CHECK(top_k >= 1, "{}: top_k must be >= 1, found {}", op, top_k);
   MOELORA_CHECK(x.dim() == 2, "{}: x must be [M, H], found {}", op, x.describe());
   const int64_t num_slots = x.size(0) * top_k;
-  check_gemm(x, w13, h, num_slots, op, "moe_gemm1 x", "moe_gemm1 w13", "moe_gemm1 h");
+  if (fused) {
+    MOELORA_CHECK(w13.dim() == 3 && w13.size(1) % 2 == 0,
+                  "{}: w13 must be [G, 2I, H], found {}", op, w13.describe());
+    check_dtype(out, DType::bf16, "moe_gemm1_activation a");
+    check_device(out, x.device(), "moe_gemm1_activation a");
+    check_contiguous(out, "moe_gemm1_activation a");
+    check_shape(out, {num_slots, w13.size(1) / 2}, "moe_gemm1_activation a");
+  }
+  check_gemm(x, w13, out, num_slots, op, "moe_gemm1 x", "moe_gemm1 w13",
+             fused ? nullptr : "moe_gemm1 h");
   const int64_t blocks = check_plan(plan, num_slots, w13.size(0), x.device(), op);
 
   MoeGemmArgs p{};
   p.act = x.data();
   p.w = w13.data();
-  p.out = h.data<float>();
+  p.out = fused ? nullptr : out.data<float>();
+  p.act_out = fused ? out.data() : nullptr;
   p.slot_scale = nullptr;
   p.sorted_slots = plan.sorted_slots.data<int32_t>();
   p.block_group = plan.block_group.data<int32_t>();
@@ -123,6 +140,7 @@ void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w
   p.k = int(w13.size(2));
   p.pdl = cfg.pdl;
   p.plan_ready = cfg.plan_ready;
+  p.row_tiles_fastest = cfg.row_tiles_fastest;
   run(p, blocks, cfg, stream);
 }
 
@@ -130,7 +148,13 @@ void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w
 
 void moe_gemm1_tiled(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13,
                      Tensor& h, const Stream& stream, const MoeGemmConfig& cfg) {
-  gemm1(x, top_k, plan, w13, h, stream, cfg);
+  gemm1(x, top_k, plan, w13, h, stream, cfg, false);
+}
+
+void moe_gemm1_activation_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
+                                const Tensor& w13, Tensor& a, const Stream& stream,
+                                const MoeGemmConfig& cfg) {
+  gemm1(x, top_k, plan, w13, a, stream, cfg, true);
 }
 
 void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
@@ -163,6 +187,7 @@ void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2
   p.k = int(w2.size(2));
   p.pdl = cfg.pdl;
   p.plan_ready = cfg.plan_ready;
+  p.row_tiles_fastest = cfg.row_tiles_fastest;
   run(p, blocks, cfg, stream);
 }
 
@@ -172,6 +197,24 @@ void moe_gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tenso
   const int64_t n = w13.dim() == 3 ? w13.size(1) : 0, k = w13.dim() == 3 ? w13.size(2) : 0;
   moe_gemm1_tiled(x, top_k, plan, w13, h, stream,
                   moe_gemm_config(n, k, plan.block_m, slots, plan.num_groups, num_sms()));
+}
+
+void moe_gemm1_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
+                          const Tensor& w13, Tensor& a, const Stream& stream) {
+  const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
+  const int64_t n = w13.dim() == 3 ? w13.size(1) : 0, k = w13.dim() == 3 ? w13.size(2) : 0;
+  moe_gemm1_activation_tiled(
+      x, top_k, plan, w13, a, stream,
+      moe_gemm_config(n, k, plan.block_m, slots, plan.num_groups, num_sms()));
+}
+
+void moe_gemm2_plan_ready(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
+                          const Tensor& slot_weights, Tensor& o, const Stream& stream) {
+  const int64_t slots = a.dim() == 2 ? a.size(0) : 0;
+  const int64_t n = w2.dim() == 3 ? w2.size(1) : 0, k = w2.dim() == 3 ? w2.size(2) : 0;
+  MoeGemmConfig cfg = moe_gemm_config(n, k, plan.block_m, slots, plan.num_groups, num_sms());
+  cfg.plan_ready = true;
+  moe_gemm2_tiled(a, plan, w2, slot_weights, o, stream, cfg);
 }
 
 void moe_gemm2(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,

@@ -55,13 +55,17 @@ MoeGemmConfig moe_gemm_config(int64_t n, int64_t /*k*/, int block_m, int64_t num
   // matters for narrow token tiles (64 is within ~7 % of the best everywhere); wide token
   // tiles (block_m > 32) need 128 rows, i.e. two 16-row MMA tiles per warp, to keep the
   // shared-memory reads of token fragments below the weight stream.
-  if (block_m > 32) return {128};
+  // Grid order (measured in the layer, bench/NOTES.md): with wide blocks (batch >= 128) the
+  // worst-case grid's empty blocks are best dispatched last; at block_m 16 the interleaved
+  // order was faster.
+  const bool tiles_fastest = block_m >= 32;
+  if (block_m > 32) return {128, true, false, tiles_fastest};
   // Busy blocks: ~one per touched group, plus overflow blocks of heavily loaded groups.
   const double groups = std::max(num_groups, 1);
   const double touched = groups * (1.0 - std::pow(1.0 - 1.0 / groups, double(num_slots)));
   const double blocks = touched + std::max(0.0, double(num_slots) - touched) / block_m;
-  if (blocks * std::ceil(double(n) / 64) < num_sms) return {32};
-  return {64};
+  if (blocks * std::ceil(double(n) / 64) < num_sms) return {32, true, false, tiles_fastest};
+  return {64, true, false, tiles_fastest};
 }
 
 }  // namespace moelora::cuda

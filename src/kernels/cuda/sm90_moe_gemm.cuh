@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/moe_gemm_launch.h"
+#include "kernels/cuda/moe_silu.cuh"
 
 namespace moelora::cuda::sm90 {
 
@@ -98,6 +99,9 @@ struct MoeGemmTile {
   static constexpr int kChunks = kKt / 8;  // 16-byte chunks per tile row
   static constexpr int kStageElems = (kRows + kTokens) * kKt;
   static constexpr int kSmemBytes = kStages * kStageElems * 2 + kTokens * 8;
+  // Fused-activation epilogue: the f32 accumulators staged in the (drained) ring.
+  static constexpr int kAccLd = kTokens + 1;
+  static_assert(kRows * kAccLd * 4 <= kStages * kStageElems * 2, "epilogue tile fits the ring");
   static_assert(kRows % (16 * kMt) == 0 && kChunks >= 8 && kChunks % 8 == 0, "tile shape");
   static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
 };
@@ -115,15 +119,32 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
   // to be older than the predecessor, only before the activations (below).
   if (!p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-  const int block = blockIdx.x;
+  const int block = p.row_tiles_fastest ? blockIdx.y : blockIdx.x;
+  const int tile = p.row_tiles_fastest ? blockIdx.x : blockIdx.y;
   // Both reads are issued before either is used: one memory latency, not two. L2 reads
   // (.cg): this CTA may have started before the plan's writer finished on this SM's L1 view.
   const int num_padded = __ldcg(p.num_padded);
   const int group = __ldcg(p.block_group + block);
-  // Device-side counts: the grid is sized for the worst case, surplus CTAs leave here.
-  if (block * p.block_m >= num_padded || group < 0) return;
-  const int row0 = blockIdx.y * kRows;
+  // Device-side counts: the grid is sized for the worst case, surplus CTAs leave here. They
+  // still wait on the predecessor so that this grid's completion implies its predecessor's
+  // (the chain of waits is what orders the next layer's writes after this layer's reads).
+  if (block * p.block_m >= num_padded || group < 0) {
+    if (p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    return;
+  }
+  // Fused activation: this CTA owns intermediate columns [col0, col0 + kRows / 2); local rows
+  // below kRows / 2 are their gate rows, the others their up rows (n / 2 further on).
+  const bool fuse_act = p.act_out != nullptr;
+  const int half_n = p.n / 2;
+  const int col0 = tile * (kRows / 2);
+  const int row0 = tile * kRows;
   const int tid = threadIdx.x;
+  // Weight row of local row r (clamped rows are loaded but never stored).
+  auto weight_row = [&](int r) {
+    if (!fuse_act) return min(row0 + r, p.n - 1);
+    const bool up = r >= kRows / 2;
+    return min(col0 + r - (up ? kRows / 2 : 0), half_n - 1) + (up ? half_n : 0);
+  };
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
@@ -143,7 +164,7 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
 #pragma unroll
     for (int i = tid; i < kRows * kChunks; i += kThreads) {
       const int r = i / kChunks, c = i % kChunks;
-      const int row = min(row0 + r, p.n - 1);  // clamped rows are loaded but never stored
+      const int row = weight_row(r);
       const int col = k0 + c * 8;
       const bool ok = col < K;
       const __nv_bfloat16* src = wg + static_cast<int64_t>(row) * K + (ok ? col : 0);
@@ -251,6 +272,35 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
 
   // C fragment: rows lane/4 and lane/4 + 8 of each 16-row tile (output columns), token
   // columns 2*(lane%4) and +1.
+  if (fuse_act) {
+    // Stage the tile in the drained ring (every warp is past its last ldmatrix after the
+    // barrier), then pair gate row c with up row kRows / 2 + c.
+    float* acc_tile = reinterpret_cast<float*>(smem_raw);
+    constexpr int kLd = Tile::kAccLd;
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < kMt; ++m) {
+      const int r_base = warp * 16 * kMt + 16 * m + lane / 4;
+#pragma unroll
+      for (int t = 0; t < kNt; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc_tile[(r_base + (e >> 1) * 8) * kLd + t * 8 + (lane % 4) * 2 + (e & 1)] =
+              acc[m][t][e];
+    }
+    __syncthreads();
+    constexpr int kHalf = kRows / 2;
+    __nv_bfloat16* act_out = static_cast<__nv_bfloat16*>(p.act_out);
+    for (int i = tid; i < kHalf * kTokens; i += kThreads) {
+      const int j = i / kHalf, c = i % kHalf;
+      const int slot = tok_slot[j];
+      if (slot < 0 || col0 + c >= half_n) continue;
+      const float g = acc_tile[c * kLd + j], u = acc_tile[(kHalf + c) * kLd + j];
+      act_out[static_cast<int64_t>(slot) * half_n + col0 + c] =
+          __float2bfloat16_rn(::moelora::cuda::detail::silu_mul(g, u));
+    }
+    return;
+  }
 #pragma unroll
   for (int m = 0; m < kMt; ++m) {
     const int n_base = row0 + warp * 16 * kMt + 16 * m + lane / 4;
