@@ -35,7 +35,8 @@ class CudaBf16Backend final : public MoeBackend {
   // two; at M=4 the fused kernel is slower, 7.0 vs 3.3 + 3.2), the two kernels otherwise.
   void route_align(const Tensor& logits, const Tensor& bias, const RouterConfig& cfg, TopK& topk,
                    MoeAlignment& plan, const Stream& s) override {
-    if (logits.dim() == 2 && logits.size(0) == 1) return cuda::moe_route_align(logits, bias, cfg, topk, plan, s);
+    if (logits.dim() == 2 && logits.size(0) == 1)
+      return cuda::moe_route_align(logits, bias, cfg, topk, plan, s);
     route(logits, bias, cfg, topk, s);
     align(topk.ids, plan, s);
   }

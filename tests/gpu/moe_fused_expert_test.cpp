@@ -40,9 +40,9 @@ struct FusedCase {
 };
 
 void run_fused_case(const FusedCase& c) {
-  SCOPED_TRACE(::testing::Message() << "M=" << c.m << " k=" << c.top_k << " G=" << c.groups
-                                    << " H=" << c.hidden << " I=" << c.inter
-                                    << " block_m=" << c.block_m << " rows=" << c.rows);
+  SCOPED_TRACE(::testing::Message()
+               << "M=" << c.m << " k=" << c.top_k << " G=" << c.groups << " H=" << c.hidden
+               << " I=" << c.inter << " block_m=" << c.block_m << " rows=" << c.rows);
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t M = c.m, k = c.top_k, H = c.hidden, I = c.inter, S = M * k;
   MoeShape shape{"test", c.hidden, c.inter, c.groups, c.top_k};
@@ -184,7 +184,6 @@ TEST(CudaMoeFusedExpert, BaseTokensMatchLoraOffRun) {
   }
 }
 
-
 // Median µs per layer of `body(l)` for l = 0..7 captured in one graph and replayed.
 double layer_graph_us(const Stream& s, const std::function<void(int)>& body) {
   auto cs = static_cast<cudaStream_t>(s.handle());
@@ -241,8 +240,8 @@ TEST(CudaMoeFusedExpertPerf, DISABLED_ExpertMlpVariants) {
     o.push_back(Tensor::empty({maxm * k, H}, DType::f32, d));
   }
   test::device_sync();
-  std::printf("%-5s %9s %9s %9s %9s %9s %9s\n", "M", "staged", "f/x/-", "f/x/pr", "f/y/-",
-              "f/y/pr", "staged/y");
+  std::printf("%-5s %9s %9s %9s %9s %9s %9s\n", "M", "staged", "f/x/-", "f/x/pr", "f/y/-", "f/y/pr",
+              "staged/y");
   for (int64_t m : {1, 4, 16, 64, 128, 256}) {
     const int64_t n = m * k;
     std::vector<TopK> topk;
@@ -256,9 +255,11 @@ TEST(CudaMoeFusedExpertPerf, DISABLED_ExpertMlpVariants) {
       cuda::moe_align(topk.back().ids, plan.back(), s);
       s.synchronize();
     }
-    const cuda::MoeGemmConfig base = cuda::moe_gemm_config(2 * I, H, plan[0].block_m, n, int(E), sms);
+    const cuda::MoeGemmConfig base =
+        cuda::moe_gemm_config(2 * I, H, plan[0].block_m, n, int(E), sms);
     auto run = [&](bool fused, bool y_order, bool ready) {
-      cuda::MoeGemmConfig c1 = base, c2 = cuda::moe_gemm_config(H, I, plan[0].block_m, n, int(E), sms);
+      cuda::MoeGemmConfig c1 = base,
+                          c2 = cuda::moe_gemm_config(H, I, plan[0].block_m, n, int(E), sms);
       c1.row_tiles_fastest = c2.row_tiles_fastest = y_order;
       c2.plan_ready = ready;
       return layer_graph_us(s, [&](int l) {

@@ -41,8 +41,8 @@ class MoeBackend {
   // Groups the slots of `group_ids` (i32 [M, k], -1 skipped) by id into `plan`.
   virtual void align(const Tensor& group_ids, MoeAlignment& plan, const Stream& stream) = 0;
   // Optional fused capability: route, then align topk.ids into `plan` (plan.block_m set by the
-  // caller), with exactly the results of the two stages (the runner calls the hooks'
-  // after_route once both are done). Default: the two stages.
+  // caller), with exactly the results of the two stages. The runner uses it when no hook needs
+  // the routing before the alignment. Default: the two stages.
   virtual void route_align(const Tensor& logits, const Tensor& correction_bias,
                            const RouterConfig& cfg, TopK& topk, MoeAlignment& plan,
                            const Stream& stream) {

@@ -7,6 +7,8 @@
 namespace moelora::cuda::detail {
 
 // No a*b+c pattern, so no FMA contraction can make the two call sites round differently.
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+__device__ __forceinline__ float silu_mul(float g, float u) {
+  return g / (1.0f + expf(-g)) * u;
+}
 
 }  // namespace moelora::cuda::detail
