@@ -1,18 +1,37 @@
 // The CUDA hook path for LoRA on experts. Same math as the CPU hooks (shrink/expand grouped by
-// virtual expert slot * E + expert), arranged for small-batch latency:
-//  - the (adapter, expert) alignment runs in one kernel (virtual ids never materialized) on a
-//    side stream, forked at after_route and joined at after_gate_up, so it overlaps the base
-//    alignment and gate_up GEMM;
-//  - the shrink splits K over several CTAs when few (adapter, expert) blocks exist, writing
-//    partial sums that the expand adds up while staging them;
+// virtual expert slot * E + expert), arranged so that only the adds of the LoRA deltas sit on
+// the critical path:
+//  - one side stream, forked at after_route, runs the (adapter, expert) alignment (one kernel,
+//    virtual ids never materialized) and, from before_gate_up, the gate_up shrink, overlapping
+//    the base alignment and gate_up GEMM; forked again at before_down for the down shrink,
+//    overlapping the down GEMM. after_gate_up / after_down join it.
+//  - the expands run on the main stream straight into h / o. (A "delta" variant, where the
+//    side stream also expands into a buffer and the main stream only adds its rows, measured
+//    slower at every batch on the H100 (bench/NOTES.md); it stays selectable for up to
+//    MOELORA_LORA_DELTA_MAX_SLOTS token-slots, default 0 = off, to re-measure.)
+//  - the shrink splits K over several CTAs when few (adapter, expert) blocks exist; the expand
+//    adds the partial sums while staging them.
 //  - every kernel uses programmatic dependent launch (kernels/cuda/pdl_launch.cuh).
-// All buffers, the side stream and its events are created once here: graph-capturable.
+// If a runner does not call before_gate_up / before_down, the after_* seams issue that work
+// themselves (same results). All buffers, the side stream and its events are created once
+// here: allocation-free per call and graph-capturable.
+#include <cstdlib>
+
 #include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_ops.h"
 #include "moelora/lora/moe_lora.h"
 
 namespace moelora {
 namespace {
+
+// Token-slots (M*k) up to which the delta path is used (off: it measured slower, see above).
+// MOELORA_LORA_DELTA_MAX_SLOTS overrides it, for benchmarking.
+constexpr int64_t kDeltaMaxSlots = 0;
+
+int64_t delta_max_slots() {
+  if (const char* env = std::getenv("MOELORA_LORA_DELTA_MAX_SLOTS")) return std::atoll(env);
+  return kDeltaMaxSlots;
+}
 
 class CudaLoraHooks final : public MoeLoraHooks {
  public:
@@ -25,9 +44,18 @@ class CudaLoraHooks final : public MoeLoraHooks {
     vplan_ = MoeAlignment::allocate(slots, pool.num_slots() * s.num_experts, kMaxBlockM, d);
     u13_ = Tensor::empty({rows, 2 * int64_t(pool.r_max())}, DType::f32, d);
     u2_ = Tensor::empty({rows, int64_t(pool.r_max())}, DType::f32, d);
+    if (cuda::moe_lora_delta_supported(s.hidden, s.inter, pool.r_max())) {
+      delta_rows_ = std::min(slots, std::max<int64_t>(0, delta_max_slots()));
+      if (delta_rows_ > 0) {
+        d13_ = Tensor::empty({delta_rows_, 2 * s.inter}, DType::f32, d);
+        d2_ = Tensor::empty({delta_rows_, s.hidden}, DType::f32, d);
+      }
+    }
     side_ = Stream::create(d);
     fork_ = Event::create(d, /*timing=*/false);
-    join_ = Event::create(d, /*timing=*/false);
+    gu_done_ = Event::create(d, /*timing=*/false);
+    down_fork_ = Event::create(d, /*timing=*/false);
+    down_done_ = Event::create(d, /*timing=*/false);
   }
 
   void bind(const LoraBatch& batch) override {
@@ -45,53 +73,99 @@ class CudaLoraHooks final : public MoeLoraHooks {
                   "MoE LoRA hooks: {} tokens in the layer call, the bound batch has {}", m,
                   token_slot_.size(0));
     const MoeShape& s = pool_.shape();
+    m_ = m;
     vplan_.block_m = cuda::moe_lora_block_m(m, s.top_k);
     fork_.record(stream);
     side_.wait(fork_);
     cuda::moe_lora_align(topk.ids, token_slot_.first_rows(m), s.num_experts, vplan_, side_);
-    join_.record(side_);
-    joined_ = false;
+    routed_ = true;
+    gu_queued_ = down_queued_ = false;
   }
 
-  void after_gate_up(const Tensor& x, const TopK& topk, Tensor& h, const Stream& stream) override {
-    join(stream);
+  // x is final (it is the layer's input), and the side stream already follows after_route's
+  // fork, so no new fork is needed.
+  void before_gate_up(const Tensor& x, const TopK& topk, const Stream& stream) override {
+    (void)stream;
+    if (!routed_) return;
     const int k = pool_.shape().top_k;
     const int64_t n = topk.ids.size(0) * k;
     const int splits = cuda::moe_lora_shrink_splits(n);
     Tensor u = u13_.first_rows(splits * n);
     cuda::moe_lora_shrink_split(x, k, vplan_, pool_.a13(), pool_.slot_meta(), LoraSeam::gate_up,
-                                splits, u, stream);
-    cuda::moe_lora_expand_split(u, splits, vplan_, pool_.b13(), pool_.slot_meta(),
-                                LoraSeam::gate_up, Tensor(), h, stream);
+                                splits, u, side_);
+    if (use_delta(n)) {
+      Tensor d = d13_.first_rows(n);
+      cuda::moe_lora_expand_delta_split(u, splits, vplan_, pool_.b13(), pool_.slot_meta(),
+                                        LoraSeam::gate_up, Tensor(), d, side_);
+    }
+    gu_done_.record(side_);
+    gu_queued_ = true;
   }
 
-  void after_down(const Tensor& a, const TopK& topk, Tensor& o, const Stream& stream) override {
-    join(stream);
+  void after_gate_up(const Tensor& x, const TopK& topk, Tensor& h, const Stream& stream) override {
+    MOELORA_CHECK(routed_, "MoE LoRA hooks: after_gate_up before after_route");
+    if (!gu_queued_) before_gate_up(x, topk, stream);
+    stream.wait(gu_done_);
+    gu_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
+    if (use_delta(n)) {
+      cuda::moe_lora_add_delta(d13_.first_rows(n), topk.ids, token_slot_.first_rows(m_),
+                               pool_.num_slots(), pool_.shape().num_experts, h, stream);
+    } else {
+      const int splits = cuda::moe_lora_shrink_splits(n);
+      cuda::moe_lora_expand_split(u13_.first_rows(splits * n), splits, vplan_, pool_.b13(),
+                                  pool_.slot_meta(), LoraSeam::gate_up, Tensor(), h, stream);
+    }
+  }
+
+  void before_down(const Tensor& a, const TopK& topk, const Stream& stream) override {
+    if (!routed_) return;
+    const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
+    down_fork_.record(stream);  // a is final on `stream` here
+    side_.wait(down_fork_);
     const int splits = cuda::moe_lora_shrink_splits(n);
     Tensor u = u2_.first_rows(splits * n);
     cuda::moe_lora_shrink_split(a, 1, vplan_, pool_.a2(), pool_.slot_meta(), LoraSeam::down,
-                                splits, u, stream);
-    cuda::moe_lora_expand_split(u, splits, vplan_, pool_.b2(), pool_.slot_meta(), LoraSeam::down,
-                                topk.weights.view({n}), o, stream);
+                                splits, u, side_);
+    if (use_delta(n)) {
+      Tensor d = d2_.first_rows(n);
+      cuda::moe_lora_expand_delta_split(u, splits, vplan_, pool_.b2(), pool_.slot_meta(),
+                                        LoraSeam::down, topk.weights.view({n}), d, side_);
+    }
+    down_done_.record(side_);
+    down_queued_ = true;
+  }
+
+  void after_down(const Tensor& a, const TopK& topk, Tensor& o, const Stream& stream) override {
+    MOELORA_CHECK(routed_, "MoE LoRA hooks: after_down before after_route");
+    if (!down_queued_) before_down(a, topk, stream);
+    stream.wait(down_done_);
+    down_queued_ = false;
+    const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
+    if (use_delta(n)) {
+      cuda::moe_lora_add_delta(d2_.first_rows(n), topk.ids, token_slot_.first_rows(m_),
+                               pool_.num_slots(), pool_.shape().num_experts, o, stream);
+    } else {
+      const int splits = cuda::moe_lora_shrink_splits(n);
+      cuda::moe_lora_expand_split(u2_.first_rows(splits * n), splits, vplan_, pool_.b2(),
+                                  pool_.slot_meta(), LoraSeam::down, topk.weights.view({n}), o,
+                                  stream);
+    }
   }
 
  private:
-  // The main stream waits once for the side-stream alignment (also ends the fork in a capture).
-  void join(const Stream& stream) {
-    if (joined_) return;
-    stream.wait(join_);
-    joined_ = true;
-  }
+  bool use_delta(int64_t n) const { return n <= delta_rows_; }
 
   const MoeLoraPool& pool_;
   int64_t max_tokens_;
+  int64_t m_ = 0;
+  int64_t delta_rows_ = 0;  // slots the delta buffers hold (0: delta path off)
   Tensor token_slot_;
-  Tensor u13_, u2_;
+  Tensor u13_, u2_, d13_, d2_;
   MoeAlignment vplan_;
   Stream side_;
-  Event fork_, join_;
-  bool joined_ = true;
+  Event fork_, gu_done_, down_fork_, down_done_;
+  bool routed_ = false, gu_queued_ = false, down_queued_ = false;
 };
 
 }  // namespace

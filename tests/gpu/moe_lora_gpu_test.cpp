@@ -2,6 +2,7 @@
 // path against the CPU reference, with mixed base/adapter tokens, ranks 8/16/64 in one batch,
 // separate and fused gate_up adapters.
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "gpu_op_test_util.h"
@@ -182,8 +183,9 @@ TEST(CudaMoeLora, OpsMatchReference) {
     }
 }
 
-TEST(CudaMoeLora, HooksMatchReference) {
-  MOELORA_REQUIRE_GPU();
+// `early_seams`: call before_gate_up / before_down as the runner does (shrinks, and up to the
+// delta threshold the expands, on the side stream); otherwise the after_* seams issue them.
+void hooks_match_reference(bool early_seams) {
   std::mt19937_64 rng(test::fresh_seed());
   const MoeShape sh = lora_shape();
   Pools pools(sh, rng);
@@ -212,11 +214,91 @@ TEST(CudaMoeLora, HooksMatchReference) {
     hooks_cpu->after_down(a, topk, o, Stream());
     hooks_gpu->bind(LoraBatch{dts});
     hooks_gpu->after_route(dtopk, m, s);
+    if (early_seams) hooks_gpu->before_gate_up(dx, dtopk, s);
     hooks_gpu->after_gate_up(dx, dtopk, dh, s);
+    if (early_seams) hooks_gpu->before_down(da, dtopk, s);
     hooks_gpu->after_down(da, dtopk, dout, s);
     s.synchronize();
     EXPECT_TRUE(test::allclose(test::to_floats(dh), test::to_floats(h), 1e-4, 1e-4));
     EXPECT_TRUE(test::allclose(test::to_floats(dout), test::to_floats(o), 1e-4, 1e-4));
+  }
+}
+
+TEST(CudaMoeLora, HooksMatchReference) {
+  MOELORA_REQUIRE_GPU();
+  hooks_match_reference(false);
+}
+
+TEST(CudaMoeLora, HooksWithEarlySeamsMatchReference) {
+  MOELORA_REQUIRE_GPU();
+  hooks_match_reference(true);
+}
+
+// The small-batch path's ops: the delta (written for every aligned slot, nothing else) and
+// its add (only rows of slots with an adapter change; base rows keep their bits).
+TEST(CudaMoeLora, DeltaOpsMatchReference) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  const MoeShape sh = lora_shape();
+  Pools pools(sh, rng);
+  Stream s = Stream::create(Device::cuda());
+  const int k = sh.top_k, E = sh.num_experts;
+  const int64_t H = sh.hidden, I = sh.inter, G = int64_t(kSlots) * E;
+  ASSERT_TRUE(cuda::moe_lora_delta_supported(H, I, kRmax));
+  for (int64_t m : {int64_t(1), int64_t(7), int64_t(64)}) {
+    SCOPED_TRACE(::testing::Message() << "M=" << m);
+    const int64_t n = m * k;
+    Tensor ids = random_ids(m, sh, rng), ts = random_token_slots(m, rng);
+    const Tensor dids = to_gpu(ids), dts = to_gpu(ts);
+    MoeAlignment vplan = test::poisoned_plan(n, int(G), cuda::moe_lora_block_m(m, k), Device::cuda());
+    cuda::moe_lora_align(dids, dts, E, vplan, s);
+    s.synchronize();
+    const MoeAlignment hplan = test::host_copy(vplan);
+    const auto hids = test::to_ints(ids), hts = test::to_ints(ts);
+    for (LoraSeam seam : {LoraSeam::gate_up, LoraSeam::down}) {
+      const bool gu = seam == LoraSeam::gate_up;
+      SCOPED_TRACE(gu ? "gate_up" : "down");
+      const Tensor& A_cpu = gu ? pools.cpu.a13() : pools.cpu.a2();
+      const Tensor& B_cpu = gu ? pools.cpu.b13() : pools.cpu.b2();
+      const int64_t R = A_cpu.size(2), N = B_cpu.size(2);
+      Tensor in = gu ? test::random_tensor({m, H}, DType::bf16, rng)
+                     : test::random_tensor({n, I}, DType::bf16, rng);
+      const int rows_div = gu ? k : 1;
+      Tensor u_ref = poisoned({n, R}, DType::f32, Device::cpu(), test::kPoisonFloat);
+      cpu::moe_lora_shrink(in, rows_div, hplan, A_cpu, pools.cpu.slot_meta(), seam, u_ref, Stream());
+      Tensor out0 = test::random_tensor({n, N}, DType::f32, rng);
+      Tensor sw = gu ? Tensor() : test::random_tensor({n}, DType::f32, rng, 0.0f, 1.0f);
+      Tensor out_ref = out0.to(Device::cpu());
+      cpu::moe_lora_expand(u_ref, hplan, B_cpu, pools.cpu.slot_meta(), seam, sw, out_ref, Stream());
+
+      const int splits = cuda::moe_lora_shrink_splits(n);
+      Tensor parts = poisoned({splits * n, R}, DType::f32, Device::cuda(), test::kPoisonFloat);
+      const Tensor din = to_gpu(in), dsw = sw.defined() ? to_gpu(sw) : Tensor();
+      cuda::moe_lora_shrink_split(din, rows_div, vplan, gu ? pools.gpu.a13() : pools.gpu.a2(),
+                                  pools.gpu.slot_meta(), seam, splits, parts, s);
+      Tensor d = poisoned({n, N}, DType::f32, Device::cuda(), test::kPoisonFloat);
+      cuda::moe_lora_expand_delta_split(parts, splits, vplan, gu ? pools.gpu.b13() : pools.gpu.b2(),
+                                        pools.gpu.slot_meta(), seam, dsw, d, s);
+      Tensor out = to_gpu(out0);
+      cuda::moe_lora_add_delta(d, dids, dts, kSlots, E, out, s);
+      s.synchronize();
+      // Rows of aligned slots are written, all others left poisoned.
+      const auto hd = test::to_floats(d);
+      int64_t bad_rows = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        const bool aligned = hts[size_t(r / k)] >= 0 && hids[size_t(r)] >= 0;
+        bad_rows += aligned == std::isnan(hd[size_t(r * N)]);
+      }
+      EXPECT_EQ(bad_rows, 0) << "delta rows written for exactly the aligned slots";
+      const auto go = test::to_floats(out), ro = test::to_floats(out_ref), o0 = test::to_floats(out0);
+      EXPECT_TRUE(test::allclose(go, ro, 1e-4, 1e-4));
+      int64_t base_changed = 0;
+      for (int64_t r = 0; r < n; ++r)
+        if (hts[size_t(r / k)] < 0 || hids[size_t(r)] < 0)
+          for (int64_t c = 0; c < N; ++c)
+            base_changed += std::memcmp(&go[size_t(r * N + c)], &o0[size_t(r * N + c)], 4) != 0;
+      EXPECT_EQ(base_changed, 0) << "base rows must keep their bits";
+    }
   }
 }
 

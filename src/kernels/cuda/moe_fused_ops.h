@@ -30,6 +30,18 @@ void moe_lora_expand_split(const Tensor& u, int splits, const MoeAlignment& vpla
                            const Tensor& slot_weights, Tensor& out, const Stream& stream);
 // Splits the hooks use for `num_slots` token-slots (1..kMaxLoraSplits).
 int moe_lora_shrink_splits(int64_t num_slots);
+// The hooks' optional "delta" variant (off by default: measured slower, bench/NOTES.md): the
+// whole LoRA delta is computed on the side stream into d, and the main stream only adds it.
+// d [M*k, N] f32: d[s] = w[s] * (B . u)[s] for every slot the plan aligns (zeros where the
+// adapter lacks the seam); other rows untouched. Needs moe_lora_delta_supported.
+void moe_lora_expand_delta_split(const Tensor& u, int splits, const MoeAlignment& vplan,
+                                 const Tensor& B, const Tensor& meta, LoraSeam seam,
+                                 const Tensor& slot_weights, Tensor& d, const Stream& stream);
+// out[s] += d[s] for the slots moe_lora_align aligns (token_slot[s / k] in [0, num_lora_slots),
+// expert in [0, num_experts)); every other row of out is untouched.
+void moe_lora_add_delta(const Tensor& d, const Tensor& ids, const Tensor& token_slot,
+                        int num_lora_slots, int num_experts, Tensor& out, const Stream& stream);
+bool moe_lora_delta_supported(int64_t hidden, int64_t inter, int r_max);
 // Rows of u a hook workspace needs for up to `max_slots` slots at any split.
 inline int64_t moe_lora_split_rows(int64_t max_slots) {
   return max_slots > 512 ? max_slots : 512;

@@ -4,8 +4,10 @@
 // in M and 8 token-slots in N, so one MMA covers a whole rank-16 adapter for 8 slots; warps
 // split K and meet in shared memory. The k order inside each 32-wide chunk is permuted the
 // same way for A and x, so every thread does plain 16-byte loads of both.
-// Expand (out += w . B . u) is FMA work on the (small) rank; each thread owns two output
-// columns of a block's slots and reads u from shared memory (broadcast).
+// Expand (out += w . B . u) is FMA work on the (small) rank. moe_lora_expand4_kernel (the
+// common shapes) gives each thread four output columns (16-byte read-modify-write), stages
+// u transposed so one rank costs two broadcast 16-byte shared loads, and B whole via cp.async;
+// moe_lora_expand_kernel (two columns per thread, scalar staging) covers the other shapes.
 #pragma once
 
 #include <cstdint>
@@ -38,7 +40,13 @@ __device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
   return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
-// grid: (plan blocks, ceil(R / 64), ceil(block_m / 8)); block: kShrinkWarps warps.
+// Slot tiles of 8 a CTA computes per pass with the same A fragments: a block of 16+ slots
+// reads its (adapter, expert)'s A once per pass instead of once per 8 slots (at large batch
+// and rank 64 the re-reads were most of the shrink's traffic).
+constexpr int kShrinkTiles = 2;
+
+// grid: (plan blocks, ceil(R / 64), splits); block: kShrinkWarps warps. Each CTA runs every
+// 8-slot tile of its block (padding tiles, which come last, are skipped).
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     moe_lora_shrink_kernel(LoraPlanView plan, ShrinkArgs a) {
   __shared__ float red[kShrinkWarps][kShrinkRanks][8];
@@ -53,57 +61,80 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const int r0 = blockIdx.y * kShrinkRanks;
   if (r0 >= rank) return;
   const int ntiles = (plan.block_m + 7) / 8;
-  const int n0 = int(blockIdx.z) % ntiles * 8, split = int(blockIdx.z) / ntiles;
+  const int split = int(blockIdx.z);
+  const int32_t* slots = plan.sorted_slots + b * plan.block_m;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;
-  // This thread's x row (slot column g of the MMA tile).
-  const int pos = n0 + g;
-  int s = plan.num_slots;
-  if (pos < plan.block_m) s = plan.sorted_slots[b * plan.block_m + pos];
-  const bool has_row = s < plan.num_slots;
-  const __nv_bfloat16* xrow = static_cast<const __nv_bfloat16*>(a.in) + int64_t(has_row ? s / a.rows_div : 0) * a.K;
   const __nv_bfloat16* arow = static_cast<const __nv_bfloat16*>(a.A) + (int64_t(slot) * plan.num_experts + e) * a.R * a.K;
-
-  float acc[4][4] = {};
   const int chunks = (a.K + 31) / 32;
   const int per_split = (chunks + a.splits - 1) / a.splits;
   const int c0 = split * per_split, c1 = min(chunks, c0 + per_split);
   const int per_warp = (c1 - c0 + kShrinkWarps - 1) / kShrinkWarps;
   const int c_end = min(c1, c0 + (warp + 1) * per_warp);
-#pragma unroll 4
-  for (int c = c0 + warp * per_warp; c < c_end; ++c) {
-    const int k = c * 32 + tig * 8;
-    const bool k_ok = k < a.K;
-    const uint4 x = load_or_zero(xrow + k, k_ok && has_row);
+
+  for (int t0 = 0; t0 < ntiles; t0 += kShrinkTiles) {
+    if (slots[t0 * 8] >= plan.num_slots) break;  // only padding from here on
+    const int nt = min(kShrinkTiles, ntiles - t0);
+    // This thread's x rows (slot column g of each MMA tile).
+    const __nv_bfloat16* xrow[kShrinkTiles];
+    bool has_row[kShrinkTiles];
 #pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const int ra = r0 + t * 16 + g, rb = ra + 8;
-      const uint4 lo = load_or_zero(arow + int64_t(ra) * a.K + k, k_ok && ra < rank);
-      const uint4 hi = load_or_zero(arow + int64_t(rb) * a.K + k, k_ok && rb < rank);
-      const uint32_t f0[4] = {lo.x, hi.x, lo.y, hi.y};
-      const uint32_t f1[4] = {lo.z, hi.z, lo.w, hi.w};
-      mma_bf16_16816(acc[t], f0, x.x, x.y);
-      mma_bf16_16816(acc[t], f1, x.z, x.w);
+    for (int t = 0; t < kShrinkTiles; ++t) {
+      const int pos = (t0 + t) * 8 + g;
+      const int s = t < nt && pos < plan.block_m ? slots[pos] : plan.num_slots;
+      has_row[t] = s < plan.num_slots;
+      xrow[t] = static_cast<const __nv_bfloat16*>(a.in) + int64_t(has_row[t] ? s / a.rows_div : 0) * a.K;
     }
-  }
+    float acc[kShrinkTiles][4][4] = {};
+#pragma unroll 2
+    for (int c = c0 + warp * per_warp; c < c_end; ++c) {
+      const int k = c * 32 + tig * 8;
+      const bool k_ok = k < a.K;
+      uint32_t f0[4][4], f1[4][4];
 #pragma unroll
-  for (int t = 0; t < 4; ++t) {
-    red[warp][t * 16 + g][2 * tig] = acc[t][0];
-    red[warp][t * 16 + g][2 * tig + 1] = acc[t][1];
-    red[warp][t * 16 + g + 8][2 * tig] = acc[t][2];
-    red[warp][t * 16 + g + 8][2 * tig + 1] = acc[t][3];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kShrinkRanks * 8; i += kShrinkWarps * 32) {
-    const int r = i >> 3, col = i & 7;
-    if (r0 + r >= rank || n0 + col >= plan.block_m) continue;
-    const int sc = plan.sorted_slots[b * plan.block_m + n0 + col];
-    if (sc >= plan.num_slots) continue;
-    float sum = 0.0f;
+      for (int t = 0; t < 4; ++t) {
+        const int ra = r0 + t * 16 + g, rb = ra + 8;
+        const uint4 lo = load_or_zero(arow + int64_t(ra) * a.K + k, k_ok && ra < rank);
+        const uint4 hi = load_or_zero(arow + int64_t(rb) * a.K + k, k_ok && rb < rank);
+        f0[t][0] = lo.x, f0[t][1] = hi.x, f0[t][2] = lo.y, f0[t][3] = hi.y;
+        f1[t][0] = lo.z, f1[t][1] = hi.z, f1[t][2] = lo.w, f1[t][3] = hi.w;
+      }
 #pragma unroll
-    for (int w = 0; w < kShrinkWarps; ++w) sum += red[w][r][col];
-    a.u[split * a.split_stride + int64_t(sc) * a.ldu + r0 + r] = sum;
+      for (int n = 0; n < kShrinkTiles; ++n) {
+        if (n >= nt) break;
+        const uint4 x = load_or_zero(xrow[n] + k, k_ok && has_row[n]);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          mma_bf16_16816(acc[n][t], f0[t], x.x, x.y);
+          mma_bf16_16816(acc[n][t], f1[t], x.z, x.w);
+        }
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kShrinkTiles; ++n) {
+      if (n >= nt) break;
+      __syncthreads();  // the previous tile's readers are done with `red`
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        red[warp][t * 16 + g][2 * tig] = acc[n][t][0];
+        red[warp][t * 16 + g][2 * tig + 1] = acc[n][t][1];
+        red[warp][t * 16 + g + 8][2 * tig] = acc[n][t][2];
+        red[warp][t * 16 + g + 8][2 * tig + 1] = acc[n][t][3];
+      }
+      __syncthreads();
+      const int n0 = (t0 + n) * 8;
+      for (int i = threadIdx.x; i < kShrinkRanks * 8; i += kShrinkWarps * 32) {
+        const int r = i >> 3, col = i & 7;
+        if (r0 + r >= rank || n0 + col >= plan.block_m) continue;
+        const int sc = slots[n0 + col];
+        if (sc >= plan.num_slots) continue;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kShrinkWarps; ++w) sum += red[w][r][col];
+        a.u[split * a.split_stride + int64_t(sc) * a.ldu + r0 + r] = sum;
+      }
+    }
   }
 }
 
@@ -233,6 +264,192 @@ __global__ void __launch_bounds__(kExpandThreads)
       *reinterpret_cast<float2*>(a.out + int64_t(srow[j]) * a.N + i0) = prev[j];
     }
   }
+}
+
+// Vectorized expand (the common case: N and the gate/up half multiples of 4, r_max % 8 == 0).
+// Each thread owns four adjacent output columns (16-byte read-modify-write of out rows), and
+// u is staged transposed, [column][8 slots], so one rank costs two broadcast 16-byte shared
+// loads for 32 FMAs (the scalar-staged kernel above spends one shared load per FMA, which
+// bounds it at rank 64 and large batch). B rows past a slot's rank are zero-padded by the
+// pool; staged u is zero outside the live columns (they may hold NaN poison).
+// kDelta: write w * delta to the block's rows of out without reading them (the hooks' delta
+// buffer); adapters without this seam write zeros, so every aligned slot's row is written.
+constexpr int kExpand4Threads = 128;
+constexpr int kExpand4Cols = 4 * kExpand4Threads;
+constexpr int kExpand4Pad = 8;  // zero rows after the ldu staged columns (rank rounding)
+
+__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x, f[2 * i + 1] = t.y;
+  }
+}
+
+// Ranks up to which B is staged whole in shared memory (r_max KB per CTA).
+constexpr int kExpandStageRanks = 64;
+
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// grid: (plan blocks, ceil(N / kExpand4Cols)); dynamic smem: (ldu + kExpand4Pad) * 8 floats of
+// staged u, then (kStageB) r_max / 8 * 4 * kExpand4Threads uint4 of B.
+// kStageB (r_max <= kExpandStageRanks): every B value a thread needs is requested at once
+// with cp.async as soon as the (adapter, expert) is known, so a rank-64 adapter costs one
+// memory round trip instead of one per 8 ranks. Each thread reads back only what it copied
+// (no barrier needed, just its own wait).
+template <bool kDelta, bool kStageB>
+__global__ void __launch_bounds__(kExpand4Threads)
+    moe_lora_expand4_kernel(LoraPlanView plan, ExpandArgs a) {
+  extern __shared__ float4 us4[];  // [ldu + pad][2]: 8 slots of one u column; then B
+  pdl_wait();
+  pdl_trigger();
+  const int b = blockIdx.x;
+  if (b * plan.block_m >= plan.num_padded[0]) return;
+  const int v = plan.block_group[b];
+  if (v < 0) return;
+  const int slot = v / plan.num_experts, e = v % plan.num_experts;
+  const int32_t* m = a.meta + slot * 6;
+  int rank_lo, col_lo, rank_hi, col_hi;
+  if (a.gate_up) {
+    rank_lo = m[1], col_lo = m[2], rank_hi = m[3], col_hi = m[4];
+  } else {
+    rank_lo = rank_hi = m[5];
+    col_lo = col_hi = 0;
+  }
+  col_lo = max(0, min(col_lo, a.ldu)), col_hi = max(0, min(col_hi, a.ldu));
+  rank_lo = max(0, min(rank_lo, min(a.r_max, a.ldu - col_lo)));
+  rank_hi = max(0, min(rank_hi, min(a.r_max, a.ldu - col_hi)));
+  if (!kDelta && rank_lo == 0 && rank_hi == 0) return;
+  const int half = a.gate_up ? a.N / 2 : a.N;
+
+  const int i0 = blockIdx.y * kExpand4Cols + threadIdx.x * 4;  // columns i0 .. i0+3
+  const bool active = i0 < a.N;
+  const bool lo = i0 < half;
+  const int rk = active ? (lo ? rank_lo : rank_hi) : 0;
+  const int cl = lo ? col_lo : col_hi;
+  const __nv_bfloat16* brow = static_cast<const __nv_bfloat16*>(a.B) +
+                              ((int64_t(slot) * plan.num_experts + e) * a.N + (active ? i0 : 0)) * a.r_max;
+  const int rows = a.ldu + kExpand4Pad;
+  uint4* sb = reinterpret_cast<uint4*>(us4 + 2 * rows);  // [r / 8][4 columns][threads]
+  // First 16 ranks of the four B rows, issued before the slot loop (they depend on v only).
+  uint4 b_first[2][4];
+  if constexpr (kStageB) {
+    for (int q = 0; q * 8 < rk; ++q)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        cp_async_16(&sb[(q * 4 + c) * kExpand4Threads + threadIdx.x], brow + c * a.r_max + q * 8);
+  } else {
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        b_first[q][c] = q * 8 < rk ? __ldg(reinterpret_cast<const uint4*>(brow + c * a.r_max + q * 8))
+                                   : make_uint4(0, 0, 0, 0);
+  }
+
+  for (int j0 = 0; j0 < plan.block_m; j0 += kExpandSlots) {
+    if (plan.sorted_slots[b * plan.block_m + j0] >= plan.num_slots) break;  // padding follows
+    int srow[kExpandSlots];
+    float4 prev[kExpandSlots];
+    float w[kExpandSlots];
+#pragma unroll
+    for (int j = 0; j < kExpandSlots; ++j) {
+      srow[j] = j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
+      const bool live = srow[j] < plan.num_slots;
+      w[j] = a.slot_weights && live ? a.slot_weights[srow[j]] : 1.0f;
+      prev[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (!kDelta && active && live)
+        prev[j] = *reinterpret_cast<const float4*>(a.out + int64_t(srow[j]) * a.N + i0);
+    }
+    __syncthreads();  // the previous step's readers are done with us / ss
+    // Stage u transposed, summing K-split partials; zero outside the live columns.
+    for (int c = threadIdx.x; c < rows; c += kExpand4Threads) {
+      const bool live_col = c < a.ldu && ((c >= col_lo && c < col_lo + rank_lo) ||
+                                          (c >= col_hi && c < col_hi + rank_hi));
+      float val[kExpandSlots];
+#pragma unroll
+      for (int j = 0; j < kExpandSlots; ++j) {
+        float t = 0.0f;
+        if (live_col && srow[j] < plan.num_slots)
+          for (int sp = 0; sp < a.splits; ++sp)
+            t += a.u[sp * a.split_stride + int64_t(srow[j]) * a.ldu + c];
+        val[j] = t;
+      }
+      us4[2 * c] = make_float4(val[0], val[1], val[2], val[3]);
+      us4[2 * c + 1] = make_float4(val[4], val[5], val[6], val[7]);
+    }
+    __syncthreads();
+    if (!active) continue;
+    float acc[kExpandSlots][4] = {};
+    if constexpr (kStageB) cp_async_wait_all();
+    for (int r = 0; r < rk; r += 8) {
+      uint4 bq[4];
+      if constexpr (kStageB) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) bq[c] = sb[((r >> 3) * 4 + c) * kExpand4Threads + threadIdx.x];
+      } else if (r < 16) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) bq[c] = r == 0 ? b_first[0][c] : b_first[1][c];
+      } else {
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          bq[c] = __ldg(reinterpret_cast<const uint4*>(brow + c * a.r_max + r));
+      }
+      float bv[4][8];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        bf16x8_to_float(bq[c], bv[c]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) bv[c][i] = r + i < rk ? bv[c][i] : 0.0f;
+      }
+      const float4* ur = us4 + 2 * (cl + r);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float4 u0 = ur[2 * i], u1 = ur[2 * i + 1];
+        const float uj[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+#pragma unroll
+        for (int j = 0; j < kExpandSlots; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[j][c] = fmaf(bv[c][i], uj[j], acc[j][c]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kExpandSlots; ++j) {
+      if (srow[j] >= plan.num_slots) continue;
+      float4 o = prev[j];
+      o.x += w[j] * acc[j][0], o.y += w[j] * acc[j][1];
+      o.z += w[j] * acc[j][2], o.w += w[j] * acc[j][3];
+      *reinterpret_cast<float4*>(a.out + int64_t(srow[j]) * a.N + i0) = o;
+    }
+  }
+}
+
+// h[s] += d[s] for the slots that carry an adapter (token_slot[s / k] in [0, num_lora_slots)
+// and a valid expert): the critical-path half of the hooks' small-batch path, whose delta d
+// was computed on the side stream. One 16-byte column group per thread; every load is
+// independent of the others, so the kernel costs one memory round trip.
+__global__ void moe_lora_add_delta_kernel(const float4* __restrict__ d, const int32_t* __restrict__ ids,
+                                          const int32_t* __restrict__ token_slot, int top_k,
+                                          int num_experts, int num_lora_slots, int64_t n,
+                                          int n4, float4* __restrict__ out) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n * n4) return;
+  const int64_t s = i / n4;
+  const int ts = token_slot[s / top_k], e = ids[s];
+  const float4 dv = d[i];
+  float4 o = out[i];
+  if (ts < 0 || ts >= num_lora_slots || e < 0 || e >= num_experts) return;
+  o.x += dv.x, o.y += dv.y, o.z += dv.z, o.w += dv.w;
+  out[i] = o;
 }
 
 __global__ void moe_lora_group_ids_kernel(const int32_t* __restrict__ ids,

@@ -1,6 +1,7 @@
 // Ops (layer 3) for LoRA on experts on CUDA: virtual-expert ids, shrink, expand, block_m.
 #include "core/cuda_check.h"
 #include "kernels/cuda/moe_fused_ops.h"
+#include "kernels/cuda/moe_lora_launch.h"
 #include "kernels/cuda/moe_op_checks.h"
 #include "kernels/cuda/moe_ops.h"
 #include "kernels/cuda/moe_ops_launch.h"
@@ -99,40 +100,94 @@ void moe_lora_expand(const Tensor& u, const MoeAlignment& vplan, const Tensor& B
   moe_lora_expand_split(u, 1, vplan, B, meta, seam, slot_weights, out, stream);
 }
 
-void moe_lora_expand_split(const Tensor& u, int splits, const MoeAlignment& vplan,
-                           const Tensor& B, const Tensor& meta, LoraSeam seam,
-                           const Tensor& slot_weights, Tensor& out, const Stream& stream) {
-  MOELORA_CHECK(splits >= 1 && splits <= kMaxLoraSplits,
-                "moe_lora_expand: splits must be in [1, {}], found {}", kMaxLoraSplits, splits);
+namespace {
+
+struct ExpandLaunch {
+  detail::LoraPlanView plan;
+  detail::ExpandArgs args;
+  int blocks;
+};
+
+// Validates the expand's operands (`op` names it in errors) and packs the launch arguments.
+ExpandLaunch check_expand(const Tensor& u, int splits, const MoeAlignment& vplan,
+                          const Tensor& B, const Tensor& meta, LoraSeam seam,
+                          const Tensor& slot_weights, Tensor& out, const char* op) {
+  MOELORA_CHECK(splits >= 1 && splits <= kMaxLoraSplits, "{}: splits must be in [1, {}], found {}",
+                op, kMaxLoraSplits, splits);
   check_cuda_tensor(u, DType::f32, "moe_lora_expand u");
   check_cuda_tensor(B, DType::bf16, "moe_lora_expand B");
   check_cuda_tensor(out, DType::f32, "moe_lora_expand out");
-  MOELORA_CHECK(B.dim() == 4, "moe_lora_expand B: expected [S, E, N, r_max], found {}",
-                B.describe());
+  MOELORA_CHECK(B.dim() == 4, "{} B: expected [S, E, N, r_max], found {}", op, B.describe());
   const int64_t N = B.size(2), r_max = B.size(3);
-  MOELORA_CHECK(out.dim() == 2 && out.size(1) == N,
-                "moe_lora_expand out: expected [M*k, N={}], found {}", N, out.describe());
-  MOELORA_CHECK(N % 2 == 0, "moe_lora_expand: N={} must be even on CUDA", N);
+  MOELORA_CHECK(out.dim() == 2 && out.size(1) == N, "{} out: expected [M*k, N={}], found {}", op,
+                N, out.describe());
+  MOELORA_CHECK(N % 2 == 0, "{}: N={} must be even on CUDA", op, N);
   const int64_t n = out.size(0);
   const int64_t need = seam == LoraSeam::gate_up ? 2 * r_max : r_max;
-  MOELORA_CHECK(u.dim() == 2 && u.size(0) == splits * n && u.size(1) >= need &&
-                    u.size(1) <= 1024,
-                "moe_lora_expand u: expected [{} * {}, {}..1024], found {}", splits, n, need,
-                u.describe());
+  MOELORA_CHECK(u.dim() == 2 && u.size(0) == splits * n && u.size(1) >= need && u.size(1) <= 1024,
+                "{} u: expected [{} * {}, {}..1024], found {}", op, splits, n, need, u.describe());
   const float* sw = nullptr;
   if (slot_weights.defined()) {
     check_cuda_tensor(slot_weights, DType::f32, "moe_lora_expand slot_weights");
-    MOELORA_CHECK(slot_weights.numel() == n,
-                  "moe_lora_expand slot_weights: expected [{}], found {}", n,
+    MOELORA_CHECK(slot_weights.numel() == n, "{} slot_weights: expected [{}], found {}", op, n,
                   slot_weights.describe());
     sw = slot_weights.data<float>();
   }
-  check_meta(meta, B, "moe_lora_expand");
-  const detail::LoraPlanView pv = check_vplan(vplan, n, B, "moe_lora_expand");
-  detail::ExpandArgs a{u.data<float>(), int(u.size(1)), splits, n * u.size(1), B.data(), int(N), int(r_max),
-                       meta.data<int32_t>(), seam == LoraSeam::gate_up, sw, out.data<float>()};
+  check_meta(meta, B, op);
+  const detail::LoraPlanView pv = check_vplan(vplan, n, B, op);
+  const detail::ExpandArgs a{u.data<float>(), int(u.size(1)), splits, n * u.size(1), B.data(),
+                             int(N), int(r_max), meta.data<int32_t>(), seam == LoraSeam::gate_up,
+                             sw, out.data<float>()};
+  return {pv, a, plan_blocks(vplan, n)};
+}
+
+}  // namespace
+
+void moe_lora_expand_split(const Tensor& u, int splits, const MoeAlignment& vplan,
+                           const Tensor& B, const Tensor& meta, LoraSeam seam,
+                           const Tensor& slot_weights, Tensor& out, const Stream& stream) {
+  const ExpandLaunch l =
+      check_expand(u, splits, vplan, B, meta, seam, slot_weights, out, "moe_lora_expand");
+  MOELORA_CUDA_CHECK(detail::launch_moe_lora_expand(l.plan, l.args, l.blocks, raw_stream(stream)));
+}
+
+bool moe_lora_delta_supported(int64_t hidden, int64_t inter, int r_max) {
+  return hidden % 4 == 0 && inter % 4 == 0 && r_max % 8 == 0;
+}
+
+void moe_lora_expand_delta_split(const Tensor& u, int splits, const MoeAlignment& vplan,
+                                 const Tensor& B, const Tensor& meta, LoraSeam seam,
+                                 const Tensor& slot_weights, Tensor& d, const Stream& stream) {
+  const ExpandLaunch l =
+      check_expand(u, splits, vplan, B, meta, seam, slot_weights, d, "moe_lora_expand_delta");
+  MOELORA_CHECK(detail::lora_expand4_ok(l.args),
+                "moe_lora_expand_delta: needs N % 4 == 0 (and I % 4 == 0), r_max % 8 == 0 and a "
+                "16-byte aligned output; found N={}, r_max={}, {}",
+                l.args.N, l.args.r_max, d.describe());
   MOELORA_CUDA_CHECK(
-      detail::launch_moe_lora_expand(pv, a, plan_blocks(vplan, n), raw_stream(stream)));
+      detail::launch_moe_lora_expand_delta(l.plan, l.args, l.blocks, raw_stream(stream)));
+}
+
+void moe_lora_add_delta(const Tensor& d, const Tensor& ids, const Tensor& token_slot,
+                        int num_lora_slots, int num_experts, Tensor& out, const Stream& stream) {
+  check_cuda_tensor(d, DType::f32, "moe_lora_add_delta d");
+  check_cuda_tensor(out, DType::f32, "moe_lora_add_delta out");
+  check_cuda_tensor(ids, DType::i32, "moe_lora_add_delta ids");
+  check_cuda_tensor(token_slot, DType::i32, "moe_lora_add_delta token_slot");
+  MOELORA_CHECK(ids.dim() == 2, "moe_lora_add_delta ids: expected [M, k], found {}",
+                ids.describe());
+  check_shape(token_slot, {ids.size(0)}, "moe_lora_add_delta token_slot");
+  MOELORA_CHECK(out.dim() == 2 && out.size(0) == ids.numel() && out.size(1) % 4 == 0,
+                "moe_lora_add_delta out: expected [{}, N] with N % 4 == 0, found {}", ids.numel(),
+                out.describe());
+  check_shape(d, out.shape(), "moe_lora_add_delta d");
+  MOELORA_CHECK(reinterpret_cast<uintptr_t>(d.data()) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(out.data()) % 16 == 0,
+                "moe_lora_add_delta: d and out must be 16-byte aligned");
+  MOELORA_CUDA_CHECK(detail::launch_moe_lora_add_delta(
+      d.data<float>(), ids.data<int32_t>(), token_slot.data<int32_t>(), int(ids.size(1)),
+      num_experts, num_lora_slots, out.size(0), int(out.size(1)), out.data<float>(),
+      raw_stream(stream)));
 }
 
 int moe_lora_shrink_splits(int64_t num_slots) {
@@ -145,11 +200,12 @@ int moe_lora_shrink_splits(int64_t num_slots) {
 }
 
 int moe_lora_block_m(int64_t num_tokens, int top_k) {
-  // The shrink MMA covers 8 slots; wider blocks only pay off once (adapter, expert) pairs
-  // hold many slots each.
+  // The shrink MMA covers 8 slots; a wider block lets one CTA reuse its A fragments over
+  // two 8-slot tiles (and the expand its staged B), which pays off once (adapter, expert)
+  // pairs hold 16+ slots; padding tiles cost little (both kernels stop at them).
   const int64_t slots = num_tokens * top_k;
-  if (slots <= 2048) return 8;
-  if (slots <= 8192) return 16;
+  if (slots <= 512) return 8;
+  if (slots <= 4096) return 16;
   return 32;
 }
 
