@@ -10,9 +10,7 @@ namespace {
 
 class CpuLoraHooks final : public MoeLoraHooks {
  public:
-  CpuLoraHooks(const MoeLoraPool& pool, int64_t max_tokens)
-      : pool_(pool), max_tokens_(max_tokens) {
-    MOELORA_CHECK(max_tokens > 0, "MoE LoRA hooks: max_tokens must be > 0, found {}", max_tokens);
+  CpuLoraHooks(const MoeLoraPool& pool, int64_t max_tokens) : MoeLoraHooks(pool, max_tokens) {
     const MoeShape& s = pool.shape();
     const Device d = pool.device();
     const int64_t slots = max_tokens * s.top_k;
@@ -22,23 +20,9 @@ class CpuLoraHooks final : public MoeLoraHooks {
     u2_ = Tensor::empty({slots, int64_t(pool.r_max())}, DType::f32, d);
   }
 
-  void bind(const LoraBatch& batch) override {
-    check_dtype(batch.token_slot, DType::i32, "LoraBatch token_slot");
-    check_device(batch.token_slot, pool_.device(), "LoraBatch token_slot");
-    MOELORA_CHECK(batch.token_slot.dim() == 1 && batch.token_slot.size(0) <= max_tokens_,
-                  "LoraBatch token_slot: expected [M] with M <= {}, found {}", max_tokens_,
-                  batch.token_slot.describe());
-    token_slot_ = batch.token_slot;
-  }
-
   void after_route(const TopK& topk, int64_t m, const Stream& stream) override {
-    MOELORA_CHECK(token_slot_.defined(), "MoE LoRA hooks: bind() a LoraBatch before running");
-    MOELORA_CHECK(m <= token_slot_.size(0),
-                  "MoE LoRA hooks: {} tokens in the layer call, the bound batch has {}", m,
-                  token_slot_.size(0));
     Tensor vids = vids_.first_rows(m);
-    cpu::moe_lora_group_ids(topk.ids, token_slot_.first_rows(m), pool_.shape().num_experts, vids,
-                            stream);
+    cpu::moe_lora_group_ids(topk.ids, bound_slots(m), pool_.shape().num_experts, vids, stream);
     vplan_.block_m = cpu::moe_lora_block_m(m, pool_.shape().top_k);
     cpu::moe_align(vids, vplan_, stream);
   }
@@ -61,25 +45,47 @@ class CpuLoraHooks final : public MoeLoraHooks {
   }
 
  private:
-  const MoeLoraPool& pool_;
-  int64_t max_tokens_;
-  Tensor token_slot_;
   Tensor vids_, u13_, u2_;
   MoeAlignment vplan_;
 };
 
 }  // namespace
 
+MoeLoraHooks::MoeLoraHooks(const MoeLoraPool& pool, int64_t max_tokens)
+    : pool_(pool), max_tokens_(max_tokens) {
+  MOELORA_CHECK(max_tokens > 0, "MoE LoRA hooks: max_tokens must be > 0, found {}", max_tokens);
+}
+
+void MoeLoraHooks::bind(const LoraBatch& batch) {
+  check_dtype(batch.token_slot, DType::i32, "LoraBatch token_slot");
+  check_device(batch.token_slot, pool_.device(), "LoraBatch token_slot");
+  MOELORA_CHECK(batch.token_slot.dim() == 1 && batch.token_slot.size(0) <= max_tokens_,
+                "LoraBatch token_slot: expected [M] with M <= {}, found {}", max_tokens_,
+                batch.token_slot.describe());
+  token_slot_ = batch.token_slot;
+}
+
+Tensor MoeLoraHooks::bound_slots(int64_t m) const {
+  MOELORA_CHECK(token_slot_.defined(), "MoE LoRA hooks: bind() a LoraBatch before running");
+  MOELORA_CHECK(m <= token_slot_.size(0),
+                "MoE LoRA hooks: {} tokens in the layer call, the bound batch has {}", m,
+                token_slot_.size(0));
+  return token_slot_.first_rows(m);
+}
+
 #ifdef MOELORA_WITH_CUDA
 // The CUDA hook path (moe_lora_hooks_cuda.cpp).
-std::unique_ptr<MoeLoraHooks> make_cuda_moe_lora_hooks(const MoeLoraPool& pool, int64_t max_tokens);
+std::unique_ptr<MoeLoraHooks> make_cuda_moe_lora_hooks(const MoeLoraPool& pool, int64_t max_tokens,
+                                                       const MoeLoraHooksOptions& options);
 #endif
 
-std::unique_ptr<MoeLoraHooks> MoeLoraHooks::create(const MoeLoraPool& pool, int64_t max_tokens) {
+std::unique_ptr<MoeLoraHooks> MoeLoraHooks::create(const MoeLoraPool& pool, int64_t max_tokens,
+                                                   const MoeLoraHooksOptions& options) {
   if (pool.device().is_cpu()) return std::make_unique<CpuLoraHooks>(pool, max_tokens);
 #ifdef MOELORA_WITH_CUDA
-  return make_cuda_moe_lora_hooks(pool, max_tokens);
+  return make_cuda_moe_lora_hooks(pool, max_tokens, options);
 #else
+  (void)options;
   MOELORA_THROW("MoE LoRA hooks on {} need CUDA, but moelora was built without it",
                 pool.device().str());
 #endif

@@ -8,14 +8,14 @@
 //  - the expands run on the main stream straight into h / o. (A "delta" variant, where the
 //    side stream also expands into a buffer and the main stream only adds its rows, measured
 //    slower at every batch on the H100 (bench/NOTES.md); it stays selectable for up to
-//    MOELORA_LORA_DELTA_MAX_SLOTS token-slots, default 0 = off, to re-measure.)
+//    MoeLoraHooksOptions::delta_max_slots token-slots, default 0 = off, to re-measure.)
 //  - the shrink splits K over several CTAs when few (adapter, expert) blocks exist; the expand
 //    adds the partial sums while staging them.
 //  - every kernel uses programmatic dependent launch (kernels/cuda/pdl_launch.cuh).
 // If a runner does not call before_gate_up / before_down, the after_* seams issue that work
 // themselves (same results). All buffers, the side stream and its events are created once
 // here: allocation-free per call and graph-capturable.
-#include <cstdlib>
+#include <algorithm>
 
 #include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_ops.h"
@@ -24,20 +24,10 @@
 namespace moelora {
 namespace {
 
-// Token-slots (M*k) up to which the delta path is used (off: it measured slower, see above).
-// MOELORA_LORA_DELTA_MAX_SLOTS overrides it, for benchmarking.
-constexpr int64_t kDeltaMaxSlots = 0;
-
-int64_t delta_max_slots() {
-  if (const char* env = std::getenv("MOELORA_LORA_DELTA_MAX_SLOTS")) return std::atoll(env);
-  return kDeltaMaxSlots;
-}
-
 class CudaLoraHooks final : public MoeLoraHooks {
  public:
-  CudaLoraHooks(const MoeLoraPool& pool, int64_t max_tokens)
-      : pool_(pool), max_tokens_(max_tokens) {
-    MOELORA_CHECK(max_tokens > 0, "MoE LoRA hooks: max_tokens must be > 0, found {}", max_tokens);
+  CudaLoraHooks(const MoeLoraPool& pool, int64_t max_tokens, const MoeLoraHooksOptions& options)
+      : MoeLoraHooks(pool, max_tokens) {
     const MoeShape& s = pool.shape();
     const Device d = pool.device();
     const int64_t slots = max_tokens * s.top_k, rows = cuda::moe_lora_split_rows(slots);
@@ -45,7 +35,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     u13_ = Tensor::empty({rows, 2 * int64_t(pool.r_max())}, DType::f32, d);
     u2_ = Tensor::empty({rows, int64_t(pool.r_max())}, DType::f32, d);
     if (cuda::moe_lora_delta_supported(s.hidden, s.inter, pool.r_max())) {
-      delta_rows_ = std::min(slots, std::max<int64_t>(0, delta_max_slots()));
+      delta_rows_ = std::min(slots, std::max<int64_t>(0, options.delta_max_slots));
       if (delta_rows_ > 0) {
         d13_ = Tensor::empty({delta_rows_, 2 * s.inter}, DType::f32, d);
         d2_ = Tensor::empty({delta_rows_, s.hidden}, DType::f32, d);
@@ -58,26 +48,14 @@ class CudaLoraHooks final : public MoeLoraHooks {
     down_done_ = Event::create(d, /*timing=*/false);
   }
 
-  void bind(const LoraBatch& batch) override {
-    check_dtype(batch.token_slot, DType::i32, "LoraBatch token_slot");
-    check_device(batch.token_slot, pool_.device(), "LoraBatch token_slot");
-    MOELORA_CHECK(batch.token_slot.dim() == 1 && batch.token_slot.size(0) <= max_tokens_,
-                  "LoraBatch token_slot: expected [M] with M <= {}, found {}", max_tokens_,
-                  batch.token_slot.describe());
-    token_slot_ = batch.token_slot;
-  }
-
   void after_route(const TopK& topk, int64_t m, const Stream& stream) override {
-    MOELORA_CHECK(token_slot_.defined(), "MoE LoRA hooks: bind() a LoraBatch before running");
-    MOELORA_CHECK(m <= token_slot_.size(0),
-                  "MoE LoRA hooks: {} tokens in the layer call, the bound batch has {}", m,
-                  token_slot_.size(0));
+    const Tensor token_slot = bound_slots(m);
     const MoeShape& s = pool_.shape();
     m_ = m;
     vplan_.block_m = cuda::moe_lora_block_m(m, s.top_k);
     fork_.record(stream);
     side_.wait(fork_);
-    cuda::moe_lora_align(topk.ids, token_slot_.first_rows(m), s.num_experts, vplan_, side_);
+    cuda::moe_lora_align(topk.ids, token_slot, s.num_experts, vplan_, side_);
     routed_ = true;
     gu_queued_ = down_queued_ = false;
   }
@@ -109,7 +87,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     gu_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
     if (use_delta(n)) {
-      cuda::moe_lora_add_delta(d13_.first_rows(n), topk.ids, token_slot_.first_rows(m_),
+      cuda::moe_lora_add_delta(d13_.first_rows(n), topk.ids, bound_slots(m_),
                                pool_.num_slots(), pool_.shape().num_experts, h, stream);
     } else {
       const int splits = cuda::moe_lora_shrink_splits(n);
@@ -143,7 +121,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     down_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
     if (use_delta(n)) {
-      cuda::moe_lora_add_delta(d2_.first_rows(n), topk.ids, token_slot_.first_rows(m_),
+      cuda::moe_lora_add_delta(d2_.first_rows(n), topk.ids, bound_slots(m_),
                                pool_.num_slots(), pool_.shape().num_experts, o, stream);
     } else {
       const int splits = cuda::moe_lora_shrink_splits(n);
@@ -156,11 +134,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
  private:
   bool use_delta(int64_t n) const { return n <= delta_rows_; }
 
-  const MoeLoraPool& pool_;
-  int64_t max_tokens_;
   int64_t m_ = 0;
   int64_t delta_rows_ = 0;  // slots the delta buffers hold (0: delta path off)
-  Tensor token_slot_;
   Tensor u13_, u2_, d13_, d2_;
   MoeAlignment vplan_;
   Stream side_;
@@ -171,8 +146,9 @@ class CudaLoraHooks final : public MoeLoraHooks {
 }  // namespace
 
 std::unique_ptr<MoeLoraHooks> make_cuda_moe_lora_hooks(const MoeLoraPool& pool,
-                                                       int64_t max_tokens) {
-  return std::make_unique<CudaLoraHooks>(pool, max_tokens);
+                                                       int64_t max_tokens,
+                                                       const MoeLoraHooksOptions& options) {
+  return std::make_unique<CudaLoraHooks>(pool, max_tokens, options);
 }
 
 }  // namespace moelora

@@ -185,14 +185,14 @@ TEST(CudaMoeLora, OpsMatchReference) {
 
 // `early_seams`: call before_gate_up / before_down as the runner does (shrinks, and up to the
 // delta threshold the expands, on the side stream); otherwise the after_* seams issue them.
-void hooks_match_reference(bool early_seams) {
+void hooks_match_reference(bool early_seams, const MoeLoraHooksOptions& options = {}) {
   std::mt19937_64 rng(test::fresh_seed());
   const MoeShape sh = lora_shape();
   Pools pools(sh, rng);
   Stream s = Stream::create(Device::cuda());
   const int64_t max_tokens = 1024;
   auto hooks_cpu = MoeLoraHooks::create(pools.cpu, max_tokens);
-  auto hooks_gpu = MoeLoraHooks::create(pools.gpu, max_tokens);
+  auto hooks_gpu = MoeLoraHooks::create(pools.gpu, max_tokens, options);
   const int k = sh.top_k;
   const int64_t H = sh.hidden, I = sh.inter;
   for (int64_t m : kTokenCounts) {
@@ -232,6 +232,15 @@ TEST(CudaMoeLora, HooksMatchReference) {
 TEST(CudaMoeLora, HooksWithEarlySeamsMatchReference) {
   MOELORA_REQUIRE_GPU();
   hooks_match_reference(true);
+}
+
+// The delta variant (off by default), switched on for every batch size by the option.
+TEST(CudaMoeLora, HooksDeltaVariantMatchReference) {
+  MOELORA_REQUIRE_GPU();
+  MoeLoraHooksOptions options;
+  options.delta_max_slots = int64_t(1) << 30;
+  hooks_match_reference(true, options);
+  hooks_match_reference(false, options);
 }
 
 // The small-batch path's ops: the delta (written for every aligned slot, nothing else) and

@@ -117,14 +117,34 @@ class MoeHooks {
                           const Stream& stream) = 0;
 };
 
+// Settings of the hook path (explicit, never from the environment).
+struct MoeLoraHooksOptions {
+  // CUDA: batches of up to this many token-slots (M*k) expand on the side stream into a delta
+  // buffer that the main stream adds, instead of expanding on the main stream. 0 = off (it
+  // measured slower on H100 in session 1; kept selectable for re-measurement).
+  int64_t delta_max_slots = 0;
+};
+
 // LoRA hooks over `pool` for batches of up to `max_tokens`, on the pool's device.
 class MoeLoraHooks : public MoeHooks {
  public:
   // `pool` must outlive the hooks.
-  static std::unique_ptr<MoeLoraHooks> create(const MoeLoraPool& pool, int64_t max_tokens);
+  static std::unique_ptr<MoeLoraHooks> create(const MoeLoraPool& pool, int64_t max_tokens,
+                                              const MoeLoraHooksOptions& options = {});
   // Binds the batch's token->slot map (kept by reference-counted handle; contents may change
-  // between calls, which is how graph replays see a new mix).
-  virtual void bind(const LoraBatch& batch) = 0;
+  // between calls, which is how graph replays see a new mix). Checks dtype, device and size.
+  void bind(const LoraBatch& batch);
+
+ protected:
+  MoeLoraHooks(const MoeLoraPool& pool, int64_t max_tokens);
+  // The bound token->slot map's first m entries; throws when none is bound or it is shorter.
+  Tensor bound_slots(int64_t m) const;
+
+  const MoeLoraPool& pool_;
+  const int64_t max_tokens_;
+
+ private:
+  Tensor token_slot_;
 };
 
 }  // namespace moelora
