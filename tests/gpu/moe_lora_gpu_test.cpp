@@ -9,6 +9,7 @@
 #include "kernels/cpu/moe_ops.h"
 #include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_ops.h"
+#include "moelora/core/graph.h"
 #include "moelora/lora/moe_lora.h"
 
 namespace moelora {
@@ -185,7 +186,10 @@ TEST(CudaMoeLora, OpsMatchReference) {
 
 // `early_seams`: call before_gate_up / before_down as the runner does (shrinks, and up to the
 // delta threshold the expands, on the side stream); otherwise the after_* seams issue them.
-void hooks_match_reference(bool early_seams, const MoeLoraHooksOptions& options = {}) {
+// `graph`: the GPU seams are captured into a CUDA graph and replayed once (the side stream's
+// fork/join become graph edges; an expand must still see the side stream's complete u).
+void hooks_match_reference(bool early_seams, const MoeLoraHooksOptions& options = {},
+                           bool graph = false) {
   std::mt19937_64 rng(test::fresh_seed());
   const MoeShape sh = lora_shape();
   Pools pools(sh, rng);
@@ -213,11 +217,21 @@ void hooks_match_reference(bool early_seams, const MoeLoraHooksOptions& options 
     hooks_cpu->after_gate_up(x, topk, h, Stream());
     hooks_cpu->after_down(a, topk, o, Stream());
     hooks_gpu->bind(LoraBatch{dts});
-    hooks_gpu->after_route(dtopk, m, s);
-    if (early_seams) hooks_gpu->before_gate_up(dx, dtopk, s);
-    hooks_gpu->after_gate_up(dx, dtopk, dh, s);
-    if (early_seams) hooks_gpu->before_down(da, dtopk, s);
-    hooks_gpu->after_down(da, dtopk, dout, s);
+    auto seams = [&] {
+      hooks_gpu->after_route(dtopk, m, s);
+      if (early_seams) hooks_gpu->before_gate_up(dx, dtopk, s);
+      hooks_gpu->after_gate_up(dx, dtopk, dh, s);
+      if (early_seams) hooks_gpu->before_down(da, dtopk, s);
+      hooks_gpu->after_down(da, dtopk, dout, s);
+    };
+    CudaGraph g;  // outlives the replay
+    if (graph) {
+      s.synchronize();  // the uploads are done before the capture starts
+      g = CudaGraph::capture(s, seams);
+      g.replay(s);
+    } else {
+      seams();
+    }
     s.synchronize();
     EXPECT_TRUE(test::allclose(test::to_floats(dh), test::to_floats(h), 1e-4, 1e-4));
     EXPECT_TRUE(test::allclose(test::to_floats(dout), test::to_floats(o), 1e-4, 1e-4));
@@ -232,6 +246,11 @@ TEST(CudaMoeLora, HooksMatchReference) {
 TEST(CudaMoeLora, HooksWithEarlySeamsMatchReference) {
   MOELORA_REQUIRE_GPU();
   hooks_match_reference(true);
+}
+
+TEST(CudaMoeLora, HooksInGraphMatchReference) {
+  MOELORA_REQUIRE_GPU();
+  hooks_match_reference(true, {}, /*graph=*/true);
 }
 
 // The delta variant (off by default), switched on for every batch size by the option.

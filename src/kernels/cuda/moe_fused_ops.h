@@ -21,7 +21,7 @@ void moe_lora_align(const Tensor& ids, const Tensor& token_slot, int num_experts
 // K-split LoRA shrink/expand for the hook path: shrink writes `splits` partial sums
 // (u f32 [splits * M*k, R], partial p of slot s in row p * M*k + s), expand sums them while
 // staging. splits == 1 is exactly moe_lora_shrink / moe_lora_expand.
-inline constexpr int kMaxLoraSplits = 8;
+inline constexpr int kMaxLoraSplits = 8;  // = detail::kMaxSplits (moe_lora.cuh)
 void moe_lora_shrink_split(const Tensor& in, int rows_div, const MoeAlignment& vplan,
                            const Tensor& A, const Tensor& meta, LoraSeam seam, int splits,
                            Tensor& u, const Stream& stream);

@@ -287,6 +287,10 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& v, float (&f)[8]) {
   }
 }
 
+// K-split partials the expand sums (the ops check splits <= kMaxLoraSplits, moe_fused_ops.h;
+// keep the two equal).
+constexpr int kMaxSplits = 8;
+
 // Ranks up to which B is staged whole in shared memory (r_max KB per CTA).
 constexpr int kExpandStageRanks = 64;
 
@@ -301,9 +305,14 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // grid: (plan blocks, ceil(N / kExpand4Cols)); dynamic smem: (ldu + kExpand4Pad) * 8 floats of
 // staged u, then (kStageB) r_max / 8 * 4 * kExpand4Threads uint4 of B.
 // kStageB (r_max <= kExpandStageRanks): every B value a thread needs is requested at once
-// with cp.async as soon as the (adapter, expert) is known, so a rank-64 adapter costs one
-// memory round trip instead of one per 8 ranks. Each thread reads back only what it copied
-// (no barrier needed, just its own wait).
+// with cp.async as soon as the adapter's rank is known, so a rank-64 adapter costs one memory
+// round trip instead of one per 8 ranks. Each thread reads back only what it copied (no
+// barrier needed, just its own wait). Otherwise B is read per 8 ranks from global memory.
+// Latency (batch 1-4 has one slot per CTA, so the kernel is a chain of dependent loads): the
+// plan's three reads (num_padded, block_group, the first 8 sorted slots) are issued together,
+// and the first slot group's u, out rows and weights are requested before the adapter's meta
+// is used (they depend on the slots only), so the chain is plan -> meta/u/out -> B instead of
+// six round trips one after another.
 template <bool kDelta, bool kStageB>
 __global__ void __launch_bounds__(kExpand4Threads)
     moe_lora_expand4_kernel(LoraPlanView plan, ExpandArgs a) {
@@ -311,9 +320,14 @@ __global__ void __launch_bounds__(kExpand4Threads)
   pdl_wait();
   pdl_trigger();
   const int b = blockIdx.x;
-  if (b * plan.block_m >= plan.num_padded[0]) return;
+  // Every CTA of the worst-case grid may read its block's entries (they exist, possibly stale).
+  const int padded = plan.num_padded[0];
   const int v = plan.block_group[b];
-  if (v < 0) return;
+  int srow[kExpandSlots];
+#pragma unroll
+  for (int j = 0; j < kExpandSlots; ++j)
+    srow[j] = j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j] : plan.num_slots;
+  if (b * plan.block_m >= padded || v < 0) return;
   const int slot = v / plan.num_experts, e = v % plan.num_experts;
   const int32_t* m = a.meta + slot * 6;
   int rank_lo, col_lo, rank_hi, col_hi;
@@ -323,67 +337,73 @@ __global__ void __launch_bounds__(kExpand4Threads)
     rank_lo = rank_hi = m[5];
     col_lo = col_hi = 0;
   }
-  col_lo = max(0, min(col_lo, a.ldu)), col_hi = max(0, min(col_hi, a.ldu));
-  rank_lo = max(0, min(rank_lo, min(a.r_max, a.ldu - col_lo)));
-  rank_hi = max(0, min(rank_hi, min(a.r_max, a.ldu - col_hi)));
-  if (!kDelta && rank_lo == 0 && rank_hi == 0) return;
   const int half = a.gate_up ? a.N / 2 : a.N;
-
   const int i0 = blockIdx.y * kExpand4Cols + threadIdx.x * 4;  // columns i0 .. i0+3
   const bool active = i0 < a.N;
-  const bool lo = i0 < half;
-  const int rk = active ? (lo ? rank_lo : rank_hi) : 0;
-  const int cl = lo ? col_lo : col_hi;
-  const __nv_bfloat16* brow = static_cast<const __nv_bfloat16*>(a.B) +
-                              ((int64_t(slot) * plan.num_experts + e) * a.N + (active ? i0 : 0)) * a.r_max;
   const int rows = a.ldu + kExpand4Pad;
-  uint4* sb = reinterpret_cast<uint4*>(us4 + 2 * rows);  // [r / 8][4 columns][threads]
-  // First 16 ranks of the four B rows, issued before the slot loop (they depend on v only).
-  uint4 b_first[2][4];
-  if constexpr (kStageB) {
-    for (int q = 0; q * 8 < rk; ++q)
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        cp_async_16(&sb[(q * 4 + c) * kExpand4Threads + threadIdx.x], brow + c * a.r_max + q * 8);
-  } else {
-#pragma unroll
-    for (int q = 0; q < 2; ++q)
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        b_first[q][c] = q * 8 < rk ? __ldg(reinterpret_cast<const uint4*>(brow + c * a.r_max + q * 8))
-                                   : make_uint4(0, 0, 0, 0);
-  }
 
   for (int j0 = 0; j0 < plan.block_m; j0 += kExpandSlots) {
-    if (plan.sorted_slots[b * plan.block_m + j0] >= plan.num_slots) break;  // padding follows
-    int srow[kExpandSlots];
+    if (j0 > 0) {
+#pragma unroll
+      for (int j = 0; j < kExpandSlots; ++j)
+        srow[j] = j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
+    }
+    if (srow[0] >= plan.num_slots) break;  // padding follows
     float4 prev[kExpandSlots];
     float w[kExpandSlots];
 #pragma unroll
     for (int j = 0; j < kExpandSlots; ++j) {
-      srow[j] = j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
       const bool live = srow[j] < plan.num_slots;
       w[j] = a.slot_weights && live ? a.slot_weights[srow[j]] : 1.0f;
       prev[j] = make_float4(0.f, 0.f, 0.f, 0.f);
       if (!kDelta && active && live)
         prev[j] = *reinterpret_cast<const float4*>(a.out + int64_t(srow[j]) * a.N + i0);
     }
-    __syncthreads();  // the previous step's readers are done with us / ss
-    // Stage u transposed, summing K-split partials; zero outside the live columns.
+    if (j0 > 0) __syncthreads();  // the previous step's readers are done with us
+    // Stage u transposed, summing K-split partials. Loads of every column < ldu are issued
+    // regardless of the adapter's meta (in bounds; dead columns may hold NaN poison and are
+    // replaced by zero below, by selection, never by arithmetic).
     for (int c = threadIdx.x; c < rows; c += kExpand4Threads) {
-      const bool live_col = c < a.ldu && ((c >= col_lo && c < col_lo + rank_lo) ||
-                                          (c >= col_hi && c < col_hi + rank_hi));
       float val[kExpandSlots];
 #pragma unroll
       for (int j = 0; j < kExpandSlots; ++j) {
         float t = 0.0f;
-        if (live_col && srow[j] < plan.num_slots)
-          for (int sp = 0; sp < a.splits; ++sp)
-            t += a.u[sp * a.split_stride + int64_t(srow[j]) * a.ldu + c];
+        if (c < a.ldu && srow[j] < plan.num_slots) {
+          const float* up = a.u + int64_t(srow[j]) * a.ldu + c;
+#pragma unroll
+          for (int sp = 0; sp < kMaxSplits; ++sp)
+            if (sp < a.splits) t += up[sp * a.split_stride];
+        }
         val[j] = t;
       }
+      // Meta is needed from here on (it was loaded together with u above).
+      const int cl_lo = max(0, min(col_lo, a.ldu)), cl_hi = max(0, min(col_hi, a.ldu));
+      const int rk_lo = max(0, min(rank_lo, min(a.r_max, a.ldu - cl_lo)));
+      const int rk_hi = max(0, min(rank_hi, min(a.r_max, a.ldu - cl_hi)));
+      const bool live_col = c < a.ldu && ((c >= cl_lo && c < cl_lo + rk_lo) ||
+                                          (c >= cl_hi && c < cl_hi + rk_hi));
+#pragma unroll
+      for (int j = 0; j < kExpandSlots; ++j) val[j] = live_col ? val[j] : 0.0f;
       us4[2 * c] = make_float4(val[0], val[1], val[2], val[3]);
       us4[2 * c + 1] = make_float4(val[4], val[5], val[6], val[7]);
+    }
+    col_lo = max(0, min(col_lo, a.ldu)), col_hi = max(0, min(col_hi, a.ldu));
+    rank_lo = max(0, min(rank_lo, min(a.r_max, a.ldu - col_lo)));
+    rank_hi = max(0, min(rank_hi, min(a.r_max, a.ldu - col_hi)));
+    if (!kDelta && rank_lo == 0 && rank_hi == 0) return;  // uniform over the CTA
+    const bool lo = i0 < half;
+    const int rk = active ? (lo ? rank_lo : rank_hi) : 0;
+    const int cl = lo ? col_lo : col_hi;
+    const __nv_bfloat16* brow = static_cast<const __nv_bfloat16*>(a.B) +
+                                ((int64_t(slot) * plan.num_experts + e) * a.N + (active ? i0 : 0)) * a.r_max;
+    uint4* sb = reinterpret_cast<uint4*>(us4 + 2 * rows);  // [r / 8][4 columns][threads]
+    // B of ranks < rk, this thread's four rows: requested once, on the first slot group
+    // (each thread reads back only what it copied: no barrier, just its own wait).
+    if (kStageB && j0 == 0) {
+      for (int q = 0; q * 8 < rk; ++q)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          cp_async_16(&sb[(q * 4 + c) * kExpand4Threads + threadIdx.x], brow + c * a.r_max + q * 8);
     }
     __syncthreads();
     if (!active) continue;
@@ -394,9 +414,6 @@ __global__ void __launch_bounds__(kExpand4Threads)
       if constexpr (kStageB) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) bq[c] = sb[((r >> 3) * 4 + c) * kExpand4Threads + threadIdx.x];
-      } else if (r < 16) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) bq[c] = r == 0 ? b_first[0][c] : b_first[1][c];
       } else {
 #pragma unroll
         for (int c = 0; c < 4; ++c)
