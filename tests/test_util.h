@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -42,6 +43,17 @@ Diff diff(const std::vector<float>& actual, const std::vector<float>& expected);
 ::testing::AssertionResult allclose(const std::vector<float>& actual,
                                     const std::vector<float>& expected, double rel_tol,
                                     double abs_tol = 0.0);
+
+// Expects `f` to throw moelora::Error whose message contains `needle`.
+inline void expect_error(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "expected moelora::Error containing '" << needle << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << "message '" << e.what() << "' lacks '" << needle << "'";
+  }
+}
 
 // Path of a committed fixture file (tests/fixtures/<name>); env MOELORA_FIXTURES overrides the
 // directory (the device runs carry the tree to another path).

@@ -149,16 +149,6 @@ inline std::vector<double> ref_moe_token(const std::vector<double>& x, const flo
   return acc;
 }
 
-// Expects `f` to throw moelora::Error whose message contains `needle`.
-inline void expect_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected moelora::Error containing '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-        << "message '" << e.what() << "' lacks '" << needle << "'";
-  }
-}
 
 inline double ref_sigmoid(double v) {
   return 1.0 / (1.0 + std::exp(-v));

@@ -73,15 +73,5 @@ inline std::vector<uint32_t> raw_bits32(const Tensor& t0) {
   return v;
 }
 
-// Expects `f` to throw moelora::Error whose message contains `needle`.
-inline void expect_error_with(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected moelora::Error containing '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-        << "message '" << e.what() << "' lacks '" << needle << "'";
-  }
-}
 
 }  // namespace moelora::test

@@ -342,7 +342,7 @@ TEST(CudaMoeLora, BadInput) {
   vplan.block_m = 8;
   Tensor u = Tensor::empty({n, 2 * kRmax}, DType::f32, d);
   // Input width differs from A's K.
-  test::expect_error_with(
+  test::expect_error(
       [&] {
         cuda::moe_lora_shrink(Tensor::zeros({m, 256}, DType::bf16, d), sh.top_k, vplan, pool.a13(),
                               pool.slot_meta(), LoraSeam::gate_up, u, s);
@@ -351,28 +351,28 @@ TEST(CudaMoeLora, BadInput) {
   // A plan for a different number of groups.
   MoeAlignment wrong = MoeAlignment::allocate(n, sh.num_experts, kMaxBlockM, d);
   wrong.block_m = 8;
-  test::expect_error_with(
+  test::expect_error(
       [&] {
         cuda::moe_lora_shrink(Tensor::zeros({m, sh.hidden}, DType::bf16, d), sh.top_k, wrong,
                               pool.a13(), pool.slot_meta(), LoraSeam::gate_up, u, s);
       },
       "num_groups");
   // Wrong meta shape / dtype, output of the wrong width.
-  test::expect_error_with(
+  test::expect_error(
       [&] {
         Tensor out = Tensor::zeros({n, 2 * sh.inter}, DType::f32, d);
         cuda::moe_lora_expand(u, vplan, pool.b13(), Tensor::zeros({kSlots, 5}, DType::i32, d),
                               LoraSeam::gate_up, Tensor(), out, s);
       },
       "meta");
-  test::expect_error_with(
+  test::expect_error(
       [&] {
         Tensor out = Tensor::zeros({n, 2 * sh.inter + 2}, DType::f32, d);
         cuda::moe_lora_expand(u, vplan, pool.b13(), pool.slot_meta(), LoraSeam::gate_up,
                               Tensor(), out, s);
       },
       "out");
-  test::expect_error_with(
+  test::expect_error(
       [&] {
         Tensor vids = Tensor::empty({m, sh.top_k}, DType::i32, d);
         cuda::moe_lora_group_ids(Tensor::zeros({m, sh.top_k}, DType::i32, d),

@@ -101,20 +101,20 @@ TEST(CudaMoeRoute, BadInput) {
   Stream s = Stream::create(Device::cuda());
   TopK out{Tensor::empty({4, 2}, DType::i32, Device::cuda()),
            Tensor::empty({4, 2}, DType::f32, Device::cuda())};
-  test::expect_error_with(
+  test::expect_error(
       [&] { cuda::moe_route(Tensor::zeros({4, 15}, DType::f32, Device::cuda()), Tensor(), cfg, out, s); },
       "logits");
-  test::expect_error_with(
+  test::expect_error(
       [&] { cuda::moe_route(Tensor::zeros({4, 16}, DType::bf16, Device::cuda()), Tensor(), cfg, out, s); },
       "logits");
-  test::expect_error_with(
+  test::expect_error(
       [&] { cuda::moe_route(Tensor::zeros({4, 16}, DType::f32), Tensor(), cfg, out, s); }, "CUDA");
   TopK wrong{Tensor::empty({4, 3}, DType::i32, Device::cuda()), out.weights};
-  test::expect_error_with(
+  test::expect_error(
       [&] { cuda::moe_route(Tensor::zeros({4, 16}, DType::f32, Device::cuda()), Tensor(), cfg, wrong, s); },
       "topk.ids");
   const RouterConfig v3 = RouterConfig::deepseek_v3(16, 2, 4, 2, 1.0f);
-  test::expect_error_with(
+  test::expect_error(
       [&] { cuda::moe_route(Tensor::zeros({4, 16}, DType::f32, Device::cuda()), Tensor(), v3, out, s); },
       "correction_bias");
 }
@@ -207,16 +207,16 @@ TEST(CudaMoeAlign, BadInput) {
   MoeAlignment plan = MoeAlignment::allocate(16, 8, 8, Device::cuda());
   plan.block_m = 8;
   Tensor ids = Tensor::zeros({4, 4}, DType::i32, Device::cuda());
-  test::expect_error_with([&] { cuda::moe_align(Tensor::zeros({4, 4}, DType::f32, Device::cuda()), plan, s); },
+  test::expect_error([&] { cuda::moe_align(Tensor::zeros({4, 4}, DType::f32, Device::cuda()), plan, s); },
                           "group_ids");
-  test::expect_error_with([&] { cuda::moe_align(Tensor::zeros({8, 4}, DType::i32, Device::cuda()), plan, s); },
+  test::expect_error([&] { cuda::moe_align(Tensor::zeros({8, 4}, DType::i32, Device::cuda()), plan, s); },
                           "sorted_slots");
   plan.block_m = 0;
-  test::expect_error_with([&] { cuda::moe_align(ids, plan, s); }, "block_m");
+  test::expect_error([&] { cuda::moe_align(ids, plan, s); }, "block_m");
   plan.block_m = 8;
   MoeAlignment huge = MoeAlignment::allocate(16, 1 << 20, 8, Device::cuda());
   huge.block_m = 8;
-  test::expect_error_with([&] { cuda::moe_align(ids, huge, s); }, "groups");
+  test::expect_error([&] { cuda::moe_align(ids, huge, s); }, "groups");
 }
 
 TEST(CudaMoeActivation, MatchesReference) {
@@ -291,11 +291,11 @@ TEST(CudaMoeElementwise, BadInput) {
   const Device d = Device::cuda();
   Tensor ids = Tensor::zeros({2, 2}, DType::i32, d);
   Tensor a = Tensor::empty({4, 8}, DType::bf16, d);
-  test::expect_error_with([&] { cuda::moe_activation(Tensor::zeros({4, 15}, DType::f32, d), ids, a, s); }, "h");
-  test::expect_error_with([&] { cuda::moe_activation(Tensor::zeros({4, 16}, DType::bf16, d), ids, a, s); }, "h");
+  test::expect_error([&] { cuda::moe_activation(Tensor::zeros({4, 15}, DType::f32, d), ids, a, s); }, "h");
+  test::expect_error([&] { cuda::moe_activation(Tensor::zeros({4, 16}, DType::bf16, d), ids, a, s); }, "h");
   Tensor y = Tensor::empty({2, 8}, DType::bf16, d);
-  test::expect_error_with([&] { cuda::moe_reduce(Tensor::zeros({3, 8}, DType::f32, d), ids, Tensor(), Tensor(), y, s); }, "o");
-  test::expect_error_with(
+  test::expect_error([&] { cuda::moe_reduce(Tensor::zeros({3, 8}, DType::f32, d), ids, Tensor(), Tensor(), y, s); }, "o");
+  test::expect_error(
       [&] { cuda::moe_reduce(Tensor::zeros({4, 8}, DType::f32, d), ids, Tensor::zeros({2, 7}, DType::f32, d), Tensor(), y, s); },
       "shared_o");
 }
