@@ -54,8 +54,11 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
   check_shape(y, {m, s.hidden}, "MoE output y");
   if (s.shared_gate) {
     check_dtype(in.shared_gate_logits, DType::f32, "MoE shared_gate_logits");
+    check_device(in.shared_gate_logits, d, "MoE shared_gate_logits");
     check_shape(in.shared_gate_logits, {m}, "MoE shared_gate_logits");
   }
+  check_device(w.w13, d, "MoE weights w13 (gate_up)");
+  check_device(w.w2, d, "MoE weights w2 (down)");
   MOELORA_CHECK(!config_.router.use_correction_bias || w.correction_bias.defined(),
                 "MoE weights: the router uses e_score_correction_bias but none was given");
 
