@@ -6,6 +6,7 @@
 #include "moelora/core/error.h"
 #include "moelora/moe/config.h"
 #include "tools/bench_moe.h"
+#include "tools/convert.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"moelora: Mixture-of-Experts serving with many LoRA adapters"};
@@ -32,9 +33,13 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--json", moe.json, "write results as JSON to this file");
   bench_moe->add_option("--seed", moe.seed, "random seed")->capture_default_str();
 
+  moelora::tools::ConvertCliOptions conv;
+  CLI::App* convert = moelora::tools::add_convert_command(app, conv);
+
   try {
     app.parse(argc, argv);
     if (*bench_moe) return moelora::tools::run_bench_moe(moe);
+    if (*convert) return moelora::tools::run_convert(conv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const moelora::Error& e) {
