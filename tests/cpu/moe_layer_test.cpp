@@ -13,26 +13,10 @@
 namespace moelora {
 namespace {
 
-MoeShape small_shape(int H, int I, int E, int k, int shared_inter = 0, bool shared_gate = false) {
-  MoeShape s;
-  s.name = "test";
-  s.hidden = H;
-  s.inter = I;
-  s.num_experts = E;
-  s.top_k = k;
-  s.shared_inter = shared_inter;
-  s.shared_gate = shared_gate;
-  return s;
-}
+using test::reference_config;
 
-MoeRunnerConfig reference_config(const MoeShape& s, const RouterConfig& r, int64_t max_tokens) {
-  MoeRunnerConfig c;
-  c.shape = s;
-  c.router = r;
-  c.device = Device::cpu();
-  c.max_tokens = max_tokens;
-  c.backend = "reference";
-  return c;
+MoeShape small_shape(int H, int I, int E, int k, int shared_inter = 0, bool shared_gate = false) {
+  return test::make_test_shape(H, I, E, k, shared_inter, shared_gate);
 }
 
 // Runs the layer for each M and compares y with the double loop (and the routing with the

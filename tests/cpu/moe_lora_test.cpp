@@ -94,25 +94,10 @@ test::RefExperts merged(const test::RefExperts& base, const MoeLoraWeights& w,
   return m;
 }
 
-MoeShape small_shape(int E, int k, int shared_inter = 0) {
-  MoeShape s;
-  s.name = "test-lora";
-  s.hidden = 64;
-  s.inter = 48;
-  s.num_experts = E;
-  s.top_k = k;
-  s.shared_inter = shared_inter;
-  return s;
-}
+using test::reference_config;
 
-MoeRunnerConfig reference_config(const MoeShape& s, const RouterConfig& r, int64_t max_tokens) {
-  MoeRunnerConfig c;
-  c.shape = s;
-  c.router = r;
-  c.device = Device::cpu();
-  c.max_tokens = max_tokens;
-  c.backend = "reference";
-  return c;
+MoeShape small_shape(int E, int k, int shared_inter = 0) {
+  return test::make_test_shape(64, 48, E, k, shared_inter);
 }
 
 std::vector<uint16_t> bf16_bits(const Tensor& t) {

@@ -13,6 +13,7 @@
 
 #include "moelora/core/tensor.h"
 #include "moelora/moe/config.h"
+#include "moelora/moe/runner.h"
 #include "moelora/moe/types.h"
 #include "test_util.h"
 
@@ -152,6 +153,32 @@ inline std::vector<double> ref_moe_token(const std::vector<double>& x, const flo
 
 inline double ref_sigmoid(double v) {
   return 1.0 / (1.0 + std::exp(-v));
+}
+
+// A small MoE shape for tests.
+inline MoeShape make_test_shape(int H, int I, int E, int k, int shared_inter = 0,
+                                bool shared_gate = false) {
+  MoeShape s;
+  s.name = "test";
+  s.hidden = H;
+  s.inter = I;
+  s.num_experts = E;
+  s.top_k = k;
+  s.shared_inter = shared_inter;
+  s.shared_gate = shared_gate;
+  return s;
+}
+
+// A MoeRunner config on the CPU reference backend.
+inline MoeRunnerConfig reference_config(const MoeShape& s, const RouterConfig& r,
+                                        int64_t max_tokens) {
+  MoeRunnerConfig c;
+  c.shape = s;
+  c.router = r;
+  c.device = Device::cpu();
+  c.max_tokens = max_tokens;
+  c.backend = "reference";
+  return c;
 }
 
 }  // namespace moelora::test
