@@ -177,8 +177,16 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
   } catch (const Error&) {
     MOELORA_THROW("{}: tensor '{}' has dtype {}, which moelora cannot hold", path_, name, e.dtype);
   }
-  return Tensor::wrap(const_cast<uint8_t*>(data_ + e.begin), e.shape, dt, Device::cpu(),
-                      mapping_);
+  const uint8_t* p = data_ + e.begin;
+  // The format packs tensors back to back, so one may start at an offset its dtype cannot be
+  // loaded from (an F32 after an odd-sized F8). Such a tensor is copied to aligned memory;
+  // aligned ones are zero-copy views of the mapping.
+  if (reinterpret_cast<uintptr_t>(p) % dtype_size(dt) != 0) {
+    Tensor t = Tensor::empty(e.shape, dt);
+    std::memcpy(t.data(), p, e.end - e.begin);
+    return t;
+  }
+  return Tensor::wrap(const_cast<uint8_t*>(p), e.shape, dt, Device::cpu(), mapping_);
 }
 
 Tensor SafetensorsFile::tensor(const std::string& name, DType dtype, const Shape& shape) const {

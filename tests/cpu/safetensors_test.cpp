@@ -46,6 +46,21 @@ TEST(Safetensors, RoundTrip) {
   std::filesystem::remove(path);
 }
 
+// Tensors are packed back to back: an F32 after a 3-byte U8 starts misaligned and must still
+// read correctly (copied to aligned memory rather than loaded through a misaligned pointer).
+TEST(Safetensors, MisalignedTensorIsCopiedAligned) {
+  std::mt19937_64 rng(test::fresh_seed());
+  Tensor odd = Tensor::zeros({3}, DType::u8);
+  Tensor f = test::random_tensor({5}, DType::f32, rng);
+  const std::string path = temp_path("misaligned.safetensors");
+  save_safetensors(path, {{"a_odd", odd}, {"b_f32", f}});
+  SafetensorsFile file(path);
+  const Tensor t = file.tensor("b_f32");
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data()) % 4, 0u);
+  EXPECT_EQ(test::to_floats(t), test::to_floats(f));
+  std::filesystem::remove(path);
+}
+
 TEST(Safetensors, MalformedFilesNameTheProblem) {
   const std::string p = temp_path("bad.safetensors");
   struct Case {
