@@ -1,6 +1,7 @@
 // Helpers for the GPU op tests: device copies, poisoning, host mirrors of plans.
 #pragma once
 
+#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -9,6 +10,7 @@
 #include <cuda_runtime_api.h>
 
 #include "moelora/core/device.h"
+#include "moelora/core/graph.h"
 #include "moelora/core/stream.h"
 #include "moelora/core/tensor.h"
 #include "moelora/moe/types.h"
@@ -73,5 +75,25 @@ inline std::vector<uint32_t> raw_bits32(const Tensor& t0) {
   return v;
 }
 
+// Median milliseconds of one replay of the graph `body` enqueues on `s` (for the disabled perf
+// tests): `body` runs once eagerly first (one-time kernel attributes), then is captured once;
+// `warmup` replays are dropped, `timed` replays measured with events.
+inline double graph_replay_median_ms(const Stream& s, const std::function<void()>& body,
+                                     int warmup, int timed) {
+  body();
+  s.synchronize();
+  const CudaGraph graph = CudaGraph::capture(s, body);
+  Event start = Event::create(s.device()), stop = Event::create(s.device());
+  std::vector<float> ms;
+  for (int i = 0; i < warmup + timed; ++i) {
+    start.record(s);
+    graph.replay(s);
+    stop.record(s);
+    stop.synchronize();
+    if (i >= warmup) ms.push_back(Event::elapsed_ms(start, stop));
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
 
 }  // namespace moelora::test

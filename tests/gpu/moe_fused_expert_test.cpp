@@ -186,34 +186,9 @@ TEST(CudaMoeFusedExpert, BaseTokensMatchLoraOffRun) {
 
 // Median µs per layer of `body(l)` for l = 0..7 captured in one graph and replayed.
 double layer_graph_us(const Stream& s, const std::function<void(int)>& body) {
-  auto cs = static_cast<cudaStream_t>(s.handle());
-  for (int l = 0; l < 8; ++l) body(l);  // warm-up (one-time kernel attributes)
-  s.synchronize();
-  cudaGraph_t g;
-  cudaGraphExec_t e;
-  EXPECT_EQ(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-  for (int l = 0; l < 8; ++l) body(l);
-  EXPECT_EQ(cudaStreamEndCapture(cs, &g), cudaSuccess);
-  EXPECT_EQ(cudaGraphInstantiate(&e, g, 0), cudaSuccess);
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<float> t;
-  for (int i = 0; i < 15; ++i) {
-    cudaEventRecord(a, cs);
-    cudaGraphLaunch(e, cs);
-    cudaEventRecord(b, cs);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    if (i >= 3) t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  cudaGraphExecDestroy(e);
-  cudaGraphDestroy(g);
-  return 1000.0 * t[t.size() / 2] / 8;
+  const double ms = test::graph_replay_median_ms(
+      s, [&] { for (int l = 0; l < 8; ++l) body(l); }, /*warmup=*/3, /*timed=*/12);
+  return 1000.0 * ms / 8;
 }
 
 // gemm1 -> activation -> gemm2 of qwen3-30b-a3b, 8 layers with their own weights and routings

@@ -163,14 +163,7 @@ TEST(CudaMoeLayer, GraphReplayWithNewInputs) {
       MoeHooks* hg = lora ? hooks_gpu.get() : nullptr;
       gpu.run(din, dw, hg, y, s);  // warm-up (one-time kernel attributes)
       s.synchronize();
-
-      auto cs = static_cast<cudaStream_t>(s.handle());
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      ASSERT_EQ(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-      gpu.run(din, dw, hg, y, s);
-      ASSERT_EQ(cudaStreamEndCapture(cs, &graph), cudaSuccess);
-      ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      const CudaGraph graph = CudaGraph::capture(s, [&] { gpu.run(din, dw, hg, y, s); });
 
       for (int rep = 0; rep < 3; ++rep) {
         in = random_inputs(c.shape, m, lora ? 2 : 0, rng);
@@ -179,15 +172,13 @@ TEST(CudaMoeLayer, GraphReplayWithNewInputs) {
         if (in.gate.defined()) din.shared_gate_logits.copy_from(in.gate, &s);
         if (lora) dslots.copy_from(in.token_slot, &s);
         y.fill_bytes(test::kPoisonFloat, &s);
-        ASSERT_EQ(cudaGraphLaunch(exec, cs), cudaSuccess);
+        graph.replay(s);
         s.synchronize();
         Tensor y_ref = Tensor::empty({m, int64_t(c.shape.hidden)}, DType::bf16);
         if (lora) hooks_cpu->bind(LoraBatch{in.token_slot});
         ref.run(as_moe_inputs(in), w, lora ? hooks_cpu.get() : nullptr, y_ref, Stream());
         expect_layer_close(y, y_ref);
       }
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
     }
   }
 }

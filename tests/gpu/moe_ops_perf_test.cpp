@@ -20,34 +20,9 @@ namespace {
 
 // Median microseconds of one `body` call: `reps` calls captured in one graph, replayed.
 double graph_us(const Stream& s, int reps, const std::function<void()>& body) {
-  auto cs = static_cast<cudaStream_t>(s.handle());
-  body();  // warm-up, outside the graph
-  s.synchronize();
-  cudaGraph_t g;
-  cudaGraphExec_t e;
-  EXPECT_EQ(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-  for (int i = 0; i < reps; ++i) body();
-  EXPECT_EQ(cudaStreamEndCapture(cs, &g), cudaSuccess);
-  EXPECT_EQ(cudaGraphInstantiate(&e, g, 0), cudaSuccess);
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<float> t;
-  for (int i = 0; i < 12; ++i) {
-    cudaEventRecord(a, cs);
-    cudaGraphLaunch(e, cs);
-    cudaEventRecord(b, cs);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    if (i >= 2) t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  cudaGraphExecDestroy(e);
-  cudaGraphDestroy(g);
-  return 1000.0 * t[t.size() / 2] / reps;
+  const double ms = test::graph_replay_median_ms(
+      s, [&] { for (int i = 0; i < reps; ++i) body(); }, /*warmup=*/2, /*timed=*/10);
+  return 1000.0 * ms / reps;
 }
 
 // Writes slot meta directly (pool tensors stay zero: values do not matter for timing).
