@@ -57,8 +57,12 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
     check_device(in.shared_gate_logits, d, "MoE shared_gate_logits");
     check_shape(in.shared_gate_logits, {m}, "MoE shared_gate_logits");
   }
-  check_device(w.w13, d, "MoE weights w13 (gate_up)");
-  check_device(w.w2, d, "MoE weights w2 (down)");
+  MOELORA_CHECK(w.format == config_.format,
+                "MoE weights: format {}, but the runner was built for {} (backend '{}')",
+                format_name(w.format), format_name(config_.format), backend_->name());
+  MOELORA_CHECK(w.w13.defined() && w.w2.defined(), "MoE weights: w13 and w2 must be given");
+  check_device(w.w13.w, d, "MoE weights w13 (gate_up)");
+  check_device(w.w2.w, d, "MoE weights w2 (down)");
   MOELORA_CHECK(!config_.router.use_correction_bias || w.correction_bias.defined(),
                 "MoE weights: the router uses e_score_correction_bias but none was given");
 

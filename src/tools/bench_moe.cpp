@@ -90,15 +90,15 @@ MoeWeights random_weights(const MoeShape& s, Device d, uint64_t seed, const Stre
   const int64_t E = s.num_experts, H = s.hidden, I = s.inter;
   // Scales keep activations O(1): weights ~ U(-a, a) with a = sqrt(3 / fan_in).
   w.w13 = Tensor::empty({E, 2 * I, H}, DType::bf16, d);
-  fill_uniform(w.w13, seed, -std::sqrt(3.0f / H), std::sqrt(3.0f / H), st);
+  fill_uniform(w.w13.w, seed, -std::sqrt(3.0f / H), std::sqrt(3.0f / H), st);
   w.w2 = Tensor::empty({E, H, I}, DType::bf16, d);
-  fill_uniform(w.w2, seed + 1, -std::sqrt(3.0f / I), std::sqrt(3.0f / I), st);
+  fill_uniform(w.w2.w, seed + 1, -std::sqrt(3.0f / I), std::sqrt(3.0f / I), st);
   if (s.shared_inter > 0) {
     const int64_t Is = s.shared_inter;
     w.shared_w13 = Tensor::empty({1, 2 * Is, H}, DType::bf16, d);
-    fill_uniform(w.shared_w13, seed + 2, -std::sqrt(3.0f / H), std::sqrt(3.0f / H), st);
+    fill_uniform(w.shared_w13.w, seed + 2, -std::sqrt(3.0f / H), std::sqrt(3.0f / H), st);
     w.shared_w2 = Tensor::empty({1, H, Is}, DType::bf16, d);
-    fill_uniform(w.shared_w2, seed + 3, -std::sqrt(3.0f / Is), std::sqrt(3.0f / Is), st);
+    fill_uniform(w.shared_w2.w, seed + 3, -std::sqrt(3.0f / Is), std::sqrt(3.0f / Is), st);
   }
   if (s.default_router().use_correction_bias) {
     w.correction_bias = Tensor::empty({E}, DType::f32, d);

@@ -26,9 +26,9 @@ void check_layer(const MoeShape& s, const RouterConfig& r, const std::vector<int
   MoeRunner runner(reference_config(s, r, 300));
   EXPECT_EQ(runner.backend().name(), "reference");
   const MoeWeights w = test::random_moe_weights(s, rng, r.use_correction_bias);
-  const auto experts = test::RefExperts::from(w.w13, w.w2);
+  const auto experts = test::RefExperts::from(w.w13.w, w.w2.w);
   test::RefExperts shared;
-  if (s.shared_inter > 0) shared = test::RefExperts::from(w.shared_w13, w.shared_w2);
+  if (s.shared_inter > 0) shared = test::RefExperts::from(w.shared_w13.w, w.shared_w2.w);
   const float* bias = w.correction_bias.defined() ? w.correction_bias.data<float>() : nullptr;
 
   for (int64_t M : Ms) {
@@ -82,7 +82,7 @@ TEST(MoeLayer, NotHereSlotsAreSkipped) {
   std::mt19937_64 rng(test::fresh_seed());
   const MoeShape s = small_shape(32, 16, 4, 2);
   const MoeWeights w = test::random_moe_weights(s, rng, false);
-  const auto experts = test::RefExperts::from(w.w13, w.w2);
+  const auto experts = test::RefExperts::from(w.w13.w, w.w2.w);
   const int64_t M = 5, k = 2, slots = M * k;
   const std::vector<int32_t> ids = {0, -1, 3, 1, -1, -1, 2, 2, 1, 0};
   const std::vector<float> wts = {0.7f, 0.3f, 0.6f, 0.4f, 0.5f, 0.5f, 0.9f, 0.1f, 0.2f, 0.8f};
@@ -96,9 +96,9 @@ TEST(MoeLayer, NotHereSlotsAreSkipped) {
   Tensor o = Tensor::empty({slots, s.hidden}, DType::f32),
          y = Tensor::empty({M, s.hidden}, DType::bf16);
   for (Tensor* t : {&h, &a, &o, &y}) t->fill_bytes(0xff);  // NaN where unwritten
-  cpu::moe_gemm1(x, int(k), plan, w.w13, h, Stream());
+  cpu::moe_gemm1(x, int(k), plan, w.w13.w, h, Stream());
   cpu::moe_activation(h, ids_t, a, Stream());
-  cpu::moe_gemm2(a, plan, w.w2, test::from_floats(wts, {slots}, DType::f32), o, Stream());
+  cpu::moe_gemm2(a, plan, w.w2.w, test::from_floats(wts, {slots}, DType::f32), o, Stream());
   cpu::moe_reduce(o, ids_t, Tensor(), Tensor(), y, Stream());
   const auto xf = test::to_floats(x);
   std::vector<float> expected;
@@ -145,7 +145,7 @@ TEST(MoeLayer, BadInputThrows) {
       },
       "moe_gemm1 w13");
   Tensor h_small = Tensor::empty({5, 32}, DType::f32);
-  test::expect_error([&] { cpu::moe_gemm1(in.x, 2, plan, w.w13, h_small, Stream()); },
+  test::expect_error([&] { cpu::moe_gemm1(in.x, 2, plan, w.w13.w, h_small, Stream()); },
                      "moe_gemm1 h");
 }
 

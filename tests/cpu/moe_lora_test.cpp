@@ -118,9 +118,9 @@ void check_lora_layer(const MoeShape& s, const RouterConfig& router,
   const int64_t max_tokens = 300;
   MoeRunner runner(reference_config(s, router, max_tokens));
   const MoeWeights w = test::random_moe_weights(s, rng, router.use_correction_bias);
-  const auto base = test::RefExperts::from(w.w13, w.w2);
+  const auto base = test::RefExperts::from(w.w13.w, w.w2.w);
   test::RefExperts shared;
-  if (s.shared_inter > 0) shared = test::RefExperts::from(w.shared_w13, w.shared_w2);
+  if (s.shared_inter > 0) shared = test::RefExperts::from(w.shared_w13.w, w.shared_w2.w);
   const float* bias = w.correction_bias.defined() ? w.correction_bias.data<float>() : nullptr;
 
   const int n = int(specs.size()), S = n + extra_slots;

@@ -53,8 +53,9 @@ MoeWeights random_weights(const MoeShape& s, const RouterConfig& r, std::mt19937
 
 MoeWeights on_gpu(const MoeWeights& w) {
   MoeWeights d = w;
-  for (Tensor* t : {&d.w13, &d.w2, &d.correction_bias, &d.shared_w13, &d.shared_w2})
-    if (t->defined()) *t = to_gpu(*t);
+  for (ExpertMatrices* m : {&d.w13, &d.w2, &d.shared_w13, &d.shared_w2})
+    if (m->defined()) *m = m->to(Device::cuda());
+  if (d.correction_bias.defined()) d.correction_bias = to_gpu(d.correction_bias);
   return d;
 }
 

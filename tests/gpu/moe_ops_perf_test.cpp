@@ -105,8 +105,8 @@ TEST(CudaMoeOpsPerf, DISABLED_Layer) {
   MoeWeights w;
   w.w13 = Tensor::empty({E, 2 * I, H}, DType::bf16, d);
   w.w2 = Tensor::empty({E, H, I}, DType::bf16, d);
-  w.w13.fill_bytes(0x3C);
-  w.w2.fill_bytes(0x3C);
+  w.w13.w.fill_bytes(0x3C);
+  w.w2.w.fill_bytes(0x3C);
   MoeRunnerConfig rc;
   rc.shape = sh, rc.router = sh.default_router(), rc.device = d, rc.max_tokens = 256;
   MoeRunner runner(rc);

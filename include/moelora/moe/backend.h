@@ -50,14 +50,15 @@ class MoeBackend {
     align(topk.ids, plan, stream);
   }
   // h f32 [M*k, 2I] = x[slot / k] . w13[group]^T for every aligned slot (other rows untouched).
-  virtual void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13,
-                     Tensor& h, const Stream& stream) = 0;
+  // Weight stacks are in the backend's format (see MoeProblem::format).
+  virtual void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan,
+                     const ExpertMatrices& w13, Tensor& h, const Stream& stream) = 0;
   // a bf16 [M*k, I] = silu(h[:, :I]) * h[:, I:] for slots with ids >= 0.
   virtual void activation(const Tensor& h, const Tensor& ids, Tensor& a,
                           const Stream& stream) = 0;
   // o f32 [M*k, H] = slot_weight[slot] * (a[slot] . w2[group]^T) for every aligned slot.
   // An undefined `slot_weights` means weight 1.
-  virtual void gemm2(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
+  virtual void gemm2(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                      const Tensor& slot_weights, Tensor& o, const Stream& stream) = 0;
   // Optional fused capability: the expert MLP with no LoRA seam, o = gemm2(activation(gemm1(x)))
   // with `ids` (i32 [M, k]) for the activation. The runner uses it when there are no hooks.
@@ -65,7 +66,8 @@ class MoeBackend {
   // stages, bit for bit: a LoRA batch's base tokens take the staged path and must match a
   // LoRA-off run. Default: the three stages.
   virtual void expert_mlp(const Tensor& x, int top_k, const Tensor& ids, const MoeAlignment& plan,
-                          const Tensor& w13, const Tensor& w2, const Tensor& slot_weights,
+                          const ExpertMatrices& w13, const ExpertMatrices& w2,
+                          const Tensor& slot_weights,
                           Tensor& h, Tensor& a, Tensor& o, const Stream& stream) {
     gemm1(x, top_k, plan, w13, h, stream);
     activation(h, ids, a, stream);

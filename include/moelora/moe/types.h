@@ -2,22 +2,65 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <string_view>
 
 #include "moelora/core/tensor.h"
 #include "moelora/moe/config.h"
 
 namespace moelora {
 
-enum class WeightFormat : uint8_t { bf16 };  // quantized formats come with their backends
+// How expert weights are stored. Activations are bf16 in every format (fp8_block quantizes
+// them per token and 128 channels inside its kernels; LoRA always reads the bf16 copy).
+enum class WeightFormat : uint8_t {
+  bf16,
+  int4,       // GPTQ / AWQ / compressed-tensors int4, group scales (+ optional zeros, act-order)
+  int8,       // the same with 8-bit integers
+  fp8_block,  // e4m3 weights, f32 scale per block_n x block_k (DeepSeek-V3 / FineGrainedFP8)
+  nvfp4,      // e2m1 weights, e4m3 scale per 16 along K, f32 global scale per matrix
+};
+const char* format_name(WeightFormat f);  // "bf16", "int4", "int8", "fp8_block", "nvfp4"
+// Throws listing the known names.
+WeightFormat parse_weight_format(std::string_view name);
 
-// Expert weights of one layer. All tensors live on the backend's device.
+// A stack of `groups` expert matrices, each logically [n, k] in the nn.Linear layout (out
+// features x in features). bf16 stacks are plain tensors. Quantized stacks hold the codes in
+// the layout their backend's kernels read (built by the pack_* functions of
+// moelora/quant/experts.h from checkpoint tensors); `n`/`k` are always the LOGICAL sizes,
+// never a packed storage size. dequantize_experts() gives the exact values a kernel multiplies.
+struct ExpertMatrices {
+  WeightFormat format = WeightFormat::bf16;
+  int64_t groups = 0, n = 0, k = 0;  // logical sizes
+  int64_t group_k = 0;  // K elements sharing one scale (quantized formats; k for per-channel)
+  int64_t group_n = 1;  // N rows sharing one scale (fp8_block's block_n, else 1)
+  Tensor w;             // bf16 [groups, n, k], or the packed codes (layout: the format's pack_*)
+  Tensor scales;        // quantized formats: the format's scale tensor
+  Tensor zeros;         // int4/int8 with zero points (optional)
+  Tensor perm;          // int4/int8 act-order: i32 [groups, k] input channel permutation (optional)
+  Tensor global_scale;  // nvfp4: f32 [groups] (weight_scale_2 of each matrix)
+
+  ExpertMatrices() = default;
+  // A bf16 stack [groups, n, k] (implicit: a bf16 tensor is a complete description).
+  ExpertMatrices(Tensor bf16_stack);  // NOLINT(google-explicit-constructor)
+
+  bool defined() const { return w.defined(); }
+  Device device() const { return w.device(); }
+  // Checks format, logical sizes [groups, n, k] and that every tensor sits on one device;
+  // `name` names the stack in errors.
+  void validate(int64_t groups, int64_t n, int64_t k, const std::string& name) const;
+  // A copy with every tensor on `d` (synchronous).
+  ExpertMatrices to(Device d) const;
+};
+
+// Expert weights of one layer. All tensors live on the backend's device. Routed and shared
+// experts use the same format.
 struct MoeWeights {
   WeightFormat format = WeightFormat::bf16;
-  Tensor w13;              // bf16 [E, 2I, H]: rows [0, I) gate, [I, 2I) up
-  Tensor w2;               // bf16 [E, H, I]
+  ExpertMatrices w13;      // [E, 2I, H]: rows [0, I) gate, [I, 2I) up
+  ExpertMatrices w2;       // [E, H, I]
   Tensor correction_bias;  // f32 [E], DeepSeek-V3 e_score_correction_bias (optional)
-  Tensor shared_w13;       // bf16 [1, 2*Is, H] shared expert gate_up (optional)
-  Tensor shared_w2;        // bf16 [1, H, Is]
+  ExpertMatrices shared_w13;  // [1, 2*Is, H] shared expert gate_up (optional)
+  ExpertMatrices shared_w2;   // [1, H, Is]
 
   // Checks every tensor against `shape` and the format; throws naming the tensor.
   void validate(const MoeShape& shape) const;

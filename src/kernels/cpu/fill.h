@@ -4,4 +4,5 @@
 
 namespace moelora::cpu {
 void fill_uniform(Tensor& t, uint64_t seed, float lo, float hi, const Stream& stream);
+void fill_random_bits(Tensor& t, uint64_t seed, const Stream& stream);
 }  // namespace moelora::cpu
