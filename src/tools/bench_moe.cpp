@@ -15,6 +15,7 @@
 #include "moelora/core/random.h"
 #include "moelora/lora/moe_lora.h"
 #include "moelora/moe/runner.h"
+#include "moelora/quant/experts.h"
 
 namespace moelora::tools {
 namespace {
@@ -85,9 +86,39 @@ struct Layer {
   Tensor y, token_slot;
 };
 
-MoeWeights random_weights(const MoeShape& s, Device d, uint64_t seed, const Stream& st) {
+// Bytes a kernel streams for one matrix of the stack: codes, scales, zeros (what the roofline
+// counts for each touched expert).
+double bytes_per_matrix(const ExpertMatrices& m) {
+  double b = 0;
+  for (const Tensor* t : {&m.w, &m.scales, &m.zeros, &m.global_scale})
+    if (t->defined()) b += double(t->nbytes());
+  return b / double(m.groups);
+}
+
+MoeWeights random_weights(const MoeShape& s, WeightFormat format, int64_t group_size, Device d,
+                          uint64_t seed, const Stream& st) {
   MoeWeights w;
   const int64_t E = s.num_experts, H = s.hidden, I = s.inter;
+  if (format != WeightFormat::bf16) {
+    // Random codes and scales straight in the kernels' layout (a quantizer would take minutes
+    // on the host for 8 layers of a real shape); weights of magnitude ~ sqrt(3 / fan_in).
+    w.format = format;
+    auto make = [&](int64_t g, int64_t n, int64_t k, uint64_t sd) {
+      return quant::random_experts(format, g, n, k, group_size, std::sqrt(3.0f / float(k)), sd,
+                                   d, st);
+    };
+    w.w13 = make(E, 2 * I, H, seed);
+    w.w2 = make(E, H, I, seed + 1);
+    if (s.shared_inter > 0) {
+      w.shared_w13 = make(1, 2 * int64_t(s.shared_inter), H, seed + 2);
+      w.shared_w2 = make(1, H, s.shared_inter, seed + 3);
+    }
+    if (s.default_router().use_correction_bias) {
+      w.correction_bias = Tensor::empty({E}, DType::f32, d);
+      fill_uniform(w.correction_bias, seed + 4, -0.1f, 0.1f, st);
+    }
+    return w;
+  }
   // Scales keep activations O(1): weights ~ U(-a, a) with a = sqrt(3 / fan_in).
   w.w13 = Tensor::empty({E, 2 * I, H}, DType::bf16, d);
   fill_uniform(w.w13.w, seed, -std::sqrt(3.0f / H), std::sqrt(3.0f / H), st);
@@ -133,10 +164,10 @@ struct Row {
 }  // namespace
 
 int run_bench_moe(const BenchMoeOptions& opt) {
-  MOELORA_CHECK(opt.dtype == "bf16",
-                "--dtype {}: only bf16 expert weights exist so far (quantized formats come with "
-                "their backends)",
-                opt.dtype);
+  const WeightFormat format = parse_weight_format(opt.dtype);
+  int64_t group_size = opt.group_size;
+  if (group_size == 0)
+    group_size = format == WeightFormat::nvfp4 ? 16 : 128;
   Device device = Device::cpu();
   if (opt.device == "cuda" || (opt.device == "auto" && cuda_available())) {
     MOELORA_CHECK(cuda_available(), "--device cuda: no usable CUDA device");
@@ -168,11 +199,18 @@ int run_bench_moe(const BenchMoeOptions& opt) {
               gpu ? "CUDA graph" : "timing", repeats);
   std::fflush(stdout);
 
-  MoeRunnerConfig rc{shape, router, device, max_batch, WeightFormat::bf16, opt.backend};
+  MoeRunnerConfig rc{shape, router, device, max_batch, format, opt.backend};
   MoeRunner runner(rc);
   std::vector<Layer> ls(static_cast<size_t>(layers));
   for (int l = 0; l < layers; ++l)
-    ls[size_t(l)].weights = random_weights(shape, device, opt.seed * 1000 + uint64_t(l) * 10, stream);
+    ls[size_t(l)].weights =
+        random_weights(shape, format, group_size, device, opt.seed * 1000 + uint64_t(l) * 10, stream);
+  // Roofline bytes per touched expert (gate_up + down) and for the shared expert.
+  const double expert_bytes = bytes_per_matrix(ls[0].weights.w13) + bytes_per_matrix(ls[0].weights.w2);
+  const double shared_bytes =
+      shape.shared_inter > 0
+          ? bytes_per_matrix(ls[0].weights.shared_w13) + bytes_per_matrix(ls[0].weights.shared_w2)
+          : 0.0;
 
   std::vector<Row> rows;
   std::map<int, double> base_us;
@@ -234,8 +272,7 @@ int run_bench_moe(const BenchMoeOptions& opt) {
         }
       }
       const double us = median(ms) * 1e3 / layers;
-      double bytes = distinct_experts(double(E), double(k), B) * 3.0 * double(H * I) * 2.0;
-      bytes += shape.shared_inter > 0 ? 3.0 * double(H) * shape.shared_inter * 2.0 : 0.0;
+      double bytes = distinct_experts(double(E), double(k), B) * expert_bytes + shared_bytes;
       bytes += double(B) * double(H) * 2.0 * 2.0;  // x in, y out
       if (lora.rank > 0) {
         const double per_adapter_tokens = std::ceil(double(B) / lora.adapters);
@@ -266,7 +303,9 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     j["device"] = info.name;
     j["copy_bandwidth_GBps"] = bw / 1e9;
     j["shape"] = shape.name;
-    j["dtype"] = opt.dtype;
+    j["dtype"] = format_name(format);
+    if (format != WeightFormat::bf16) j["group_size"] = group_size;
+    j["bytes_per_expert"] = expert_bytes;
     j["backend"] = std::string(runner.backend().name());
     j["layers_per_graph"] = layers;
     j["repeats"] = repeats;

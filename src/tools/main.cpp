@@ -20,7 +20,10 @@ int main(int argc, char** argv) {
   std::string shapes_help = "model shape:";
   for (const auto& n : moelora::MoeShape::known_names()) shapes_help += " " + n;
   bench_moe->add_option("--shape", moe.shape, shapes_help)->capture_default_str();
-  bench_moe->add_option("--dtype", moe.dtype, "expert weight format (bf16)")->capture_default_str();
+  bench_moe->add_option("--dtype", moe.dtype, "expert weight format: bf16, int4, int8, fp8, nvfp4")
+      ->capture_default_str();
+  bench_moe->add_option("--group-size", moe.group_size,
+                        "quantization group along K (0: 128; nvfp4 16; fp8 = square block)");
   bench_moe->add_option("--batches", moe.batches, "batch sizes (default 1,4,16,64,128,256; CPU 1,4,16)")
       ->delimiter(',');
   bench_moe->add_option("--lora", moe.lora, "LoRA settings: none, r<rank>x<adapters>")
