@@ -77,7 +77,12 @@ void ExpertMatrices::validate(int64_t g, int64_t nn, int64_t kk, const std::stri
   if (perm.defined()) check_shape(perm, {g, kk}, (name + " perm").c_str());
   if (format == WeightFormat::nvfp4) {
     MOELORA_CHECK(global_scale.defined(), "{}: nvfp4 stack without global_scale", name);
-    check_shape(global_scale, {g}, (name + " global_scale").c_str());
+    // [g]: one weight_scale_2 per matrix; [g, n]: one per row (parts of a group with
+    // different weight_scale_2, see src/quant/experts_nvfp4.cpp).
+    if (global_scale.dim() == 2)
+      check_shape(global_scale, {g, nn}, (name + " global_scale").c_str());
+    else
+      check_shape(global_scale, {g}, (name + " global_scale").c_str());
   }
 }
 
