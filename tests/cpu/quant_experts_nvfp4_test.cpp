@@ -1,6 +1,7 @@
 // NVFP4 expert stacks (cuda_nvfp4's packed layout): pack -> dequantize equals the format's
 // dequantizer bit for bit (odd N and K padded, gate/up parts with different weight_scale_2,
 // i.e. the per-row global scale), quantize_experts, and bad input.
+#include <cmath>
 #include <cstring>
 #include <random>
 
@@ -135,6 +136,39 @@ TEST(QuantExpertsNvfp4, BadInputNamesThePart) {
   // A zero global scale.
   Nvfp4Tensors zero = random_part(16, 64, 0.0f, rng);
   EXPECT_QUANT_ERROR([&] { pack_nvfp4_experts({{zero}}, "w2"); }, "weight_scale_2");
+}
+
+
+// The kernel's unpack (sm90_moe_gemm_nvfp4.cuh: nvfp4::unpack_codes), replayed on the host:
+// every register half must be the bf16 bit pattern of e2m1 * 2^-126 of the code the layout put
+// there, so the GPU sees the format's values (checked against dequantize_experts).
+TEST(QuantExpertsNvfp4, KernelUnpackMatchesTheLayout) {
+  std::mt19937_64 rng(15);
+  const ExpertMatrices m = pack_nvfp4_experts({{random_part(16, 64, 1.0f, rng)}}, "w");
+  const Tensor d = dequantize_experts(m);
+  const auto* w = m.w.data<uint8_t>();
+  const auto* sc = reinterpret_cast<const uint8_t*>(m.scales.data());
+  constexpr uint32_t kMask = 0x81C081C0u;
+  for (int lane = 0; lane < 32; ++lane)
+    for (int j = 0; j < 4; ++j) {
+      uint32_t x = 0;
+      std::memcpy(&x, w + lane * 16 + j * 4, 4);
+      const uint32_t a[4] = {x & kMask, (x << 3) & kMask, (x << 6) & kMask,
+                             ((x << 1) & 0x80008000u) | ((x >> 5) & 0x01000100u) |
+                                 ((x >> 4) & 0x00C000C0u)};
+      for (int s = 0; s < 4; ++s)
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t bits = (a[s] >> (16 * h)) & 0xffffu;
+          float v = 0;
+          const uint32_t f = bits << 16;
+          std::memcpy(&v, &f, 4);
+          const int row = lane / 4 + ((s & 1) ? 8 : 0);
+          const int col = 16 * j + 2 * (lane % 4) + ((s & 2) ? 8 : 0) + h;
+          const float scale = f8e4m3_to_float(f8e4m3_t{sc[(lane / 4) * 8 + j * 2 + (s & 1)]});
+          ASSERT_EQ(std::ldexp(double(v), 126) * scale, double(d.data<float>()[row * 64 + col]))
+              << "lane " << lane << " step " << j << " reg " << s << " half " << h;
+        }
+    }
 }
 
 }  // namespace
