@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Independent reference for the fp8 block-scale format: transformers' FineGrainedFP8Config.
+
+Runs on the device machine (torch, transformers 5.x, a GPU with fp8: the quantizer refuses
+otherwise). Builds a tiny random-weight Qwen3-MoE (1 layer), lets transformers quantize it on
+load with FineGrainedFP8Config(weight_block_size=[128, 128]), saves the quantized checkpoint
+with save_pretrained, and writes one small fixture (< 1 MB) with:
+  - the layer-0 expert tensors exactly as the quantized checkpoint stores them (names and
+    dtypes as on disk, whatever this transformers version calls them; listed in metadata),
+  - transformers' own dequantization (Fp8Dequantize) of one expert's gate_up and down, f32,
+  - a batch x (bf16), the router logits (f32, from the unquantized router), the routing
+    transformers chose, and the MoE block output of the quantized model (f32).
+
+Usage: make_fp8_checkpoint_golden.py OUT_DIR
+"""
+import json
+import os
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else "fp8_golden"
+os.makedirs(OUT, exist_ok=True)
+torch.manual_seed(4321)
+
+import transformers
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Qwen3MoeConfig
+
+print("transformers", transformers.__version__, "torch", torch.__version__)
+H, I, E, K, M = 256, 128, 4, 2, 8
+cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=H, intermediate_size=512, moe_intermediate_size=I,
+                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=64, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True,
+                     decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=64,
+                     tie_word_embeddings=False)
+model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        std = 0.5 if "norm" in n else 1.0 / (p.shape[-1] ** 0.5)
+        p.copy_((torch.randn_like(p, dtype=torch.float32) * std).to(p.dtype))
+tmp = tempfile.mkdtemp()
+src, qdir = os.path.join(tmp, "bf16"), os.path.join(tmp, "fp8")
+model.save_pretrained(src)
+
+qcfg = FineGrainedFP8Config(weight_block_size=[128, 128])
+qmodel = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg,
+                                              torch_dtype=torch.bfloat16, device_map="cuda")
+qmodel.save_pretrained(qdir)
+print("quantized checkpoint files:", os.listdir(qdir))
+with open(os.path.join(qdir, "config.json")) as f:
+    qc = json.load(f).get("quantization_config")
+print("quantization_config:", qc)
+state = {}
+for fn in sorted(os.listdir(qdir)):
+    if fn.endswith(".safetensors"):
+        state.update(load_file(os.path.join(qdir, fn)))
+layer = {k: v for k, v in state.items() if ".layers.0.mlp." in k}
+for k, v in sorted(layer.items()):
+    print(f"  {k} {tuple(v.shape)} {v.dtype}")
+expert_keys = sorted(k for k in layer if ".experts." in k)
+fixture = {k: layer[k].contiguous() for k in expert_keys}
+
+
+def find(pattern_all, exclude=()):
+    for k in expert_keys:
+        if all(p in k for p in pattern_all) and not any(x in k for x in exclude):
+            return k
+    return None
+
+
+# Fused 3D experts (gate_up_proj / down_proj + their scale tensors) or per-expert Linears.
+gu_key = find(["gate_up_proj"], exclude=["scale"])
+dn_key = find(["down_proj"], exclude=["scale"])
+layout = "fused3d" if gu_key is not None and layer[gu_key].dim() == 3 else "per_expert"
+print("expert layout:", layout)
+
+mlp = qmodel.model.layers[0].mlp
+# transformers' dequantization of expert 1 (Fp8Dequantize, the reverse op of its quantizer).
+from transformers.integrations import finegrained_fp8 as ff
+_deq_op = ff.Fp8Dequantize(block_size=(128, 128))
+deq_source = []
+
+
+class _Deq:
+    """Fp8Dequantize.convert across versions; the formula itself only if transformers' op
+    cannot be called (recorded in the fixture metadata)."""
+
+    def convert(self, pair, context):
+        w, s = pair
+        for call in (lambda: _deq_op.convert([w, s], context=context),
+                     lambda: _deq_op.convert({"weight": w, "scale": s}, context=context),
+                     lambda: _deq_op.convert([w, s])):
+            try:
+                out = call()
+                out = out if torch.is_tensor(out) else list(out.values())[0]
+                deq_source.append("transformers.Fp8Dequantize")
+                return out.reshape(w.shape).float()
+            except Exception as e:  # noqa: BLE001 - try the next calling convention
+                err = e
+        print("Fp8Dequantize not callable here:", err)
+        deq_source.append("formula")
+        rows, cols = w.shape[-2:]
+        se = s.float().repeat_interleave(128, -2)[..., :rows, :].repeat_interleave(128, -1)
+        return w.float() * se[..., :cols]
+
+
+deq = _Deq()
+if layout == "fused3d":
+    gus_key = find(["gate_up_proj", "scale"])
+    dns_key = find(["down_proj", "scale"])
+    pairs = {"gate_up": (gu_key, gus_key), "down": (dn_key, dns_key)}
+    for name, (wk, sk) in pairs.items():
+        w, s = layer[wk][1], layer[sk][1]
+        fixture[f"golden.deq.{name}.1"] = deq.convert([w, s], context={}).reshape(w.shape).float()
+else:
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        wk = find([".experts.1.", proj, "weight"], exclude=["scale"])
+        sk = find([".experts.1.", proj, "weight_scale_inv"])
+        fixture[f"golden.deq.{proj}.1"] = deq.convert([layer[wk], layer[sk]], context={}).float()
+
+# The block on a batch. Router logits from the router's own weight (kept bf16 or, if it was
+# quantized too, dequantized) in f32.
+x = (torch.randn(M, H) * 1.0).to(torch.bfloat16)
+gate_w = None
+for k in layer:
+    if k.endswith("mlp.gate.weight"):
+        gate_w = layer[k]
+if gate_w is not None and gate_w.dtype == torch.float8_e4m3fn:
+    gs = layer[[k for k in layer if "mlp.gate.weight_scale_inv" in k][0]]
+    gate_w = deq.convert([gate_w, gs], context={})
+print("router weight", None if gate_w is None else (tuple(gate_w.shape), gate_w.dtype))
+logits = x.float() @ gate_w.float().t()
+captured = {}
+
+
+def hook(_m, _inp, out):
+    outs = out if isinstance(out, tuple) else (out,)
+    for i, t in enumerate(outs):
+        if torch.is_tensor(t):
+            captured[f"golden.gate_out.{i}"] = t.detach().float().cpu().contiguous()
+
+
+mlp.gate.register_forward_hook(hook)
+with torch.no_grad():
+    y = mlp(x[None].cuda())
+y = (y[0] if isinstance(y, tuple) else y)[0].float().cpu()
+fixture.update(captured)
+fixture["golden.x"] = x
+fixture["golden.router_logits"] = logits.contiguous()
+fixture["golden.y"] = y.contiguous()
+meta = {"transformers": transformers.__version__, "torch": torch.__version__,
+        "layout": layout, "hidden": str(H), "inter": str(I), "experts": str(E), "top_k": str(K),
+        "norm_topk_prob": "true", "deq_source": ",".join(sorted(set(deq_source))), "quantization_config": json.dumps(qc),
+        "expert_keys": json.dumps(expert_keys)}
+path = os.path.join(OUT, "qwen3_moe_fp8_layer0.safetensors")
+save_file(fixture, path, metadata=meta)
+print("wrote", path, os.path.getsize(path), "bytes")
+for k, v in sorted(fixture.items()):
+    print(f"  {k} {tuple(v.shape)} {v.dtype}")

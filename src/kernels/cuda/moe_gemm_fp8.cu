@@ -1,0 +1,75 @@
+// fp8 block-scale expert GEMMs on CUDA: the launcher (tile instantiation, grid). Device code
+// is in sm90_moe_gemm_fp8.cuh, the Tensor ops in moe_gemm_fp8_op.cpp.
+#include <atomic>
+#include <cstdint>
+
+#include "kernels/cuda/moe_gemm_fp8_launch.h"
+#include "kernels/cuda/sm90_moe_gemm_fp8.cuh"
+
+namespace moelora::cuda {
+namespace {
+
+constexpr int kStages = 4;
+
+template <int kNt, int kRows>
+cudaError_t launch_tile(const MoeGemmFp8Args& p, int max_blocks, cudaStream_t stream) {
+  // Wide token tiles: two 16-row MMA tiles per warp, so each token fragment read from shared
+  // memory feeds two MMAs (as in the bf16 kernel).
+  constexpr int kMt = kNt == 8 ? 2 : 1;  // 16 token columns x 2 tiles spill registers
+  using Tile = sm90::MoeGemmFp8Tile<kNt, kMt, kRows, kStages>;
+  auto* kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages>;
+  static std::atomic<uint64_t> opted_in{0};
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  const uint64_t bit = uint64_t(1) << (device & 63);
+  if (!(opted_in.load(std::memory_order_acquire) & bit)) {
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             Tile::kSmemBytes);
+        e != cudaSuccess)
+      return e;
+    opted_in.fetch_or(bit, std::memory_order_acq_rel);
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  const int row_tiles =
+      p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
+  config.gridDim = p.row_tiles_fastest ? dim3(row_tiles, max_blocks) : dim3(max_blocks, row_tiles);
+  config.blockDim = dim3(Tile::kThreads);
+  config.dynamicSmemBytes = Tile::kSmemBytes;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = p.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+template <int kNt>
+cudaError_t launch_rows(const MoeGemmFp8Args& p, int max_blocks, int rows, cudaStream_t stream) {
+  switch (rows) {
+    case 32: return launch_tile<kNt, 32>(p, max_blocks, stream);
+    case 64: return launch_tile<kNt, 64>(p, max_blocks, stream);
+    case 128: return launch_tile<kNt, 128>(p, max_blocks, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_moe_gemm_fp8(const MoeGemmFp8Args& p, int max_blocks, int rows,
+                                cudaStream_t stream) {
+  if (max_blocks <= 0) return cudaSuccess;
+  if ((p.row_tiles_fastest && max_blocks > 65535) ||
+      (p.act_out && (p.n % 2 != 0 || p.slot_scale)) || p.block_n < 1 || p.part_rows < 1 ||
+      p.n % p.part_rows != 0 || p.k % 16 != 0)
+    return cudaErrorInvalidValue;
+  const int nt = (p.block_m + 7) / 8;
+  if (nt <= 1) return launch_rows<1>(p, max_blocks, rows, stream);
+  if (nt <= 2) return launch_rows<2>(p, max_blocks, rows, stream);
+  if (nt <= 4) return launch_rows<4>(p, max_blocks, rows, stream);
+  if (nt <= 8) return launch_rows<8>(p, max_blocks, rows, stream);
+  if (nt <= 16) return launch_rows<16>(p, max_blocks, rows, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace moelora::cuda

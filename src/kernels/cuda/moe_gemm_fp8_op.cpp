@@ -1,0 +1,231 @@
+// fp8 block-scale expert GEMM ops on CUDA (layer 3 of 3): validate Tensors and the packed
+// stack, throw moelora::Error naming the tensor, then call the launcher (moe_gemm_fp8.cu).
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "core/cuda_check.h"
+#include "kernels/cuda/moe_fp8_ops.h"
+#include "kernels/cuda/moe_gemm_fp8_launch.h"
+#include "kernels/cuda/moe_op_checks.h"
+
+namespace moelora::cuda {
+namespace {
+
+int sm_count() {
+  int device = 0, sms = 0;
+  MOELORA_CUDA_CHECK(cudaGetDevice(&device));
+  MOELORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+void check_16(const void* p, const std::string& what) {
+  MOELORA_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0,
+                "{}: data must be 16-byte aligned for the fp8 expert GEMMs, found address {}",
+                what, p);
+}
+
+// The packed stack (experts_fp8.cpp): codes e4m3 [G, N, K], scales f32 [G, P, NBp, KB].
+// Fills the weight fields of `p`.
+void check_stack(const ExpertMatrices& w, Device d, const std::string& name, MoeGemmFp8Args& p) {
+  MOELORA_CHECK(w.format == WeightFormat::fp8_block, "{}: expected an fp8_block stack, found {}",
+                name, format_name(w.format));
+  std::string why;
+  MOELORA_CHECK(moe_fp8_stack_supported(w.group_n, w.group_k, w.k, &why), "{}: {}", name, why);
+  const std::string wn = name + " codes", sn = name + " scales";
+  check_cuda_tensor(w.w, DType::f8_e4m3, wn.c_str());
+  check_device(w.w, d, wn.c_str());
+  check_shape(w.w, {w.groups, w.n, w.k}, wn.c_str());
+  check_cuda_tensor(w.scales, DType::f32, sn.c_str());
+  check_device(w.scales, d, sn.c_str());
+  MOELORA_CHECK(w.scales.dim() == 4 && w.scales.size(0) == w.groups && w.scales.size(1) >= 1 &&
+                    w.n % w.scales.size(1) == 0,
+                "{}: expected [G = {}, P, NBp, KB] with P parts dividing N = {}, found {}", sn,
+                w.groups, w.n, w.scales.describe());
+  const int64_t parts = w.scales.size(1), part_rows = w.n / parts;
+  const int64_t part_blocks = (part_rows + w.group_n - 1) / w.group_n;
+  const int64_t k_blocks = (w.k + kFp8BlockK - 1) / kFp8BlockK;
+  check_shape(w.scales, {w.groups, parts, part_blocks, k_blocks}, sn.c_str());
+  check_16(w.w.data(), wn);
+  MOELORA_CHECK(w.n <= std::numeric_limits<int32_t>::max() &&
+                    w.k <= std::numeric_limits<int32_t>::max() && (w.n + 31) / 32 <= 65535,
+                "{}: N = {}, K = {} out of the kernels' range", name, w.n, w.k);
+  p.w = static_cast<const uint8_t*>(w.w.data());
+  p.w_scale = w.scales.data<float>();
+  p.n = int(w.n);
+  p.k = int(w.k);
+  p.block_n = int(w.group_n);
+  p.part_rows = int(part_rows);
+  p.part_blocks = int(part_blocks);
+  p.k_blocks = int(k_blocks);
+}
+
+// The plan against `num_slots` slots; returns the worst-case block count.
+int64_t check_plan(const MoeAlignment& plan, int64_t num_slots, int64_t groups, Device d,
+                   const char* op) {
+  MOELORA_CHECK(plan.block_m >= 1 && plan.block_m <= kMaxBlockM,
+                "{}: plan.block_m must be in [1, {}], found {}", op, kMaxBlockM, plan.block_m);
+  MOELORA_CHECK(plan.num_groups == groups,
+                "{}: weights hold {} groups but the plan was built for {}", op, groups,
+                plan.num_groups);
+  const int64_t cap = MoeAlignment::capacity(num_slots, plan.num_groups, plan.block_m);
+  const char* names[3] = {"plan.sorted_slots", "plan.block_group", "plan.num_padded"};
+  const Tensor* ts[3] = {&plan.sorted_slots, &plan.block_group, &plan.num_padded};
+  const int64_t need[3] = {cap, cap / plan.block_m, 1};
+  for (int i = 0; i < 3; ++i) {
+    check_cuda_tensor(*ts[i], DType::i32, names[i]);
+    check_device(*ts[i], d, names[i]);
+    MOELORA_CHECK(ts[i]->dim() == 1 && ts[i]->size(0) >= need[i],
+                  "{}: {} must be 1-D with at least {} entries, found {}", op, names[i], need[i],
+                  ts[i]->describe());
+  }
+  MOELORA_CHECK(cap / plan.block_m <= std::numeric_limits<int32_t>::max(),
+                "{}: {} blocks is too many", op, cap / plan.block_m);
+  return cap / plan.block_m;
+}
+
+// Activation in (bf16 [rows, K]); the output is checked by the callers.
+void check_act(const Tensor& act, int64_t k, const char* what, const char* op) {
+  check_cuda_tensor(act, DType::bf16, what);
+  MOELORA_CHECK(act.dim() == 2 && act.size(1) == k,
+                "{}: {} must be [rows, {}] (the weights' K), found {}", op, what, k,
+                act.describe());
+  check_16(act.data(), what);
+}
+
+void run(MoeGemmFp8Args& p, const MoeAlignment& plan, int64_t blocks, const MoeGemmConfig& cfg,
+         const Stream& stream) {
+  MOELORA_CHECK(cfg.rows == 32 || cfg.rows == 64 || cfg.rows == 128,
+                "fp8 expert GEMM tile: rows must be 32, 64 or 128, found {}", cfg.rows);
+  MOELORA_CHECK(!cfg.row_tiles_fastest || blocks <= 65535,
+                "fp8 expert GEMM: {} blocks on the grid's y axis, at most 65535", blocks);
+  p.sorted_slots = plan.sorted_slots.data<int32_t>();
+  p.block_group = plan.block_group.data<int32_t>();
+  p.num_padded = plan.num_padded.data<int32_t>();
+  p.block_m = plan.block_m;
+  p.pdl = cfg.pdl;
+  p.plan_ready = cfg.plan_ready;
+  p.row_tiles_fastest = cfg.row_tiles_fastest;
+  if (p.num_slots == 0) return;
+  MOELORA_CUDA_CHECK(launch_moe_gemm_fp8(p, int(blocks), cfg.rows, raw_stream(stream)));
+}
+
+MoeGemmConfig heuristic(const ExpertMatrices& w, const MoeAlignment& plan, int64_t slots) {
+  return moe_gemm_config(w.n, w.k, plan.block_m, slots, plan.num_groups, sm_count());
+}
+
+}  // namespace
+
+bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::string* why) {
+  if (block_k != kFp8BlockK) {
+    if (why)
+      *why = fmt::format("cuda_fp8_block runs 128-channel K blocks only (its K tile), found "
+                         "block_k = {}; block_n may be any size (the reference backend runs "
+                         "every block size)", block_k);
+    return false;
+  }
+  if (block_n < 1) {
+    if (why) *why = fmt::format("block_n must be positive, found {}", block_n);
+    return false;
+  }
+  if (k <= 0 || k % 16 != 0) {
+    if (why)
+      *why = fmt::format("the reduction length K = {} must be a positive multiple of 16 "
+                         "(16-byte rows of e4m3 codes)", k);
+    return false;
+  }
+  return true;
+}
+
+void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
+                         const ExpertMatrices& w13, Tensor& out, bool fused,
+                         const Stream& stream, const MoeGemmConfig& cfg) {
+  const char* op = fused ? "moe_gemm1_fp8_activation" : "moe_gemm1_fp8";
+  MOELORA_CHECK(top_k >= 1, "{}: top_k must be >= 1, found {}", op, top_k);
+  MoeGemmFp8Args p{};
+  check_cuda_tensor(x, DType::bf16, "moe_gemm1_fp8 x");
+  const Device d = x.device();
+  check_stack(w13, d, "moe_gemm1_fp8 w13", p);
+  check_act(x, w13.k, "moe_gemm1_fp8 x", op);
+  const int64_t num_slots = x.size(0) * top_k;
+  MOELORA_CHECK(num_slots <= std::numeric_limits<int32_t>::max(), "{}: {} slots is too many", op,
+                num_slots);
+  if (fused) {
+    MOELORA_CHECK(w13.n % 2 == 0, "{}: w13 must have 2I rows, found {}", op, w13.n);
+    check_cuda_tensor(out, DType::bf16, "moe_gemm1_fp8_activation a");
+    check_device(out, d, "moe_gemm1_fp8_activation a");
+    check_shape(out, {num_slots, w13.n / 2}, "moe_gemm1_fp8_activation a");
+  } else {
+    check_cuda_tensor(out, DType::f32, "moe_gemm1_fp8 h");
+    check_device(out, d, "moe_gemm1_fp8 h");
+    check_shape(out, {num_slots, w13.n}, "moe_gemm1_fp8 h");
+  }
+  const int64_t blocks = check_plan(plan, num_slots, w13.groups, d, op);
+  p.act = x.data();
+  p.out = fused ? nullptr : out.data<float>();
+  p.act_out = fused ? out.data() : nullptr;
+  p.slot_scale = nullptr;
+  p.num_slots = int(num_slots);
+  p.rows_div = top_k;
+  run(p, plan, blocks, cfg, stream);
+}
+
+void moe_gemm2_fp8_tiled(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
+                         const Tensor& slot_weights, Tensor& o, const Stream& stream,
+                         const MoeGemmConfig& cfg) {
+  constexpr const char* op = "moe_gemm2_fp8";
+  MoeGemmFp8Args p{};
+  check_cuda_tensor(a, DType::bf16, "moe_gemm2_fp8 a");
+  const Device d = a.device();
+  check_stack(w2, d, "moe_gemm2_fp8 w2", p);
+  check_act(a, w2.k, "moe_gemm2_fp8 a", op);
+  const int64_t num_slots = a.size(0);
+  MOELORA_CHECK(num_slots <= std::numeric_limits<int32_t>::max(), "{}: {} slots is too many", op,
+                num_slots);
+  check_cuda_tensor(o, DType::f32, "moe_gemm2_fp8 o");
+  check_device(o, d, "moe_gemm2_fp8 o");
+  check_shape(o, {num_slots, w2.n}, "moe_gemm2_fp8 o");
+  if (slot_weights.defined()) {
+    check_cuda_tensor(slot_weights, DType::f32, "moe_gemm2_fp8 slot_weights");
+    check_device(slot_weights, d, "moe_gemm2_fp8 slot_weights");
+    check_shape(slot_weights, {num_slots}, "moe_gemm2_fp8 slot_weights");
+  }
+  const int64_t blocks = check_plan(plan, num_slots, w2.groups, d, op);
+  p.act = a.data();
+  p.out = o.data<float>();
+  p.slot_scale = slot_weights.defined() ? slot_weights.data<float>() : nullptr;
+  p.num_slots = int(num_slots);
+  p.rows_div = 1;
+  run(p, plan, blocks, cfg, stream);
+}
+
+void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan,
+                   const ExpertMatrices& w13, Tensor& h, const Stream& stream) {
+  const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
+  moe_gemm1_fp8_tiled(x, top_k, plan, w13, h, false, stream, heuristic(w13, plan, slots));
+}
+
+void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
+                              const ExpertMatrices& w13, Tensor& a, const Stream& stream) {
+  const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
+  moe_gemm1_fp8_tiled(x, top_k, plan, w13, a, true, stream, heuristic(w13, plan, slots));
+}
+
+void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
+                   const Tensor& slot_weights, Tensor& o, const Stream& stream) {
+  const int64_t slots = a.dim() == 2 ? a.size(0) : 0;
+  moe_gemm2_fp8_tiled(a, plan, w2, slot_weights, o, stream, heuristic(w2, plan, slots));
+}
+
+void moe_gemm2_fp8_plan_ready(const Tensor& a, const MoeAlignment& plan,
+                              const ExpertMatrices& w2, const Tensor& slot_weights, Tensor& o,
+                              const Stream& stream) {
+  const int64_t slots = a.dim() == 2 ? a.size(0) : 0;
+  MoeGemmConfig cfg = heuristic(w2, plan, slots);
+  cfg.plan_ready = true;
+  moe_gemm2_fp8_tiled(a, plan, w2, slot_weights, o, stream, cfg);
+}
+
+}  // namespace moelora::cuda

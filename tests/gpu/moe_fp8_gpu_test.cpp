@@ -1,0 +1,385 @@
+// cuda_fp8_block: the fp8 expert GEMM ops against the CPU reference ops run on the dequantized
+// weights and the quantize-dequantized activations (fresh random inputs, poisoned outputs,
+// M = 1, 7, 64, 257, 1024, gate/up parts not a multiple of the scale block, every tile), the
+// whole MoeRunner layer in WeightFormat::fp8_block against the `reference` backend with and
+// without mixed-adapter LoRA and with shared experts, and (disabled) timings vs the roofline.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <set>
+#include <vector>
+
+#include "gpu_op_test_util.h"
+#include "kernels/cpu/moe_ops.h"
+#include "kernels/cuda/moe_fp8_ops.h"
+#include "kernels/cuda/moe_heuristics.h"
+#include "kernels/cuda/moe_ops.h"
+#include "moelora/lora/moe_lora.h"
+#include "moelora/moe/runner.h"
+#include "moelora/quant/experts.h"
+
+namespace moelora {
+namespace {
+
+using test::poisoned;
+using test::to_gpu;
+
+// A stack of G experts, each the given parts ([rows, K] each) quantized and packed; host side.
+ExpertMatrices fp8_stack(int64_t G, const std::vector<int64_t>& part_rows, int64_t K,
+                         std::mt19937_64& rng, int64_t block_n = 128) {
+  const quant::Fp8BlockConfig cfg{block_n, 128};
+  const float amax = 2.0f / std::sqrt(float(K));
+  std::vector<std::vector<quant::Fp8BlockTensors>> parts(static_cast<size_t>(G));
+  for (auto& g : parts)
+    for (int64_t n : part_rows)
+      g.push_back(quant::quantize_fp8_block(
+          test::random_tensor({n, K}, DType::f32, rng, -amax, amax), cfg));
+  return quant::pack_fp8_block_experts(parts, cfg, "test stack");
+}
+
+// What the kernels multiply for an activation: its 1 x 128 fp8 quantization, dequantized.
+Tensor quant_dequant(const Tensor& x) {
+  return quant::dequantize_fp8_activation(quant::quantize_fp8_activation(x, 128), 128);
+}
+
+// Routing on the GPU (softmax top-k; some slots dropped to -1 when `holes`), aligned with
+// `block_m`: ids (host) and the device plan.
+struct Routed {
+  Tensor ids;  // host i32 [M, k]
+  MoeAlignment plan;
+};
+Routed route(int64_t m, int E, int k, int block_m, bool holes, std::mt19937_64& rng,
+             const Stream& s) {
+  const Device d = Device::cuda();
+  Tensor logits = to_gpu(test::random_tensor({m, E}, DType::f32, rng, -3.0f, 3.0f));
+  TopK topk{Tensor::empty({m, k}, DType::i32, d), Tensor::empty({m, k}, DType::f32, d)};
+  cuda::moe_route(logits, Tensor(), RouterConfig::softmax_topk(E, k, true), topk, s);
+  s.synchronize();
+  Routed r;
+  r.ids = topk.ids.to(Device::cpu());
+  if (holes) {
+    int32_t* p = r.ids.data<int32_t>();
+    for (int64_t i = 0; i < r.ids.numel(); ++i)
+      if (rng() % 5 == 0) p[i] = -1;
+  }
+  r.plan = test::poisoned_plan(m * k, E, block_m, d);
+  cuda::moe_align(to_gpu(r.ids), r.plan, s);
+  s.synchronize();
+  return r;
+}
+
+// Rows of slots with ids >= 0 match (rel/abs tolerance); the others still hold the poison.
+void expect_rows(const Tensor& got_t, const Tensor& want_t, const Tensor& ids, double tol,
+                 const char* what) {
+  const auto got = test::to_floats(got_t), want = test::to_floats(want_t);
+  const int64_t n = got_t.size(1);
+  const auto id = test::to_ints(ids);
+  std::vector<float> g, w;
+  int64_t dead_written = 0;
+  for (size_t s = 0; s < id.size(); ++s)
+    for (int64_t c = 0; c < n; ++c) {
+      const size_t i = s * size_t(n) + size_t(c);
+      if (id[s] >= 0) {
+        g.push_back(got[i]), w.push_back(want[i]);
+      } else {
+        dead_written += !std::isnan(got[i]);
+      }
+    }
+  EXPECT_EQ(dead_written, 0) << what << ": rows of unaligned slots were written";
+  EXPECT_TRUE(test::allclose(g, w, tol, tol)) << what;
+}
+
+struct OpCase {
+  int64_t m;
+  int E, k;
+  int64_t H, I;
+  int block_m = 0;  // 0: the heuristic's
+  int rows = 0;     // 0: the heuristic's tile
+  bool holes = true;
+};
+
+void run_ops(const OpCase& c, std::mt19937_64& rng, const Stream& s) {
+  SCOPED_TRACE(::testing::Message() << "M=" << c.m << " E=" << c.E << " k=" << c.k << " H="
+                                    << c.H << " I=" << c.I << " block_m=" << c.block_m
+                                    << " rows=" << c.rows);
+  const int64_t M = c.m, S = M * c.k, H = c.H, I = c.I;
+  MoeShape shape{"test", int(H), int(I), c.E, c.k};
+  const int block_m = c.block_m ? c.block_m : cuda::moe_block_m(M, shape);
+  const ExpertMatrices w13 = fp8_stack(c.E, {I, I}, H, rng);  // gate, up parts
+  const ExpertMatrices w2 = fp8_stack(c.E, {H}, I, rng);
+  const ExpertMatrices dw13 = w13.to(Device::cuda()), dw2 = w2.to(Device::cuda());
+  const Routed r = route(M, c.E, c.k, block_m, c.holes, rng, s);
+  const MoeAlignment hplan = test::host_copy(r.plan);
+  const Tensor x = test::random_tensor({M, H}, DType::bf16, rng);
+  const Tensor a = test::random_tensor({S, I}, DType::bf16, rng);
+  const Tensor sw = test::random_tensor({S}, DType::f32, rng, 0.1f, 1.0f);
+
+  // CPU reference on the values the kernels multiply.
+  Tensor h_ref = Tensor::empty({S, 2 * I}, DType::f32), o_ref = Tensor::empty({S, H}, DType::f32);
+  Tensor a_ref = Tensor::empty({S, I}, DType::bf16);
+  h_ref.fill_bytes(0xFF), o_ref.fill_bytes(0xFF), a_ref.fill_bytes(0xFF);
+  cpu::moe_gemm1(quant_dequant(x), c.k, hplan, quant::dequantize_experts(w13), h_ref, Stream());
+  cpu::moe_activation(h_ref, r.ids, a_ref, Stream());
+  cpu::moe_gemm2(quant_dequant(a), hplan, quant::dequantize_experts(w2), sw, o_ref, Stream());
+
+  Tensor h = poisoned({S, 2 * I}, DType::f32, Device::cuda(), test::kPoisonFloat);
+  Tensor act = poisoned({S, I}, DType::bf16, Device::cuda(), test::kPoisonFloat);
+  Tensor o = poisoned({S, H}, DType::f32, Device::cuda(), test::kPoisonFloat);
+  const Tensor dx = to_gpu(x), da = to_gpu(a), dsw = to_gpu(sw);
+  if (c.rows) {
+    const cuda::MoeGemmConfig cfg{c.rows, true, false, c.rows == 64};
+    cuda::moe_gemm1_fp8_tiled(dx, c.k, r.plan, dw13, h, false, s, cfg);
+    cuda::moe_gemm1_fp8_tiled(dx, c.k, r.plan, dw13, act, true, s, cfg);
+    cuda::moe_gemm2_fp8_tiled(da, r.plan, dw2, dsw, o, s, {c.rows, true, true, c.rows != 64});
+  } else {
+    cuda::moe_gemm1_fp8(dx, c.k, r.plan, dw13, h, s);
+    cuda::moe_gemm1_fp8_activation(dx, c.k, r.plan, dw13, act, s);
+    cuda::moe_gemm2_fp8(da, r.plan, dw2, dsw, o, s);
+  }
+  s.synchronize();
+  expect_rows(h, h_ref, r.ids, 1e-3, "gemm1");
+  expect_rows(act, a_ref, r.ids, 1e-2, "gemm1 + fused activation");
+  expect_rows(o, o_ref, r.ids, 1e-3, "gemm2");
+}
+
+TEST(CudaFp8Block, OpsMatchReferenceOverBatchSizes) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  // I = 208: gate/up boundary inside a 128-row scale block, partial K block in gemm2;
+  // H = 384: three K blocks in gemm1.
+  for (int64_t m : {1, 7, 64, 257, 1024}) run_ops({m, 16, 4, 384, 208}, rng, s);
+}
+
+TEST(CudaFp8Block, OpsEveryTileAndBlockSize) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  for (int rows : {32, 64, 128})
+    for (int bm : {1, 8, 13, 32, 64, 100, 128}) run_ops({50, 5, 3, 272, 144, bm, rows}, rng, s);
+}
+
+TEST(CudaFp8Block, OpsModelShapes) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  run_ops({5, 128, 8, 2048, 768}, rng, s);             // qwen3-30b-a3b
+  run_ops({6, 1, 1, 2048, 1408, 0, 0, false}, rng, s);  // a shared expert: G = 1, top_k = 1
+}
+
+TEST(CudaFp8Block, OpsRejectBadInput) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  const Routed r = route(4, 4, 2, 8, false, rng, s);
+  Tensor x = to_gpu(test::random_tensor({4, 256}, DType::bf16, rng));
+  Tensor h = Tensor::empty({8, 256}, DType::f32, Device::cuda());
+  // block_k 64: the kernels' K tile is 128.
+  std::vector<std::vector<quant::Fp8BlockTensors>> parts(4);
+  for (auto& g : parts)
+    g.push_back(quant::quantize_fp8_block(test::random_tensor({256, 256}, DType::f32, rng),
+                                          {128, 64}));
+  const ExpertMatrices w64 = quant::pack_fp8_block_experts(parts, {128, 64}, "w").to(Device::cuda());
+  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w64, h, s); }, "block_k = 64");
+  // A bf16 stack.
+  ExpertMatrices bf(Tensor::empty({4, 256, 256}, DType::bf16, Device::cuda()));
+  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, bf, h, s); }, "fp8_block");
+  // Scales of the wrong shape.
+  ExpertMatrices w = fp8_stack(4, {128, 128}, 256, rng).to(Device::cuda());
+  w.scales = Tensor::empty({4, 1, 2, 1}, DType::f32, Device::cuda());
+  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w, h, s); }, "scales");
+  // The backend says which block sizes it runs.
+  std::string why;
+  EXPECT_FALSE(cuda::moe_fp8_stack_supported(128, 64, 256, &why));
+  EXPECT_NE(why.find("128"), std::string::npos) << why;
+  MoeProblem p{MoeShape{"odd", 256, 200, 8, 2}, WeightFormat::fp8_block, DType::bf16,
+               Device::cuda(), 16};
+  test::expect_error([&] { make_moe_backend("cuda_fp8_block", p); }, "multiple of 16");
+}
+
+// --- the whole layer ---
+
+MoeWeights fp8_weights(const MoeShape& sh, bool bias, std::mt19937_64& rng) {
+  MoeWeights w;
+  w.format = WeightFormat::fp8_block;
+  const int64_t E = sh.num_experts, H = sh.hidden, I = sh.inter;
+  w.w13 = fp8_stack(E, {I, I}, H, rng);
+  w.w2 = fp8_stack(E, {H}, I, rng);
+  if (bias) w.correction_bias = test::random_tensor({E}, DType::f32, rng, -0.1f, 0.1f);
+  if (sh.shared_inter > 0) {
+    w.shared_w13 = fp8_stack(1, {sh.shared_inter, sh.shared_inter}, H, rng);
+    w.shared_w2 = fp8_stack(1, {H}, sh.shared_inter, rng);
+  }
+  return w;
+}
+
+MoeWeights on_gpu(const MoeWeights& w) {
+  MoeWeights d = w;
+  for (ExpertMatrices* m : {&d.w13, &d.w2, &d.shared_w13, &d.shared_w2})
+    if (m->defined()) *m = m->to(Device::cuda());
+  if (d.correction_bias.defined()) d.correction_bias = to_gpu(d.correction_bias);
+  return d;
+}
+
+// Slot 0: separate gate r8 / up r4 / down r16; slot 1: fused gate_up r16, no down.
+void load_two_adapters(const MoeShape& s, std::mt19937_64& rng, MoeLoraPool& cpu_pool,
+                       MoeLoraPool& gpu_pool) {
+  const int64_t E = s.num_experts, H = s.hidden, I = s.inter;
+  auto r = [&](const Shape& sh) { return test::random_tensor(sh, DType::f32, rng, -0.3f, 0.3f); };
+  MoeLoraWeights a, b;
+  a.gate_a = r({E, 8, H}), a.gate_b = r({E, I, 8}), a.up_a = r({E, 4, H}), a.up_b = r({E, I, 4});
+  a.down_a = r({E, 16, I}), a.down_b = r({E, H, 16});
+  b.gate_up_a = r({E, 16, H}), b.gate_up_b = r({E, 2 * I, 16});
+  for (MoeLoraPool* p : {&cpu_pool, &gpu_pool}) {
+    p->load(0, a);
+    p->load(1, b);
+  }
+}
+
+TEST(CudaFp8Block, LayerMatchesReferenceBackend) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  MoeShape base{"fp8-small", 256, 208, 16, 4};
+  MoeShape v3 = base;
+  v3.name = "fp8-v3-shared", v3.num_experts = 32, v3.shared_inter = 144;
+  MoeShape q2 = base;
+  q2.name = "fp8-qwen2-shared-gate", q2.num_experts = 12, q2.top_k = 3, q2.shared_inter = 256;
+  q2.shared_gate = true;
+  struct LayerCase {
+    MoeShape shape;
+    RouterConfig router;
+  };
+  for (const LayerCase& c : {LayerCase{base, RouterConfig::softmax_topk(16, 4, true)},
+                             LayerCase{v3, RouterConfig::deepseek_v3(32, 4, 4, 2, 2.5f)},
+                             LayerCase{q2, RouterConfig::softmax_topk(12, 3, false)}}) {
+    const int64_t max_tokens = 1024, H = c.shape.hidden;
+    MoeRunnerConfig rc;
+    rc.shape = c.shape, rc.router = c.router, rc.max_tokens = max_tokens;
+    rc.format = WeightFormat::fp8_block;
+    rc.device = Device::cpu();
+    MoeRunner ref(rc);
+    rc.device = Device::cuda();
+    MoeRunner gpu(rc);
+    EXPECT_EQ(gpu.backend().name(), "cuda_fp8_block");
+    const MoeWeights w = fp8_weights(c.shape, c.router.use_correction_bias, rng);
+    const MoeWeights dw = on_gpu(w);
+    for (bool lora : {false, true}) {
+      MoeLoraPool pool_cpu(c.shape, 2, 16, Device::cpu()), pool_gpu(c.shape, 2, 16, Device::cuda());
+      if (lora) load_two_adapters(c.shape, rng, pool_cpu, pool_gpu);
+      auto hooks_cpu = MoeLoraHooks::create(pool_cpu, max_tokens);
+      auto hooks_gpu = MoeLoraHooks::create(pool_gpu, max_tokens);
+      for (int64_t m : {1, 7, 64, 257, 1024}) {
+        if (m == 1024 && (lora || c.shape.shared_inter > 0)) continue;  // CPU time
+        SCOPED_TRACE(::testing::Message() << c.shape.name << " lora=" << lora << " M=" << m);
+        const Tensor x = test::random_tensor({m, H}, DType::bf16, rng);
+        const Tensor logits =
+            test::random_tensor({m, int64_t(c.shape.num_experts)}, DType::f32, rng, -3.0f, 3.0f);
+        const Tensor gate = c.shape.shared_gate
+                                ? test::random_tensor({m}, DType::f32, rng, -2.0f, 2.0f)
+                                : Tensor();
+        const Tensor slots = test::random_ints({m}, rng, -1, 1);  // base, adapter 0, adapter 1
+        Tensor y_ref = Tensor::empty({m, H}, DType::bf16);
+        if (lora) hooks_cpu->bind(LoraBatch{slots});
+        ref.run({x, logits, gate}, w, lora ? hooks_cpu.get() : nullptr, y_ref, Stream());
+        Tensor y = poisoned({m, H}, DType::bf16, Device::cuda(), test::kPoisonFloat);
+        if (lora) hooks_gpu->bind(LoraBatch{to_gpu(slots)});
+        gpu.run({to_gpu(x), to_gpu(logits), gate.defined() ? to_gpu(gate) : Tensor()}, dw,
+                lora ? hooks_gpu.get() : nullptr, y, s);
+        s.synchronize();
+        EXPECT_EQ(test::to_ints(gpu.last_topk().ids), test::to_ints(ref.last_topk().ids));
+        EXPECT_TRUE(test::allclose(test::to_floats(y), test::to_floats(y_ref), 2e-2, 2e-2));
+      }
+    }
+  }
+}
+
+// --- timings (disabled by default; --gtest_also_run_disabled_tests --gtest_filter='*Fp8*Perf*')
+
+double graph_us(const Stream& s, int reps, const std::function<void()>& body) {
+  const double ms = test::graph_replay_median_ms(
+      s, [&] { for (int i = 0; i < reps; ++i) body(); }, /*warmup=*/3, /*timed=*/15);
+  return 1000.0 * ms / reps;
+}
+
+TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  const MoeShape sh = MoeShape::by_name("qwen3-30b-a3b");
+  const Device d = Device::cuda();
+  const int k = sh.top_k, E = sh.num_experts;
+  const int64_t H = sh.hidden, I = sh.inter;
+  MoeWeights w;
+  w.format = WeightFormat::fp8_block;
+  w.w13 = quant::random_experts(WeightFormat::fp8_block, E, 2 * I, H, 128, 0.05f, 1, d, s);
+  w.w2 = quant::random_experts(WeightFormat::fp8_block, E, H, I, 128, 0.05f, 2, d, s);
+  MoeRunnerConfig rc;
+  rc.shape = sh, rc.router = sh.default_router(), rc.device = d, rc.max_tokens = 256;
+  rc.format = WeightFormat::fp8_block;
+  MoeRunner runner(rc);
+  MoeLoraPool pool(sh, 1, 16, d);
+  // Codes plus f32 block scales of one expert (w13 and w2).
+  const double expert_bytes = 3.0 * double(H) * double(I) +
+                              4.0 * double(((2 * I + 127) / 128) * ((H + 127) / 128) +
+                                           ((H + 127) / 128) * ((I + 127) / 128));
+  std::printf("%-5s %7s %9s %9s %9s %9s %9s %7s %9s %9s\n", "M", "touched", "floor_us",
+              "gemm1_us", "gemm1act", "gemm2_us", "mlp_us", "%roof", "layer_us", "lora_us");
+  for (int64_t m : {1, 16, 64, 256}) {
+    constexpr int kCalls = 8;  // different routings per graph: weights stream from HBM
+    std::vector<MoeInputs> ins;
+    std::vector<Tensor> ys;
+    std::vector<TopK> tks;
+    std::vector<MoeAlignment> plans;
+    double touched = 0;
+    for (int c = 0; c < kCalls; ++c) {
+      ins.push_back({test::random_tensor({m, H}, DType::bf16, rng).to(d),
+                     test::random_tensor({m, E}, DType::f32, rng, -3, 3).to(d), Tensor()});
+      ys.push_back(Tensor::empty({m, H}, DType::bf16, d));
+      TopK tk{Tensor::empty({m, k}, DType::i32, d), Tensor::empty({m, k}, DType::f32, d)};
+      MoeAlignment plan = MoeAlignment::allocate(m * k, E, kMaxBlockM, d);
+      plan.block_m = cuda::moe_block_m(m, sh);
+      cuda::moe_route(ins.back().router_logits, Tensor(), rc.router, tk, s);
+      cuda::moe_align(tk.ids, plan, s);
+      s.synchronize();
+      const auto ids = test::to_ints(tk.ids);
+      touched += double(std::set<int32_t>(ids.begin(), ids.end()).size()) / kCalls;
+      tks.push_back(tk);
+      plans.push_back(plan);
+    }
+    Tensor h = Tensor::empty({m * k, 2 * I}, DType::f32, d);
+    Tensor a = test::random_tensor({m * k, I}, DType::bf16, rng).to(d);
+    Tensor o = Tensor::empty({m * k, H}, DType::f32, d);
+    auto each = [&](const std::function<void(int)>& f) {
+      return graph_us(s, 1, [&] { for (int c = 0; c < kCalls; ++c) f(c); }) / kCalls;
+    };
+    const double t1 = each([&](int c) { cuda::moe_gemm1_fp8(ins[c].x, k, plans[c], w.w13, h, s); });
+    const double t1a =
+        each([&](int c) { cuda::moe_gemm1_fp8_activation(ins[c].x, k, plans[c], w.w13, a, s); });
+    const double t2 =
+        each([&](int c) { cuda::moe_gemm2_fp8(a, plans[c], w.w2, tks[c].weights, o, s); });
+    const double tm = each([&](int c) {
+      cuda::moe_gemm1_fp8_activation(ins[c].x, k, plans[c], w.w13, a, s);
+      cuda::moe_gemm2_fp8_plan_ready(a, plans[c], w.w2, tks[c].weights, o, s);
+    });
+    const double tl =
+        each([&](int c) { runner.run(ins[size_t(c)], w, nullptr, ys[size_t(c)], s); });
+    // LoRA r16 x 1 adapter through the hooks.
+    MoeLoraSlotMeta meta{32, 16, 0, 16, 16, 16};
+    const int32_t mv[6] = {meta.shrink_rank, meta.gate_rank, meta.gate_col, meta.up_rank,
+                           meta.up_col, meta.down_rank};
+    Tensor meta_row = pool.slot_meta().narrow(0, 0, 1);
+    meta_row.copy_from(test::from_ints(std::vector<int32_t>(mv, mv + 6), {1, 6}));
+    auto hooks = MoeLoraHooks::create(pool, rc.max_tokens);
+    Tensor ts = test::random_ints({m}, rng, 0, 0).to(d);
+    hooks->bind(LoraBatch{ts});
+    const double tlora =
+        each([&](int c) { runner.run(ins[size_t(c)], w, hooks.get(), ys[size_t(c)], s); });
+    const double floor_us = touched * expert_bytes / 3.0e12 * 1e6;
+    std::printf("%-5ld %7.1f %9.2f %9.2f %9.2f %9.2f %9.2f %6.1f%% %9.2f %9.2f\n", long(m), touched,
+                floor_us, t1, t1a, t2, tm, 100.0 * floor_us / tm, tl, tlora);
+  }
+}
+
+}  // namespace
+}  // namespace moelora
