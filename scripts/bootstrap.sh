@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in cmake ninja-build g++ ccache libgtest-dev nlohmann-json3-dev libcli11-dev libfmt-dev; do
+for pkg in cmake ninja-build g++ ccache libgtest-dev nlohmann-json3-dev libcli11-dev libfmt-dev \
+  libpcre2-dev libutf8proc-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if ((${#need[@]})); then

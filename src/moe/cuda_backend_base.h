@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_heuristics.h"
 #include "kernels/cuda/moe_ops.h"
 #include "moelora/moe/backend.h"
