@@ -186,7 +186,10 @@ void parse_deepseek(const Fields& f, HfModelConfig& c) {
 
 void parse_qwen(const Fields& f, HfModelConfig& c) {
   c.intermediate_size = f.i32("intermediate_size", 0);
-  c.num_experts = f.i32("num_experts");
+  // transformers 5 saves Qwen3-MoE's expert count as num_local_experts.
+  c.num_experts = f.has("num_local_experts") && !f.has("num_experts")
+                      ? f.i32("num_local_experts")
+                      : f.i32("num_experts");
   c.moe_intermediate_size = f.i32("moe_intermediate_size");
   c.decoder_sparse_step = f.i32("decoder_sparse_step", 1);
   check_positive(c.path, "decoder_sparse_step", c.decoder_sparse_step);
@@ -254,6 +257,17 @@ HfModelConfig HfModelConfig::parse(std::string_view json_text, const std::string
                 "{}: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})", path,
                 c.num_attention_heads, c.num_key_value_heads);
   c.rope_theta = f.f64("rope_theta", 10000.0);
+  // transformers 5 writes rope settings as rope_parameters {rope_theta, rope_type}; older
+  // configs have top-level rope_theta and an optional rope_scaling {type | rope_type}.
+  for (const char* key : {"rope_parameters", "rope_scaling"}) {
+    const json* rp = f.find(key);
+    if (!rp) continue;
+    MOELORA_CHECK(rp->is_object(), "{}: field '{}': expected an object, found {}", path, key,
+                  rp->dump());
+    Fields r(*rp, path);
+    if (r.has("rope_theta")) c.rope_theta = r.f64("rope_theta", c.rope_theta);
+    c.rope_type = r.str("rope_type", r.str("type", c.rope_type));
+  }
   c.rms_norm_eps = f.f64("rms_norm_eps", 1e-6);
   c.max_position_embeddings = f.i64("max_position_embeddings", 0);
   c.tie_word_embeddings = f.boolean("tie_word_embeddings", false);

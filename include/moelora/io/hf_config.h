@@ -29,6 +29,8 @@ struct HfModelConfig {
   // DeepseekV2Config.head_dim means qk_rope_head_dim instead).
   int head_dim = 0;
   double rope_theta = 10000.0;
+  // rope_parameters.rope_type (or rope_scaling's type); "default" = plain RoPE.
+  std::string rope_type = "default";
   double rms_norm_eps = 1e-6;
   int64_t max_position_embeddings = 0;
   // MLA (DeepSeek). q_lora_rank == 0 means the config says null: q_proj is one matrix.

@@ -1,0 +1,64 @@
+// The generation loop over a Model: admits requests (KV pages reserved up front), runs one
+// batched prefill step, then batched decode steps over sequences of different lengths until
+// each stops (stop token, max_new_tokens or the model's context). Greedy sampling for now;
+// the sampler is its own function so temperature / top-p / top-k can slot in.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moelora/model/model.h"
+
+namespace moelora {
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt;  // token ids, at least one
+  int max_new_tokens = 16;
+  int adapter_slot = -1;                // -1: base model
+  std::vector<int32_t> stop_token_ids;  // generation ends after emitting one of these
+};
+
+struct GenerationResult {
+  bool ok = false;
+  std::string error;            // why the request was refused (ok == false)
+  std::vector<int32_t> tokens;  // generated tokens (a stop token included)
+  std::string finish_reason;    // "stop", "length" (max_new_tokens), "context"
+  // When EngineConfig::record_logits: the logits each generated token was chosen from
+  // (f32 [tokens.size(), V]), and the prompt's logits at every position ([prompt, V]).
+  Tensor step_logits;
+  Tensor prompt_logits;
+  // With record_logits: StepResult::router_margin of every position fed to the model (the
+  // prompt, then each generated token fed back), in position order.
+  std::vector<float> router_margin;
+};
+
+struct EngineConfig {
+  int page_size = 16;
+  int64_t num_pages = 256;  // KV budget shared by the batch
+  DType kv_dtype = DType::bf16;
+  bool record_logits = false;
+};
+
+class Engine {
+ public:
+  // `model` must outlive the engine.
+  Engine(Model& model, const EngineConfig& config);
+
+  // Runs the requests as one batch. A request that cannot run (empty prompt, prompt longer
+  // than the context, KV budget exhausted, adapter slot without an adapter, token id outside
+  // the vocabulary) gets ok == false and its error; the others proceed.
+  std::vector<GenerationResult> generate(const std::vector<GenerationRequest>& requests);
+
+  PagedKvCache& cache() { return cache_; }
+
+ private:
+  Model& model_;
+  EngineConfig config_;
+  PagedKvCache cache_;
+};
+
+// Greedy: the index of the largest logit (the lowest index on ties). logits f32 [V].
+int32_t sample_greedy(const float* logits, int64_t vocab);
+
+}  // namespace moelora

@@ -1,0 +1,77 @@
+// Whole models: load a Hugging Face model directory and run batched forward steps over a paged
+// KV cache, with per-request expert LoRA. One implementation file per architecture
+// (src/model/<model_type>.cpp); Model::load picks it from config.json's model_type.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moelora/core/tensor.h"
+#include "moelora/io/hf_config.h"
+#include "moelora/model/kv_cache.h"
+
+namespace moelora {
+
+class PeftAdapter;
+
+struct ModelOptions {
+  Device device = Device::cpu();  // only the CPU is implemented so far
+  // Rows per MoE runner call (its buffers are sized for this); longer steps run in chunks.
+  int64_t max_step_tokens = 256;
+  std::string moe_backend = "reference";  // MoeRunner backend name ("" = pick by capability)
+  // Expert LoRA: adapter slots held at once and the largest rank they may have (0 = no LoRA).
+  int lora_slots = 0;
+  int lora_r_max = 16;
+};
+
+// One sequence's part of a forward step. Its new tokens take positions
+// cache.length(seq) .. cache.length(seq) + tokens.size() - 1 (prefill: the whole prompt;
+// decode: one token); the step reserves the pages they need and advances the cache length.
+struct SeqInput {
+  int seq = -1;                 // PagedKvCache sequence id
+  std::vector<int32_t> tokens;  // at least one
+  int adapter_slot = -1;        // -1: base model
+};
+
+struct StepResult {
+  Tensor last_logits;  // f32 [S, V]: the last new token of each sequence, in batch order
+  Tensor all_logits;   // f32 [M, V]: every new token in batch order (only when asked)
+  // f32 [M]: per new token, the smallest gap over the MoE layers between its k-th and
+  // (k+1)-th router logit (inf without MoE layers). Near 0, bf16-level differences may route
+  // the token to another expert: conformance checks use it to tell such tokens apart.
+  Tensor router_margin;
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+
+  // Reads <dir>/config.json and the safetensors weights. Unknown or unimplemented model_type:
+  // an error listing the supported ones. Missing, misshapen or unused tensors: an error naming
+  // the tensor.
+  static std::unique_ptr<Model> load(const std::string& dir, const ModelOptions& options = {});
+  static std::vector<std::string> supported_model_types();
+
+  virtual const HfModelConfig& config() const = 0;
+  virtual const ModelOptions& options() const = 0;
+  // A cache configuration matching the model (layers, KV heads, head size, context length).
+  virtual KvCacheConfig kv_cache_config(int64_t num_pages, int page_size,
+                                        DType dtype = DType::bf16) const = 0;
+
+  // One batched step (prefill chunks and decode tokens may mix). Throws before touching the
+  // cache for bad input (empty token list, token id outside the vocabulary, unknown sequence,
+  // an adapter slot that is not loaded, no room in the cache).
+  virtual StepResult forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                             bool all_logits = false) = 0;
+
+  // Expert LoRA (PEFT adapters on mlp.experts, per-expert or fused 3D layout) into `slot`.
+  // Adapters with modules the model cannot apply yet (attention projections, dense MLP
+  // layers) are refused with an error naming the module: nothing is silently dropped.
+  virtual void load_adapter(int slot, const PeftAdapter& adapter) = 0;
+  virtual void unload_adapter(int slot) = 0;
+  virtual bool adapter_loaded(int slot) const = 0;
+  virtual int num_adapter_slots() const = 0;
+};
+
+}  // namespace moelora
