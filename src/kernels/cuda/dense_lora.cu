@@ -1,0 +1,98 @@
+// Device code and launchers of the dense LoRA ops (kernels/dense_lora_ops.inc). Decode-sized
+// batches: one CTA per (token, slice) for the shrink (a warp per rank row, 16-byte loads along
+// K), one CTA per (token, 128 output columns) for the expand (the token's u row staged in
+// shared memory). Tokens of the same adapter re-read A and B from L2. Base tokens (slot -1)
+// and slices a slot does not target exit at once.
+#include <cuda_bf16.h>
+
+#include "kernels/cuda/dense_lora_launch.h"
+
+namespace moelora::cuda {
+namespace {
+
+constexpr int kShrinkThreads = 128;
+constexpr int kExpandThreads = 128;
+
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
+  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&b);
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 fa = __bfloat1622float2(pa[i]), fb = __bfloat1622float2(pb[i]);
+    acc = fmaf(fa.x, fb.x, acc);
+    acc = fmaf(fa.y, fb.y, acc);
+  }
+  return acc;
+}
+
+__global__ void __launch_bounds__(kShrinkThreads) dense_lora_shrink_kernel(const DenseLoraArgs p) {
+  const int64_t t = blockIdx.x;
+  const int s = blockIdx.y;
+  const int slot = p.token_slot[t];
+  if (slot < 0) return;
+  const int rank = p.ranks[slot * p.slices + s];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint4* x = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.x) + t * p.k);
+  const int64_t chunks = p.k / 8;
+  for (int r = warp; r < rank; r += kShrinkThreads / 32) {
+    const uint4* a = reinterpret_cast<const uint4*>(
+        static_cast<const __nv_bfloat16*>(p.a) + ((int64_t(slot) * p.slices + s) * p.r + r) * p.k);
+    float acc = 0.f;
+    for (int64_t c = lane; c < chunks; c += 32) acc += dot8(__ldg(x + c), __ldg(a + c));
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) p.u[t * p.slices * p.r + s * p.r + r] = acc;
+  }
+}
+
+__global__ void __launch_bounds__(kExpandThreads) dense_lora_expand_kernel(const DenseLoraArgs p) {
+  extern __shared__ float u_row[];  // [slices * R]
+  const int64_t t = blockIdx.x;
+  const int slot = p.token_slot[t];
+  if (slot < 0) return;
+  const int width = p.slices * p.r;
+  for (int i = threadIdx.x; i < width; i += kExpandThreads) {
+    // Only the columns below each slice's rank were written by the shrink.
+    const int s = i / p.r;
+    u_row[i] = (i % p.r) < p.ranks[slot * p.slices + s] ? p.u[t * width + i] : 0.f;
+  }
+  __syncthreads();
+  const int64_t n = int64_t(blockIdx.y) * kExpandThreads + threadIdx.x;
+  if (n >= p.n) return;
+  int s = 0;
+  while (s + 1 < p.slices && n >= p.offset[s + 1]) ++s;
+  const int rank = p.ranks[slot * p.slices + s];
+  if (rank == 0) return;
+  const __nv_bfloat16* b = static_cast<const __nv_bfloat16*>(p.b) + (int64_t(slot) * p.n + n) * p.r;
+  const float* u = u_row + s * p.r;
+  float acc = 0.f;
+  for (int r = 0; r < rank; ++r) acc = fmaf(__bfloat162float(b[r]), u[r], acc);
+  if (p.y_bf16) {
+    __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y) + t * p.n + n;
+    *y = __float2bfloat16_rn(__bfloat162float(*y) + acc);
+  } else {
+    static_cast<float*>(p.y)[t * p.n + n] += acc;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_dense_lora_shrink(const DenseLoraArgs& p, cudaStream_t stream) {
+  if (p.m == 0) return cudaSuccess;
+  if (p.k % 8 != 0 || p.m > 0x7fffffff || p.slices > 65535) return cudaErrorInvalidValue;
+  dense_lora_shrink_kernel<<<dim3(unsigned(p.m), unsigned(p.slices)), kShrinkThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dense_lora_expand(const DenseLoraArgs& p, cudaStream_t stream) {
+  if (p.m == 0) return cudaSuccess;
+  const int64_t col_tiles = (p.n + kExpandThreads - 1) / kExpandThreads;
+  if (col_tiles > 65535 || p.m > 0x7fffffff) return cudaErrorInvalidValue;
+  const size_t smem = size_t(p.slices) * p.r * sizeof(float);
+  dense_lora_expand_kernel<<<dim3(unsigned(p.m), unsigned(col_tiles)), kExpandThreads, smem,
+                             stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace moelora::cuda
