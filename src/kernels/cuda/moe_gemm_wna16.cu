@@ -1,0 +1,88 @@
+// int4 / int8 expert GEMMs on CUDA (cuda_wna16): the launcher (tile instantiation, grid).
+// Device code in sm90_moe_gemm_wna16.cuh, the Tensor ops in moe_gemm_wna16_op.cpp.
+#include <atomic>
+#include <cstdint>
+
+#include "kernels/cuda/moe_gemm_wna16_launch.h"
+#include "kernels/cuda/sm90_moe_gemm_wna16.cuh"
+
+namespace moelora::cuda {
+namespace {
+
+constexpr int kStages = 4;
+
+// Channels per stage: ~128 bytes of codes per weight row for narrow token tiles (the weight
+// stream dominates), fewer for wide ones so the activation tiles leave room for 2+ CTAs/SM.
+template <int kBits, int kNt>
+constexpr int stage_k() {
+  if constexpr (kBits == 4) return kNt <= 2 ? 256 : kNt == 4 ? 128 : 64;
+  return kNt <= 2 ? 128 : 64;
+}
+
+template <int kBits, int kNt, int kRows>
+cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
+  // Two 16-row MMA tiles per warp at 64 tokens (each B fragment feeds two MMAs); one at 128,
+  // where two would need 256 accumulator registers (acc + group part) and spill.
+  constexpr int kMt = kNt == 8 ? 2 : 1;
+  constexpr int kKt = stage_k<kBits, kNt>();
+  using Tile = sm90::Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages>;
+  auto* kernel = &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages>;
+  // Opt in to > 48 KB of shared memory once per device (graph capture then sees the launch only).
+  static std::atomic<uint64_t> opted_in{0};
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  const uint64_t bit = uint64_t(1) << (device & 63);
+  if (!(opted_in.load(std::memory_order_acquire) & bit)) {
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             Tile::kSmemBytes);
+        e != cudaSuccess)
+      return e;
+    opted_in.fetch_or(bit, std::memory_order_acq_rel);
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  const int row_tiles =
+      p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
+  config.gridDim = p.row_tiles_fastest ? dim3(row_tiles, max_blocks) : dim3(max_blocks, row_tiles);
+  config.blockDim = dim3(Tile::kThreads);
+  config.dynamicSmemBytes = Tile::kSmemBytes;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = p.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+template <int kBits>
+cudaError_t launch_bits(const MoeGemmWna16Args& p, int max_blocks, int rows, cudaStream_t stream) {
+  const int nt = (p.block_m + 7) / 8;
+  if (nt > 4) {
+    if (rows != 128) return cudaErrorInvalidValue;
+    return nt <= 8 ? launch_tile<kBits, 8, 128>(p, max_blocks, stream)
+                   : launch_tile<kBits, 16, 64>(p, max_blocks, stream);
+  }
+  if (rows != 32 && rows != 64) return cudaErrorInvalidValue;
+  const bool r32 = rows == 32;
+  if (nt <= 1) return r32 ? launch_tile<kBits, 1, 32>(p, max_blocks, stream)
+                          : launch_tile<kBits, 1, 64>(p, max_blocks, stream);
+  if (nt <= 2) return r32 ? launch_tile<kBits, 2, 32>(p, max_blocks, stream)
+                          : launch_tile<kBits, 2, 64>(p, max_blocks, stream);
+  return r32 ? launch_tile<kBits, 4, 32>(p, max_blocks, stream)
+             : launch_tile<kBits, 4, 64>(p, max_blocks, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_moe_gemm_wna16(const MoeGemmWna16Args& p, int max_blocks, int rows,
+                                  cudaStream_t stream) {
+  if (max_blocks <= 0) return cudaSuccess;
+  if (p.block_m < 1 || p.block_m > 128 || (p.row_tiles_fastest && max_blocks > 65535) ||
+      (p.act_out && (p.n % 32 != 0 || p.slot_scale)))
+    return cudaErrorInvalidValue;
+  if (p.bits == 4) return launch_bits<4>(p, max_blocks, rows, stream);
+  if (p.bits == 8) return launch_bits<8>(p, max_blocks, rows, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace moelora::cuda

@@ -1,0 +1,386 @@
+// Device code of the int4 / int8 grouped expert GEMMs (cuda_wna16), decode-sized batches on
+// Hopper. Same structure as the bf16 kernel (sm90_moe_gemm.cuh, whose helpers it uses):
+// swapped mma.m16n8k16 (weight rows on M, the block's tokens on N), a cp.async ring of
+// kStages tiles, PDL, optional fused SiLU epilogue. What differs is the weight side:
+//  - the packed tiles (quant/experts_wna16.cpp) hold, for each lane, exactly its A fragments:
+//    one 16-byte shared-memory read per 16 rows x 64 (int4) or 32 (int8) channels, no ldmatrix;
+//  - codes become bf16 in registers: int4 by OR-ing a nibble pair into the mantissa of 128.0
+//    (0x4300) and subtracting 128 + zero (exact: |code - zero| <= 16); int8 through f32
+//    (0x4B000000 | byte = 2^23 + byte, minus 2^23 + zero, exact) packed to bf16x2;
+//  - the products of one scale group accumulate in f32 apart, then acc += scale * part, so the
+//    group scale (f32, exactly the checkpoint's) is applied once per group and row, not per
+//    weight; per-channel stacks apply it once at the end;
+//  - act-order stacks gather the activation columns x[:, perm] into shared memory, so the
+//    weights' groups stay contiguous.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/moe_gemm_wna16_launch.h"
+#include "kernels/cuda/moe_silu.cuh"
+#include "kernels/cuda/sm90_moe_gemm.cuh"
+#include "quant/wna16_layout.h"
+
+namespace moelora::cuda::sm90 {
+
+namespace wna16_detail {
+
+using namespace ::moelora::cuda::sm90::detail;
+
+__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The four A registers of one 16-channel step from the lane's int4 word: register p holds
+// nibbles p and p + 4; zero2[0] / zero2[1] hold 128 + zero of rows r / r + 8 (bf16 pairs).
+__device__ __forceinline__ void dequant_int4(uint32_t q, const uint32_t (&zero2)[2],
+                                             uint32_t (&a)[4]) {
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const uint32_t v = ((q >> (4 * p)) & 0x000f000fu) | 0x43004300u;
+    const __nv_bfloat162 d = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v),
+                                     *reinterpret_cast<const __nv_bfloat162*>(&zero2[p & 1]));
+    a[p] = bf16x2_bits(d);
+  }
+}
+
+// Two A registers from one int8 word (bytes {0,1}: row r, {2,3}: row r + 8); zero_f holds
+// 2^23 + zero of rows r and r + 8.
+__device__ __forceinline__ void dequant_int8(uint32_t q, const float (&zero_f)[2], uint32_t& lo,
+                                             uint32_t& hi) {
+  float f[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(__byte_perm(q, 0x4b000000u, 0x7540u | i));
+  lo = bf16x2_bits(__floats2bfloat162_rn(f[0] - zero_f[0], f[1] - zero_f[0]));
+  hi = bf16x2_bits(__floats2bfloat162_rn(f[2] - zero_f[1], f[3] - zero_f[1]));
+}
+
+}  // namespace wna16_detail
+
+// kBits: 4 or 8; kNt: 8-token MMA columns; kMt: 16-row MMA tiles per warp; kRows: weight rows
+// per CTA; kKt: channels per pipeline stage; kStages: ring depth.
+template <int kBits, int kNt, int kMt, int kRows, int kKt, int kStages>
+struct Wna16Tile {
+  static constexpr int kWarps = kRows / (16 * kMt);
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTokens = 8 * kNt;
+  static constexpr int kTileK = ::moelora::quant::wna16::tile_k(kBits);
+  static constexpr int kKTiles = kKt / kTileK;               // weight tiles per row tile
+  static constexpr int kWBytes = kRows * kKt * kBits / 8;    // weights per stage
+  static constexpr int kXBytes = kTokens * kKt * 2;          // activations per stage
+  static constexpr int kMaxGroups = kKt / 32;                // scale groups per stage
+  static constexpr int kSBytes = kRows * kMaxGroups * 4;     // scales (and zeros) per stage
+  static constexpr int kStageBytes = kWBytes + kXBytes + 2 * kSBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kTokens * 8;
+  static constexpr int kAccLd = kTokens + 1;
+  static_assert(kRows * kAccLd * 4 <= kStages * kStageBytes, "epilogue tile fits the ring");
+  static_assert(kKt % kTileK == 0 && kKt / 8 >= 8 && kRows % (16 * kMt) == 0, "tile shape");
+  static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
+};
+
+template <int kBits, int kNt, int kMt, int kRows, int kKt, int kStages>
+__global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages>::kThreads)
+    moe_gemm_wna16_kernel(const MoeGemmWna16Args p) {
+  using namespace wna16_detail;
+  using Tile = Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages>;
+  constexpr int kTokens = Tile::kTokens, kChunks = kKt / 8, kThreads = Tile::kThreads;
+  constexpr int kTileK = Tile::kTileK, kKTiles = Tile::kKTiles;
+  constexpr int kRowTiles = kRows / 16;
+
+  if (!p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  const int block = p.row_tiles_fastest ? blockIdx.y : blockIdx.x;
+  const int tile = p.row_tiles_fastest ? blockIdx.x : blockIdx.y;
+  const int num_padded = __ldcg(p.num_padded);
+  const int group = __ldcg(p.block_group + block);
+  if (block * p.block_m >= num_padded || group < 0) {
+    if (p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    return;
+  }
+  const bool fuse_act = p.act_out != nullptr;
+  const int half_n = p.n / 2;
+  const int col0 = tile * (kRows / 2);
+  const int row0 = tile * kRows;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int row_tiles_total = p.np / 16;
+  // Packed row tile of local row tile rt (fused: gate tiles, then the matching up tiles);
+  // clamped tiles are loaded but never stored.
+  auto packed_tile = [&](int rt) {
+    if (!fuse_act) return min(row0 / 16 + rt, row_tiles_total - 1);
+    const bool up = rt >= kRowTiles / 2;
+    const int t = min(col0 / 16 + rt - (up ? kRowTiles / 2 : 0), half_n / 16 - 1);
+    return t + (up ? half_n / 16 : 0);
+  };
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  int* tok_row = reinterpret_cast<int*>(smem_raw + kStages * Tile::kStageBytes);
+  int* tok_slot = tok_row + kTokens;
+  auto stage_w = [&](int s) { return smem_raw + s * Tile::kStageBytes; };
+  auto stage_x = [&](int s) {
+    return reinterpret_cast<__nv_bfloat16*>(stage_w(s) + Tile::kWBytes);
+  };
+  auto stage_s = [&](int s) {
+    return reinterpret_cast<float*>(stage_w(s) + Tile::kWBytes + Tile::kXBytes);
+  };
+  auto stage_z = [&](int s) { return stage_s(s) + kRows * Tile::kMaxGroups; };
+
+  const int K = p.k;
+  const int num_ktiles = (K + kKt - 1) / kKt;
+  const bool per_channel = p.num_groups_k == 1;
+  const int gk = p.group_k;
+  // Scale groups a stage holds (grouped stacks: group_k is 32, 64 or 128).
+  const int stage_groups = gk >= kKt ? 1 : kKt / gk;
+  const unsigned char* wg = static_cast<const unsigned char*>(p.w) +
+                            static_cast<int64_t>(group) * row_tiles_total * p.k_tiles *
+                                ::moelora::quant::wna16::kTileBytes;
+  const float* sg = p.scales + static_cast<int64_t>(group) * p.num_groups_k * p.np;
+  const float* zg = p.zeros ? p.zeros + static_cast<int64_t>(group) * p.num_groups_k * p.np
+                            : nullptr;
+  const int32_t* permg = p.perm ? p.perm + static_cast<int64_t>(group) * K : nullptr;
+  const uint64_t policy = evict_first_policy();
+
+  auto load_weights = [&](int kt) {
+    unsigned char* ws = stage_w(kt % kStages);
+    // 32 chunks of 16 bytes per 512-byte tile.
+#pragma unroll
+    for (int i = tid; i < kRowTiles * kKTiles * 32; i += kThreads) {
+      const int rt = i / (kKTiles * 32), j = (i / 32) % kKTiles, c = i % 32;
+      const int ktile = kt * kKTiles + j;
+      const bool ok = ktile < p.k_tiles;
+      const unsigned char* src =
+          wg + ((static_cast<int64_t>(packed_tile(rt)) * p.k_tiles + (ok ? ktile : 0)) * 32 + c) *
+                   16;
+      const uint32_t dst = smem_addr(ws + (rt * kKTiles + j) * 512 + c * 16);
+      if (p.evict_first) cp_async_16_policy(dst, src, ok ? 16 : 0, policy);
+      else cp_async_16(dst, src, ok ? 16 : 0);
+    }
+    if (per_channel) return;
+    // Scales (and zeros) of the stage's groups: 4 rows per 16-byte chunk.
+    float* ss = stage_s(kt % kStages);
+    float* zs = stage_z(kt % kStages);
+    const int fg = kt * kKt / gk;
+    for (int i = tid; i < stage_groups * kRows / 4; i += kThreads) {
+      const int j = i / (kRows / 4), r = (i % (kRows / 4)) * 4;
+      const bool ok = fg + j < p.num_groups_k;
+      const int64_t off =
+          static_cast<int64_t>(ok ? fg + j : 0) * p.np + packed_tile(r / 16) * 16 + r % 16;
+      cp_async_16(smem_addr(ss + j * kRows + r), sg + off, ok ? 16 : 0);
+      if (zg) cp_async_16(smem_addr(zs + j * kRows + r), zg + off, ok ? 16 : 0);
+    }
+  };
+  auto load_acts = [&](int kt) {
+    __nv_bfloat16* xs = stage_x(kt % kStages);
+    const int k0 = kt * kKt;
+    const __nv_bfloat16* act = static_cast<const __nv_bfloat16*>(p.act);
+    if (permg) {
+      // Act-order: gather x[:, perm] element by element (plain loads and stores; the barrier
+      // before the stage is consumed orders them like the cp.async groups).
+      for (int i = tid; i < kTokens * kKt; i += kThreads) {
+        const int r = i / kKt, c = i % kKt, src_row = tok_row[r], col = k0 + c;
+        __nv_bfloat16 v = __float2bfloat16_rn(0.f);
+        if (src_row >= 0 && col < K) v = act[static_cast<int64_t>(src_row) * K + permg[col]];
+        xs[swizzled_offset<kKt>(r, c / 8) + c % 8] = v;
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = tid; i < kTokens * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const int src_row = tok_row[r], col = k0 + c * 8;
+      const bool ok = src_row >= 0 && col < K;
+      const __nv_bfloat16* src = act + (ok ? static_cast<int64_t>(src_row) * K + col : 0);
+      cp_async_16(smem_addr(xs + swizzled_offset<kKt>(r, c)), src, ok ? 16 : 0);
+    }
+  };
+
+  // Rows of this thread's accumulators: m tile m, half h (rows lane/4 and lane/4 + 8).
+  auto local_row = [&](int m, int h) { return (warp * kMt + m) * 16 + lane / 4 + 8 * h; };
+  auto packed_row = [&](int m, int h) {
+    const int lr = local_row(m, h);
+    return packed_tile(lr / 16) * 16 + lr % 16;
+  };
+  // Zero points as the dequantizers want them; symmetric: 2^(bits-1).
+  constexpr float kSymZero = float(1 << (kBits - 1));
+  auto set_zero = [&](float z, int m, int h, uint32_t (&z2)[kMt][2], float (&zf)[kMt][2]) {
+    if constexpr (kBits == 4) {
+      z2[m][h] = bf16x2_bits(__float2bfloat162_rn(128.f + z));
+    } else {
+      zf[m][h] = 8388608.f + z;
+    }
+  };
+  uint32_t zero2[kMt][2];
+  float zero_f[kMt][2];
+  float pc_scale[kMt][2];  // per-channel scales
+#pragma unroll
+  for (int m = 0; m < kMt; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float z = kSymZero;
+      pc_scale[m][h] = 0.f;
+      if (per_channel) {
+        pc_scale[m][h] = __ldg(sg + packed_row(m, h));
+        if (zg) z = __ldg(zg + packed_row(m, h));
+      }
+      set_zero(z, m, h, zero2, zero_f);
+    }
+
+  // Prologue: weights first (independent of the plan), then the token table, then acts.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s)
+    if (s < num_ktiles) load_weights(s);
+  if (p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  for (int j = tid; j < kTokens; j += kThreads) {
+    int slot = p.num_slots;
+    if (j < p.block_m) slot = __ldcg(p.sorted_slots + block * p.block_m + j);
+    const bool live = slot >= 0 && slot < p.num_slots;
+    tok_slot[j] = live ? slot : -1;
+    tok_row[j] = live ? slot / p.rows_div : -1;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_ktiles) load_acts(s);
+    cp_async_commit();
+  }
+
+  float acc[kMt][kNt][4], part[kMt][kNt][4];
+#pragma unroll
+  for (int m = 0; m < kMt; ++m)
+#pragma unroll
+    for (int t = 0; t < kNt; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][t][e] = part[m][t][e] = 0.f;
+
+  const int b_tok = (lane & 7) + ((lane >> 4) << 3);
+  const int b_chunk = (lane >> 3) & 1;
+
+  for (int kt = 0; kt < num_ktiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (kt + kStages - 1 < num_ktiles) {
+      load_weights(kt + kStages - 1);
+      load_acts(kt + kStages - 1);
+    }
+    cp_async_commit();
+
+    const unsigned char* ws = stage_w(kt % kStages);
+    const uint32_t xs_addr = smem_addr(stage_x(kt % kStages));
+    const float* ss = stage_s(kt % kStages);
+    const float* zs = stage_z(kt % kStages);
+    const int k0 = kt * kKt;
+#pragma unroll
+    for (int ti = 0; ti < kKTiles; ++ti) {
+      uint4 wq[kMt];
+#pragma unroll
+      for (int m = 0; m < kMt; ++m)
+        wq[m] = *reinterpret_cast<const uint4*>(ws + ((warp * kMt + m) * kKTiles + ti) * 512 +
+                                                lane * 16);
+#pragma unroll
+      for (int j = 0; j < kTileK / 16; ++j) {
+        const int s = ti * (kTileK / 16) + j;  // 16-channel step within the stage
+        const int kpos = 16 * s;
+        if (!per_channel && zg && kpos % (gk < kKt ? gk : kKt) == 0) {
+          const int lg = gk < kKt ? kpos / gk : 0;
+#pragma unroll
+          for (int m = 0; m < kMt; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) set_zero(zs[lg * kRows + local_row(m, h)], m, h, zero2, zero_f);
+        }
+        uint32_t a[kMt][4];
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) {
+          const uint32_t w4[4] = {wq[m].x, wq[m].y, wq[m].z, wq[m].w};
+          if constexpr (kBits == 4) {
+            dequant_int4(w4[j], zero2[m], a[m]);
+          } else {
+            dequant_int8(w4[2 * j], zero_f[m], a[m][0], a[m][1]);
+            dequant_int8(w4[2 * j + 1], zero_f[m], a[m][2], a[m][3]);
+          }
+        }
+        if constexpr (kNt == 1) {
+          uint32_t b0, b1;
+          ldmatrix_x2(xs_addr + 2 * swizzled_offset<kKt>(lane & 7, 2 * s + b_chunk), b0, b1);
+#pragma unroll
+          for (int m = 0; m < kMt; ++m) mma_bf16_16816(part[m][0], a[m], b0, b1);
+        } else {
+#pragma unroll
+          for (int t = 0; t < kNt; t += 2) {
+            uint32_t b[4];
+            ldmatrix_x4(xs_addr + 2 * swizzled_offset<kKt>(t * 8 + b_tok, 2 * s + b_chunk), b);
+#pragma unroll
+            for (int m = 0; m < kMt; ++m) {
+              mma_bf16_16816(part[m][t], a[m], b[0], b[1]);
+              mma_bf16_16816(part[m][t + 1], a[m], b[2], b[3]);
+            }
+          }
+        }
+        // End of a scale group: fold the partial sums in with the group's scale.
+        if (!per_channel && (k0 + kpos + 16) % gk == 0) {
+          const int lg = gk < kKt ? kpos / gk : 0;
+#pragma unroll
+          for (int m = 0; m < kMt; ++m) {
+            const float s0 = ss[lg * kRows + local_row(m, 0)];
+            const float s1 = ss[lg * kRows + local_row(m, 1)];
+#pragma unroll
+            for (int t = 0; t < kNt; ++t)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                acc[m][t][e] = fmaf(e < 2 ? s0 : s1, part[m][t][e], acc[m][t][e]);
+                part[m][t][e] = 0.f;
+              }
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  asm volatile("griddepcontrol.launch_dependents;\n");
+  if (per_channel) {
+#pragma unroll
+    for (int m = 0; m < kMt; ++m)
+#pragma unroll
+      for (int t = 0; t < kNt; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[m][t][e] = pc_scale[m][e >> 1] * part[m][t][e];
+  }
+
+  // C fragment: rows lane/4 (+8) of each m tile, token columns 2 (lane % 4) (+1).
+  if (fuse_act) {
+    float* acc_tile = reinterpret_cast<float*>(smem_raw);
+    constexpr int kLd = Tile::kAccLd;
+    __syncthreads();  // every warp is done reading the ring
+#pragma unroll
+    for (int m = 0; m < kMt; ++m)
+#pragma unroll
+      for (int t = 0; t < kNt; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc_tile[local_row(m, e >> 1) * kLd + t * 8 + (lane % 4) * 2 + (e & 1)] = acc[m][t][e];
+    __syncthreads();
+    constexpr int kHalf = kRows / 2;
+    __nv_bfloat16* act_out = static_cast<__nv_bfloat16*>(p.act_out);
+    for (int i = tid; i < kHalf * kTokens; i += kThreads) {
+      const int j = i / kHalf, c = i % kHalf, slot = tok_slot[j];
+      if (slot < 0 || col0 + c >= half_n) continue;
+      act_out[static_cast<int64_t>(slot) * half_n + col0 + c] = __float2bfloat16_rn(
+          ::moelora::cuda::detail::silu_mul(acc_tile[c * kLd + j], acc_tile[(kHalf + c) * kLd + j]));
+    }
+    return;
+  }
+#pragma unroll
+  for (int m = 0; m < kMt; ++m)
+#pragma unroll
+    for (int t = 0; t < kNt; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int slot = tok_slot[t * 8 + (lane % 4) * 2 + (e & 1)];
+        const int n = row0 + local_row(m, e >> 1);
+        if (slot < 0 || n >= p.n) continue;
+        const float w = p.slot_scale ? p.slot_scale[slot] : 1.f;
+        p.out[static_cast<int64_t>(slot) * p.n + n] = acc[m][t][e] * w;
+      }
+}
+
+}  // namespace moelora::cuda::sm90
