@@ -86,9 +86,13 @@ std::vector<GenerationResult> Engine::generate(const std::vector<GenerationReque
         const GenerationRequest& r = requests[a.request];
         GenerationResult& out = results[a.request];
         const int64_t fed = out.tokens.empty() ? int64_t(r.prompt.size()) : 1;
-        if (config_.record_logits)
-          out.router_margin.insert(out.router_margin.end(), s.router_margin.data<float>() + mrow,
-                                   s.router_margin.data<float>() + mrow + fed);
+        if (config_.record_logits) {
+          const int64_t cols = s.router_margin.size(1);
+          for (int64_t p = mrow; p < mrow + fed; ++p) {
+            const float* m = s.router_margin.data<float>() + p * cols;
+            out.router_margin.emplace_back(m, m + cols);
+          }
+        }
         mrow += fed;
         const int32_t tok = sample_greedy(lg, V);
         out.tokens.push_back(tok);

@@ -204,7 +204,7 @@ class Qwen3MoeModel final : public Model {
                  const Tensor& slot_mapping, const Tensor& block_table, const Tensor& token_seq,
                  PagedKvCache& cache, Tensor& out);
   void mlp(Layer& L, const Tensor& xn, const Tensor& token_slot, bool lora, Tensor& out,
-           Tensor& router_margin);
+           Tensor& router_margin, int margin_col);
 
   HfModelConfig config_;
   ModelOptions options_;
@@ -239,7 +239,7 @@ void Qwen3MoeModel::attention(Layer& L, int layer, const Tensor& xn, const Tenso
 }
 
 void Qwen3MoeModel::mlp(Layer& L, const Tensor& xn, const Tensor& token_slot, bool lora,
-                        Tensor& out, Tensor& router_margin) {
+                        Tensor& out, Tensor& router_margin, int margin_col) {
   const int64_t M = xn.size(0), H = config_.hidden_size;
   if (!L.moe) {
     const int64_t Id = L.mlp_down.size(1);
@@ -261,11 +261,12 @@ void Qwen3MoeModel::mlp(Layer& L, const Tensor& xn, const Tensor& token_slot, bo
   if (k < E) {
     std::vector<float> r(static_cast<size_t>(E));
     float* margin = router_margin.data<float>();
+    const int64_t cols = router_margin.size(1);
     for (int64_t t = 0; t < M; ++t) {
       std::copy_n(logits.data<float>() + t * E, E, r.begin());
       std::nth_element(r.begin(), r.begin() + k, r.end(), std::greater<float>());
       const float kth = *std::min_element(r.begin(), r.begin() + k);
-      margin[t] = std::min(margin[t], kth - r[size_t(k)]);
+      margin[t * cols + margin_col] = kth - r[size_t(k)];
     }
   }
   {
@@ -378,15 +379,18 @@ StepResult Qwen3MoeModel::forward(const std::vector<SeqInput>& batch, PagedKvCac
   Tensor delta = Tensor::empty({M, H}, DType::f32);
   cpu::embedding(ids, embed_, h, stream_);
   StepResult r;
-  r.router_margin = Tensor::empty({M}, DType::f32);
-  std::fill_n(r.router_margin.data<float>(), M, INFINITY);
+  int num_moe = 0;
+  for (const Layer& L : layers_) num_moe += L.moe ? 1 : 0;
+  r.router_margin = Tensor::empty({M, num_moe}, DType::f32);
+  std::fill_n(r.router_margin.data<float>(), M * num_moe, INFINITY);
+  int moe_index = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     Layer& L = layers_[size_t(l)];
     cpu::rms_norm(h, L.input_norm, eps, xn, stream_);
     attention(L, l, xn, positions, slots, block_table, token_seq, cache, delta);
     cpu::residual_add(h, delta, stream_);
     cpu::rms_norm(h, L.post_norm, eps, xn, stream_);
-    mlp(L, xn, token_slot, lora, delta, r.router_margin);
+    mlp(L, xn, token_slot, lora, delta, r.router_margin, L.moe ? moe_index++ : -1);
     cpu::residual_add(h, delta, stream_);
   }
   for (const SeqInput& s : batch) cache.advance(s.seq, int64_t(s.tokens.size()));

@@ -77,15 +77,43 @@ GenerationRequest request_for(const Case& c) {
 // under bf16-level differences (the engine rounds the MoE input to bf16, the reference does
 // not); logit rows that depend on such a token are not held to the bf16 tolerance.
 constexpr float kRouterTie = 0.01f;
+// With an f32 KV cache nothing is rounded to bf16 before the first MoE layer's router, which
+// then sees the reference's input up to f32 summation order: only much closer ties count.
+constexpr float kRouterTieFirstLayerF32 = 1e-4f;
 
 struct RowStats {
   int checked = 0, near_tie = 0, near_tie_off = 0;
 };
 
-// Compares logit rows; row r depends on the positions 0..last_pos(r). Rows at or after the
-// sequence's first near-tie position are counted apart (expected to be off sometimes).
+// Which logit rows a near-tie can reach: a token routed near a tie in the last MoE layer
+// changes only its own logits; in an earlier MoE layer, also every later position (through
+// the K/V of the layers after it).
+struct Ties {
+  std::vector<bool> own;            // per position: a near-tie in the last MoE layer
+  int64_t first_early = INT64_MAX;  // first position with a near-tie in an earlier MoE layer
+  bool affects(int64_t pos) const {
+    return pos >= first_early || (pos < int64_t(own.size()) && own[size_t(pos)]);
+  }
+};
+
+Ties find_ties(const std::vector<std::vector<float>>& margin, float first_layer_tie) {
+  Ties t;
+  t.own.assign(margin.size(), false);
+  for (size_t p = 0; p < margin.size(); ++p)
+    for (size_t l = 0; l < margin[p].size(); ++l)
+      if (margin[p][l] < (l == 0 ? first_layer_tie : kRouterTie)) {
+        if (l + 1 == margin[p].size())
+          t.own[p] = true;
+        else
+          t.first_early = std::min(t.first_early, int64_t(p));
+      }
+  return t;
+}
+
+// Compares logit rows; row r comes from the token at position first_pos + r. Rows a near-tie
+// can reach are counted apart (expected to be off sometimes).
 void compare_rows(const std::vector<float>& actual, const std::vector<float>& expected,
-                  int64_t first_pos, int first_tie, double tol, const std::string& what,
+                  int64_t first_pos, const Ties& ties, double tol, const std::string& what,
                   RowStats& st) {
   constexpr int64_t V = 128;
   ASSERT_EQ(actual.size(), expected.size()) << what;
@@ -93,7 +121,7 @@ void compare_rows(const std::vector<float>& actual, const std::vector<float>& ex
     const std::vector<float> a(actual.begin() + r * V, actual.begin() + (r + 1) * V);
     const std::vector<float> e(expected.begin() + r * V, expected.begin() + (r + 1) * V);
     const auto ok = test::allclose(a, e, tol);
-    if (first_pos + r < first_tie) {
+    if (!ties.affects(first_pos + r)) {
       ++st.checked;
       EXPECT_TRUE(ok) << what << " row " << r;
     } else {
@@ -104,9 +132,10 @@ void compare_rows(const std::vector<float>& actual, const std::vector<float>& ex
   }
 }
 
-// Tokens must match exactly; logits within bf16 tolerance except rows after a routing near-tie.
+// Tokens must match exactly; logits within tolerance except rows a routing near-tie reaches.
 void check_against_reference(const Case& c, const GenerationResult& r, RowStats& st,
-                             double tol = kRelTol) {
+                             DType kv_dtype = DType::f32) {
+  const double tol = kv_dtype == DType::bf16 ? kRelTolBf16Kv : kRelTol;
   const std::string key = fmt::format("p{}.{}", c.prompt, c.tag);
   SCOPED_TRACE(key);
   ASSERT_TRUE(r.ok) << r.error;
@@ -114,23 +143,20 @@ void check_against_reference(const Case& c, const GenerationResult& r, RowStats&
   EXPECT_EQ(r.tokens, ref_ints(key + ".tokens"));
   const int64_t n = r.prompt_logits.size(0);
   ASSERT_EQ(r.router_margin.size(), size_t(n + 7));  // the prompt, then 7 tokens fed back
-  int first_tie = int(r.router_margin.size());
-  for (size_t i = 0; i < r.router_margin.size(); ++i)
-    if (r.router_margin[i] < kRouterTie) {
-      first_tie = int(i);
-      break;
-    }
-  compare_rows(test::to_floats(r.prompt_logits), ref_floats(key + ".prefill"), 0, first_tie, tol,
+  for (const auto& m : r.router_margin) ASSERT_EQ(m.size(), 2u);  // MoE layers 0 and 2
+  const Ties ties =
+      find_ties(r.router_margin, kv_dtype == DType::bf16 ? kRouterTie : kRouterTieFirstLayerF32);
+  compare_rows(test::to_floats(r.prompt_logits), ref_floats(key + ".prefill"), 0, ties, tol,
                key + ".prefill", st);
   // Step row j comes from the token at position n - 1 + j.
-  compare_rows(test::to_floats(r.step_logits), ref_floats(key + ".step_logits"), n - 1, first_tie,
-               tol, key + ".step", st);
+  compare_rows(test::to_floats(r.step_logits), ref_floats(key + ".step_logits"), n - 1, ties, tol,
+               key + ".step", st);
 }
 
 const std::vector<Case> kMixedBatch = {{0, "base"}, {1, "a"}, {2, "b"}, {2, "base"}, {0, "b"},
                                        {1, "base"}, {2, "a"}, {0, "a"}, {1, "b"}};
 
-void run_mixed_batch(DType kv_dtype, int page_size) {
+void run_mixed_batch(DType kv_dtype, int page_size, int min_strict_rows) {
   auto model = load_with_adapters();
   EngineConfig ec;
   ec.page_size = page_size;
@@ -143,24 +169,26 @@ void run_mixed_batch(DType kv_dtype, int page_size) {
   const auto results = engine.generate(reqs);
   ASSERT_EQ(results.size(), kMixedBatch.size());
   RowStats st;
-  const double tol = kv_dtype == DType::bf16 ? kRelTolBf16Kv : kRelTol;
   for (size_t i = 0; i < results.size(); ++i)
-    check_against_reference(kMixedBatch[i], results[i], st, tol);
-  // The fixture has a few near-tie tokens (router gaps down to 5e-4, one in layer 0 of p1 at
-  // position 11, shared by its three variants): 76 of the 141 rows are held to tolerance.
+    check_against_reference(kMixedBatch[i], results[i], st, kv_dtype);
+  // The fixture has near-tie tokens (router gaps down to 5e-4). With an f32 KV cache 139 of
+  // the 141 rows are held to tolerance (one of the two others, p0.a step 1, is off: its layer-2
+  // gap is 5e-4); with a bf16 KV cache 85 (p1's layer-0 gaps at positions 3 (5.6e-3) and 11
+  // (1.3e-3) reach every later position of its three variants; position 11 routes differently
+  // with bf16 K/V).
   fmt::print(
       "logit rows: {} within bf16 tolerance, {} after a routing near-tie ({} of them "
       "off)\n",
       st.checked, st.near_tie, st.near_tie_off);
-  EXPECT_GE(st.checked, 70);
+  EXPECT_GE(st.checked, min_strict_rows);
   EXPECT_EQ(engine.cache().free_pages(), ec.num_pages) << "pages leaked";
 }
 
 TEST(Qwen3MoeModel, GoldenMixedBatchF32KvCache) {
-  run_mixed_batch(DType::f32, 4);
+  run_mixed_batch(DType::f32, 4, 139);
 }
 TEST(Qwen3MoeModel, GoldenMixedBatchBf16KvCache) {
-  run_mixed_batch(DType::bf16, 16);
+  run_mixed_batch(DType::bf16, 16, 85);
 }
 
 TEST(Qwen3MoeModel, BatchInvariance) {

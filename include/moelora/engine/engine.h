@@ -28,9 +28,9 @@ struct GenerationResult {
   // (f32 [tokens.size(), V]), and the prompt's logits at every position ([prompt, V]).
   Tensor step_logits;
   Tensor prompt_logits;
-  // With record_logits: StepResult::router_margin of every position fed to the model (the
-  // prompt, then each generated token fed back), in position order.
-  std::vector<float> router_margin;
+  // With record_logits: StepResult::router_margin rows ([MoE layers] each) of every position
+  // fed to the model (the prompt, then each generated token fed back), in position order.
+  std::vector<std::vector<float>> router_margin;
 };
 
 struct EngineConfig {

@@ -37,9 +37,9 @@ struct SeqInput {
 struct StepResult {
   Tensor last_logits;  // f32 [S, V]: the last new token of each sequence, in batch order
   Tensor all_logits;   // f32 [M, V]: every new token in batch order (only when asked)
-  // f32 [M]: per new token, the smallest gap over the MoE layers between its k-th and
-  // (k+1)-th router logit (inf without MoE layers). Near 0, bf16-level differences may route
-  // the token to another expert: conformance checks use it to tell such tokens apart.
+  // f32 [M, MoE layers]: per new token and MoE layer (in layer order), the gap between its
+  // k-th and (k+1)-th router logit. Near 0, bf16-level differences may route the token to
+  // another expert: conformance checks use it to tell such tokens apart.
   Tensor router_margin;
 };
 
