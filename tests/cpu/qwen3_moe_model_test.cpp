@@ -440,6 +440,37 @@ TEST(Qwen3MoeModel, AdapterWithAttentionKeysIsRefused) {
   test::expect_error([&] { model->load_adapter(2, ad); }, "outside the model's 2 LoRA slot(s)");
 }
 
+// An adapter that touches one MoE layer only: the other layer's slot holds no LoRA.
+TEST(Qwen3MoeModel, AdapterOnOneLayer) {
+  const std::string src = test::fixture_path("qwen3_moe_tiny/adapter_a");
+  SafetensorsFile st(src + "/adapter_model.safetensors");
+  std::map<std::string, Tensor> keep;
+  for (const std::string& n : st.names())
+    if (n.find(".layers.0.") != std::string::npos) keep[n] = st.tensor(n);
+  ASSERT_EQ(keep.size(), 4u);
+  const fs::path dir = fs::temp_directory_path() /
+                       ("moelora_qwen3_" + std::to_string(::getpid()) + "_layer0_adapter");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy_file(src + "/adapter_config.json", dir / "adapter_config.json");
+  save_safetensors((dir / "adapter_model.safetensors").string(), keep);
+
+  auto model = load_with_adapters();
+  model->unload_adapter(1);
+  model->load_adapter(1, PeftAdapter::load(dir.string()));
+  PagedKvCache cache(model->kv_cache_config(16, 16, DType::f32));
+  const std::vector<int32_t> prompt = ref_ints("p1.prompt");
+  std::vector<std::vector<float>> out;
+  for (int slot : {-1, 0, 1})
+    out.push_back(test::to_floats(
+        model->forward({SeqInput{cache.add_sequence(), prompt, slot}}, cache, true).all_logits));
+  // Layer 0 positions see adapter a's layer-0 LoRA: the rows differ from base and from the
+  // full adapter (which changes layer 2 as well).
+  EXPECT_NE(out[2], out[0]);
+  EXPECT_NE(out[2], out[1]);
+  EXPECT_TRUE(test::allclose(out[1], ref_floats("p1.a.prefill"), kRelTol));
+}
+
 TEST(Qwen3MoeModel, ForwardRejectsBadSteps) {
   auto model = Model::load(model_dir());
   PagedKvCache cache(model->kv_cache_config(2, 4, DType::f32));  // 8 tokens of KV
