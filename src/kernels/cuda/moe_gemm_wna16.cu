@@ -19,14 +19,22 @@ constexpr int stage_k() {
   return kNt <= 2 ? 128 : 64;
 }
 
+// Warps along K per 16-row tile: 4 at up to 16 tokens, 2 at 32, 1 above (where the token
+// columns give each warp enough MMAs per weight fragment).
+template <int kNt>
+constexpr int split_k() {
+  return kNt <= 2 ? 4 : kNt == 4 ? 2 : 1;
+}
+
 template <int kBits, int kNt, int kRows>
 cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
   // Two 16-row MMA tiles per warp at 64 tokens (each B fragment feeds two MMAs); one at 128,
   // where two would need 256 accumulator registers (acc + group part) and spill.
   constexpr int kMt = kNt == 8 ? 2 : 1;
   constexpr int kKt = stage_k<kBits, kNt>();
-  using Tile = sm90::Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages>;
-  auto* kernel = &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages>;
+  constexpr int kSplit = split_k<kNt>();
+  using Tile = sm90::Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
+  auto* kernel = &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
   // Opt in to > 48 KB of shared memory once per device (graph capture then sees the launch only).
   static std::atomic<uint64_t> opted_in{0};
   int device = 0;
@@ -62,14 +70,12 @@ cudaError_t launch_bits(const MoeGemmWna16Args& p, int max_blocks, int rows, cud
     return nt <= 8 ? launch_tile<kBits, 8, 128>(p, max_blocks, stream)
                    : launch_tile<kBits, 16, 64>(p, max_blocks, stream);
   }
+  // Up to 16 tokens: 32 rows x 4 K slices (256 threads) whatever `rows` says.
+  if (nt <= 1) return launch_tile<kBits, 1, 32>(p, max_blocks, stream);
+  if (nt <= 2) return launch_tile<kBits, 2, 32>(p, max_blocks, stream);
   if (rows != 32 && rows != 64) return cudaErrorInvalidValue;
-  const bool r32 = rows == 32;
-  if (nt <= 1) return r32 ? launch_tile<kBits, 1, 32>(p, max_blocks, stream)
-                          : launch_tile<kBits, 1, 64>(p, max_blocks, stream);
-  if (nt <= 2) return r32 ? launch_tile<kBits, 2, 32>(p, max_blocks, stream)
-                          : launch_tile<kBits, 2, 64>(p, max_blocks, stream);
-  return r32 ? launch_tile<kBits, 4, 32>(p, max_blocks, stream)
-             : launch_tile<kBits, 4, 64>(p, max_blocks, stream);
+  return rows == 32 ? launch_tile<kBits, 4, 32>(p, max_blocks, stream)
+                    : launch_tile<kBits, 4, 64>(p, max_blocks, stream);
 }
 
 }  // namespace

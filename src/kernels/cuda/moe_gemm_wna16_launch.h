@@ -34,14 +34,13 @@ struct MoeGemmWna16Args {
   bool pdl = true;
   bool plan_ready = false;         // as MoeGemmArgs::plan_ready
   bool row_tiles_fastest = false;  // as MoeGemmArgs::row_tiles_fastest
-  bool evict_first = true;         // weight loads with an L2 evict-first hint
   // Fused activation (gemm1): act_out[s, c] = bf16(silu(gate) * up), as MoeGemmArgs. n / 2
   // must be a multiple of 16 (gate and up rows then start on tile boundaries).
   void* act_out = nullptr;
 };
 
 // Launches over `max_blocks` aligned blocks (blocks past *num_padded exit) with `rows` weight
-// rows per CTA: 32 or 64 for block_m <= 32, 128 above.
+// rows per CTA: 32 or 64 for block_m 17..32 (32 below), 128 above.
 cudaError_t launch_moe_gemm_wna16(const MoeGemmWna16Args& args, int max_blocks, int rows,
                                   cudaStream_t stream);
 

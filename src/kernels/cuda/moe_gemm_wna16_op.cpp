@@ -1,7 +1,6 @@
 // int4 / int8 expert GEMM ops (cuda_wna16, layer 3 of 3): validate the Tensors and the packed
 // stack, throw moelora::Error naming the tensor, call the launcher (moe_gemm_wna16.cu).
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 
 #include <fmt/format.h>
@@ -128,15 +127,11 @@ void launch(MoeGemmWna16Args p, int64_t blocks, int groups, bool plan_ready,
   if (p.num_slots == 0) return;
   const MoeGemmConfig cfg =
       moe_gemm_config(p.n, p.k, p.block_m, p.num_slots, groups, num_sms());
-  // Tile rows the wna16 kernels have: 32 / 64 for up to 32 tokens, 128 (2 MMA tiles per warp)
+  // Tile rows the wna16 kernels have: 32 up to 16 tokens, 32 / 64 for 32, 128 (2 MMA tiles per warp)
   // above (the launcher takes 64 rows of one MMA tile per warp past 64 tokens: registers).
   int rows = cfg.rows;
   if (p.block_m > 32) rows = 128;
   else if (rows == 128) rows = 64;
-  // Experiment switches (bench/NOTES.md): MOELORA_WNA16_ROWS forces the row tile,
-  // MOELORA_WNA16_NO_HINT drops the L2 evict-first hint of the weight loads.
-  if (const char* e = std::getenv("MOELORA_WNA16_ROWS"); e && p.block_m <= 32) rows = std::atoi(e);
-  p.evict_first = std::getenv("MOELORA_WNA16_NO_HINT") == nullptr;
   p.pdl = cfg.pdl;
   p.plan_ready = plan_ready;
   p.row_tiles_fastest = cfg.row_tiles_fastest;

@@ -11,7 +11,11 @@
 //    group scale (f32, exactly the checkpoint's) is applied once per group and row, not per
 //    weight; per-channel stacks apply it once at the end;
 //  - act-order stacks gather the activation columns x[:, perm] into shared memory, so the
-//    weights' groups stay contiguous.
+//    weights' groups stay contiguous;
+//  - kSplit warps share each 16-row MMA tile, each taking every kSplit-th weight tile of a
+//    stage, and their sums meet in shared memory at the end: a warp's MMA/dequant chain is
+//    serial, so at decode batches the warps must be many and short (one warp per 16 rows over
+//    the whole K measured 4x slower than the byte roofline: issue-bound, bench/NOTES.md).
 #pragma once
 
 #include <cstdint>
@@ -61,10 +65,11 @@ __device__ __forceinline__ void dequant_int8(uint32_t q, const float (&zero_f)[2
 }  // namespace wna16_detail
 
 // kBits: 4 or 8; kNt: 8-token MMA columns; kMt: 16-row MMA tiles per warp; kRows: weight rows
-// per CTA; kKt: channels per pipeline stage; kStages: ring depth.
-template <int kBits, int kNt, int kMt, int kRows, int kKt, int kStages>
+// per CTA; kKt: channels per pipeline stage; kStages: ring depth; kSplit: warps along K.
+template <int kBits, int kNt, int kMt, int kRows, int kKt, int kStages, int kSplit>
 struct Wna16Tile {
-  static constexpr int kWarps = kRows / (16 * kMt);
+  static constexpr int kRowWarps = kRows / (16 * kMt);
+  static constexpr int kWarps = kRowWarps * kSplit;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTokens = 8 * kNt;
   static constexpr int kTileK = ::moelora::quant::wna16::tile_k(kBits);
@@ -76,16 +81,20 @@ struct Wna16Tile {
   static constexpr int kStageBytes = kWBytes + kXBytes + 2 * kSBytes;
   static constexpr int kSmemBytes = kStages * kStageBytes + kTokens * 8;
   static constexpr int kAccLd = kTokens + 1;
+  static constexpr int kAccRegs = kMt * kNt * 4;
   static_assert(kRows * kAccLd * 4 <= kStages * kStageBytes, "epilogue tile fits the ring");
+  static_assert((kSplit - 1) * kRowWarps * 32 * kAccRegs * 4 <= kStages * kStageBytes,
+                "split-K partial sums fit the ring");
+  static_assert(kKTiles % kSplit == 0, "every warp of a split takes the same tiles");
   static_assert(kKt % kTileK == 0 && kKt / 8 >= 8 && kRows % (16 * kMt) == 0, "tile shape");
   static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
 };
 
-template <int kBits, int kNt, int kMt, int kRows, int kKt, int kStages>
-__global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages>::kThreads)
+template <int kBits, int kNt, int kMt, int kRows, int kKt, int kStages, int kSplit>
+__global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>::kThreads)
     moe_gemm_wna16_kernel(const MoeGemmWna16Args p) {
   using namespace wna16_detail;
-  using Tile = Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages>;
+  using Tile = Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
   constexpr int kTokens = Tile::kTokens, kChunks = kKt / 8, kThreads = Tile::kThreads;
   constexpr int kTileK = Tile::kTileK, kKTiles = Tile::kKTiles;
   constexpr int kRowTiles = kRows / 16;
@@ -103,7 +112,9 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
   const int half_n = p.n / 2;
   const int col0 = tile * (kRows / 2);
   const int row0 = tile * kRows;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, lane = tid % 32;
+  // Warp roles: row warp (which kMt 16-row tiles) and K slice (which tiles of each stage).
+  const int row_warp = (tid / 32) / kSplit, kslice = (tid / 32) % kSplit;
   const int row_tiles_total = p.np / 16;
   // Packed row tile of local row tile rt (fused: gate tiles, then the matching up tiles);
   // clamped tiles are loaded but never stored.
@@ -139,7 +150,6 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
   const float* zg = p.zeros ? p.zeros + static_cast<int64_t>(group) * p.num_groups_k * p.np
                             : nullptr;
   const int32_t* permg = p.perm ? p.perm + static_cast<int64_t>(group) * K : nullptr;
-  const uint64_t policy = evict_first_policy();
 
   auto load_weights = [&](int kt) {
     unsigned char* ws = stage_w(kt % kStages);
@@ -152,9 +162,9 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
       const unsigned char* src =
           wg + ((static_cast<int64_t>(packed_tile(rt)) * p.k_tiles + (ok ? ktile : 0)) * 32 + c) *
                    16;
-      const uint32_t dst = smem_addr(ws + (rt * kKTiles + j) * 512 + c * 16);
-      if (p.evict_first) cp_async_16_policy(dst, src, ok ? 16 : 0, policy);
-      else cp_async_16(dst, src, ok ? 16 : 0);
+      // No L2 evict-first hint here: with it, the H100 raised "illegal instruction" on these
+      // loads at real sizes (bench/NOTES.md).
+      cp_async_16(smem_addr(ws + (rt * kKTiles + j) * 512 + c * 16), src, ok ? 16 : 0);
     }
     if (per_channel) return;
     // Scales (and zeros) of the stage's groups: 4 rows per 16-byte chunk.
@@ -196,7 +206,7 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
   };
 
   // Rows of this thread's accumulators: m tile m, half h (rows lane/4 and lane/4 + 8).
-  auto local_row = [&](int m, int h) { return (warp * kMt + m) * 16 + lane / 4 + 8 * h; };
+  auto local_row = [&](int m, int h) { return (row_warp * kMt + m) * 16 + lane / 4 + 8 * h; };
   auto packed_row = [&](int m, int h) {
     const int lr = local_row(m, h);
     return packed_tile(lr / 16) * 16 + lr % 16;
@@ -253,6 +263,10 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][t][e] = part[m][t][e] = 0.f;
 
+  // Zero refresh at each group (or weight tile) start, scale fold at each group (or tile) end.
+  const int gk_shift = 31 - __clz(gk);
+  const int zmask = (gk < kTileK ? gk : kTileK) - 1;
+  const int fmask = zmask;
   const int b_tok = (lane & 7) + ((lane >> 4) << 3);
   const int b_chunk = (lane >> 3) & 1;
 
@@ -271,22 +285,27 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
     const float* zs = stage_z(kt % kStages);
     const int k0 = kt * kKt;
 #pragma unroll
-    for (int ti = 0; ti < kKTiles; ++ti) {
+    for (int tt = 0; tt < kKTiles / kSplit; ++tt) {
+      const int ti = tt * kSplit + kslice;
       uint4 wq[kMt];
 #pragma unroll
       for (int m = 0; m < kMt; ++m)
-        wq[m] = *reinterpret_cast<const uint4*>(ws + ((warp * kMt + m) * kKTiles + ti) * 512 +
+        wq[m] = *reinterpret_cast<const uint4*>(ws + ((row_warp * kMt + m) * kKTiles + ti) * 512 +
                                                 lane * 16);
 #pragma unroll
       for (int j = 0; j < kTileK / 16; ++j) {
         const int s = ti * (kTileK / 16) + j;  // 16-channel step within the stage
         const int kpos = 16 * s;
-        if (!per_channel && zg && kpos % (gk < kKt ? gk : kKt) == 0) {
-          const int lg = gk < kKt ? kpos / gk : 0;
+        // Scale groups (grouped stacks): group_k is a power of two >= 32, so a weight tile
+        // (64 int4 / 32 int8 channels) holds whole groups or lies inside one.
+        const bool group_start = (kpos & zmask) == 0;
+        const int lg = gk < kKt ? kpos >> gk_shift : 0;
+        if (!per_channel && zg && group_start) {
 #pragma unroll
           for (int m = 0; m < kMt; ++m)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) set_zero(zs[lg * kRows + local_row(m, h)], m, h, zero2, zero_f);
+            for (int h = 0; h < 2; ++h)
+              set_zero(zs[lg * kRows + local_row(m, h)], m, h, zero2, zero_f);
         }
         uint32_t a[kMt][4];
 #pragma unroll
@@ -316,9 +335,9 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
             }
           }
         }
-        // End of a scale group: fold the partial sums in with the group's scale.
-        if (!per_channel && (k0 + kpos + 16) % gk == 0) {
-          const int lg = gk < kKt ? kpos / gk : 0;
+        // End of this warp's run in a scale group (a group's end, or its tile's end when the
+        // group spans tiles that other warps take): fold the partial sums in with the scale.
+        if (!per_channel && ((kpos + 16) & fmask) == 0) {
 #pragma unroll
           for (int m = 0; m < kMt; ++m) {
             const float s0 = ss[lg * kRows + local_row(m, 0)];
@@ -345,19 +364,50 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[m][t][e] = pc_scale[m][e >> 1] * part[m][t][e];
   }
+  if constexpr (kSplit > 1) {
+    // K slices 1.. hand their sums to slice 0 through the drained ring (fixed order: the
+    // result does not depend on timing).
+    float* red = reinterpret_cast<float*>(smem_raw);
+    constexpr int kRegs = Tile::kAccRegs;
+    __syncthreads();
+    if (kslice > 0) {
+      float* dst = red + (((kslice - 1) * Tile::kRowWarps + row_warp) * 32 + lane) * kRegs;
+#pragma unroll
+      for (int m = 0; m < kMt; ++m)
+#pragma unroll
+        for (int t = 0; t < kNt; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dst[(m * kNt + t) * 4 + e] = acc[m][t][e];
+    }
+    __syncthreads();
+    if (kslice == 0) {
+#pragma unroll
+      for (int q = 1; q < kSplit; ++q) {
+        const float* src = red + (((q - 1) * Tile::kRowWarps + row_warp) * 32 + lane) * kRegs;
+#pragma unroll
+        for (int m = 0; m < kMt; ++m)
+#pragma unroll
+          for (int t = 0; t < kNt; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][t][e] += src[(m * kNt + t) * 4 + e];
+      }
+    }
+  }
 
   // C fragment: rows lane/4 (+8) of each m tile, token columns 2 (lane % 4) (+1).
   if (fuse_act) {
     float* acc_tile = reinterpret_cast<float*>(smem_raw);
     constexpr int kLd = Tile::kAccLd;
-    __syncthreads();  // every warp is done reading the ring
+    __syncthreads();  // every warp is done reading the ring (and the split-K sums)
+    if (kslice == 0) {
 #pragma unroll
-    for (int m = 0; m < kMt; ++m)
+      for (int m = 0; m < kMt; ++m)
 #pragma unroll
-      for (int t = 0; t < kNt; ++t)
+        for (int t = 0; t < kNt; ++t)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          acc_tile[local_row(m, e >> 1) * kLd + t * 8 + (lane % 4) * 2 + (e & 1)] = acc[m][t][e];
+          for (int e = 0; e < 4; ++e)
+            acc_tile[local_row(m, e >> 1) * kLd + t * 8 + (lane % 4) * 2 + (e & 1)] = acc[m][t][e];
+    }
     __syncthreads();
     constexpr int kHalf = kRows / 2;
     __nv_bfloat16* act_out = static_cast<__nv_bfloat16*>(p.act_out);
@@ -369,6 +419,7 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
     }
     return;
   }
+  if (kslice != 0) return;
 #pragma unroll
   for (int m = 0; m < kMt; ++m)
 #pragma unroll
