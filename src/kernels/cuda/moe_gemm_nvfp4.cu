@@ -2,6 +2,7 @@
 // sm90_moe_gemm_nvfp4.cuh, the Tensor ops in moe_gemm_nvfp4_op.cpp.
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/moe_gemm_nvfp4_launch.h"
 #include "kernels/cuda/sm90_moe_gemm_nvfp4.cuh"
@@ -11,13 +12,13 @@ namespace {
 
 constexpr int kStages = 4;
 
-template <int kNt, int kRows>
+template <int kNt, int kRows, int kSplit>
 cudaError_t launch_tile(const MoeGemmNvfp4Args& p, int max_blocks, cudaStream_t stream) {
   // A stage holds 256 K of codes for narrow token tiles (more bytes in flight per CTA: a
   // row of codes is a quarter of a bf16 row), 128 for wide ones (the activation tile grows).
   constexpr int kKt = kNt <= 2 ? 256 : 128;
-  using Tile = sm90::MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>;
-  auto* kernel = &sm90::moe_gemm_nvfp4_kernel<kNt, kRows, kKt, kStages>;
+  using Tile = sm90::MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages, kSplit>;
+  auto* kernel = &sm90::moe_gemm_nvfp4_kernel<kNt, kRows, kKt, kStages, kSplit>;
   // Opt in to more than 48 KB of shared memory once per device, outside any graph capture.
   static std::atomic<uint64_t> opted_in{0};
   int device = 0;
@@ -48,10 +49,20 @@ cudaError_t launch_tile(const MoeGemmNvfp4Args& p, int max_blocks, cudaStream_t 
 template <int kNt>
 cudaError_t launch_rows(const MoeGemmNvfp4Args& p, int max_blocks, int rows,
                         cudaStream_t stream) {
+  // Split-K warps: 4 for narrow token tiles (few MMAs per dequantized fragment, so the
+  // dequantization's latency dominates), 2 at 32 tokens, none past; at most 512 threads.
+  constexpr int kSplitWant = kNt <= 2 ? 4 : kNt == 4 ? 2 : 1;
+  auto pick = [&](auto rows_c) {
+    constexpr int kR = decltype(rows_c)::value;
+    constexpr int kMax = 512 / (kR / 16 * 32);
+    constexpr int kS = kSplitWant < kMax ? kSplitWant : kMax;
+    return p.split_k ? launch_tile<kNt, kR, kS>(p, max_blocks, stream)
+                     : launch_tile<kNt, kR, 1>(p, max_blocks, stream);
+  };
   switch (rows) {
-    case 32: return launch_tile<kNt, 32>(p, max_blocks, stream);
-    case 64: return launch_tile<kNt, 64>(p, max_blocks, stream);
-    case 128: return launch_tile<kNt, 128>(p, max_blocks, stream);
+    case 32: return pick(std::integral_constant<int, 32>{});
+    case 64: return pick(std::integral_constant<int, 64>{});
+    case 128: return pick(std::integral_constant<int, 128>{});
     default: return cudaErrorInvalidValue;
   }
 }

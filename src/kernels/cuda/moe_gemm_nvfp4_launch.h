@@ -35,6 +35,14 @@ struct MoeGemmNvfp4Args {
   // Fused SiLU(gate) * up epilogue as MoeGemmArgs::act_out; needs n / 2 a multiple of 16.
   void* act_out = nullptr;  // bf16 [num_slots, n / 2]
   bool row_tiles_fastest = false;
+  // Weight loads marked L2 evict-first with a 256-byte prefetch (as the bf16 kernel). OFF:
+  // on the H100 this kernel's cp.async with the createpolicy operand raised
+  // cudaErrorIllegalInstruction in the main-loop refills of some instantiations (2026-11-22,
+  // bench/NOTES.md "nvfp4"); the same tiles pass with plain cp.async.cg. Cause not found.
+  bool evict_first = false;
+  // Narrow token tiles split each 16-row tile's K over 2-4 warps (see the kernel). Measured
+  // slower (bench/NOTES.md), so off unless MOELORA_NVFP4_SPLITK=1.
+  bool split_k = false;
 };
 
 // `rows` weight rows per CTA: 32, 64 or 128.

@@ -3,7 +3,8 @@
 // mma.m16n8k16 as the bf16 kernel (sm90_moe_gemm.cuh, whose helpers this reuses): weight rows
 // on the M side, the block's tokens on N.
 //
-// Codes are pre-arranged (src/quant/experts_nvfp4.cpp) so that a lane's one 16-byte shared
+// Weights stream with plain cp.async.cg (MoeGemmNvfp4Args::evict_first says why not
+// evict-first). Codes are pre-arranged (src/quant/experts_nvfp4.cpp) so that a lane's one 16-byte shared
 // load holds its A fragments for four K steps; each 32-bit word becomes the four A registers
 // with shifts and masks (the bf16 bit pattern of e2m1 * 2^-126), then one bf16x2 multiply by
 // the e4m3 block scale * 2^119. Both steps are exact: e2m1 * e4m3 has at most 6 significant
@@ -57,11 +58,14 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
 
 }  // namespace nvfp4
 
-// kNt: 8-token MMA columns (block_m <= 8 kNt); kRows: weight rows per CTA (16 per warp);
-// kKt: K per pipeline stage (multiple of 64); kStages: ring depth.
-template <int kNt, int kRows, int kKt, int kStages>
+// kNt: 8-token MMA columns (block_m <= 8 kNt); kRows: weight rows per CTA (16 per warp row);
+// kKt: K per pipeline stage (multiple of 64); kStages: ring depth; kSplit: warps sharing one
+// 16-row tile, each taking every kSplit-th 64-wide K chunk of a stage (dequantization is
+// latency-bound at small batches: more warps per SM hide it), summed in a fixed order at the end.
+template <int kNt, int kRows, int kKt, int kStages, int kSplit>
 struct MoeGemmNvfp4Tile {
-  static constexpr int kWarps = kRows / 16;
+  static constexpr int kWarpsM = kRows / 16;
+  static constexpr int kWarps = kWarpsM * kSplit;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTokens = 8 * kNt;
   static constexpr int kKc = kKt / 64;                  // 64-wide K chunks per stage
@@ -71,19 +75,26 @@ struct MoeGemmNvfp4Tile {
   static constexpr int kStageBytes = kCodeBytes + kScaleBytes + kActBytes;
   static constexpr int kSmemBytes = kStages * kStageBytes + kTokens * 8;
   static constexpr int kAccLd = kTokens + 1;
+  static constexpr int kRedFloats = (kSplit - 1) * kWarpsM * 32 * kNt * 4;
   static_assert(kRows * kAccLd * 4 <= kStages * kStageBytes, "epilogue tile fits the ring");
-  static_assert(kKt % 64 == 0 && kRows % 32 == 0, "tile shape");
+  static_assert(kRedFloats * 4 <= kStages * kStageBytes, "split-K partials fit the ring");
+  static_assert(kKt % 64 == 0 && kRows % 32 == 0 && kKc % kSplit == 0, "tile shape");
   static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
 };
 
-template <int kNt, int kRows, int kKt, int kStages>
-__global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>::kThreads)
+// Split-K tiles of up to 16 tokens are held to 64 registers (two 512-thread CTAs per SM):
+// occupancy was meant to hide the dequantization latency (a few bytes spill; measured slower).
+template <int kNt, int kRows, int kKt, int kStages, int kSplit>
+__global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages, kSplit>::kThreads,
+                                  kSplit > 1 && kNt <= 2 ? 1024 / MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages,
+                                                   kSplit>::kThreads
+                                                   : 1)
     moe_gemm_nvfp4_kernel(const MoeGemmNvfp4Args p) {
-  using Tile = MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>;
+  using Tile = MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages, kSplit>;
   constexpr int kTokens = Tile::kTokens;
   constexpr int kThreads = Tile::kThreads;
   constexpr int kKc = Tile::kKc;
-  constexpr int kWarps = Tile::kWarps;
+  constexpr int kWarpsM = Tile::kWarpsM;
   constexpr int kChunks = kKt / 8;  // 16-byte activation chunks per token row
 
   if (!p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -104,8 +115,8 @@ __global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>::kT
   auto row_tile = [&](int w) {
     if (!fuse_act) return min(row0 / 16 + w, p.row_tiles16 - 1);
     const int half_tiles = half_n / 16;
-    const bool up = w >= kWarps / 2;
-    return min(col0 / 16 + w - (up ? kWarps / 2 : 0), half_tiles - 1) + (up ? half_tiles : 0);
+    const bool up = w >= kWarpsM / 2;
+    return min(col0 / 16 + w - (up ? kWarpsM / 2 : 0), half_tiles - 1) + (up ? half_tiles : 0);
   };
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -127,7 +138,10 @@ __global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>::kT
       const bool ok = kc0 + rest / 32 < kcs;
       const uint8_t* src =
           p.codes + ((group_tiles + row_tile(w)) * kcs + (ok ? kc0 : 0)) * 512 + (ok ? rest * 16 : 0);
-      detail::cp_async_16_policy(detail::smem_addr(st + i * 16), src, ok ? 16 : 0, policy);
+      if (p.evict_first)
+        detail::cp_async_16_policy(detail::smem_addr(st + i * 16), src, ok ? 16 : 0, policy);
+      else
+        detail::cp_async_16(detail::smem_addr(st + i * 16), src, ok ? 16 : 0);
     }
 #pragma unroll
     for (int i = tid; i < Tile::kScaleBytes / 16; i += kThreads) {
@@ -135,8 +149,11 @@ __global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>::kT
       const bool ok = kc0 + rest / 4 < kcs;
       const uint8_t* src =
           p.scales + ((group_tiles + row_tile(w)) * kcs + (ok ? kc0 : 0)) * 64 + (ok ? rest * 16 : 0);
-      detail::cp_async_16_policy(detail::smem_addr(st + Tile::kCodeBytes + i * 16), src,
-                                 ok ? 16 : 0, policy);
+      if (p.evict_first)
+        detail::cp_async_16_policy(detail::smem_addr(st + Tile::kCodeBytes + i * 16), src,
+                                   ok ? 16 : 0, policy);
+      else
+        detail::cp_async_16(detail::smem_addr(st + Tile::kCodeBytes + i * 16), src, ok ? 16 : 0);
     }
   };
   auto load_acts = [&](int kt) {
@@ -178,7 +195,7 @@ __global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>::kT
 #pragma unroll
   for (int t = 0; t < kNt; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
 
-  const int warp = tid / 32, lane = tid % 32;
+  const int warp = tid / 32 % kWarpsM, ks = tid / 32 / kWarpsM, lane = tid % 32;
   const int b_tok = (lane & 7) + ((lane >> 4) << 3);
   const int b_chunk = (lane >> 3) & 1;
 
@@ -194,7 +211,8 @@ __global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>::kT
     const unsigned char* st = smem_raw + (kt % kStages) * Tile::kStageBytes;
     const uint32_t xs_addr = detail::smem_addr(st + Tile::kCodeBytes + Tile::kScaleBytes);
 #pragma unroll
-    for (int kc = 0; kc < kKc; ++kc) {
+    for (int kci = 0; kci < kKc / kSplit; ++kci) {
+      const int kc = kci * kSplit + ks;
       const uint4 cw =
           *reinterpret_cast<const uint4*>(st + ((warp * kKc + kc) * 32 + lane) * 16);
       const uint2 sw = *reinterpret_cast<const uint2*>(st + Tile::kCodeBytes +
@@ -231,6 +249,25 @@ __global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>::kT
   }
   detail::cp_async_wait<0>();
   asm volatile("griddepcontrol.launch_dependents;\n");
+  if constexpr (kSplit > 1) {
+    // Partials of warps ks > 0 through the drained ring; warp ks = 0 adds them in ks order.
+    float* red = reinterpret_cast<float*>(smem_raw);
+    __syncthreads();
+    if (ks > 0)
+#pragma unroll
+      for (int t = 0; t < kNt; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          red[((((ks - 1) * kWarpsM + warp) * 32 + lane) * kNt + t) * 4 + e] = acc[t][e];
+    __syncthreads();
+    if (ks == 0)
+      for (int r = 1; r < kSplit; ++r)
+#pragma unroll
+        for (int t = 0; t < kNt; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc[t][e] += red[((((r - 1) * kWarpsM + warp) * 32 + lane) * kNt + t) * 4 + e];
+  }
 
   // C fragment rows lane/4 and lane/4 + 8 of the warp's tile; the global scale of each row.
   const int tile_row = row_tile(warp) * 16 + lane / 4;
@@ -247,6 +284,7 @@ __global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>::kT
     constexpr int kLd = Tile::kAccLd;
     __syncthreads();
     const int r_base = warp * 16 + lane / 4;
+    if (ks == 0)
 #pragma unroll
     for (int t = 0; t < kNt; ++t)
 #pragma unroll
@@ -273,7 +311,7 @@ __global__ void __launch_bounds__(MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages>::kT
       const int j = t * 8 + (lane % 4) * 2 + (e & 1);
       const int n = tile_row + (e >> 1) * 8;
       const int slot = tok_slot[j];
-      if (slot < 0 || n >= p.n || (warp + row0 / 16) >= p.row_tiles16) continue;
+      if (ks > 0 || slot < 0 || n >= p.n || (warp + row0 / 16) >= p.row_tiles16) continue;
       const float v = acc[t][e] * gsc[e >> 1];
       const float scale = p.slot_scale ? p.slot_scale[slot] : 1.f;
       p.out[static_cast<int64_t>(slot) * p.n + n] = v * scale;
