@@ -1,0 +1,355 @@
+// Device code and launchers of the CUDA dense ops (kernels/dense_ops.inc). Activations are f32
+// or bf16 (a template flag per tensor), math in f32 like the CPU reference. These are the
+// straightforward kernels a model needs to run on the GPU at all; the decode-critical ones
+// (linear, attention) are sized for decode batches: linear streams each weight row once per
+// 8 tokens, attention runs one CTA per (token, head) with an online softmax over the pages.
+// Prefill-sized linears belong on cuBLASLt (not wired yet).
+#include <cuda_bf16.h>
+
+#include <cfloat>
+
+#include "kernels/cuda/dense_ops_launch.h"
+
+namespace moelora::cuda {
+namespace {
+
+template <bool kBf16>
+__device__ __forceinline__ float load(const void* p, int64_t i) {
+  if constexpr (kBf16)
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  else
+    return static_cast<const float*>(p)[i];
+}
+
+template <bool kBf16>
+__device__ __forceinline__ void store(void* p, int64_t i, float v) {
+  if constexpr (kBf16)
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else
+    static_cast<float*>(p)[i] = v;
+}
+
+// Calls f.template operator()<a, b>() for the runtime flags (a, b).
+template <class F>
+cudaError_t dispatch2(bool a, bool b, F&& f) {
+  if (a) return b ? f.template operator()<true, true>() : f.template operator()<true, false>();
+  return b ? f.template operator()<false, true>() : f.template operator()<false, false>();
+}
+
+unsigned grid_for(int64_t n, int threads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return unsigned(blocks < 132 * 32 ? blocks : 132 * 32);
+}
+
+// ---- embedding -----------------------------------------------------------------------------
+template <bool kOut>
+__global__ void embedding_kernel(const int32_t* ids, const __nv_bfloat16* table, void* out,
+                                 int64_t m, int64_t h) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * h;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / h, c = i % h;
+    store<kOut>(out, i, __bfloat162float(table[int64_t(ids[t]) * h + c]));
+  }
+}
+
+// ---- rms_norm: one CTA per row ---------------------------------------------------------------
+template <bool kX, bool kOut>
+__global__ void rms_norm_kernel(const void* x, const __nv_bfloat16* w, float eps, void* out,
+                                int64_t d) {
+  const int64_t r = blockIdx.x;
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = load<kX>(x, r * d + i);
+    ss += v * v;
+  }
+  __shared__ float part[32];
+  for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (threadIdx.x == 0) part[0] = v;
+  }
+  __syncthreads();
+  const float inv = 1.0f / sqrtf(part[0] / float(d) + eps);
+  // out may alias x: every thread read its elements above, and writes the same ones.
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+    store<kOut>(out, r * d + i, load<kX>(x, r * d + i) * inv * __bfloat162float(w[i]));
+}
+
+// ---- linear: a warp per 2 weight rows x 8 tokens ----------------------------------------
+constexpr int kLinRows = 2, kLinTok = 8, kLinWarps = 4;
+
+template <bool kX>
+__device__ __forceinline__ void load8(const void* x, int64_t off, float (&v)[8]) {
+  if constexpr (kX) {
+    const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(x) + off);
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(p[i]);
+      v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+  } else {
+    const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(x) + off);
+    const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(x) + off + 4);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  }
+}
+
+template <bool kX, bool kY>
+__global__ void __launch_bounds__(kLinWarps * 32)
+    linear_kernel(const void* x, const __nv_bfloat16* w, void* y, int64_t m, int64_t n, int64_t k) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n0 = (int64_t(blockIdx.x) * kLinWarps + warp) * kLinRows;
+  const int64_t t0 = int64_t(blockIdx.y) * kLinTok;
+  if (n0 >= n) return;
+  float acc[kLinRows][kLinTok] = {};
+  for (int64_t c = int64_t(lane) * 8; c < k; c += 32 * 8) {
+    float wv[kLinRows][8];
+#pragma unroll
+    for (int r = 0; r < kLinRows; ++r) {
+      if (n0 + r < n) {
+        load8<true>(w, (n0 + r) * k + c, wv[r]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) wv[r][i] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kLinTok; ++t) {
+      if (t0 + t >= m) break;
+      float xv[8];
+      load8<kX>(x, (t0 + t) * k + c, xv);
+#pragma unroll
+      for (int r = 0; r < kLinRows; ++r)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[r][t] = fmaf(wv[r][i], xv[i], acc[r][t]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kLinRows; ++r)
+#pragma unroll
+    for (int t = 0; t < kLinTok; ++t) {
+      float v = acc[r][t];
+      for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0 && n0 + r < n && t0 + t < m) store<kY>(y, (t0 + t) * n + n0 + r, v);
+    }
+}
+
+// ---- rope ------------------------------------------------------------------------------------
+template <bool kX>
+__global__ void rope_kernel(void* x, int64_t m, int64_t cols, int head_dim,
+                            const int32_t* positions, float theta) {
+  const int half = head_dim / 2;
+  const int64_t per_token = cols / 2;  // (head, i) pairs
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < m * per_token;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / per_token, rem = idx % per_token;
+    const int64_t head = rem / half;
+    const int i = int(rem % half);
+    // f32 as transformers: inv_freq = 1 / theta^(2i/d), angle = position * inv_freq.
+    const float inv_freq = 1.0f / powf(theta, float(2 * i) / float(head_dim));
+    const float f = float(positions[t]) * inv_freq;
+    const float cs = cosf(f), sn = sinf(f);
+    const int64_t base = t * cols + head * head_dim;
+    const float a = load<kX>(x, base + i), b = load<kX>(x, base + i + half);
+    store<kX>(x, base + i, a * cs - b * sn);
+    store<kX>(x, base + i + half, b * cs + a * sn);
+  }
+}
+
+// ---- kv cache write --------------------------------------------------------------------------
+template <bool kIn, bool kCache>
+__global__ void kv_write_kernel(const void* k, const void* v, const int32_t* slot_mapping,
+                                void* kc, void* vc, int64_t m, int64_t row) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * row;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / row, c = i % row;
+    const int64_t dst = int64_t(slot_mapping[t]) * row + c;
+    store<kCache>(kc, dst, load<kIn>(k, i));
+    store<kCache>(vc, dst, load<kIn>(v, i));
+  }
+}
+
+// ---- paged attention: one CTA (4 warps) per (token, head), online softmax ------------------
+constexpr int kAttnWarps = 4, kMaxHeadDim = 256, kPerLane = kMaxHeadDim / 32;
+
+template <bool kQ, bool kCache, bool kOut>
+__global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const PagedAttentionArgs a) {
+  const int64_t t = blockIdx.x;
+  const int h = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int d = a.head_dim, kvh = h / (a.heads / a.kv_heads);
+  const int seq = a.token_seq[t], len = a.token_pos[t] + 1;
+  const int per_lane = (d + 31) / 32;  // elements of the head each lane owns: c = lane + 32 j
+  float q[kPerLane], acc[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int c = lane + 32 * j;
+    q[j] = (j < per_lane && c < d) ? load<kQ>(a.q, t * int64_t(a.heads) * d + int64_t(h) * d + c) : 0.f;
+    acc[j] = 0.f;
+  }
+  float mx = -FLT_MAX, sum = 0.f;
+  const int64_t row = int64_t(a.kv_heads) * d;
+  for (int p = warp; p < len; p += kAttnWarps) {
+    const int page = a.block_table[int64_t(seq) * a.max_pages + p / a.page_size];
+    const int64_t off = (int64_t(page) * a.page_size + p % a.page_size) * row + int64_t(kvh) * d;
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int c = lane + 32 * j;
+      if (j < per_lane && c < d) s += q[j] * load<kCache>(a.k_cache, off + c);
+    }
+    for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    s *= a.scale;
+    const float new_mx = fmaxf(mx, s);
+    const float corr = expf(mx - new_mx), e = expf(s - new_mx);
+    sum = sum * corr + e;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int c = lane + 32 * j;
+      const float vv = (j < per_lane && c < d) ? load<kCache>(a.v_cache, off + c) : 0.f;
+      acc[j] = acc[j] * corr + e * vv;
+    }
+    mx = new_mx;
+  }
+  // Combine the warps' partial softmaxes.
+  __shared__ float s_mx[kAttnWarps], s_sum[kAttnWarps];
+  __shared__ float s_acc[kAttnWarps][kMaxHeadDim];
+  if (lane == 0) s_mx[warp] = mx, s_sum[warp] = sum;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int c = lane + 32 * j;
+    if (c < kMaxHeadDim) s_acc[warp][c] = acc[j];
+  }
+  __syncthreads();
+  float gmx = -FLT_MAX;
+  for (int w = 0; w < kAttnWarps; ++w) gmx = fmaxf(gmx, s_mx[w]);
+  float gsum = 0.f;
+  for (int w = 0; w < kAttnWarps; ++w)
+    if (s_sum[w] > 0.f) gsum += s_sum[w] * expf(s_mx[w] - gmx);
+  for (int c = threadIdx.x; c < d; c += kAttnWarps * 32) {
+    float o = 0.f;
+    for (int w = 0; w < kAttnWarps; ++w)
+      if (s_sum[w] > 0.f) o += s_acc[w][c] * expf(s_mx[w] - gmx);
+    store<kOut>(a.out, t * int64_t(a.heads) * d + int64_t(h) * d + c, o / gsum);
+  }
+}
+
+// ---- elementwise ------------------------------------------------------------------------------
+template <bool kOut>
+__global__ void silu_mul_kernel(const float* gu, void* out, int64_t m, int64_t inter) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * inter;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / inter, c = i % inter;
+    const float g = gu[t * 2 * inter + c];
+    store<kOut>(out, i, g / (1.0f + expf(-g)) * gu[t * 2 * inter + inter + c]);
+  }
+}
+
+template <bool kX, bool kY>
+__global__ void residual_add_kernel(void* x, const void* y, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    store<kX>(x, i, load<kX>(x, i) + load<kY>(y, i));
+}
+
+}  // namespace
+
+cudaError_t launch_embedding(const int32_t* ids, const void* table, void* out, bool out_bf16,
+                             int64_t m, int64_t h, cudaStream_t s) {
+  if (m * h == 0) return cudaSuccess;
+  const auto* tb = static_cast<const __nv_bfloat16*>(table);
+  if (out_bf16)
+    embedding_kernel<true><<<grid_for(m * h, 256), 256, 0, s>>>(ids, tb, out, m, h);
+  else
+    embedding_kernel<false><<<grid_for(m * h, 256), 256, 0, s>>>(ids, tb, out, m, h);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rms_norm(const void* x, bool x_bf16, const void* weight, float eps, void* out,
+                            bool out_bf16, int64_t rows, int64_t d, cudaStream_t s) {
+  if (rows == 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
+  const auto* w = static_cast<const __nv_bfloat16*>(weight);
+  const int threads = d >= 1024 ? 512 : 128;
+  return dispatch2(x_bf16, out_bf16, [&]<bool kX, bool kO>() {
+    rms_norm_kernel<kX, kO><<<unsigned(rows), threads, 0, s>>>(x, w, eps, out, d);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_linear(const void* x, bool x_bf16, const void* w, void* y, bool y_bf16,
+                          int64_t m, int64_t n, int64_t k, cudaStream_t s) {
+  if (m * n == 0) return cudaSuccess;
+  if (k % 8 != 0) return cudaErrorInvalidValue;
+  const int64_t gx = (n + kLinRows * kLinWarps - 1) / (kLinRows * kLinWarps);
+  const int64_t gy = (m + kLinTok - 1) / kLinTok;
+  if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidValue;
+  const auto* wb = static_cast<const __nv_bfloat16*>(w);
+  return dispatch2(x_bf16, y_bf16, [&]<bool kX, bool kY>() {
+    linear_kernel<kX, kY><<<dim3(unsigned(gx), unsigned(gy)), kLinWarps * 32, 0, s>>>(x, wb, y, m,
+                                                                                      n, k);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_dim,
+                        const int32_t* positions, float theta, cudaStream_t s) {
+  if (m * cols == 0) return cudaSuccess;
+  const unsigned g = grid_for(m * cols / 2, 256);
+  if (x_bf16)
+    rope_kernel<true><<<g, 256, 0, s>>>(x, m, cols, head_dim, positions, theta);
+  else
+    rope_kernel<false><<<g, 256, 0, s>>>(x, m, cols, head_dim, positions, theta);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_kv_cache_write(const void* k, bool k_bf16, const void* v, bool v_bf16,
+                                  const int32_t* slot_mapping, void* k_cache, void* v_cache,
+                                  bool cache_bf16, int64_t m, int64_t row, cudaStream_t s) {
+  if (m * row == 0) return cudaSuccess;
+  if (k_bf16 != v_bf16) return cudaErrorInvalidValue;
+  return dispatch2(k_bf16, cache_bf16, [&]<bool kI, bool kC>() {
+    kv_write_kernel<kI, kC><<<grid_for(m * row, 256), 256, 0, s>>>(k, v, slot_mapping, k_cache,
+                                                                   v_cache, m, row);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_paged_attention(const PagedAttentionArgs& a, cudaStream_t s) {
+  if (a.m == 0) return cudaSuccess;
+  if (a.head_dim > kMaxHeadDim || a.m > 0x7fffffff || a.heads > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(unsigned(a.m), unsigned(a.heads));
+  auto go = [&]<bool kQ, bool kC>() {
+    if (a.out_bf16)
+      paged_attention_kernel<kQ, kC, true><<<grid, kAttnWarps * 32, 0, s>>>(a);
+    else
+      paged_attention_kernel<kQ, kC, false><<<grid, kAttnWarps * 32, 0, s>>>(a);
+    return cudaGetLastError();
+  };
+  return dispatch2(a.q_bf16, a.cache_bf16, go);
+}
+
+cudaError_t launch_silu_mul(const float* gate_up, void* out, bool out_bf16, int64_t m,
+                            int64_t inter, cudaStream_t s) {
+  if (m * inter == 0) return cudaSuccess;
+  if (out_bf16)
+    silu_mul_kernel<true><<<grid_for(m * inter, 256), 256, 0, s>>>(gate_up, out, m, inter);
+  else
+    silu_mul_kernel<false><<<grid_for(m * inter, 256), 256, 0, s>>>(gate_up, out, m, inter);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_residual_add(void* x, bool x_bf16, const void* y, bool y_bf16, int64_t n,
+                                cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  return dispatch2(x_bf16, y_bf16, [&]<bool kX, bool kY>() {
+    residual_add_kernel<kX, kY><<<grid_for(n, 256), 256, 0, s>>>(x, y, n);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace moelora::cuda

@@ -1,0 +1,44 @@
+// Launchers of the CUDA dense ops (layer 2 of 3): raw pointers, sizes, a bf16/f32 flag per
+// activation tensor (true = bf16), cudaError_t out.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace moelora::cuda {
+
+cudaError_t launch_embedding(const int32_t* ids, const void* table, void* out, bool out_bf16,
+                             int64_t m, int64_t h, cudaStream_t s);
+cudaError_t launch_rms_norm(const void* x, bool x_bf16, const void* weight, float eps, void* out,
+                            bool out_bf16, int64_t rows, int64_t d, cudaStream_t s);
+// y [m, n] = x [m, k] . w [n, k]^T; k % 8 == 0.
+cudaError_t launch_linear(const void* x, bool x_bf16, const void* w, void* y, bool y_bf16,
+                          int64_t m, int64_t n, int64_t k, cudaStream_t s);
+cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_dim,
+                        const int32_t* positions, float theta, cudaStream_t s);
+cudaError_t launch_kv_cache_write(const void* k, bool k_bf16, const void* v, bool v_bf16,
+                                  const int32_t* slot_mapping, void* k_cache, void* v_cache,
+                                  bool cache_bf16, int64_t m, int64_t row, cudaStream_t s);
+struct PagedAttentionArgs {
+  const void* q;
+  bool q_bf16;
+  const void* k_cache;
+  const void* v_cache;
+  bool cache_bf16;
+  const int32_t* block_table;
+  const int32_t* token_seq;
+  const int32_t* token_pos;
+  void* out;
+  bool out_bf16;
+  int64_t m;
+  int heads, kv_heads, head_dim, page_size, max_pages;
+  float scale;
+};
+cudaError_t launch_paged_attention(const PagedAttentionArgs& a, cudaStream_t s);
+cudaError_t launch_silu_mul(const float* gate_up, void* out, bool out_bf16, int64_t m,
+                            int64_t inter, cudaStream_t s);
+cudaError_t launch_residual_add(void* x, bool x_bf16, const void* y, bool y_bf16, int64_t n,
+                                cudaStream_t s);
+
+}  // namespace moelora::cuda

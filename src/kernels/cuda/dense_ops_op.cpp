@@ -1,0 +1,178 @@
+// CUDA dense ops: argument checks (same rules as the CPU reference, tensors on a CUDA device),
+// then the launchers in dense_ops.cu. Data-dependent checks the CPU makes on the host (token ids
+// in range, cache slots, block-table entries) cannot be made here without a sync: callers own
+// those invariants (the model builds these tensors itself).
+#include "core/cuda_check.h"
+#include "kernels/cuda/dense_ops.h"
+#include "kernels/cuda/dense_ops_launch.h"
+
+namespace moelora::cuda {
+namespace {
+
+cudaStream_t raw(const Stream& s) { return static_cast<cudaStream_t>(s.handle()); }
+
+void check_gpu(const Tensor& t, const char* what) {
+  MOELORA_CHECK(t.defined(), "{}: expected a tensor, found an undefined one", what);
+  MOELORA_CHECK(t.device().is_cuda(), "{}: expected a CUDA tensor, found {}", what, t.describe());
+  check_contiguous(t, what);
+}
+
+// f32 or bf16 on the GPU; returns whether it is bf16.
+bool act(const Tensor& t, const char* what) {
+  check_gpu(t, what);
+  MOELORA_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::bf16,
+                "{}: expected f32 or bf16, found {}", what, t.describe());
+  return t.dtype() == DType::bf16;
+}
+
+void typed(const Tensor& t, DType dt, const char* what) {
+  check_gpu(t, what);
+  check_dtype(t, dt, what);
+}
+
+void two_d(const Tensor& t, const char* what) {
+  MOELORA_CHECK(t.dim() == 2, "{}: expected a 2-d tensor, found {}", what, t.describe());
+}
+
+}  // namespace
+
+void embedding(const Tensor& ids, const Tensor& table, Tensor& out, const Stream& stream) {
+  typed(ids, DType::i32, "embedding ids");
+  typed(table, DType::bf16, "embedding table");
+  two_d(table, "embedding table");
+  const bool ob = act(out, "embedding output");
+  check_shape(out, {ids.numel(), table.size(1)}, "embedding output");
+  MOELORA_CUDA_CHECK(launch_embedding(ids.data<int32_t>(), table.data(), out.data(), ob,
+                                      ids.numel(), table.size(1), raw(stream)));
+}
+
+void rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor& out, const Stream& stream) {
+  const bool xb = act(x, "rms_norm input");
+  const bool ob = act(out, "rms_norm output");
+  typed(weight, DType::bf16, "rms_norm weight");
+  MOELORA_CHECK(weight.dim() == 1 && weight.size(0) > 0, "rms_norm weight: expected [D], found {}",
+                weight.describe());
+  const int64_t d = weight.size(0);
+  MOELORA_CHECK(x.numel() % d == 0, "rms_norm input: {} is not a whole number of rows of {}",
+                x.describe(), d);
+  check_shape(out, x.shape(), "rms_norm output");
+  MOELORA_CUDA_CHECK(launch_rms_norm(x.data(), xb, weight.data(), eps, out.data(), ob,
+                                     x.numel() / d, d, raw(stream)));
+}
+
+void linear(const Tensor& x, const Tensor& w, Tensor& y, const Stream& stream) {
+  const bool xb = act(x, "linear input x");
+  two_d(x, "linear input x");
+  typed(w, DType::bf16, "linear weight");
+  two_d(w, "linear weight");
+  const bool yb = act(y, "linear output y");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  MOELORA_CHECK(w.size(1) == k, "linear: weight {} does not take inputs of {} features (x is {})",
+                w.describe(), k, x.describe());
+  MOELORA_CHECK(k % 8 == 0, "cuda linear: in_features {} is not a multiple of 8 (16-byte loads)",
+                k);
+  check_shape(y, {m, n}, "linear output y");
+  MOELORA_CUDA_CHECK(launch_linear(x.data(), xb, w.data(), y.data(), yb, m, n, k, raw(stream)));
+}
+
+void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const Stream& stream) {
+  const bool xb = act(x, "rope input x");
+  two_d(x, "rope input x");
+  typed(positions, DType::i32, "rope positions");
+  MOELORA_CHECK(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be even and > 0, found {}",
+                head_dim);
+  MOELORA_CHECK(x.size(1) % head_dim == 0, "rope input x: {} columns is not a multiple of head_dim {}",
+                x.size(1), head_dim);
+  MOELORA_CHECK(theta > 0, "rope: theta must be > 0, found {}", theta);
+  check_shape(positions, {x.size(0)}, "rope positions");
+  MOELORA_CUDA_CHECK(launch_rope(x.data(), xb, x.size(0), x.size(1), head_dim,
+                                 positions.data<int32_t>(), float(theta), raw(stream)));
+}
+
+void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slot_mapping, Tensor& k_cache,
+                    Tensor& v_cache, const Stream& stream) {
+  const bool kb = act(k, "kv_cache_write k");
+  const bool vb = act(v, "kv_cache_write v");
+  MOELORA_CHECK(kb == vb, "kv_cache_write: k is {} but v is {}", k.describe(), v.describe());
+  two_d(k, "kv_cache_write k");
+  const bool cb = act(k_cache, "k_cache");
+  act(v_cache, "v_cache");
+  MOELORA_CHECK(k_cache.dim() == 4,
+                "k_cache: expected [pages, page_size, kv_heads, head_dim], found {}",
+                k_cache.describe());
+  check_shape(v_cache, k_cache.shape(), "v_cache");
+  check_dtype(v_cache, k_cache.dtype(), "v_cache");
+  const int64_t m = k.size(0), row = k_cache.size(2) * k_cache.size(3);
+  check_shape(k, {m, row}, "kv_cache_write k");
+  check_shape(v, {m, row}, "kv_cache_write v");
+  typed(slot_mapping, DType::i32, "kv_cache_write slot_mapping");
+  check_shape(slot_mapping, {m}, "kv_cache_write slot_mapping");
+  MOELORA_CUDA_CHECK(launch_kv_cache_write(k.data(), kb, v.data(), vb,
+                                           slot_mapping.data<int32_t>(), k_cache.data(),
+                                           v_cache.data(), cb, m, row, raw(stream)));
+}
+
+void paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                     const Tensor& block_table, const Tensor& token_seq, const Tensor& token_pos,
+                     float scale, Tensor& out, const Stream& stream) {
+  PagedAttentionArgs a{};
+  a.q_bf16 = act(q, "attention q");
+  two_d(q, "attention q");
+  a.out_bf16 = act(out, "attention output");
+  check_shape(out, q.shape(), "attention output");
+  a.cache_bf16 = act(k_cache, "k_cache");
+  act(v_cache, "v_cache");
+  MOELORA_CHECK(k_cache.dim() == 4,
+                "k_cache: expected [pages, page_size, kv_heads, head_dim], found {}",
+                k_cache.describe());
+  check_shape(v_cache, k_cache.shape(), "v_cache");
+  check_dtype(v_cache, k_cache.dtype(), "v_cache");
+  typed(block_table, DType::i32, "attention block_table");
+  two_d(block_table, "attention block_table");
+  a.m = q.size(0);
+  a.page_size = int(k_cache.size(1));
+  a.kv_heads = int(k_cache.size(2));
+  a.head_dim = int(k_cache.size(3));
+  MOELORA_CHECK(q.size(1) % (int64_t(a.kv_heads) * a.head_dim) == 0,
+                "attention q: {} columns is not a multiple of kv_heads x head_dim = {}", q.size(1),
+                int64_t(a.kv_heads) * a.head_dim);
+  MOELORA_CHECK(a.head_dim <= 256, "cuda paged_attention: head_dim {} > 256 is not supported",
+                a.head_dim);
+  a.heads = int(q.size(1) / a.head_dim);
+  a.max_pages = int(block_table.size(1));
+  typed(token_seq, DType::i32, "attention token_seq");
+  typed(token_pos, DType::i32, "attention token_pos");
+  check_shape(token_seq, {a.m}, "attention token_seq");
+  check_shape(token_pos, {a.m}, "attention token_pos");
+  a.q = q.data();
+  a.k_cache = k_cache.data();
+  a.v_cache = v_cache.data();
+  a.block_table = block_table.data<int32_t>();
+  a.token_seq = token_seq.data<int32_t>();
+  a.token_pos = token_pos.data<int32_t>();
+  a.out = out.data();
+  a.scale = scale;
+  MOELORA_CUDA_CHECK(launch_paged_attention(a, raw(stream)));
+}
+
+void silu_mul(const Tensor& gate_up, Tensor& out, const Stream& stream) {
+  typed(gate_up, DType::f32, "silu_mul gate_up");
+  two_d(gate_up, "silu_mul gate_up");
+  MOELORA_CHECK(gate_up.size(1) % 2 == 0, "silu_mul gate_up: expected [M, 2I], found {}",
+                gate_up.describe());
+  const bool ob = act(out, "silu_mul output");
+  const int64_t m = gate_up.size(0), inter = gate_up.size(1) / 2;
+  check_shape(out, {m, inter}, "silu_mul output");
+  MOELORA_CUDA_CHECK(
+      launch_silu_mul(gate_up.data<float>(), out.data(), ob, m, inter, raw(stream)));
+}
+
+void residual_add(Tensor& x, const Tensor& y, const Stream& stream) {
+  const bool xb = act(x, "residual_add x");
+  const bool yb = act(y, "residual_add y");
+  two_d(x, "residual_add x");
+  check_shape(y, x.shape(), "residual_add y");
+  MOELORA_CUDA_CHECK(launch_residual_add(x.data(), xb, y.data(), yb, x.numel(), raw(stream)));
+}
+
+}  // namespace moelora::cuda
