@@ -1,0 +1,347 @@
+// CPU reference MLA ops (src/kernels/mla_ops.inc): plain loops, f32 accumulation.
+#include "kernels/cpu/mla_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels/cpu/cpu_op_util.h"
+
+namespace moelora::cpu {
+namespace {
+
+void check_act(const Tensor& t, const char* what) {
+  MOELORA_CHECK(t.defined(), "{}: expected a tensor, found an undefined one", what);
+  check_device(t, Device::cpu(), what);
+  MOELORA_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::bf16,
+                "{}: expected f32 or bf16, found {}", what, t.describe());
+  check_contiguous(t, what);
+  MOELORA_CHECK(t.dim() == 2, "{}: expected a 2-d tensor, found {}", what, t.describe());
+}
+
+void load_row(const Tensor& t, int64_t r, int64_t n, float* dst) {
+  if (t.dtype() == DType::f32) {
+    const float* s = t.data<float>() + r * n;
+    std::copy(s, s + n, dst);
+  } else {
+    bf16_row_to_f32(t.data<bf16_t>() + r * n, n, dst);
+  }
+}
+
+void store_row(Tensor& t, int64_t r, int64_t n, const float* src) {
+  if (t.dtype() == DType::f32) {
+    std::copy(src, src + n, t.data<float>() + r * n);
+  } else {
+    bf16_t* d = t.data<bf16_t>() + r * n;
+    for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16(src[i]);
+  }
+}
+
+void check_dims(int heads, int nope, int rope, int vd, const char* op) {
+  MOELORA_CHECK(heads > 0 && nope > 0 && rope >= 0 && vd > 0,
+                "{}: expected heads, nope, vd > 0 and rope >= 0, found {}, {}, {}, {}", op, heads,
+                nope, vd, rope);
+}
+
+// kv_b_proj [heads * (nope + vd), L]; returns L.
+int64_t check_kv_b(const Tensor& w, int heads, int nope, int vd, const char* op) {
+  check_host(w, DType::bf16, "MLA w_kv_b");
+  MOELORA_CHECK(w.dim() == 2 && w.size(0) == int64_t(heads) * (nope + vd) && w.size(1) > 0,
+                "{}: w_kv_b: expected bf16 [{} (heads x (nope + v)), L], found {}", op,
+                int64_t(heads) * (nope + vd), w.describe());
+  return w.size(1);
+}
+
+struct LoraView {
+  int64_t slots = 0, r = 0;
+};
+
+LoraView check_lora(const Tensor& token_slot, const Tensor& A, const Tensor& B,
+                    const Tensor& ranks, int64_t m, int64_t L, int64_t rows, const char* op) {
+  check_host(token_slot, DType::i32, "MLA LoRA token_slot");
+  check_shape(token_slot, {m}, "MLA LoRA token_slot");
+  check_host(A, DType::bf16, "MLA LoRA A");
+  MOELORA_CHECK(A.dim() == 4 && A.size(1) == 1 && A.size(3) == L,
+                "{}: A: expected bf16 [slots, 1, r_max, {}], found {}", op, L, A.describe());
+  LoraView v{A.size(0), A.size(2)};
+  check_host(B, DType::bf16, "MLA LoRA B");
+  check_shape(B, {v.slots, rows, v.r}, "MLA LoRA B");
+  check_host(ranks, DType::i32, "MLA LoRA ranks");
+  check_shape(ranks, {v.slots, 1}, "MLA LoRA ranks");
+  const int32_t* ts = token_slot.data<int32_t>();
+  for (int64_t t = 0; t < m; ++t)
+    MOELORA_CHECK(ts[t] >= -1 && ts[t] < v.slots,
+                  "{}: token_slot[{}] = {}: expected -1 or 0..{}", op, t, ts[t], v.slots - 1);
+  return v;
+}
+
+}  // namespace
+
+void mla_rope(Tensor& x, int head_stride, int rope_offset, int rope_dim, const Tensor& positions,
+              double theta, bool interleaved, const Stream& /*stream*/) {
+  check_act(x, "mla_rope x");
+  check_host(positions, DType::i32, "mla_rope positions");
+  MOELORA_CHECK(rope_dim > 0 && rope_dim % 2 == 0 && rope_offset >= 0 &&
+                    rope_offset + rope_dim <= head_stride,
+                "mla_rope: rope_dim {} (even, > 0) at offset {} must fit the head stride {}",
+                rope_dim, rope_offset, head_stride);
+  MOELORA_CHECK(x.size(1) % head_stride == 0,
+                "mla_rope x: {} columns is not a multiple of the head stride {}", x.size(1),
+                head_stride);
+  MOELORA_CHECK(theta > 0, "mla_rope: theta must be > 0, found {}", theta);
+  const int64_t m = x.size(0), cols = x.size(1), half = rope_dim / 2;
+  check_shape(positions, {m}, "mla_rope positions");
+  // inv_freq in f32 as transformers computes it.
+  std::vector<float> inv_freq(static_cast<size_t>(half)), cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i)
+    inv_freq[size_t(i)] = 1.0f / std::pow(float(theta), float(2 * i) / float(rope_dim));
+  std::vector<float> row(static_cast<size_t>(cols));
+  const int32_t* pos = positions.data<int32_t>();
+  for (int64_t t = 0; t < m; ++t) {
+    MOELORA_CHECK(pos[t] >= 0, "mla_rope: position {} of token {} is negative", pos[t], t);
+    for (int64_t i = 0; i < half; ++i) {
+      const float f = float(pos[t]) * inv_freq[size_t(i)];
+      cs[size_t(i)] = std::cos(f);
+      sn[size_t(i)] = std::sin(f);
+    }
+    load_row(x, t, cols, row.data());
+    for (int64_t h0 = 0; h0 < cols; h0 += head_stride) {
+      float* p = row.data() + h0 + rope_offset;
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+        const float a = p[ia], b = p[ib];
+        p[ia] = a * cs[size_t(i)] - b * sn[size_t(i)];
+        p[ib] = b * cs[size_t(i)] + a * sn[size_t(i)];
+      }
+    }
+    store_row(x, t, cols, row.data());
+  }
+}
+
+void mla_cache_write(const Tensor& kv, const Tensor& slot_mapping, Tensor& cache,
+                     const Stream& /*stream*/) {
+  check_act(kv, "mla_cache_write kv");
+  MOELORA_CHECK(cache.defined() && cache.dim() == 4 && cache.size(2) == 1 &&
+                    cache.size(3) == kv.size(1),
+                "MLA cache: expected [pages, page_size, 1, {}], found {}", kv.size(1),
+                cache.describe());
+  check_device(cache, Device::cpu(), "MLA cache");
+  MOELORA_CHECK(cache.dtype() == DType::f32 || cache.dtype() == DType::bf16,
+                "MLA cache: expected f32 or bf16, found {}", cache.describe());
+  const int64_t m = kv.size(0), row = kv.size(1), slots = cache.size(0) * cache.size(1);
+  check_host(slot_mapping, DType::i32, "mla_cache_write slot_mapping");
+  check_shape(slot_mapping, {m}, "mla_cache_write slot_mapping");
+  const int32_t* sm = slot_mapping.data<int32_t>();
+  Tensor c = cache.view({slots, row});
+  std::vector<float> buf(static_cast<size_t>(row));
+  for (int64_t t = 0; t < m; ++t) {
+    MOELORA_CHECK(sm[t] >= 0 && sm[t] < slots,
+                  "mla_cache_write: slot_mapping[{}]={} outside the cache's {} slots", t, sm[t],
+                  slots);
+    load_row(kv, t, row, buf.data());
+    store_row(c, sm[t], row, buf.data());
+  }
+}
+
+void mla_absorb_q(const Tensor& q, const Tensor& w_kv_b, int heads, int nope, int rope, int vd,
+                  Tensor& q_latent, const Stream& /*stream*/) {
+  check_dims(heads, nope, rope, vd, "mla_absorb_q");
+  const int64_t L = check_kv_b(w_kv_b, heads, nope, vd, "mla_absorb_q");
+  check_act(q, "mla_absorb_q q");
+  const int64_t m = q.size(0), qk = nope + rope;
+  check_shape(q, {m, heads * qk}, "mla_absorb_q q");
+  check_host(q_latent, DType::f32, "mla_absorb_q q_latent");
+  check_shape(q_latent, {m, heads * (L + rope)}, "mla_absorb_q q_latent");
+  const bf16_t* w = w_kv_b.data<bf16_t>();
+  std::vector<float> qr(size_t(heads * qk)), acc(static_cast<size_t>(L));
+  for (int64_t t = 0; t < m; ++t) {
+    load_row(q, t, heads * qk, qr.data());
+    float* out = q_latent.data<float>() + t * heads * (L + rope);
+    for (int64_t h = 0; h < heads; ++h) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      // q_lat[c] = sum_i q_nope[i] * W_UK[h][i, c]
+      for (int64_t i = 0; i < nope; ++i) {
+        const float qi = qr[size_t(h * qk + i)];
+        const bf16_t* wr = w + (h * (nope + vd) + i) * L;
+        for (int64_t c = 0; c < L; ++c) acc[size_t(c)] += qi * bf16_to_float(wr[c]);
+      }
+      float* o = out + h * (L + rope);
+      std::copy(acc.begin(), acc.end(), o);
+      std::copy_n(qr.data() + h * qk + nope, rope, o + L);
+    }
+  }
+}
+
+void mla_paged_attention(const Tensor& q_latent, const Tensor& cache, const Tensor& block_table,
+                         const Tensor& token_seq, const Tensor& token_pos, int heads, float scale,
+                         Tensor& latent, const Stream& /*stream*/) {
+  check_host(q_latent, DType::f32, "mla_attention q_latent");
+  MOELORA_CHECK(cache.defined() && cache.dim() == 4 && cache.size(2) == 1,
+                "MLA cache: expected [pages, page_size, 1, L + rope], found {}",
+                cache.describe());
+  MOELORA_CHECK(cache.dtype() == DType::f32 || cache.dtype() == DType::bf16,
+                "MLA cache: expected f32 or bf16, found {}", cache.describe());
+  check_device(cache, Device::cpu(), "MLA cache");
+  const int64_t pages = cache.size(0), page = cache.size(1), row = cache.size(3);
+  MOELORA_CHECK(heads > 0 && q_latent.dim() == 2 && q_latent.size(1) == heads * row,
+                "mla_attention q_latent: expected f32 [M, {} (heads x (L + rope))], found {}",
+                int64_t(heads) * row, q_latent.describe());
+  const int64_t m = q_latent.size(0);
+  check_host(latent, DType::f32, "mla_attention latent");
+  MOELORA_CHECK(latent.dim() == 2 && latent.size(0) == m && latent.size(1) % heads == 0 &&
+                    latent.size(1) / heads < row,
+                "mla_attention latent: expected f32 [{}, heads x L], found {}", m,
+                latent.describe());
+  const int64_t L = latent.size(1) / heads;
+  check_host(block_table, DType::i32, "mla_attention block_table");
+  MOELORA_CHECK(block_table.dim() == 2, "mla_attention block_table: expected [S, pages], found {}",
+                block_table.describe());
+  check_host(token_seq, DType::i32, "mla_attention token_seq");
+  check_host(token_pos, DType::i32, "mla_attention token_pos");
+  check_shape(token_seq, {m}, "mla_attention token_seq");
+  check_shape(token_pos, {m}, "mla_attention token_pos");
+  const int64_t num_seqs = block_table.size(0), max_pages = block_table.size(1);
+  const int32_t* seq = token_seq.data<int32_t>();
+  const int32_t* pos = token_pos.data<int32_t>();
+  const int32_t* bt = block_table.data<int32_t>();
+  Tensor c = cache.view({pages * page, row});
+  std::vector<float> kv, p;
+  for (int64_t t = 0; t < m; ++t) {
+    MOELORA_CHECK(seq[t] >= 0 && seq[t] < num_seqs,
+                  "mla_attention: token_seq[{}]={} outside the block table's {} sequences", t,
+                  seq[t], num_seqs);
+    const int64_t len = int64_t(pos[t]) + 1;
+    MOELORA_CHECK(pos[t] >= 0 && len <= max_pages * page,
+                  "mla_attention: token_pos[{}]={} outside the block table's capacity of {}", t,
+                  pos[t], max_pages * page);
+    kv.resize(size_t(len * row));
+    for (int64_t j = 0; j < len; ++j) {
+      const int32_t pg = bt[seq[t] * max_pages + j / page];
+      MOELORA_CHECK(pg >= 0 && pg < pages,
+                    "mla_attention: block_table[{}, {}]={} is not a page of the cache (0..{})",
+                    seq[t], j / page, pg, pages - 1);
+      load_row(c, int64_t(pg) * page + j % page, row, kv.data() + j * row);
+    }
+    p.resize(static_cast<size_t>(len));
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = q_latent.data<float>() + (t * heads + h) * row;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        p[size_t(j)] = dot_f32(qh, kv.data() + j * row, row) * scale;
+        mx = std::max(mx, p[size_t(j)]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < len; ++j) {
+        p[size_t(j)] = std::exp(p[size_t(j)] - mx);
+        sum += p[size_t(j)];
+      }
+      float* o = latent.data<float>() + (t * heads + h) * L;
+      std::fill(o, o + L, 0.0f);
+      for (int64_t j = 0; j < len; ++j) {
+        const float w = float(p[size_t(j)] / sum);
+        const float* cr = kv.data() + j * row;
+        for (int64_t i = 0; i < L; ++i) o[i] += w * cr[i];
+      }
+    }
+  }
+}
+
+void mla_absorb_v(const Tensor& latent, const Tensor& w_kv_b, int heads, int nope, int vd,
+                  Tensor& out, const Stream& /*stream*/) {
+  check_dims(heads, nope, 0, vd, "mla_absorb_v");
+  const int64_t L = check_kv_b(w_kv_b, heads, nope, vd, "mla_absorb_v");
+  check_host(latent, DType::f32, "mla_absorb_v latent");
+  MOELORA_CHECK(latent.dim() == 2 && latent.size(1) == heads * L,
+                "mla_absorb_v latent: expected f32 [M, {}], found {}", heads * L,
+                latent.describe());
+  const int64_t m = latent.size(0);
+  check_act(out, "mla_absorb_v out");
+  check_shape(out, {m, int64_t(heads) * vd}, "mla_absorb_v out");
+  const bf16_t* w = w_kv_b.data<bf16_t>();
+  std::vector<float> o(size_t(heads * vd));
+  for (int64_t t = 0; t < m; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* lt = latent.data<float>() + (t * heads + h) * L;
+      for (int64_t i = 0; i < vd; ++i)
+        o[size_t(h * vd + i)] = dot_f32_bf16(lt, w + (h * (nope + vd) + nope + i) * L, L);
+    }
+    store_row(out, t, heads * vd, o.data());
+  }
+}
+
+void mla_lora_absorb_q(const Tensor& q, const Tensor& token_slot, const Tensor& A,
+                       const Tensor& B, const Tensor& ranks, int heads, int nope, int rope,
+                       int vd, Tensor& q_latent, const Stream& /*stream*/) {
+  check_dims(heads, nope, rope, vd, "mla_lora_absorb_q");
+  check_act(q, "mla_lora_absorb_q q");
+  const int64_t m = q.size(0), qk = nope + rope;
+  check_shape(q, {m, heads * qk}, "mla_lora_absorb_q q");
+  check_host(q_latent, DType::f32, "mla_lora_absorb_q q_latent");
+  MOELORA_CHECK(q_latent.dim() == 2 && q_latent.size(0) == m &&
+                    q_latent.size(1) % heads == 0 && q_latent.size(1) / heads > rope,
+                "mla_lora_absorb_q q_latent: expected f32 [{}, heads x (L + rope)], found {}", m,
+                q_latent.describe());
+  const int64_t L = q_latent.size(1) / heads - rope;
+  const LoraView lv = check_lora(token_slot, A, B, ranks, m, L, int64_t(heads) * (nope + vd),
+                                 "mla_lora_absorb_q");
+  const int32_t* ts = token_slot.data<int32_t>();
+  std::vector<float> qr(size_t(heads * qk)), u(static_cast<size_t>(lv.r)), ar(static_cast<size_t>(L));
+  for (int64_t t = 0; t < m; ++t) {
+    const int s = ts[t];
+    if (s < 0) continue;
+    const int rank = ranks.data<int32_t>()[s];
+    if (rank == 0) continue;
+    load_row(q, t, heads * qk, qr.data());
+    for (int64_t h = 0; h < heads; ++h) {
+      // u = q_nope[h] . B_K[h]  ([rank])
+      std::fill(u.begin(), u.end(), 0.0f);
+      for (int64_t i = 0; i < nope; ++i) {
+        const float qi = qr[size_t(h * qk + i)];
+        const bf16_t* br = B.data<bf16_t>() + (s * B.size(1) + h * (nope + vd) + i) * lv.r;
+        for (int r = 0; r < rank; ++r) u[size_t(r)] += qi * bf16_to_float(br[r]);
+      }
+      float* o = q_latent.data<float>() + (t * heads + h) * (L + rope);
+      for (int r = 0; r < rank; ++r) {
+        bf16_row_to_f32(A.data<bf16_t>() + (int64_t(s) * lv.r + r) * L, L, ar.data());
+        for (int64_t c = 0; c < L; ++c) o[c] += u[size_t(r)] * ar[size_t(c)];
+      }
+    }
+  }
+}
+
+void mla_lora_absorb_v(const Tensor& latent, const Tensor& token_slot, const Tensor& A,
+                       const Tensor& B, const Tensor& ranks, int heads, int nope, int vd,
+                       Tensor& out, const Stream& /*stream*/) {
+  check_dims(heads, nope, 0, vd, "mla_lora_absorb_v");
+  check_host(latent, DType::f32, "mla_lora_absorb_v latent");
+  MOELORA_CHECK(latent.dim() == 2 && latent.size(1) % heads == 0,
+                "mla_lora_absorb_v latent: expected f32 [M, heads x L], found {}",
+                latent.describe());
+  const int64_t m = latent.size(0), L = latent.size(1) / heads;
+  check_host(out, DType::f32, "mla_lora_absorb_v out");
+  check_shape(out, {m, int64_t(heads) * vd}, "mla_lora_absorb_v out");
+  const LoraView lv = check_lora(token_slot, A, B, ranks, m, L, int64_t(heads) * (nope + vd),
+                                 "mla_lora_absorb_v");
+  const int32_t* ts = token_slot.data<int32_t>();
+  std::vector<float> u(static_cast<size_t>(lv.r));
+  for (int64_t t = 0; t < m; ++t) {
+    const int s = ts[t];
+    if (s < 0) continue;
+    const int rank = ranks.data<int32_t>()[s];
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* lt = latent.data<float>() + (t * heads + h) * L;
+      // u = A . latent[h]  ([rank])
+      for (int r = 0; r < rank; ++r)
+        u[size_t(r)] = dot_f32_bf16(lt, A.data<bf16_t>() + (int64_t(s) * lv.r + r) * L, L);
+      float* o = out.data<float>() + (t * heads + h) * vd;
+      for (int64_t i = 0; i < vd; ++i) {
+        const bf16_t* br = B.data<bf16_t>() + (s * B.size(1) + h * (nope + vd) + nope + i) * lv.r;
+        float acc = 0.0f;
+        for (int r = 0; r < rank; ++r) acc += u[size_t(r)] * bf16_to_float(br[r]);
+        o[i] += acc;
+      }
+    }
+  }
+}
+
+}  // namespace moelora::cpu

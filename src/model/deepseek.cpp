@@ -1,0 +1,307 @@
+// DeepSeek-V2 / V3 / Kimi-K2 (model_type deepseek_v2, deepseek_v3, kimi_k2), as transformers'
+// DeepseekV2ForCausalLM / DeepseekV3ForCausalLM:
+//   per layer: h += o_proj(MLA(input_layernorm(h))); h += mlp(post_attention_layernorm(h))
+//   mlp: dense SiLU MLP for layers < first_k_dense_replace, else routed experts (V2 softmax
+//        greedy / group-limited, V3 grouped sigmoid with e_score_correction_bias) + shared
+//        experts (MoeRunner's shared expert, n_shared_experts x moe_intermediate_size).
+// MLA: q = q_proj(x) or q_b_proj(q_a_layernorm(q_a_proj(x))); kv_a_proj_with_mqa(x) splits into
+// the compressed kv (kv_a_layernorm-ed) and k_pe; RoPE on q_pe / k_pe. The KV cache holds the
+// latent row [kv_lora_rank + rope] per token and every step uses the absorbed path
+// (kernels/mla_ops.inc): kv_b_proj is folded into the query (k side) and the output (v side),
+// so attention runs in the latent space. LoRA: expert LoRA per request (MoeLoraPool) and
+// attention LoRA (DenseLoraPool) on q_proj / q_a_proj / q_b_proj / kv_a_proj_with_mqa /
+// o_proj, plus kv_b_proj's LoRA through the absorbed-path correction (mla_lora_absorb_q/v).
+#include "model/deepseek.h"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "kernels/cpu/dense_ops.h"
+#include "kernels/cpu/mla_ops.h"
+#include "model/weight_loader.h"
+
+namespace moelora {
+namespace {
+
+void check_unsupported_settings(const std::string& dir, const HfModelConfig& c, bool& interleave) {
+  const std::string path = dir + "/config.json";
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const nlohmann::json j = nlohmann::json::parse(ss.str(), nullptr, false);
+  auto flag = [&](const char* key, bool dflt) {
+    auto it = j.find(key);
+    return it != j.end() && it->is_boolean() ? it->get<bool>() : dflt;
+  };
+  MOELORA_CHECK(!flag("attention_bias", false),
+                "{}: attention_bias=true is not supported by the {} model yet", path,
+                c.model_type);
+  MOELORA_CHECK(!flag("mlp_bias", false), "{}: mlp_bias=true is not supported by the {} model",
+                path, c.model_type);
+  auto act = j.find("hidden_act");
+  MOELORA_CHECK(act == j.end() || act->is_null() || *act == "silu",
+                "{}: hidden_act {} is not supported (expected \"silu\")", path,
+                act == j.end() ? "" : act->dump());
+  // YaRN (DeepSeek-V2/V3 checkpoints with long context) changes the frequencies and the softmax
+  // scale (mscale); not implemented yet, so refuse rather than run with the wrong RoPE.
+  MOELORA_CHECK(c.rope_type == "default",
+                "{}: rope_scaling / rope_parameters.rope_type '{}' is not supported by the {} "
+                "model yet (only \"default\" RoPE; YaRN is a TODO)",
+                path, c.rope_type, c.model_type);
+  MOELORA_CHECK(!c.has_quantization_config,
+                "{}: quantized checkpoints (quant_method '{}') are not supported by the model "
+                "loader yet",
+                path, c.quant_method);
+  MOELORA_CHECK(c.max_position_embeddings > 0, "{}: max_position_embeddings must be > 0", path);
+  MOELORA_CHECK(c.num_key_value_heads == c.num_attention_heads,
+                "{}: MLA needs num_key_value_heads == num_attention_heads (every head has its own "
+                "k_nope / v from kv_b_proj), found {} and {}",
+                path, c.num_key_value_heads, c.num_attention_heads);
+  MOELORA_CHECK(c.n_shared_experts > 0 || c.first_k_dense_replace >= c.num_hidden_layers,
+                "{}: n_shared_experts must be > 0 (transformers' DeepSeek MoE always adds the "
+                "shared experts), found {}",
+                path, c.n_shared_experts);
+  // V2 always rotates interleaved pairs; V3 does when rope_interleave (default true).
+  interleave = c.model_type == "deepseek_v2" ? true : flag("rope_interleave", true);
+}
+
+}  // namespace
+
+DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config,
+                             const ModelOptions& options)
+    : config_(config), options_(options), stream_(Stream::create(Device::cpu())) {
+  check_unsupported_settings(dir, config_, rope_interleave_);
+  MOELORA_CHECK(options_.max_step_tokens > 0, "ModelOptions: max_step_tokens must be > 0");
+  const HfModelConfig& c = config_;
+  const int64_t H = c.hidden_size, V = c.vocab_size, nh = c.num_attention_heads;
+  const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
+  const int64_t L = c.kv_lora_rank, qk = nope + rope;
+  WeightLoader wl(dir);
+  embed_ = wl.bf16("model.embed_tokens.weight", {V, H});
+  final_norm_ = wl.bf16("model.norm.weight", {H});
+  if (c.tie_word_embeddings) {
+    lm_head_ = embed_;
+    if (wl.has("lm_head.weight")) wl.bf16("lm_head.weight", {V, H});
+  } else {
+    lm_head_ = wl.bf16("lm_head.weight", {V, H});
+  }
+  const MoeShape shape = c.moe_shape();
+  const int64_t E = shape.num_experts, I = shape.inter, Is = shape.shared_inter;
+  const bool lora = options_.lora_slots > 0;
+  auto pool = [&](const std::string& name, int64_t in, int64_t out) {
+    return std::make_unique<DenseLoraPool>(name, in, DenseLoraSlices::from_sizes({out}),
+                                           options_.lora_slots, options_.lora_r_max,
+                                           Device::cpu());
+  };
+  bool any_moe = false;
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = fmt::format("model.layers.{}.", l);
+    const std::string a = p + "self_attn.";
+    MlaLayer Ly;
+    Ly.input_norm = wl.bf16(p + "input_layernorm.weight", {H});
+    Ly.post_norm = wl.bf16(p + "post_attention_layernorm.weight", {H});
+    if (c.q_lora_rank > 0) {
+      Ly.q_a_proj = wl.bf16(a + "q_a_proj.weight", {c.q_lora_rank, H});
+      Ly.q_a_norm = wl.bf16(a + "q_a_layernorm.weight", {c.q_lora_rank});
+      Ly.q_b_proj = wl.bf16(a + "q_b_proj.weight", {nh * qk, c.q_lora_rank});
+    } else {
+      Ly.q_proj = wl.bf16(a + "q_proj.weight", {nh * qk, H});
+    }
+    Ly.kv_a_proj = wl.bf16(a + "kv_a_proj_with_mqa.weight", {L + rope, H});
+    Ly.kv_a_norm = wl.bf16(a + "kv_a_layernorm.weight", {L});
+    Ly.kv_b_proj = wl.bf16(a + "kv_b_proj.weight", {nh * (nope + vd), L});
+    Ly.o_proj = wl.bf16(a + "o_proj.weight", {H, nh * vd});
+    if (lora) {
+      if (c.q_lora_rank > 0) {
+        Ly.attn_lora["q_a_proj"] = pool(a + "q_a_proj", H, c.q_lora_rank);
+        Ly.attn_lora["q_b_proj"] = pool(a + "q_b_proj", c.q_lora_rank, nh * qk);
+      } else {
+        Ly.attn_lora["q_proj"] = pool(a + "q_proj", H, nh * qk);
+      }
+      Ly.attn_lora["kv_a_proj_with_mqa"] = pool(a + "kv_a_proj_with_mqa", H, L + rope);
+      Ly.attn_lora["kv_b_proj"] = pool(a + "kv_b_proj", L, nh * (nope + vd));
+      Ly.attn_lora["o_proj"] = pool(a + "o_proj", nh * vd, H);
+    }
+    Ly.moe = c.is_moe_layer(l);
+    if (Ly.moe) {
+      any_moe = true;
+      Ly.router = wl.bf16(p + "mlp.gate.weight", {E, H});
+      if (c.topk_method == TopkMethod::noaux_tc) {
+        const Tensor b = wl.bf16(p + "mlp.gate.e_score_correction_bias", {E});
+        Ly.experts.correction_bias = Tensor::empty({E}, DType::f32);
+        for (int64_t e = 0; e < E; ++e)
+          Ly.experts.correction_bias.data<float>()[e] = bf16_to_float(b.data<bf16_t>()[e]);
+      }
+      Ly.experts.format = WeightFormat::bf16;
+      Tensor w13, w2;
+      const std::string fused = p + "mlp.experts.gate_up_proj";
+      if (wl.has(fused)) {
+        w13 = wl.bf16(fused, {E, 2 * I, H});
+        w2 = wl.bf16(p + "mlp.experts.down_proj", {E, H, I});
+      } else {
+        w13 = Tensor::empty({E, 2 * I, H}, DType::bf16);
+        w2 = Tensor::empty({E, H, I}, DType::bf16);
+        for (int64_t e = 0; e < E; ++e) {
+          const std::string ep = fmt::format("{}mlp.experts.{}.", p, e);
+          wl.copy_into(ep + "gate_proj.weight", {I, H}, w13, e * 2 * I * H);
+          wl.copy_into(ep + "up_proj.weight", {I, H}, w13, (e * 2 + 1) * I * H);
+          wl.copy_into(ep + "down_proj.weight", {H, I}, w2, e * H * I);
+        }
+      }
+      Ly.experts.w13 = ExpertMatrices(w13);
+      Ly.experts.w2 = ExpertMatrices(w2);
+      if (Is > 0) {
+        Tensor s13 = Tensor::empty({1, 2 * Is, H}, DType::bf16);
+        wl.copy_into(p + "mlp.shared_experts.gate_proj.weight", {Is, H}, s13, 0);
+        wl.copy_into(p + "mlp.shared_experts.up_proj.weight", {Is, H}, s13, Is * H);
+        Ly.experts.shared_w13 = ExpertMatrices(s13);
+        Ly.experts.shared_w2 =
+            ExpertMatrices(wl.bf16(p + "mlp.shared_experts.down_proj.weight", {H, Is}).view(
+                {1, H, Is}));
+      }
+      Ly.experts.validate(shape);
+      if (lora) {
+        Ly.lora_pool = std::make_unique<MoeLoraPool>(shape, options_.lora_slots,
+                                                     options_.lora_r_max, Device::cpu());
+        Ly.lora_hooks = MoeLoraHooks::create(*Ly.lora_pool, options_.max_step_tokens);
+      }
+    } else {
+      const int64_t Id = c.intermediate_size;
+      MOELORA_CHECK(Id > 0, "{}/config.json: layer {} is a dense MLP layer but intermediate_size "
+                    "is {}", dir, l, Id);
+      Ly.mlp_gate_up = Tensor::empty({2 * Id, H}, DType::bf16);
+      wl.copy_into(p + "mlp.gate_proj.weight", {Id, H}, Ly.mlp_gate_up, 0);
+      wl.copy_into(p + "mlp.up_proj.weight", {Id, H}, Ly.mlp_gate_up, Id * H);
+      Ly.mlp_down = wl.bf16(p + "mlp.down_proj.weight", {H, Id});
+    }
+    layers_.push_back(std::move(Ly));
+  }
+  wl.check_all_used();
+  if (any_moe) {
+    MoeRunnerConfig rc;
+    rc.shape = shape;
+    rc.router = c.router();
+    rc.device = Device::cpu();
+    rc.max_tokens = options_.max_step_tokens;
+    rc.format = WeightFormat::bf16;
+    rc.backend = options_.moe_backend;
+    runner_ = std::make_unique<MoeRunner>(rc);
+  }
+  adapter_loaded_.assign(size_t(std::max(options_.lora_slots, 0)), false);
+}
+
+KvCacheConfig DeepseekModel::kv_cache_config(int64_t num_pages, int page_size,
+                                             DType dtype) const {
+  KvCacheConfig k;
+  k.num_layers = config_.num_hidden_layers;
+  k.num_kv_heads = 1;
+  k.head_dim = config_.kv_lora_rank + config_.qk_rope_head_dim;
+  k.page_size = page_size;
+  k.num_pages = num_pages;
+  k.max_seq_len = config_.max_position_embeddings;
+  k.dtype = dtype;
+  k.device = Device::cpu();
+  k.key_only = true;
+  return k;
+}
+
+void DeepseekModel::check_slot(int slot) const {
+  MOELORA_CHECK(slot >= 0 && slot < int(adapter_loaded_.size()),
+                "adapter slot {} is outside the model's {} LoRA slot(s) (ModelOptions::"
+                "lora_slots)",
+                slot, adapter_loaded_.size());
+}
+
+void DeepseekModel::unload_adapter(int slot) {
+  check_slot(slot);
+  for (MlaLayer& Ly : layers_) {
+    if (Ly.lora_pool) Ly.lora_pool->unload(slot);
+    for (auto& [name, p] : Ly.attn_lora) p->unload(slot);
+  }
+  adapter_loaded_[size_t(slot)] = false;
+}
+
+// y (f32) += the LoRA of `name` for the tokens with an adapter (x f32 or bf16).
+void DeepseekModel::add_lora(MlaLayer& Ly, const char* name, const Tensor& x, const StepCtx& s,
+                             Tensor& y) {
+  if (!s.lora) return;
+  auto it = Ly.attn_lora.find(name);
+  if (it == Ly.attn_lora.end()) return;
+  const DenseLoraPool& pool = *it->second;
+  const int64_t M = x.size(0), K = x.size(1);
+  Tensor xb = Tensor::empty({M, K}, DType::bf16);
+  if (x.dtype() == DType::bf16) {
+    xb.copy_from(x);
+  } else {
+    const float* src = x.data<float>();
+    bf16_t* d = xb.data<bf16_t>();
+    for (int64_t i = 0; i < M * K; ++i) d[i] = float_to_bf16(src[i]);
+  }
+  Tensor u = Tensor::empty({M, int64_t(pool.slices().count) * pool.r_max()}, DType::f32);
+  apply_dense_lora(pool, xb, s.token_slot, u, y, stream_);
+}
+
+void DeepseekModel::attention(MlaLayer& Ly, int layer, const Tensor& xn, const StepCtx& s,
+                              PagedKvCache& cache, Tensor& out) {
+  const HfModelConfig& c = config_;
+  const int64_t M = xn.size(0), nh = c.num_attention_heads;
+  const int nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
+  const int64_t L = c.kv_lora_rank, qk = nope + rope;
+  const float eps = float(c.rms_norm_eps);
+  Tensor q = Tensor::empty({M, nh * qk}, DType::f32);
+  if (c.q_lora_rank > 0) {
+    Tensor qa = Tensor::empty({M, int64_t(c.q_lora_rank)}, DType::f32);
+    cpu::linear(xn, Ly.q_a_proj, qa, stream_);
+    add_lora(Ly, "q_a_proj", xn, s, qa);
+    cpu::rms_norm(qa, Ly.q_a_norm, eps, qa, stream_);
+    cpu::linear(qa, Ly.q_b_proj, q, stream_);
+    add_lora(Ly, "q_b_proj", qa, s, q);
+  } else {
+    cpu::linear(xn, Ly.q_proj, q, stream_);
+    add_lora(Ly, "q_proj", xn, s, q);
+  }
+  Tensor kv = Tensor::empty({M, L + rope}, DType::f32);
+  cpu::linear(xn, Ly.kv_a_proj, kv, stream_);
+  add_lora(Ly, "kv_a_proj_with_mqa", xn, s, kv);
+  {
+    // kv_a_layernorm on the compressed part of each row (k_pe stays as is).
+    Tensor ckv = Tensor::empty({M, L}, DType::f32);
+    for (int64_t t = 0; t < M; ++t)
+      std::copy_n(kv.data<float>() + t * (L + rope), L, ckv.data<float>() + t * L);
+    cpu::rms_norm(ckv, Ly.kv_a_norm, eps, ckv, stream_);
+    for (int64_t t = 0; t < M; ++t)
+      std::copy_n(ckv.data<float>() + t * L, L, kv.data<float>() + t * (L + rope));
+  }
+  cpu::mla_rope(q, int(qk), nope, rope, s.positions, c.rope_theta, rope_interleave_, stream_);
+  cpu::mla_rope(kv, int(L + rope), int(L), rope, s.positions, c.rope_theta, rope_interleave_,
+                stream_);
+  cpu::mla_cache_write(kv, s.slots, cache.k(layer), stream_);
+
+  Tensor q_lat = Tensor::empty({M, nh * (L + rope)}, DType::f32);
+  cpu::mla_absorb_q(q, Ly.kv_b_proj, int(nh), nope, rope, vd, q_lat, stream_);
+  const DenseLoraPool* kvb = nullptr;
+  if (s.lora) {
+    auto it = Ly.attn_lora.find("kv_b_proj");
+    if (it != Ly.attn_lora.end()) kvb = it->second.get();
+  }
+  if (kvb)
+    cpu::mla_lora_absorb_q(q, s.token_slot, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope, rope,
+                           vd, q_lat, stream_);
+  Tensor lat = Tensor::empty({M, nh * L}, DType::f32);
+  // transformers' softmax scale: (qk_nope + qk_rope)^-0.5 (no YaRN mscale: refused at load).
+  const float scale = 1.0f / std::sqrt(float(qk));
+  cpu::mla_paged_attention(q_lat, cache.k(layer), s.block_table, s.token_seq, s.positions,
+                           int(nh), scale, lat, stream_);
+  Tensor a = Tensor::empty({M, nh * vd}, DType::f32);
+  cpu::mla_absorb_v(lat, Ly.kv_b_proj, int(nh), nope, vd, a, stream_);
+  if (kvb)
+    cpu::mla_lora_absorb_v(lat, s.token_slot, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope,
+                           vd, a, stream_);
+  cpu::linear(a, Ly.o_proj, out, stream_);
+  add_lora(Ly, "o_proj", a, s, out);
+}
+
+}  // namespace moelora

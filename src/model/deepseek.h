@@ -1,0 +1,75 @@
+// DeepSeek-V2 / V3 / Kimi-K2 with multi-head latent attention (internal; see deepseek.cpp).
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moelora/core/stream.h"
+#include "moelora/lora/dense_lora.h"
+#include "moelora/lora/moe_lora.h"
+#include "moelora/model/model.h"
+#include "moelora/moe/runner.h"
+
+namespace moelora {
+
+struct MlaLayer {
+  Tensor input_norm, post_norm;
+  Tensor q_proj;                        // [heads * (nope + rope), H] when q_lora_rank is null
+  Tensor q_a_proj, q_a_norm, q_b_proj;  // when q_lora_rank is set
+  Tensor kv_a_proj, kv_a_norm, kv_b_proj, o_proj;
+  bool moe = false;
+  Tensor router;       // [E, H]
+  MoeWeights experts;  // routed (+ shared) experts, correction_bias for noaux_tc
+  Tensor mlp_gate_up;  // dense layers: [2 * intermediate, H]
+  Tensor mlp_down;
+  std::unique_ptr<MoeLoraPool> lora_pool;
+  std::unique_ptr<MoeLoraHooks> lora_hooks;
+  // Attention LoRA by projection name (q_proj / q_a_proj / q_b_proj / kv_a_proj_with_mqa /
+  // kv_b_proj / o_proj); kv_b_proj's is applied through the absorbed-path correction.
+  std::map<std::string, std::unique_ptr<DenseLoraPool>> attn_lora;
+};
+
+class DeepseekModel final : public Model {
+ public:
+  DeepseekModel(const std::string& dir, const HfModelConfig& config, const ModelOptions& options);
+
+  const HfModelConfig& config() const override { return config_; }
+  const ModelOptions& options() const override { return options_; }
+  // The MLA cache: one latent row [kv_lora_rank + qk_rope_head_dim] per token and layer.
+  KvCacheConfig kv_cache_config(int64_t num_pages, int page_size, DType dtype) const override;
+  StepResult forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                     bool all_logits) override;
+  void load_adapter(int slot, const PeftAdapter& adapter) override;
+  void unload_adapter(int slot) override;
+  bool adapter_loaded(int slot) const override {
+    return slot >= 0 && slot < int(adapter_loaded_.size()) && adapter_loaded_[size_t(slot)];
+  }
+  int num_adapter_slots() const override { return int(adapter_loaded_.size()); }
+
+ private:
+  // Per-step tensors shared by the layers.
+  struct StepCtx {
+    Tensor positions, token_seq, slots, block_table, token_slot;
+    bool lora = false;
+  };
+  void check_slot(int slot) const;
+  void add_lora(MlaLayer& Ly, const char* name, const Tensor& x, const StepCtx& s, Tensor& y);
+  void attention(MlaLayer& Ly, int layer, const Tensor& xn, const StepCtx& s, PagedKvCache& cache,
+                 Tensor& out);
+  void mlp(MlaLayer& Ly, const Tensor& xn, const StepCtx& s, Tensor& out, Tensor& router_margin,
+           int margin_col);
+  void router_margins(const Tensor& logits, const MlaLayer& Ly, Tensor& margin, int col) const;
+
+  HfModelConfig config_;
+  ModelOptions options_;
+  Stream stream_;
+  bool rope_interleave_ = true;
+  Tensor embed_, final_norm_, lm_head_;
+  std::vector<MlaLayer> layers_;
+  std::unique_ptr<MoeRunner> runner_;
+  std::vector<bool> adapter_loaded_;
+};
+
+}  // namespace moelora
