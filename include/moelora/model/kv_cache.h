@@ -21,6 +21,8 @@ struct KvCacheConfig {
   int max_seqs = 256;         // sequences alive at once
   DType dtype = DType::bf16;  // f32 or bf16
   Device device = Device::cpu();
+  // Only k() pages (MLA caches one latent row per token, there is no separate V).
+  bool key_only = false;
 };
 
 class PagedKvCache {
@@ -54,7 +56,7 @@ class PagedKvCache {
   }
   // [num_pages, page_size, kv_heads, head_dim] per layer.
   Tensor& k(int layer) { return k_.at(size_t(layer)); }
-  Tensor& v(int layer) { return v_.at(size_t(layer)); }
+  Tensor& v(int layer) { return v_.at(size_t(layer)); }  // not with key_only
 
  private:
   struct Seq {
