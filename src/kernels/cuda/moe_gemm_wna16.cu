@@ -9,8 +9,6 @@
 namespace moelora::cuda {
 namespace {
 
-constexpr int kStages = 4;
-
 // Channels per stage: ~128 bytes of codes per weight row for narrow token tiles (the weight
 // stream dominates), fewer for wide ones so the activation tiles leave room for 2+ CTAs/SM.
 template <int kBits, int kNt>
@@ -19,20 +17,11 @@ constexpr int stage_k() {
   return kNt <= 2 ? 128 : 64;
 }
 
-// Warps along K per 16-row tile: 4 at up to 16 tokens, 2 at 32, 1 above (where the token
-// columns give each warp enough MMAs per weight fragment).
-template <int kNt>
-constexpr int split_k() {
-  return kNt <= 2 ? 4 : kNt == 4 ? 2 : 1;
-}
-
-template <int kBits, int kNt, int kRows>
+template <int kBits, int kNt, int kRows, int kKt, int kStages, int kSplit>
 cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
   // Two 16-row MMA tiles per warp at 64 tokens (each B fragment feeds two MMAs); one at 128,
   // where two would need 256 accumulator registers (acc + group part) and spill.
   constexpr int kMt = kNt == 8 ? 2 : 1;
-  constexpr int kKt = stage_k<kBits, kNt>();
-  constexpr int kSplit = split_k<kNt>();
   using Tile = sm90::Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
   auto* kernel = &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
   // Opt in to > 48 KB of shared memory once per device (graph capture then sees the launch only).
@@ -62,20 +51,27 @@ cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t 
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 
+// Up to 16 tokens: 32 rows per CTA, each stage's 4 weight tiles split over 4 warps, 4 stages.
+// Measured on H100 (bench/NOTES.md, "int4/int8 (cuda_wna16)"): no better with 6 or 10 stages,
+// 64 rows (512 threads) or 512-channel stages split over 8 warps.
+template <int kBits, int kNt>
+cudaError_t launch_narrow(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
+  return launch_tile<kBits, kNt, 32, stage_k<kBits, kNt>(), 4, 4>(p, max_blocks, stream);
+}
+
 template <int kBits>
 cudaError_t launch_bits(const MoeGemmWna16Args& p, int max_blocks, int rows, cudaStream_t stream) {
   const int nt = (p.block_m + 7) / 8;
   if (nt > 4) {
     if (rows != 128) return cudaErrorInvalidValue;
-    return nt <= 8 ? launch_tile<kBits, 8, 128>(p, max_blocks, stream)
-                   : launch_tile<kBits, 16, 64>(p, max_blocks, stream);
+    return nt <= 8 ? launch_tile<kBits, 8, 128, stage_k<kBits, 8>(), 4, 1>(p, max_blocks, stream)
+                   : launch_tile<kBits, 16, 64, stage_k<kBits, 16>(), 4, 1>(p, max_blocks, stream);
   }
-  // Up to 16 tokens: 32 rows x 4 K slices (256 threads) whatever `rows` says.
-  if (nt <= 1) return launch_tile<kBits, 1, 32>(p, max_blocks, stream);
-  if (nt <= 2) return launch_tile<kBits, 2, 32>(p, max_blocks, stream);
+  if (nt <= 1) return launch_narrow<kBits, 1>(p, max_blocks, stream);
+  if (nt <= 2) return launch_narrow<kBits, 2>(p, max_blocks, stream);
   if (rows != 32 && rows != 64) return cudaErrorInvalidValue;
-  return rows == 32 ? launch_tile<kBits, 4, 32>(p, max_blocks, stream)
-                    : launch_tile<kBits, 4, 64>(p, max_blocks, stream);
+  return rows == 32 ? launch_tile<kBits, 4, 32, stage_k<kBits, 4>(), 4, 2>(p, max_blocks, stream)
+                    : launch_tile<kBits, 4, 64, stage_k<kBits, 4>(), 4, 2>(p, max_blocks, stream);
 }
 
 }  // namespace
