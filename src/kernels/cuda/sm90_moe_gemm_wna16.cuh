@@ -264,11 +264,29 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
       for (int e = 0; e < 4; ++e) acc[m][t][e] = part[m][t][e] = 0.f;
 
   // Zero refresh at each group (or weight tile) start, scale fold at each group (or tile) end.
+  // A weight tile holds whole groups or lies inside one (group_k is a power of two >= 32), so
+  // whether step j of a tile starts / ends a group does not depend on the tile: decided once.
   const int gk_shift = 31 - __clz(gk);
-  const int zmask = (gk < kTileK ? gk : kTileK) - 1;
-  const int fmask = zmask;
+  const int gmask = (gk < kTileK ? gk : kTileK) - 1;
+  constexpr int kSteps = kTileK / 16;  // 16-channel steps per weight tile
+  bool step_refresh[kSteps], step_fold[kSteps];
+#pragma unroll
+  for (int j = 0; j < kSteps; ++j) {
+    step_refresh[j] = !per_channel && zg && ((16 * j) & gmask) == 0;
+    step_fold[j] = !per_channel && ((16 * j + 16) & gmask) == 0;
+  }
+  // Token-fragment addresses (swizzled_offset, split into a per-lane part, a per-tile part and
+  // a per-step constant): chunk c = kTileChunks * ti + 2 j + b_chunk of row r sits at chunk
+  // c ^ (r & 7), and the XOR touches the tile part only through r's bits above the step part.
   const int b_tok = (lane & 7) + ((lane >> 4) << 3);
   const int b_chunk = (lane >> 3) & 1;
+  const int r7 = lane & 7;  // (t * 8 + b_tok) & 7 and (lane & 7) alike
+  constexpr int kTileChunks = kTileK / 8;
+  constexpr int kStepBits = kTileChunks - 1;  // chunk bits the steps of one tile use
+  int b_step_off[kSteps];
+#pragma unroll
+  for (int j = 0; j < kSteps; ++j) b_step_off[j] = 2 * (((2 * j + b_chunk) ^ (r7 & kStepBits)) << 3);
+  const int b_row_off = 2 * (kNt == 1 ? r7 : b_tok) * kKt;
 
   for (int kt = 0; kt < num_ktiles; ++kt) {
     cp_async_wait<kStages - 2>();
@@ -287,6 +305,8 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
 #pragma unroll
     for (int tt = 0; tt < kKTiles / kSplit; ++tt) {
       const int ti = tt * kSplit + kslice;
+      const uint32_t b_tile =
+          xs_addr + b_row_off + 2 * (((ti * kTileChunks) ^ (r7 & ~kStepBits)) << 3);
       uint4 wq[kMt];
 #pragma unroll
       for (int m = 0; m < kMt; ++m)
@@ -294,13 +314,9 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
                                                 lane * 16);
 #pragma unroll
       for (int j = 0; j < kTileK / 16; ++j) {
-        const int s = ti * (kTileK / 16) + j;  // 16-channel step within the stage
-        const int kpos = 16 * s;
-        // Scale groups (grouped stacks): group_k is a power of two >= 32, so a weight tile
-        // (64 int4 / 32 int8 channels) holds whole groups or lies inside one.
-        const bool group_start = (kpos & zmask) == 0;
+        const int kpos = 16 * (ti * kSteps + j);  // channel offset in the stage
         const int lg = gk < kKt ? kpos >> gk_shift : 0;
-        if (!per_channel && zg && group_start) {
+        if (step_refresh[j]) {
 #pragma unroll
           for (int m = 0; m < kMt; ++m)
 #pragma unroll
@@ -320,14 +336,14 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
         }
         if constexpr (kNt == 1) {
           uint32_t b0, b1;
-          ldmatrix_x2(xs_addr + 2 * swizzled_offset<kKt>(lane & 7, 2 * s + b_chunk), b0, b1);
+          ldmatrix_x2(b_tile + b_step_off[j], b0, b1);
 #pragma unroll
           for (int m = 0; m < kMt; ++m) mma_bf16_16816(part[m][0], a[m], b0, b1);
         } else {
 #pragma unroll
           for (int t = 0; t < kNt; t += 2) {
             uint32_t b[4];
-            ldmatrix_x4(xs_addr + 2 * swizzled_offset<kKt>(t * 8 + b_tok, 2 * s + b_chunk), b);
+            ldmatrix_x4(b_tile + 2 * t * 8 * kKt + b_step_off[j], b);
 #pragma unroll
             for (int m = 0; m < kMt; ++m) {
               mma_bf16_16816(part[m][t], a[m], b[0], b[1]);
@@ -337,7 +353,7 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
         }
         // End of this warp's run in a scale group (a group's end, or its tile's end when the
         // group spans tiles that other warps take): fold the partial sums in with the scale.
-        if (!per_channel && ((kpos + 16) & fmask) == 0) {
+        if (step_fold[j]) {
 #pragma unroll
           for (int m = 0; m < kMt; ++m) {
             const float s0 = ss[lg * kRows + local_row(m, 0)];
