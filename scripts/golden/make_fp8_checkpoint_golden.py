@@ -35,7 +35,7 @@ cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=H, intermediate_size=512, moe_in
                      head_dim=64, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True,
                      decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=64,
                      tie_word_embeddings=False)
-model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
 with torch.no_grad():
     for n, p in model.named_parameters():
         std = 0.5 if "norm" in n else 1.0 / (p.shape[-1] ** 0.5)
@@ -46,7 +46,7 @@ model.save_pretrained(src)
 
 qcfg = FineGrainedFP8Config(weight_block_size=[128, 128])
 qmodel = AutoModelForCausalLM.from_pretrained(src, quantization_config=qcfg,
-                                              torch_dtype=torch.bfloat16, device_map="cuda")
+                                              dtype=torch.bfloat16, device_map="cuda")
 qmodel.save_pretrained(qdir)
 print("quantized checkpoint files:", os.listdir(qdir))
 with open(os.path.join(qdir, "config.json")) as f:
@@ -77,48 +77,49 @@ layout = "fused3d" if gu_key is not None and layer[gu_key].dim() == 3 else "per_
 print("expert layout:", layout)
 
 mlp = qmodel.model.layers[0].mlp
-# transformers' dequantization of expert 1 (Fp8Dequantize, the reverse op of its quantizer).
+# transformers' own dequantization of the in-memory quantized experts (FP8Expert params
+# [E, 2I, H] / [E, H, I] with their scale grids) through Fp8Dequantize's per-tensor helper.
+# (Reloading the saved checkpoint with FineGrainedFP8Config(dequantize=True) fails in 5.17:
+# the per-expert weight_scale_inv it wrote are 1-D and its own reshape rejects them.)
+import inspect
 from transformers.integrations import finegrained_fp8 as ff
-_deq_op = ff.Fp8Dequantize(block_size=(128, 128))
+print("Fp8Dequantize.__init__", inspect.signature(ff.Fp8Dequantize.__init__))
+for n, p in mlp.named_parameters():
+    print(f"  quantized model param {n} {tuple(p.shape)} {p.dtype}")
+for n, b in mlp.named_buffers():
+    print(f"  quantized model buffer {n} {tuple(b.shape)} {b.dtype}")
+params = dict(mlp.experts.named_parameters())
+params.update(dict(mlp.experts.named_buffers()))
 deq_source = []
 
 
-class _Deq:
-    """Fp8Dequantize.convert across versions; the formula itself only if transformers' op
-    cannot be called (recorded in the fixture metadata)."""
-
-    def convert(self, pair, context):
-        w, s = pair
-        for call in (lambda: _deq_op.convert([w, s], context=context),
-                     lambda: _deq_op.convert({"weight": w, "scale": s}, context=context),
-                     lambda: _deq_op.convert([w, s])):
-            try:
-                out = call()
-                out = out if torch.is_tensor(out) else list(out.values())[0]
-                deq_source.append("transformers.Fp8Dequantize")
-                return out.reshape(w.shape).float()
-            except Exception as e:  # noqa: BLE001 - try the next calling convention
-                err = e
-        print("Fp8Dequantize not callable here:", err)
-        deq_source.append("formula")
-        rows, cols = w.shape[-2:]
-        se = s.float().repeat_interleave(128, -2)[..., :rows, :].repeat_interleave(128, -1)
-        return w.float() * se[..., :cols]
+def dequant(w, s):
+    op = None
+    for make in (lambda: ff.Fp8Dequantize(qmodel.hf_quantizer), lambda: ff.Fp8Dequantize()):
+        try:
+            op = make()
+            break
+        except Exception as e:  # noqa: BLE001
+            print("Fp8Dequantize():", e)
+    if op is not None and hasattr(op, "_dequantize_one"):
+        try:
+            out = op._dequantize_one(w, s, output_dtype=torch.float32)
+            deq_source.append("transformers Fp8Dequantize._dequantize_one")
+            return out.float().cpu()
+        except Exception as e:  # noqa: BLE001
+            print("_dequantize_one:", e)
+    deq_source.append("formula codes * scale")
+    rows, cols = w.shape[-2:]
+    se = s.float().repeat_interleave(128, -2)[:rows].repeat_interleave(128, -1)[:, :cols]
+    return (w.float() * se).cpu()
 
 
-deq = _Deq()
-if layout == "fused3d":
-    gus_key = find(["gate_up_proj", "scale"])
-    dns_key = find(["down_proj", "scale"])
-    pairs = {"gate_up": (gu_key, gus_key), "down": (dn_key, dns_key)}
-    for name, (wk, sk) in pairs.items():
-        w, s = layer[wk][1], layer[sk][1]
-        fixture[f"golden.deq.{name}.1"] = deq.convert([w, s], context={}).reshape(w.shape).float()
-else:
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        wk = find([".experts.1.", proj, "weight"], exclude=["scale"])
-        sk = find([".experts.1.", proj, "weight_scale_inv"])
-        fixture[f"golden.deq.{proj}.1"] = deq.convert([layer[wk], layer[sk]], context={}).float()
+for name in ("gate_up_proj", "down_proj"):
+    w = params[name][1].detach()
+    skey = [k for k in params if k.startswith(name) and "scale" in k][0]
+    s = params[skey][1].detach()
+    print(name, "scale key", skey, tuple(s.shape))
+    fixture[f"golden.deq.{name}.1"] = dequant(w, s).contiguous()
 
 # The block on a batch. Router logits from the router's own weight (kept bf16 or, if it was
 # quantized too, dequantized) in f32.
@@ -127,9 +128,8 @@ gate_w = None
 for k in layer:
     if k.endswith("mlp.gate.weight"):
         gate_w = layer[k]
-if gate_w is not None and gate_w.dtype == torch.float8_e4m3fn:
-    gs = layer[[k for k in layer if "mlp.gate.weight_scale_inv" in k][0]]
-    gate_w = deq.convert([gate_w, gs], context={})
+if gate_w is None or gate_w.dtype == torch.float8_e4m3fn:
+    gate_w = mlp.gate.weight.detach().cpu()
 print("router weight", None if gate_w is None else (tuple(gate_w.shape), gate_w.dtype))
 logits = x.float() @ gate_w.float().t()
 captured = {}

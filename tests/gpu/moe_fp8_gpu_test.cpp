@@ -5,6 +5,7 @@
 // without mixed-adapter LoRA and with shared experts, and (disabled) timings vs the roofline.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <set>
 #include <vector>
@@ -294,6 +295,39 @@ TEST(CudaFp8Block, LayerMatchesReferenceBackend) {
   }
 }
 
+// Bisection aid (disabled): one op at a time on a shape from the environment, synchronizing
+// after each, printing which op fails. MOELORA_FP8_DIAG="M E k H I".
+TEST(CudaFp8BlockDiag, DISABLED_OneOpAtATime) {
+  MOELORA_REQUIRE_GPU();
+  const char* env = std::getenv("MOELORA_FP8_DIAG");
+  long m = 5, e = 16, k = 4, hh = 2048, ii = 768;
+  if (env) std::sscanf(env, "%ld %ld %ld %ld %ld", &m, &e, &k, &hh, &ii);
+  std::mt19937_64 rng(1);
+  Stream s = Stream::create(Device::cuda());
+  MoeShape shape{"diag", int(hh), int(ii), int(e), int(k)};
+  const ExpertMatrices w13 = fp8_stack(e, {ii, ii}, hh, rng).to(Device::cuda());
+  const ExpertMatrices w2 = fp8_stack(e, {hh}, ii, rng).to(Device::cuda());
+  const Routed r = route(m, int(e), int(k), cuda::moe_block_m(m, shape), false, rng, s);
+  std::printf("diag M=%ld E=%ld k=%ld H=%ld I=%ld: routed\n", m, e, k, hh, ii);
+  std::fflush(stdout);
+  Tensor x = to_gpu(test::random_tensor({m, hh}, DType::bf16, rng));
+  Tensor a = to_gpu(test::random_tensor({m * k, ii}, DType::bf16, rng));
+  Tensor h = Tensor::empty({m * k, 2 * ii}, DType::f32, Device::cuda());
+  Tensor o = Tensor::empty({m * k, hh}, DType::f32, Device::cuda());
+  Tensor act = Tensor::empty({m * k, ii}, DType::bf16, Device::cuda());
+  cuda::moe_gemm1_fp8(x, int(k), r.plan, w13, h, s);
+  s.synchronize();
+  std::printf("  gemm1 ok\n");
+  std::fflush(stdout);
+  cuda::moe_gemm1_fp8_activation(x, int(k), r.plan, w13, act, s);
+  s.synchronize();
+  std::printf("  gemm1_activation ok\n");
+  std::fflush(stdout);
+  cuda::moe_gemm2_fp8(a, r.plan, w2, Tensor(), o, s);
+  s.synchronize();
+  std::printf("  gemm2 ok\n");
+}
+
 // --- timings (disabled by default; --gtest_also_run_disabled_tests --gtest_filter='*Fp8*Perf*')
 
 double graph_us(const Stream& s, int reps, const std::function<void()>& body) {
@@ -330,6 +364,7 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
     std::vector<MoeInputs> ins;
     std::vector<Tensor> ys;
     std::vector<TopK> tks;
+    std::vector<Tensor> sws;  // slot weights [M*k]
     std::vector<MoeAlignment> plans;
     double touched = 0;
     for (int c = 0; c < kCalls; ++c) {
@@ -345,6 +380,7 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
       const auto ids = test::to_ints(tk.ids);
       touched += double(std::set<int32_t>(ids.begin(), ids.end()).size()) / kCalls;
       tks.push_back(tk);
+      sws.push_back(tk.weights.view({m * k}));
       plans.push_back(plan);
     }
     Tensor h = Tensor::empty({m * k, 2 * I}, DType::f32, d);
@@ -357,10 +393,10 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
     const double t1a =
         each([&](int c) { cuda::moe_gemm1_fp8_activation(ins[c].x, k, plans[c], w.w13, a, s); });
     const double t2 =
-        each([&](int c) { cuda::moe_gemm2_fp8(a, plans[c], w.w2, tks[c].weights, o, s); });
+        each([&](int c) { cuda::moe_gemm2_fp8(a, plans[c], w.w2, sws[c], o, s); });
     const double tm = each([&](int c) {
       cuda::moe_gemm1_fp8_activation(ins[c].x, k, plans[c], w.w13, a, s);
-      cuda::moe_gemm2_fp8_plan_ready(a, plans[c], w.w2, tks[c].weights, o, s);
+      cuda::moe_gemm2_fp8_plan_ready(a, plans[c], w.w2, sws[c], o, s);
     });
     const double tl =
         each([&](int c) { runner.run(ins[size_t(c)], w, nullptr, ys[size_t(c)], s); });
@@ -375,6 +411,19 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
     hooks->bind(LoraBatch{ts});
     const double tlora =
         each([&](int c) { runner.run(ins[size_t(c)], w, hooks.get(), ys[size_t(c)], s); });
+    // Row-tile sweep of the fused gemm1 and of gemm2 (heuristic grid order).
+    std::printf("      rows:");
+    for (int rows : {32, 64, 128}) {
+      const cuda::MoeGemmConfig cfg{rows, true, false, plans[0].block_m >= 32};
+      const double g1 = each([&](int c) {
+        cuda::moe_gemm1_fp8_tiled(ins[c].x, k, plans[c], w.w13, a, true, s, cfg);
+      });
+      const double g2 = each([&](int c) {
+        cuda::moe_gemm2_fp8_tiled(a, plans[c], w.w2, sws[c], o, s, cfg);
+      });
+      std::printf("  %d: g1act %.2f g2 %.2f", rows, g1, g2);
+    }
+    std::printf("\n");
     const double floor_us = touched * expert_bytes / 3.0e12 * 1e6;
     std::printf("%-5ld %7.1f %9.2f %9.2f %9.2f %9.2f %9.2f %6.1f%% %9.2f %9.2f\n", long(m), touched,
                 floor_us, t1, t1a, t2, tm, 100.0 * floor_us / tm, tl, tlora);

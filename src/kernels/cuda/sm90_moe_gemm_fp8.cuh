@@ -1,9 +1,16 @@
 // Device code of the fp8 block-scale expert GEMMs (DeepSeek-V3 / FineGrainedFP8 weights) for
 // decode-sized batches on Hopper. Raw pointers only; the launcher is in moe_gemm_fp8.cu.
 //
+// No L2 evict-first hint on the weight loads (unlike the bf16 kernel): with it, the H100 raised
+// "illegal instruction" at the main loop's refill cp.async (compute-sanitizer; the prologue's
+// were fine), whether the policy was made once or inside each asm statement. In the SASS
+// (ptxas, CUDA 13.0) the refill's LDGSTS take their 64-bit cache descriptor from an odd
+// uniform register (desc[UR1]; the prologue's desc[UR8]) -- our best guess at the cause.
+// Without the hint all tests pass, memcheck clean.
+//
 // Same structure as the bf16 kernel (sm90_moe_gemm.cuh, whose helpers it uses): swapped MMA
 // (weight rows on the m16 side, the block's tokens on n8), a kStages-deep cp.async ring of
-// 16-byte loads, weights L2 evict-first, PDL. What differs:
+// 16-byte loads, PDL. What differs:
 //  - the K tile is the 128-channel quantization block: 128 bytes of e4m3 codes per weight row;
 //  - the activations arrive as bf16 and are quantized in the kernel, per token and K tile,
 //    exactly as quantize_fp8_activation does (s = max(amax, 1e-10) / 448, q = e4m3(x / s),
@@ -107,8 +114,6 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
   const int K = p.k;
   const int num_ktiles = (K + kKt - 1) / kKt;
   const uint8_t* wg = p.w + static_cast<int64_t>(group) * p.n * K;
-  const uint64_t policy = detail::evict_first_policy();
-
   auto load_weights = [&](int kt) {
     unsigned char* ws = smem_raw + (kt % kStages) * Tile::kStageBytes;
     const int k0 = kt * kKt;
@@ -118,9 +123,8 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
       const int col = k0 + c * 16;
       const bool ok = col < K;
       const uint8_t* src = wg + static_cast<int64_t>(weight_row(r)) * K + (ok ? col : 0);
-      detail::cp_async_16_policy(
-          detail::smem_addr(ws + 2 * detail::swizzled_offset<kKt / 2>(r, c)), src, ok ? 16 : 0,
-          policy);
+      detail::cp_async_16(detail::smem_addr(ws + 2 * detail::swizzled_offset<kKt / 2>(r, c)),
+                          src, ok ? 16 : 0);
     }
   };
   // Raw bf16 rows, unswizzled: read back once, 16 bytes per thread in row order.
@@ -188,6 +192,7 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
   for (int kt = 0; kt < num_ktiles; ++kt) {
     detail::cp_async_wait<kStages - 2>();
     __syncthreads();  // stage kt landed; every warp is done with stage kt-1 and the q buffer
+    // Refill the slot consumed last iteration (every warp is past it after the barrier).
     if (kt + kStages - 1 < num_ktiles) {
       load_weights(kt + kStages - 1);
       load_acts(kt + kStages - 1);
