@@ -17,11 +17,8 @@ constexpr int stage_k() {
   return kNt <= 2 ? 128 : 64;
 }
 
-template <int kBits, int kNt, int kRows, int kKt, int kStages, int kSplit>
+template <int kBits, int kNt, int kRows, int kKt, int kStages, int kSplit, int kMt>
 cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
-  // Two 16-row MMA tiles per warp at 64 tokens (each B fragment feeds two MMAs); one at 128,
-  // where two would need 256 accumulator registers (acc + group part) and spill.
-  constexpr int kMt = kNt == 8 ? 2 : 1;
   using Tile = sm90::Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
   auto* kernel = &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
   // Opt in to > 48 KB of shared memory once per device (graph capture then sees the launch only).
@@ -51,12 +48,17 @@ cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t 
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 
-// Up to 16 tokens: 32 rows per CTA, each stage's 4 weight tiles split over 4 warps, 4 stages.
-// Measured on H100 (bench/NOTES.md, "int4/int8 (cuda_wna16)"): no better with 6 or 10 stages,
-// 64 rows (512 threads) or 512-channel stages split over 8 warps.
+// Up to 16 tokens per block: each stage's 4 weight tiles split over 4 warps (a warp's
+// dequant -> MMA chain is serial: decode needs many short ones), several 16-row MMA tiles per
+// warp (one token fragment feeds them all, and their MMA chains are independent), 4 stages.
+// Measured on H100 (bench/NOTES.md, "int4/int8 (cuda_wna16)"): 32 rows x 2 MMA tiles is best
+// for a handful of slots, 64 rows x 4 MMA tiles from 32 slots on; 6 or 10 stages, 512-thread
+// CTAs and 512-channel stages over 8 warps were no better.
 template <int kBits, int kNt>
 cudaError_t launch_narrow(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
-  return launch_tile<kBits, kNt, 32, stage_k<kBits, kNt>(), 4, 4>(p, max_blocks, stream);
+  if (p.num_slots >= 32)
+    return launch_tile<kBits, kNt, 64, stage_k<kBits, kNt>(), 4, 4, 4>(p, max_blocks, stream);
+  return launch_tile<kBits, kNt, 32, stage_k<kBits, kNt>(), 4, 4, 2>(p, max_blocks, stream);
 }
 
 template <int kBits>
@@ -64,14 +66,18 @@ cudaError_t launch_bits(const MoeGemmWna16Args& p, int max_blocks, int rows, cud
   const int nt = (p.block_m + 7) / 8;
   if (nt > 4) {
     if (rows != 128) return cudaErrorInvalidValue;
-    return nt <= 8 ? launch_tile<kBits, 8, 128, stage_k<kBits, 8>(), 4, 1>(p, max_blocks, stream)
-                   : launch_tile<kBits, 16, 64, stage_k<kBits, 16>(), 4, 1>(p, max_blocks, stream);
+    // Two 16-row MMA tiles per warp at 64 tokens (each B fragment feeds two MMAs); one at
+    // 128, where two would need 256 accumulator registers (acc + group part) and spill.
+    return nt <= 8
+               ? launch_tile<kBits, 8, 128, stage_k<kBits, 8>(), 4, 1, 2>(p, max_blocks, stream)
+               : launch_tile<kBits, 16, 64, stage_k<kBits, 16>(), 4, 1, 1>(p, max_blocks, stream);
   }
   if (nt <= 1) return launch_narrow<kBits, 1>(p, max_blocks, stream);
   if (nt <= 2) return launch_narrow<kBits, 2>(p, max_blocks, stream);
-  if (rows != 32 && rows != 64) return cudaErrorInvalidValue;
-  return rows == 32 ? launch_tile<kBits, 4, 32, stage_k<kBits, 4>(), 4, 2>(p, max_blocks, stream)
-                    : launch_tile<kBits, 4, 64, stage_k<kBits, 4>(), 4, 2>(p, max_blocks, stream);
+  // 32 tokens: 64 rows as 2 MMA tiles per warp, K split over 2 warps (measured a little better
+  // than 32 or 64 rows of one MMA tile per warp).
+  (void)rows;
+  return launch_tile<kBits, 4, 64, stage_k<kBits, 4>(), 4, 2, 2>(p, max_blocks, stream);
 }
 
 }  // namespace

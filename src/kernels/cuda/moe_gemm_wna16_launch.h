@@ -39,8 +39,8 @@ struct MoeGemmWna16Args {
   void* act_out = nullptr;
 };
 
-// Launches over `max_blocks` aligned blocks (blocks past *num_padded exit) with `rows` weight
-// rows per CTA: 32 or 64 for block_m 17..32 (32 below), 128 above.
+// Launches over `max_blocks` aligned blocks (blocks past *num_padded exit). `rows` (the bf16
+// heuristic's row tile) must be 128 for block_m > 32; the tile below is the launcher's own.
 cudaError_t launch_moe_gemm_wna16(const MoeGemmWna16Args& args, int max_blocks, int rows,
                                   cudaStream_t stream);
 

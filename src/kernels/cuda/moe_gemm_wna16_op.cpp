@@ -127,11 +127,9 @@ void launch(MoeGemmWna16Args p, int64_t blocks, int groups, bool plan_ready,
   if (p.num_slots == 0) return;
   const MoeGemmConfig cfg =
       moe_gemm_config(p.n, p.k, p.block_m, p.num_slots, groups, num_sms());
-  // Tile rows the wna16 kernels have: 32 up to 16 tokens, 32 / 64 for 32, 128 (2 MMA tiles per warp)
-  // above (the launcher takes 64 rows of one MMA tile per warp past 64 tokens: registers).
-  int rows = cfg.rows;
-  if (p.block_m > 32) rows = 128;
-  else if (rows == 128) rows = 64;
+  // The launcher picks its own tiles up to 32 tokens per block (moe_gemm_wna16.cu); above, 128
+  // rows (2 MMA tiles per warp; 64 rows of one past 64 tokens: registers).
+  const int rows = p.block_m > 32 ? 128 : cfg.rows;
   p.pdl = cfg.pdl;
   p.plan_ready = plan_ready;
   p.row_tiles_fastest = cfg.row_tiles_fastest;
