@@ -460,6 +460,7 @@ MoeLoraWeights moe_lora_from_peft(const PeftAdapter& adapter, const std::string&
   // is not needed to identify them.
   const PeftLoraModule* gate_up = nullptr;
   const PeftLoraModule* down = nullptr;
+  float gate_up_scale = 1.0f, down_scale = 1.0f;
   for (const PeftLoraModule* m : fused) {
     const int64_t in = m->a.size(1), out = m->b.size(0);
     const PeftLoraModule** slot = nullptr;
@@ -471,18 +472,33 @@ MoeLoraWeights moe_lora_from_peft(const PeftAdapter& adapter, const std::string&
                   shape_str(m->b.shape()));
     MOELORA_CHECK(*slot == nullptr, "{}: modules '{}' and '{}' both have the {} shapes", where,
                   (*slot ? (*slot)->name : ""), m->name, slot == &gate_up ? "gate_up" : "down");
-    MOELORA_CHECK(m->a.size(0) == int64_t(num_experts) * m->r,
+    // peft matches rank_pattern / alpha_pattern of a parameter LoRA on "<module>.<parameter>"
+    // too (peft 0.21 writes e.g. '.*\.gate_up_proj': 2r when it converts gate_proj/up_proj
+    // targets): a key naming the parameter takes precedence over the module's r / alpha.
+    const std::string param_name =
+        strip_base_layers(m->name) + (slot == &gate_up ? ".gate_up_proj" : ".down_proj");
+    const PeftAdapterConfig& cfg = adapter.config();
+    int r = m->r;
+    float alpha = m->alpha;
+    std::vector<std::string> keys;
+    for (const auto& [k, v] : cfg.rank_pattern) keys.push_back(k);
+    if (peft_pattern_key(keys, param_name)) r = cfg.rank_for(param_name);
+    keys.clear();
+    for (const auto& [k, v] : cfg.alpha_pattern) keys.push_back(k);
+    if (peft_pattern_key(keys, param_name)) alpha = cfg.alpha_for(param_name);
+    MOELORA_CHECK(m->a.size(0) == int64_t(num_experts) * r,
                   "'{}': expected num_experts * r = {} * {} = {} rows, found {}", m->a_key,
-                  num_experts, m->r, int64_t(num_experts) * m->r, m->a.size(0));
+                  num_experts, r, int64_t(num_experts) * r, m->a.size(0));
+    (slot == &gate_up ? gate_up_scale : down_scale) = lora_scaling(alpha, r, cfg.use_rslora);
     *slot = m;
   }
   if (gate_up) {
     auto [a, b] = split_peft_expert_lora(gate_up->a, gate_up->b, num_experts, gate_up->a_key);
-    w.gate_up_a = a, w.gate_up_b = b, w.gate_up_scale = gate_up->scaling;
+    w.gate_up_a = a, w.gate_up_b = b, w.gate_up_scale = gate_up_scale;
   }
   if (down) {
     auto [a, b] = split_peft_expert_lora(down->a, down->b, num_experts, down->a_key);
-    w.down_a = a, w.down_b = b, w.down_scale = down->scaling;
+    w.down_a = a, w.down_b = b, w.down_scale = down_scale;
   }
   return w;
 }

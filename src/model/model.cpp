@@ -15,7 +15,8 @@ using Factory = std::function<std::unique_ptr<Model>(const std::string&, const H
                                                      const ModelOptions&)>;
 
 const std::map<std::string, Factory>& registry() {
-  static const std::map<std::string, Factory> r = {{"qwen3_moe", make_qwen3_moe}};
+  static const std::map<std::string, Factory> r = {{"qwen3_moe", make_qwen3_moe},
+                                                      {"mixtral", make_mixtral}};
   return r;
 }
 

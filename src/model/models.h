@@ -10,5 +10,7 @@ namespace moelora {
 
 std::unique_ptr<Model> make_qwen3_moe(const std::string& dir, const HfModelConfig& config,
                                       const ModelOptions& options);
+std::unique_ptr<Model> make_mixtral(const std::string& dir, const HfModelConfig& config,
+                                    const ModelOptions& options);
 
 }  // namespace moelora

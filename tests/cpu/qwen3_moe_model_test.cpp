@@ -323,9 +323,11 @@ TEST(Qwen3MoeModel, BadModelDirectories) {
     ModelFiles f = read_model();
     f.config["model_type"] = "llama";
     test::expect_error([&] { Model::load(write_model("llama", f)); },
-                       "model_type 'llama' has no model in moelora; supported: qwen3_moe");
-    f.config["model_type"] = "mixtral";  // the config parser knows it, no model does yet
-    test::expect_error([&] { Model::load(write_model("mixtral", f)); }, "supported: qwen3_moe");
+                       "model_type 'llama' has no model in moelora; supported:");
+    test::expect_error([&] { Model::load(write_model("llama", f)); }, "qwen3_moe");
+    test::expect_error([&] { Model::load(write_model("llama", f)); }, "mixtral");
+    f.config["model_type"] = "qwen2_moe";  // the config parser knows it, no model does yet
+    test::expect_error([&] { Model::load(write_model("qwen2_moe", f)); }, "supported:");
   }
   {
     ModelFiles f = read_model();
@@ -421,22 +423,51 @@ TEST(Qwen3MoeModel, StopTokensAndContextEnd) {
   EXPECT_EQ(out[1].tokens.size(), 3u);  // positions 62, 63 fed back: 1 + 2 tokens
 }
 
-TEST(Qwen3MoeModel, AdapterWithAttentionKeysIsRefused) {
+// Adapter modules the model has no place for are errors; embedding / lm_head LoRA is warned
+// about and not applied; ranks over the pool's r_max are refused at load.
+TEST(Qwen3MoeModel, AdapterModuleChecks) {
   auto model = Model::load(model_dir(), lora_options());
-  const fs::path dir =
-      fs::temp_directory_path() / ("moelora_qwen3_" + std::to_string(::getpid()) + "_attn_adapter");
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  std::ofstream(dir / "adapter_config.json")
-      << R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})";
-  const std::string p = "base_model.model.model.layers.0.self_attn.q_proj.";
-  save_safetensors((dir / "adapter_model.safetensors").string(),
-                   {{p + "lora_A.weight", Tensor::zeros({4, 64}, DType::f32)},
-                    {p + "lora_B.weight", Tensor::zeros({64, 4}, DType::f32)}});
-  const PeftAdapter ad = PeftAdapter::load(dir.string());
-  test::expect_error([&] { model->load_adapter(0, ad); },
-                     "module 'model.layers.0.self_attn.q_proj' is not supported");
+  int n = 0;
+  auto write = [&](const std::string& module, int r, const std::vector<std::string>& targets) {
+    const fs::path dir = fs::temp_directory_path() /
+                         fmt::format("moelora_qwen3_{}_adapter_{}", ::getpid(), n++);
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    nlohmann::json cfg = {{"peft_type", "LORA"}, {"r", r}, {"lora_alpha", 8},
+                          {"target_modules", targets}};
+    std::ofstream(dir / "adapter_config.json") << cfg.dump();
+    const std::string p = "base_model.model." + module + ".";
+    const int64_t in = 64, out = module.find("k_proj") != std::string::npos ? 32 : 64;
+    save_safetensors((dir / "adapter_model.safetensors").string(),
+                     {{p + "lora_A.weight", Tensor::zeros({r, in}, DType::f32)},
+                      {p + "lora_B.weight", Tensor::zeros({out, r}, DType::f32)},
+                      {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                       Tensor::zeros({r, 64}, DType::f32)},
+                      {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                       Tensor::zeros({64, r}, DType::f32)}});
+    return PeftAdapter::load(dir.string());
+  };
+  // Attention LoRA loads.
+  model->load_adapter(0, write("model.layers.2.self_attn.k_proj", 4, {"q_proj", "k_proj"}));
+  EXPECT_TRUE(model->adapter_loaded(0));
+  model->unload_adapter(0);
+  // A module of no layer / no projection of the model.
+  test::expect_error(
+      [&] { model->load_adapter(0, write("model.layers.7.self_attn.k_proj", 4, {"k_proj", "q_proj"})); },
+      "'model.layers.7.self_attn.k_proj' matches no module of the qwen3_moe model");
+  test::expect_error(
+      [&] { model->load_adapter(0, write("model.layers.0.mlp.gate_proj", 4, {"gate_proj", "q_proj"})); },
+      "'model.layers.0.mlp.gate_proj' matches no module");
   EXPECT_FALSE(model->adapter_loaded(0));
+  // Rank over r_max (8).
+  test::expect_error(
+      [&] { model->load_adapter(0, write("model.layers.2.self_attn.k_proj", 12, {"k_proj", "q_proj"})); },
+      "over the engine's maximum LoRA rank 8");
+  EXPECT_FALSE(model->adapter_loaded(0));
+  // lm_head LoRA: warned about (stderr), the rest applies.
+  model->load_adapter(1, write("lm_head", 4, {"lm_head", "q_proj"}));
+  EXPECT_TRUE(model->adapter_loaded(1));
+  const PeftAdapter ad = write("model.layers.2.self_attn.k_proj", 4, {"q_proj", "k_proj"});
   test::expect_error([&] { model->load_adapter(2, ad); }, "outside the model's 2 LoRA slot(s)");
 }
 

@@ -20,7 +20,7 @@ struct ModelOptions {
   // Rows per MoE runner call (its buffers are sized for this); longer steps run in chunks.
   int64_t max_step_tokens = 256;
   std::string moe_backend = "reference";  // MoeRunner backend name ("" = pick by capability)
-  // Expert LoRA: adapter slots held at once and the largest rank they may have (0 = no LoRA).
+  // LoRA: adapter slots held at once and the largest rank they may have (lora_slots 0 = none).
   int lora_slots = 0;
   int lora_r_max = 16;
 };
@@ -65,9 +65,11 @@ class Model {
   virtual StepResult forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,
                              bool all_logits = false) = 0;
 
-  // Expert LoRA (PEFT adapters on mlp.experts, per-expert or fused 3D layout) into `slot`.
-  // Adapters with modules the model cannot apply yet (attention projections, dense MLP
-  // layers) are refused with an error naming the module: nothing is silently dropped.
+  // A PEFT adapter into `slot`: attention q/k/v/o, dense MLP layers and the experts
+  // (per-expert or fused 3D layout), any rank <= lora_r_max per module (rank_pattern /
+  // alpha_pattern / rsLoRA honoured). A module matching no module of the model or a rank over
+  // lora_r_max is an error naming it (the slot stays empty); embedding / lm_head LoRA is not
+  // applied and printed as a WARNING to stderr: nothing is silently dropped.
   virtual void load_adapter(int slot, const PeftAdapter& adapter) = 0;
   virtual void unload_adapter(int slot) = 0;
   virtual bool adapter_loaded(int slot) const = 0;
