@@ -1,9 +1,11 @@
 // int4 / int8 expert GEMMs on CUDA (cuda_wna16): the launcher (tile instantiation, grid).
 // Device code in sm90_moe_gemm_wna16.cuh, the Tensor ops in moe_gemm_wna16_op.cpp.
-#include <atomic>
+#include <bitset>
 #include <cstdint>
+#include <mutex>
 
 #include "kernels/cuda/moe_gemm_wna16_launch.h"
+#include "kernels/cuda/pdl_launch.cuh"
 #include "kernels/cuda/sm90_moe_gemm_wna16.cuh"
 
 namespace moelora::cuda {
@@ -17,35 +19,38 @@ constexpr int stage_k() {
   return kNt <= 2 ? 128 : 64;
 }
 
+// Raises the kernel's dynamic shared memory limit once per device: launches inside graph
+// capture must be plain launches.
+template <auto kKernel>
+cudaError_t allow_smem(int bytes) {
+  static std::mutex mu;
+  static std::bitset<64> devices;
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  const std::lock_guard<std::mutex> lock(mu);
+  if (devices.test(size_t(device & 63))) return cudaSuccess;
+  const cudaError_t e =
+      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess) devices.set(size_t(device & 63));
+  return e;
+}
+
 template <int kBits, int kNt, int kRows, int kKt, int kStages, int kSplit, int kMt>
 cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
   using Tile = sm90::Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
-  auto* kernel = &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
-  // Opt in to > 48 KB of shared memory once per device (graph capture then sees the launch only).
-  static std::atomic<uint64_t> opted_in{0};
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  const uint64_t bit = uint64_t(1) << (device & 63);
-  if (!(opted_in.load(std::memory_order_acquire) & bit)) {
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             Tile::kSmemBytes);
-        e != cudaSuccess)
-      return e;
-    opted_in.fetch_or(bit, std::memory_order_acq_rel);
+  constexpr auto kernel = &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
+  if (cudaError_t e = allow_smem<kernel>(Tile::kSmemBytes); e != cudaSuccess) return e;
+  // Row tiles (fused: of the intermediate columns, kRows / 2 gate + kRows / 2 up rows each) and
+  // blocks, on whichever grid axis row_tiles_fastest puts them.
+  const int tiles = p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
+  const dim3 grid = p.row_tiles_fastest ? dim3(tiles, max_blocks) : dim3(max_blocks, tiles);
+  if (!p.pdl) {
+    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+    return cudaGetLastError();
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  const int row_tiles =
-      p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
-  config.gridDim = p.row_tiles_fastest ? dim3(row_tiles, max_blocks) : dim3(max_blocks, row_tiles);
-  config.blockDim = dim3(Tile::kThreads);
-  config.dynamicSmemBytes = Tile::kSmemBytes;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = p.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  // The kernel waits on its predecessor (griddepcontrol.wait) before it reads anything the
+  // predecessor writes, so it may be scheduled while the predecessor drains.
+  return detail::launch_pdl(kernel, grid, dim3(Tile::kThreads), Tile::kSmemBytes, stream, p);
 }
 
 // Up to 16 tokens per block: each stage's 4 weight tiles split over 4 warps (a warp's

@@ -241,12 +241,14 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
   for (int s = 0; s < kStages - 1; ++s)
     if (s < num_ktiles) load_weights(s);
   if (p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  for (int j = tid; j < kTokens; j += kThreads) {
-    int slot = p.num_slots;
-    if (j < p.block_m) slot = __ldcg(p.sorted_slots + block * p.block_m + j);
-    const bool live = slot >= 0 && slot < p.num_slots;
-    tok_slot[j] = live ? slot : -1;
-    tok_row[j] = live ? slot / p.rows_div : -1;
+  // Token table: slot and activation row of each token column; -1 for columns past block_m
+  // and for the plan's padding entries (slot == num_slots).
+  static_assert(kThreads >= kTokens, "one thread per token column");
+  if (tid < kTokens) {
+    const int slot = tid < p.block_m ? __ldcg(p.sorted_slots + block * p.block_m + tid) : -1;
+    const bool live = 0 <= slot && slot < p.num_slots;
+    tok_slot[tid] = live ? slot : -1;
+    tok_row[tid] = live ? slot / p.rows_div : -1;
   }
   __syncthreads();
 #pragma unroll
@@ -425,13 +427,16 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
             acc_tile[local_row(m, e >> 1) * kLd + t * 8 + (lane % 4) * 2 + (e & 1)] = acc[m][t][e];
     }
     __syncthreads();
+    // Gate column c is tile row c, its up column tile row c + kRows / 2 (packed_tile's order).
     constexpr int kHalf = kRows / 2;
-    __nv_bfloat16* act_out = static_cast<__nv_bfloat16*>(p.act_out);
     for (int i = tid; i < kHalf * kTokens; i += kThreads) {
-      const int j = i / kHalf, c = i % kHalf, slot = tok_slot[j];
-      if (slot < 0 || col0 + c >= half_n) continue;
-      act_out[static_cast<int64_t>(slot) * half_n + col0 + c] = __float2bfloat16_rn(
-          ::moelora::cuda::detail::silu_mul(acc_tile[c * kLd + j], acc_tile[(kHalf + c) * kLd + j]));
+      const int c = i % kHalf, j = i / kHalf;
+      const int col = col0 + c, slot = tok_slot[j];
+      if (slot >= 0 && col < half_n) {
+        const float gate = acc_tile[c * kLd + j], up = acc_tile[(c + kHalf) * kLd + j];
+        static_cast<__nv_bfloat16*>(p.act_out)[static_cast<int64_t>(slot) * half_n + col] =
+            __float2bfloat16_rn(::moelora::cuda::detail::silu_mul(gate, up));
+      }
     }
     return;
   }
