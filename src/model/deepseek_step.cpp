@@ -21,9 +21,10 @@ float gap_at(std::vector<double> v, int n) {
 
 }  // namespace
 
-// How close each token's routing is to a tie, in the router's selection scores (softmax
-// probabilities for V2, sigmoid + correction bias for V3): the smaller of the gap between the
-// topk_group-th and next group score and the gap between the k-th and (k+1)-th eligible expert.
+// How close each token's routing is to a tie, in the router's selection scores (V2: the router
+// logits, whose order softmax keeps; V3: sigmoid + correction bias): the smaller of the gap
+// between the topk_group-th and next group score and the gap between the k-th and (k+1)-th
+// eligible expert.
 void DeepseekModel::router_margins(const Tensor& logits, const MlaLayer& Ly, Tensor& margin,
                                    int col) const {
   const RouterConfig rc = config_.router();
@@ -33,10 +34,8 @@ void DeepseekModel::router_margins(const Tensor& logits, const MlaLayer& Ly, Ten
   for (int64_t t = 0; t < M; ++t) {
     const float* l = logits.data<float>() + t * E;
     if (rc.scoring == ScoringFunc::softmax) {
-      double mx = -INFINITY, sum = 0;
-      for (int64_t e = 0; e < E; ++e) mx = std::max(mx, double(l[e]));
-      for (int64_t e = 0; e < E; ++e) sum += (s[size_t(e)] = std::exp(double(l[e]) - mx));
-      for (double& v : s) v /= sum;
+      // Softmax keeps the order of the logits (and of each group's max): gaps in logits.
+      for (int64_t e = 0; e < E; ++e) s[size_t(e)] = l[e];
     } else {
       for (int64_t e = 0; e < E; ++e) s[size_t(e)] = 1.0 / (1.0 + std::exp(-double(l[e])));
     }

@@ -15,7 +15,10 @@ using Factory = std::function<std::unique_ptr<Model>(const std::string&, const H
                                                      const ModelOptions&)>;
 
 const std::map<std::string, Factory>& registry() {
-  static const std::map<std::string, Factory> r = {{"qwen3_moe", make_qwen3_moe},
+  static const std::map<std::string, Factory> r = {{"deepseek_v2", make_deepseek},
+                                                      {"deepseek_v3", make_deepseek},
+                                                      {"kimi_k2", make_deepseek},
+                                                      {"qwen3_moe", make_qwen3_moe},
                                                       {"mixtral", make_mixtral}};
   return r;
 }

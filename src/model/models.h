@@ -12,5 +12,8 @@ std::unique_ptr<Model> make_qwen3_moe(const std::string& dir, const HfModelConfi
                                       const ModelOptions& options);
 std::unique_ptr<Model> make_mixtral(const std::string& dir, const HfModelConfig& config,
                                     const ModelOptions& options);
+// deepseek_v2, deepseek_v3, kimi_k2 (MLA; src/model/deepseek*.cpp).
+std::unique_ptr<Model> make_deepseek(const std::string& dir, const HfModelConfig& config,
+                                     const ModelOptions& options);
 
 }  // namespace moelora
