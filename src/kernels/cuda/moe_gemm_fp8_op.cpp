@@ -112,8 +112,15 @@ void run(MoeGemmFp8Args& p, const MoeAlignment& plan, int64_t blocks, const MoeG
   MOELORA_CUDA_CHECK(launch_moe_gemm_fp8(p, int(blocks), cfg.rows, raw_stream(stream)));
 }
 
+// The bf16 heuristic's tile, except 128 rows from 64 slots up: every row-tile CTA quantizes
+// the block's activations again, so fewer, taller tiles do less of that work. Measured on H100
+// at qwen3-30b-a3b (bench/NOTES.md, fp8 section): 128 rows vs the bf16 choice (64) at batch
+// 16 / 64 / 256: fused gemm1 146 / 294 / 448 us vs 178 / 431 / 777, gemm2 82 / 158 / 233 vs
+// 92 / 224 / 404; at batch 1 within 2-8 % of 64 rows (kept).
 MoeGemmConfig heuristic(const ExpertMatrices& w, const MoeAlignment& plan, int64_t slots) {
-  return moe_gemm_config(w.n, w.k, plan.block_m, slots, plan.num_groups, sm_count());
+  MoeGemmConfig cfg = moe_gemm_config(w.n, w.k, plan.block_m, slots, plan.num_groups, sm_count());
+  if (slots >= 64) cfg.rows = 128;
+  return cfg;
 }
 
 }  // namespace
