@@ -1,17 +1,10 @@
 #include "moelora/engine/engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 namespace moelora {
-
-int32_t sample_greedy(const float* logits, int64_t vocab) {
-  MOELORA_CHECK(vocab > 0, "sample_greedy: empty vocabulary");
-  int64_t best = 0;
-  for (int64_t i = 1; i < vocab; ++i)
-    if (logits[i] > logits[best]) best = i;
-  return int32_t(best);
-}
 
 Engine::Engine(Model& model, const EngineConfig& config)
     : model_(model),
@@ -36,6 +29,7 @@ std::string refuse_reason(const GenerationRequest& r, const Model& m) {
       return fmt::format("prompt token id {} is outside the vocabulary [0, {})", t, c.vocab_size);
   if (r.max_new_tokens < 1)
     return fmt::format("max_new_tokens must be >= 1, found {}", r.max_new_tokens);
+  if (std::string why = check_sampling(r.sampling); !why.empty()) return why;
   if (int64_t(r.prompt.size()) >= c.max_position_embeddings)
     return fmt::format(
         "prompt of {} tokens does not fit the model's context of {} "
@@ -94,7 +88,7 @@ std::vector<GenerationResult> Engine::generate(const std::vector<GenerationReque
           }
         }
         mrow += fed;
-        const int32_t tok = sample_greedy(lg, V);
+        const int32_t tok = sample_token(lg, V, r.sampling, int64_t(out.tokens.size()));
         out.tokens.push_back(tok);
         if (config_.record_logits) a.step_logits.insert(a.step_logits.end(), lg, lg + V);
         if (std::find(r.stop_token_ids.begin(), r.stop_token_ids.end(), tok) !=
@@ -114,7 +108,10 @@ std::vector<GenerationResult> Engine::generate(const std::vector<GenerationReque
       for (const Active& a : active)
         step.push_back(
             SeqInput{a.seq, requests[a.request].prompt, requests[a.request].adapter_slot});
+      const auto t0 = std::chrono::steady_clock::now();
       StepResult s = model_.forward(step, cache_, config_.record_logits);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      for (const Active& a : active) results[a.request].prefill_seconds = dt;
       if (config_.record_logits) {
         int64_t row = 0;
         for (const Active& a : active) {
@@ -136,7 +133,12 @@ std::vector<GenerationResult> Engine::generate(const std::vector<GenerationReque
           step.push_back(SeqInput{
               a.seq, {results[a.request].tokens.back()}, requests[a.request].adapter_slot});
       if (step.empty()) break;
-      consume(model_.forward(step, cache_, false));
+      const auto t0 = std::chrono::steady_clock::now();
+      StepResult s = model_.forward(step, cache_, false);
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      for (const Active& a : active)
+        if (!a.done) results[a.request].decode_seconds += dt;
+      consume(s);
     }
   } catch (...) {
     for (const Active& a : active) cache_.free_sequence(a.seq);

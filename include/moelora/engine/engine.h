@@ -1,7 +1,7 @@
 // The generation loop over a Model: admits requests (KV pages reserved up front), runs one
 // batched prefill step, then batched decode steps over sequences of different lengths until
-// each stops (stop token, max_new_tokens or the model's context). Greedy sampling for now;
-// the sampler is its own function so temperature / top-p / top-k can slot in.
+// each stops (stop token, max_new_tokens or the model's context). Greedy or seeded
+// temperature / top-k / top-p sampling per request.
 #pragma once
 
 #include <cstdint>
@@ -12,11 +12,24 @@
 
 namespace moelora {
 
+// How the next token is chosen from a step's logits. temperature <= 0: greedy (argmax).
+// Otherwise softmax(logits / temperature) restricted to the top_k most likely tokens (0 = all)
+// and then to the smallest set whose probability reaches top_p (1 = all), renormalized, and
+// drawn with a counter-based generator seeded by (seed, step): the same request gives the same
+// tokens whatever else runs in its batch.
+struct SamplingParams {
+  float temperature = 0.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+};
+
 struct GenerationRequest {
   std::vector<int32_t> prompt;  // token ids, at least one
   int max_new_tokens = 16;
   int adapter_slot = -1;                // -1: base model
   std::vector<int32_t> stop_token_ids;  // generation ends after emitting one of these
+  SamplingParams sampling;              // default: greedy
 };
 
 struct GenerationResult {
@@ -31,6 +44,10 @@ struct GenerationResult {
   // With record_logits: StepResult::router_margin rows ([MoE layers] each) of every position
   // fed to the model (the prompt, then each generated token fed back), in position order.
   std::vector<std::vector<float>> router_margin;
+  // Wall time of the batch's prefill step, and summed over the decode steps this request
+  // took part in (the steps are shared by the whole batch).
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
 };
 
 struct EngineConfig {
@@ -60,5 +77,13 @@ class Engine {
 
 // Greedy: the index of the largest logit (the lowest index on ties). logits f32 [V].
 int32_t sample_greedy(const float* logits, int64_t vocab);
+
+// The token for generation step `step` (0 = the token after the prompt) under `params`
+// (greedy when temperature <= 0). Deterministic in (params, step, logits). Throws on invalid
+// parameters (top_p outside (0, 1], negative top_k, non-finite temperature).
+int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& params,
+                     int64_t step);
+// Checks `params`; returns "" or why they are invalid.
+std::string check_sampling(const SamplingParams& params);
 
 }  // namespace moelora
