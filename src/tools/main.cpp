@@ -7,6 +7,7 @@
 #include "moelora/moe/config.h"
 #include "tools/bench_moe.h"
 #include "tools/convert.h"
+#include "tools/generate.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"moelora: Mixture-of-Experts serving with many LoRA adapters"};
@@ -39,10 +40,14 @@ int main(int argc, char** argv) {
   moelora::tools::ConvertCliOptions conv;
   CLI::App* convert = moelora::tools::add_convert_command(app, conv);
 
+  moelora::tools::GenerateOptions gen;
+  CLI::App* generate = moelora::tools::add_generate_command(app, gen);
+
   try {
     app.parse(argc, argv);
     if (*bench_moe) return moelora::tools::run_bench_moe(moe);
     if (*convert) return moelora::tools::run_convert(conv);
+    if (*generate) return moelora::tools::run_generate(gen);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const moelora::Error& e) {
