@@ -8,8 +8,14 @@ with save_pretrained, and writes one small fixture (< 1 MB) with:
   - the layer-0 expert tensors exactly as the quantized checkpoint stores them (names and
     dtypes as on disk, whatever this transformers version calls them; listed in metadata),
   - transformers' own dequantization (Fp8Dequantize) of one expert's gate_up and down, f32,
-  - a batch x (bf16), the router logits (f32, from the unquantized router), the routing
-    transformers chose, and the MoE block output of the quantized model (f32).
+  - a batch x (bf16), the router logits (f32, from the unquantized router), and the output of
+    transformers' Qwen3-MoE block run in f32 on its dequantized expert weights (its FP8
+    expert forward needs the `kernels` hub package, absent on the device image).
+Findings with transformers 5.17 (device, 2026-11-22): save_pretrained splits the fused 3D
+experts into per-expert Linears and writes each weight_scale_inv 1-D ((2,) for a [128, 256]
+weight); reloading that checkpoint with FineGrainedFP8Config(dequantize=True) fails in its own
+reshape. Status: the script ran up to the block output; the final version (block taken from
+the bf16 model) has not run yet, so no fixture is committed.
 
 Usage: make_fp8_checkpoint_golden.py OUT_DIR
 """
@@ -114,12 +120,13 @@ def dequant(w, s):
     return (w.float() * se).cpu()
 
 
+deq_all = {}
 for name in ("gate_up_proj", "down_proj"):
-    w = params[name][1].detach()
     skey = [k for k in params if k.startswith(name) and "scale" in k][0]
-    s = params[skey][1].detach()
-    print(name, "scale key", skey, tuple(s.shape))
-    fixture[f"golden.deq.{name}.1"] = dequant(w, s).contiguous()
+    print(name, "scale key", skey, tuple(params[skey].shape))
+    deq_all[name] = torch.stack([dequant(params[name][e].detach(), params[skey][e].detach())
+                                 for e in range(E)])
+    fixture[f"golden.deq.{name}.1"] = deq_all[name][1].contiguous()
 
 # The block on a batch. Router logits from the router's own weight (kept bf16 or, if it was
 # quantized too, dequantized) in f32.
@@ -132,27 +139,29 @@ if gate_w is None or gate_w.dtype == torch.float8_e4m3fn:
     gate_w = mlp.gate.weight.detach().cpu()
 print("router weight", None if gate_w is None else (tuple(gate_w.shape), gate_w.dtype))
 logits = x.float() @ gate_w.float().t()
-captured = {}
-
-
-def hook(_m, _inp, out):
-    outs = out if isinstance(out, tuple) else (out,)
-    for i, t in enumerate(outs):
-        if torch.is_tensor(t):
-            captured[f"golden.gate_out.{i}"] = t.detach().float().cpu().contiguous()
-
-
-mlp.gate.register_forward_hook(hook)
+# transformers' FP8 expert forward needs the `kernels` hub package (absent on the device), so
+# the block output is transformers' own Qwen3-MoE block, in f32, on transformers' dequantized
+# expert weights: activations are NOT fp8-quantized here (the CPU test allows for that).
+# The original bf16 model's layer-0 block (same config: E, I, top-k, norm_topk_prob), in f32.
+blk = model.model.layers[0].mlp.float()
+y_source = "transformers Qwen3MoeSparseMoeBlock f32 on dequantized weights"
 with torch.no_grad():
-    y = mlp(x[None].cuda())
+    for n, p in blk.named_parameters():
+        print(f"  f32 block param {n} {tuple(p.shape)}")
+    blk.gate.weight.copy_(gate_w.float())
+    gu, dn = blk.experts.gate_up_proj, blk.experts.down_proj
+    gu.copy_(deq_all["gate_up_proj"] if gu.shape == deq_all["gate_up_proj"].shape
+             else deq_all["gate_up_proj"].transpose(1, 2))
+    dn.copy_(deq_all["down_proj"] if dn.shape == deq_all["down_proj"].shape
+             else deq_all["down_proj"].transpose(1, 2))
+    y = blk(x.float()[None])
 y = (y[0] if isinstance(y, tuple) else y)[0].float().cpu()
-fixture.update(captured)
 fixture["golden.x"] = x
 fixture["golden.router_logits"] = logits.contiguous()
 fixture["golden.y"] = y.contiguous()
 meta = {"transformers": transformers.__version__, "torch": torch.__version__,
         "layout": layout, "hidden": str(H), "inter": str(I), "experts": str(E), "top_k": str(K),
-        "norm_topk_prob": "true", "deq_source": ",".join(sorted(set(deq_source))), "quantization_config": json.dumps(qc),
+        "norm_topk_prob": "true", "deq_source": ",".join(sorted(set(deq_source))), "y_source": y_source, "quantization_config": json.dumps(qc),
         "expert_keys": json.dumps(expert_keys)}
 path = os.path.join(OUT, "qwen3_moe_fp8_layer0.safetensors")
 save_file(fixture, path, metadata=meta)
