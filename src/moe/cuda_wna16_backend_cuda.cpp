@@ -4,6 +4,8 @@
 // is checked on the weights at each GEMM (MoeProblem carries none) and the `reference`
 // backend runs the others. LoRA goes through the hooks unchanged: gemm1 writes h f32 and gemm2
 // o f32 rows exactly as cuda_bf16's do.
+#include <algorithm>
+
 #include "kernels/cuda/moe_wna16_ops.h"
 #include "moe/builtin_backends.h"
 #include "moe/cuda_backend_base.h"
@@ -15,6 +17,14 @@ class CudaWna16Backend final : public CudaMoeBackendBase {
  public:
   explicit CudaWna16Backend(Device d) : CudaMoeBackendBase(d) {}
   std::string_view name() const override { return "cuda_wna16"; }
+  // One MMA column of tokens per block while experts average <= 8 tokens (up to batch 128 on
+  // qwen3-30b-a3b), even if a busy expert then takes 2-3 blocks: the 8-token tiles stream int4
+  // weights far faster than wide ones (H100, int4 layer: batch 64 397 -> 260 us, 128
+  // 407 -> 341 us; bench/NOTES.md). Past that, the shared heuristic.
+  int block_m(int64_t num_tokens, const MoeShape& shape) const override {
+    const double mean = double(num_tokens) * std::max(shape.top_k, 1) / std::max(shape.num_experts, 1);
+    return mean <= 8.0 ? 8 : CudaMoeBackendBase::block_m(num_tokens, shape);
+  }
   bool supports(const MoeProblem& p, std::string* why) const override {
     if (p.format != WeightFormat::int4 && p.format != WeightFormat::int8) {
       *why = std::string("int4 / int8 weights only (found ") + format_name(p.format) +
