@@ -6,11 +6,13 @@
 //        experts (MoeRunner's shared expert, n_shared_experts x moe_intermediate_size).
 // MLA: q = q_proj(x) or q_b_proj(q_a_layernorm(q_a_proj(x))); kv_a_proj_with_mqa(x) splits into
 // the compressed kv (kv_a_layernorm-ed) and k_pe; RoPE on q_pe / k_pe. The KV cache holds the
-// latent row [kv_lora_rank + rope] per token and every step uses the absorbed path
-// (kernels/mla_ops.inc): kv_b_proj is folded into the query (k side) and the output (v side),
-// so attention runs in the latent space. LoRA: expert LoRA per request (MoeLoraPool) and
-// attention LoRA (DenseLoraPool) on q_proj / q_a_proj / q_b_proj / kv_a_proj_with_mqa /
-// o_proj, plus kv_b_proj's LoRA through the absorbed-path correction (mla_lora_absorb_q/v).
+// latent row [kv_lora_rank + rope] per token. Decode tokens take the absorbed path
+// (kernels/mla_ops.inc): kv_b_proj folded into the query (k side) and the output (v side), so
+// attention runs in the latent space; prefill chunks expand per-head K/V from the cached latent
+// rows through kv_b_proj (MlaPath picks; both match transformers). LoRA: expert LoRA per
+// request (MoeLoraPool) and attention LoRA (DenseLoraPool) on q_proj / q_a_proj / q_b_proj /
+// kv_a_proj_with_mqa / o_proj; kv_b_proj's LoRA is the ordinary LoRA on the expanded path and
+// the side correction of REFERENCE.md on the absorbed path (mla_lora_absorb_q/v).
 #include "model/deepseek.h"
 
 #include <cmath>
@@ -225,9 +227,9 @@ void DeepseekModel::unload_adapter(int slot) {
 }
 
 // y (f32) += the LoRA of `name` for the tokens with an adapter (x f32 or bf16).
-void DeepseekModel::add_lora(MlaLayer& Ly, const char* name, const Tensor& x, const StepCtx& s,
-                             Tensor& y) {
-  if (!s.lora) return;
+void DeepseekModel::add_lora(MlaLayer& Ly, const char* name, const Tensor& x,
+                             const Tensor& token_slot, bool lora, Tensor& y) {
+  if (!lora) return;
   auto it = Ly.attn_lora.find(name);
   if (it == Ly.attn_lora.end()) return;
   const DenseLoraPool& pool = *it->second;
@@ -241,7 +243,7 @@ void DeepseekModel::add_lora(MlaLayer& Ly, const char* name, const Tensor& x, co
     for (int64_t i = 0; i < M * K; ++i) d[i] = float_to_bf16(src[i]);
   }
   Tensor u = Tensor::empty({M, int64_t(pool.slices().count) * pool.r_max()}, DType::f32);
-  apply_dense_lora(pool, xb, s.token_slot, u, y, stream_);
+  apply_dense_lora(pool, xb, token_slot, u, y, stream_);
 }
 
 void DeepseekModel::attention(MlaLayer& Ly, int layer, const Tensor& xn, const StepCtx& s,
@@ -255,17 +257,17 @@ void DeepseekModel::attention(MlaLayer& Ly, int layer, const Tensor& xn, const S
   if (c.q_lora_rank > 0) {
     Tensor qa = Tensor::empty({M, int64_t(c.q_lora_rank)}, DType::f32);
     cpu::linear(xn, Ly.q_a_proj, qa, stream_);
-    add_lora(Ly, "q_a_proj", xn, s, qa);
+    add_lora(Ly, "q_a_proj", xn, s.token_slot, s.lora, qa);
     cpu::rms_norm(qa, Ly.q_a_norm, eps, qa, stream_);
     cpu::linear(qa, Ly.q_b_proj, q, stream_);
-    add_lora(Ly, "q_b_proj", qa, s, q);
+    add_lora(Ly, "q_b_proj", qa, s.token_slot, s.lora, q);
   } else {
     cpu::linear(xn, Ly.q_proj, q, stream_);
-    add_lora(Ly, "q_proj", xn, s, q);
+    add_lora(Ly, "q_proj", xn, s.token_slot, s.lora, q);
   }
   Tensor kv = Tensor::empty({M, L + rope}, DType::f32);
   cpu::linear(xn, Ly.kv_a_proj, kv, stream_);
-  add_lora(Ly, "kv_a_proj_with_mqa", xn, s, kv);
+  add_lora(Ly, "kv_a_proj_with_mqa", xn, s.token_slot, s.lora, kv);
   {
     // kv_a_layernorm on the compressed part of each row (k_pe stays as is).
     Tensor ckv = Tensor::empty({M, L}, DType::f32);
@@ -280,28 +282,77 @@ void DeepseekModel::attention(MlaLayer& Ly, int layer, const Tensor& xn, const S
                 stream_);
   cpu::mla_cache_write(kv, s.slots, cache.k(layer), stream_);
 
-  Tensor q_lat = Tensor::empty({M, nh * (L + rope)}, DType::f32);
+  Tensor a = Tensor::empty({M, nh * vd}, DType::f32);
+  for (size_t g = 0; g < s.segments.size(); ++g) {
+    const auto& seg = s.segments[g];
+    const Tensor qs = q.narrow(0, seg.row0, seg.n);
+    Tensor as = a.narrow(0, seg.row0, seg.n);
+    const bool expand = path_ == MlaPath::expanded || (path_ == MlaPath::automatic && seg.n > 1);
+    if (expand)
+      expanded_rows(Ly, layer, qs, s, g, cache, as);
+    else
+      absorbed_rows(Ly, layer, qs, s, g, cache, as);
+  }
+  cpu::linear(a, Ly.o_proj, out, stream_);
+  add_lora(Ly, "o_proj", a, s.token_slot, s.lora, out);
+}
+
+// Decode: kv_b_proj folded into the query and the output; attention over the latent rows.
+void DeepseekModel::absorbed_rows(MlaLayer& Ly, int layer, const Tensor& q, const StepCtx& s,
+                                  size_t seg, PagedKvCache& cache, Tensor& out) {
+  const HfModelConfig& c = config_;
+  const auto& g = s.segments[seg];
+  const int64_t n = q.size(0), nh = c.num_attention_heads, L = c.kv_lora_rank;
+  const int nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
+  const Tensor ts = s.token_slot.narrow(0, g.row0, n), tseq = s.token_seq.narrow(0, g.row0, n);
+  const Tensor pos = s.positions.narrow(0, g.row0, n);
+  Tensor q_lat = Tensor::empty({n, nh * (L + rope)}, DType::f32);
   cpu::mla_absorb_q(q, Ly.kv_b_proj, int(nh), nope, rope, vd, q_lat, stream_);
+  // kv_b_proj's LoRA cannot be merged into the absorbed weights per request: its correction
+  // runs on the side (REFERENCE.md, "MLA and LoRA on kv_b_proj").
   const DenseLoraPool* kvb = nullptr;
-  if (s.lora) {
+  if (s.lora && g.adapter_slot >= 0) {
     auto it = Ly.attn_lora.find("kv_b_proj");
     if (it != Ly.attn_lora.end()) kvb = it->second.get();
   }
   if (kvb)
-    cpu::mla_lora_absorb_q(q, s.token_slot, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope, rope,
-                           vd, q_lat, stream_);
-  Tensor lat = Tensor::empty({M, nh * L}, DType::f32);
+    cpu::mla_lora_absorb_q(q, ts, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope, rope, vd,
+                           q_lat, stream_);
+  Tensor lat = Tensor::empty({n, nh * L}, DType::f32);
   // transformers' softmax scale: (qk_nope + qk_rope)^-0.5 (no YaRN mscale: refused at load).
-  const float scale = 1.0f / std::sqrt(float(qk));
-  cpu::mla_paged_attention(q_lat, cache.k(layer), s.block_table, s.token_seq, s.positions,
-                           int(nh), scale, lat, stream_);
-  Tensor a = Tensor::empty({M, nh * vd}, DType::f32);
-  cpu::mla_absorb_v(lat, Ly.kv_b_proj, int(nh), nope, vd, a, stream_);
+  const float scale = 1.0f / std::sqrt(float(nope + rope));
+  cpu::mla_paged_attention(q_lat, cache.k(layer), s.block_table, tseq, pos, int(nh), scale, lat,
+                           stream_);
+  cpu::mla_absorb_v(lat, Ly.kv_b_proj, int(nh), nope, vd, out, stream_);
   if (kvb)
-    cpu::mla_lora_absorb_v(lat, s.token_slot, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope,
-                           vd, a, stream_);
-  cpu::linear(a, Ly.o_proj, out, stream_);
-  add_lora(Ly, "o_proj", a, s, out);
+    cpu::mla_lora_absorb_v(lat, ts, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope, vd, out,
+                           stream_);
+}
+
+// Prefill: expand every cached position's k_nope / v through kv_b_proj (with its ordinary
+// LoRA), then causal attention as transformers computes it.
+void DeepseekModel::expanded_rows(MlaLayer& Ly, int layer, const Tensor& q, const StepCtx& s,
+                                  size_t seg, PagedKvCache& cache, Tensor& out) {
+  const HfModelConfig& c = config_;
+  const auto& g = s.segments[seg];
+  const int64_t n = q.size(0), nh = c.num_attention_heads, L = c.kv_lora_rank;
+  const int nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
+  const int64_t len = int64_t(s.positions.data<int32_t>()[g.row0 + n - 1]) + 1;
+  Tensor lat = Tensor::empty({len, L + rope}, DType::f32);
+  cpu::mla_gather_latent(cache.k(layer), s.block_table, int(seg), len, lat, stream_);
+  Tensor ckv = Tensor::empty({len, L}, DType::f32);
+  for (int64_t j = 0; j < len; ++j)
+    std::copy_n(lat.data<float>() + j * (L + rope), L, ckv.data<float>() + j * L);
+  Tensor kvb = Tensor::empty({len, nh * (nope + vd)}, DType::f32);
+  cpu::linear(ckv, Ly.kv_b_proj, kvb, stream_);
+  if (s.lora && g.adapter_slot >= 0) {
+    Tensor slot = Tensor::empty({len}, DType::i32);
+    std::fill_n(slot.data<int32_t>(), len, g.adapter_slot);
+    add_lora(Ly, "kv_b_proj", ckv, slot, true, kvb);
+  }
+  const float scale = 1.0f / std::sqrt(float(nope + rope));
+  cpu::mla_expanded_attention(q, kvb, lat, s.positions.narrow(0, g.row0, n), int(nh), nope, rope,
+                              vd, scale, out, stream_);
 }
 
 }  // namespace moelora

@@ -31,6 +31,11 @@ struct MlaLayer {
   std::map<std::string, std::unique_ptr<DenseLoraPool>> attn_lora;
 };
 
+// Which attention path a step takes: automatic = expanded K/V for prefill chunks (a sequence
+// with more than one new token), absorbed for decode tokens; or one path for everything (tests
+// check that both agree with transformers).
+enum class MlaPath : uint8_t { automatic, absorbed, expanded };
+
 class DeepseekModel final : public Model {
  public:
   DeepseekModel(const std::string& dir, const HfModelConfig& config, const ModelOptions& options);
@@ -47,17 +52,30 @@ class DeepseekModel final : public Model {
     return slot >= 0 && slot < int(adapter_loaded_.size()) && adapter_loaded_[size_t(slot)];
   }
   int num_adapter_slots() const override { return int(adapter_loaded_.size()); }
+  void set_attention_path(MlaPath path) { path_ = path; }
 
  private:
   // Per-step tensors shared by the layers.
   struct StepCtx {
     Tensor positions, token_seq, slots, block_table, token_slot;
     bool lora = false;
+    struct Segment {
+      int64_t row0 = 0, n = 0;  // the sequence's new tokens: rows [row0, row0 + n)
+      int adapter_slot = -1;
+    };
+    std::vector<Segment> segments;  // in batch order (block_table row = index)
   };
   void check_slot(int slot) const;
-  void add_lora(MlaLayer& Ly, const char* name, const Tensor& x, const StepCtx& s, Tensor& y);
+  void add_lora(MlaLayer& Ly, const char* name, const Tensor& x, const Tensor& token_slot,
+                bool lora, Tensor& y);
   void attention(MlaLayer& Ly, int layer, const Tensor& xn, const StepCtx& s, PagedKvCache& cache,
                  Tensor& out);
+  // Attention of one sequence's rows (q roped, the step's latent rows already cached) into
+  // out f32 [n, heads * v_head_dim].
+  void absorbed_rows(MlaLayer& Ly, int layer, const Tensor& q, const StepCtx& s, size_t seg,
+                     PagedKvCache& cache, Tensor& out);
+  void expanded_rows(MlaLayer& Ly, int layer, const Tensor& q, const StepCtx& s, size_t seg,
+                     PagedKvCache& cache, Tensor& out);
   void mlp(MlaLayer& Ly, const Tensor& xn, const StepCtx& s, Tensor& out, Tensor& router_margin,
            int margin_col);
   void router_margins(const Tensor& logits, const MlaLayer& Ly, Tensor& margin, int col) const;
@@ -66,6 +84,7 @@ class DeepseekModel final : public Model {
   ModelOptions options_;
   Stream stream_;
   bool rope_interleave_ = true;
+  MlaPath path_ = MlaPath::automatic;
   Tensor embed_, final_norm_, lm_head_;
   std::vector<MlaLayer> layers_;
   std::unique_ptr<MoeRunner> runner_;

@@ -181,6 +181,8 @@ StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCac
         s.token_slot.data<int32_t>()[m] = in.adapter_slot;
       }
       last_row[size_t(b)] = m - 1;
+      s.segments.push_back({m - int64_t(in.tokens.size()), int64_t(in.tokens.size()),
+                            in.adapter_slot});
     }
   }
 

@@ -141,6 +141,45 @@ TEST(MlaOps, AbsorbedPathEqualsExpandedAttention) {
   EXPECT_TRUE(test::allclose(got_bf16, want, 1e-2));
 }
 
+// The expanded path (latent rows gathered from the paged cache, K/V through kv_b_proj, causal
+// attention per sequence) equals the same double-precision reference.
+TEST(MlaOps, ExpandedPathEqualsReference) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const MlaCase c = make_case();
+  MlaInputs r;
+  r.q = test::random_tensor({c.m, kHeads * (kNope + kRope)}, DType::f32, rng);
+  r.kv = test::random_tensor({c.m, kL + kRope}, DType::f32, rng);
+  r.w = test::random_tensor({kHeads * (kNope + kVd), kL}, DType::bf16, rng, -0.3f, 0.3f);
+  const float scale = 1.0f / std::sqrt(float(kNope + kRope));
+  const Stream st = Stream::create(Device::cpu());
+  Tensor cache = Tensor::zeros({8, c.page, 1, kL + kRope}, DType::f32);
+  cpu::mla_cache_write(r.kv, test::from_ints(c.slots, {c.m}), cache, st);
+  Tensor out = Tensor::empty({c.m, kHeads * kVd}, DType::f32);
+  int64_t row0 = 0;
+  for (int s = 0; s < 2; ++s) {
+    int64_t n = 0;
+    while (row0 + n < c.m && c.seq[size_t(row0 + n)] == s) ++n;
+    Tensor lat = Tensor::empty({n, kL + kRope}, DType::f32), ckv = Tensor::empty({n, kL}, DType::f32);
+    cpu::mla_gather_latent(cache, c.block_table, s, n, lat, st);
+    for (int64_t j = 0; j < n; ++j)
+      std::copy_n(lat.data<float>() + j * (kL + kRope), kL, ckv.data<float>() + j * kL);
+    Tensor kvb = Tensor::empty({n, kHeads * (kNope + kVd)}, DType::f32);
+    cpu::linear(ckv, r.w, kvb, st);
+    Tensor o = out.narrow(0, row0, n);
+    cpu::mla_expanded_attention(r.q.narrow(0, row0, n), kvb, lat,
+                                test::from_ints(std::vector<int32_t>(c.pos.begin() + row0,
+                                                                     c.pos.begin() + row0 + n),
+                                                {n}),
+                                kHeads, kNope, kRope, kVd, scale, o, st);
+    row0 += n;
+  }
+  const auto want = expanded_reference(c, test::to_floats(r.q), test::to_floats(r.kv),
+                                       test::to_floats(r.w), nullptr, {}, scale);
+  EXPECT_TRUE(test::allclose(test::to_floats(out), want, 1e-5));
+  // And the absorbed path on the same inputs.
+  EXPECT_TRUE(test::allclose(absorbed(c, r, nullptr, scale, DType::f32), test::to_floats(out), 1e-5));
+}
+
 // The kv_b_proj LoRA correction on the absorbed path equals the merged weight per token slot
 // (two adapters of different ranks, base tokens untouched).
 TEST(MlaOps, KvBProjLoraCorrectionEqualsMergedWeight) {

@@ -344,4 +344,93 @@ void mla_lora_absorb_v(const Tensor& latent, const Tensor& token_slot, const Ten
   }
 }
 
+
+void mla_gather_latent(const Tensor& cache, const Tensor& block_table, int seq, int64_t len,
+                       Tensor& out, const Stream& /*stream*/) {
+  MOELORA_CHECK(cache.defined() && cache.dim() == 4 && cache.size(2) == 1,
+                "MLA cache: expected [pages, page_size, 1, L + rope], found {}",
+                cache.describe());
+  MOELORA_CHECK(cache.dtype() == DType::f32 || cache.dtype() == DType::bf16,
+                "MLA cache: expected f32 or bf16, found {}", cache.describe());
+  check_device(cache, Device::cpu(), "MLA cache");
+  const int64_t pages = cache.size(0), page = cache.size(1), row = cache.size(3);
+  check_host(block_table, DType::i32, "mla_gather_latent block_table");
+  MOELORA_CHECK(block_table.dim() == 2 && seq >= 0 && seq < block_table.size(0),
+                "mla_gather_latent: sequence row {} outside block_table {}", seq,
+                block_table.describe());
+  const int64_t max_pages = block_table.size(1);
+  MOELORA_CHECK(len > 0 && len <= max_pages * page,
+                "mla_gather_latent: {} positions exceed the block table's capacity of {}", len,
+                max_pages * page);
+  check_host(out, DType::f32, "mla_gather_latent out");
+  check_shape(out, {len, row}, "mla_gather_latent out");
+  const int32_t* bt = block_table.data<int32_t>() + int64_t(seq) * max_pages;
+  Tensor c = cache.view({pages * page, row});
+  for (int64_t j = 0; j < len; ++j) {
+    const int32_t pg = bt[j / page];
+    MOELORA_CHECK(pg >= 0 && pg < pages,
+                  "mla_gather_latent: block_table[{}, {}]={} is not a page of the cache (0..{})",
+                  seq, j / page, pg, pages - 1);
+    load_row(c, int64_t(pg) * page + j % page, row, out.data<float>() + j * row);
+  }
+}
+
+void mla_expanded_attention(const Tensor& q, const Tensor& kv_b_out, const Tensor& latent,
+                            const Tensor& token_pos, int heads, int nope, int rope, int vd,
+                            float scale, Tensor& out, const Stream& /*stream*/) {
+  check_dims(heads, nope, rope, vd, "mla_expanded_attention");
+  const int64_t qk = nope + rope, wr = nope + vd;
+  check_host(q, DType::f32, "mla_expanded_attention q");
+  MOELORA_CHECK(q.dim() == 2 && q.size(1) == heads * qk,
+                "mla_expanded_attention q: expected f32 [n, {}], found {}", heads * qk,
+                q.describe());
+  const int64_t n = q.size(0);
+  check_host(kv_b_out, DType::f32, "mla_expanded_attention kv_b_out");
+  MOELORA_CHECK(kv_b_out.dim() == 2 && kv_b_out.size(1) == heads * wr,
+                "mla_expanded_attention kv_b_out: expected f32 [len, {}], found {}", heads * wr,
+                kv_b_out.describe());
+  const int64_t len = kv_b_out.size(0);
+  check_host(latent, DType::f32, "mla_expanded_attention latent");
+  MOELORA_CHECK(latent.dim() == 2 && latent.size(0) == len && latent.size(1) > rope,
+                "mla_expanded_attention latent: expected f32 [{}, L + {}], found {}", len, rope,
+                latent.describe());
+  const int64_t row = latent.size(1), L = row - rope;
+  check_host(token_pos, DType::i32, "mla_expanded_attention token_pos");
+  check_shape(token_pos, {n}, "mla_expanded_attention token_pos");
+  check_host(out, DType::f32, "mla_expanded_attention out");
+  check_shape(out, {n, int64_t(heads) * vd}, "mla_expanded_attention out");
+  const int32_t* pos = token_pos.data<int32_t>();
+  const float* kvb = kv_b_out.data<float>();
+  std::vector<float> p;
+  for (int64_t t = 0; t < n; ++t) {
+    MOELORA_CHECK(pos[t] >= 0 && pos[t] < len,
+                  "mla_expanded_attention: token_pos[{}]={} outside the {} expanded positions", t,
+                  pos[t], len);
+    const int64_t cnt = int64_t(pos[t]) + 1;
+    p.resize(static_cast<size_t>(cnt));
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = q.data<float>() + t * heads * qk + h * qk;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < cnt; ++j) {
+        const float s = dot_f32(qh, kvb + j * heads * wr + h * wr, nope) +
+                        dot_f32(qh + nope, latent.data<float>() + j * row + L, rope);
+        p[size_t(j)] = s * scale;
+        mx = std::max(mx, p[size_t(j)]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < cnt; ++j) {
+        p[size_t(j)] = std::exp(p[size_t(j)] - mx);
+        sum += p[size_t(j)];
+      }
+      float* o = out.data<float>() + (t * heads + h) * vd;
+      std::fill(o, o + vd, 0.0f);
+      for (int64_t j = 0; j < cnt; ++j) {
+        const float w = float(p[size_t(j)] / sum);
+        const float* v = kvb + j * heads * wr + h * wr + nope;
+        for (int64_t i = 0; i < vd; ++i) o[i] += w * v[i];
+      }
+    }
+  }
+}
+
 }  // namespace moelora::cpu
