@@ -16,13 +16,15 @@ void check_unsupported_settings(const std::string& dir, const HfModelConfig& c) 
   const nlohmann::json j = nlohmann::json::parse(read_text_file(path), nullptr, false);
   auto sw = j.find("sliding_window");
   if (sw != j.end() && !sw->is_null()) {
-    MOELORA_CHECK(sw->is_number_integer(), "{}: sliding_window must be null or an integer, "
-                  "found {}", path, sw->dump());
+    MOELORA_CHECK(sw->is_number_integer(),
+                  "{}: sliding_window must be null or an integer, "
+                  "found {}",
+                  path, sw->dump());
     MOELORA_CHECK(sw->get<int64_t>() >= c.max_position_embeddings,
                   "{}: sliding_window {} is smaller than the context (max_position_embeddings "
                   "{}); sliding-window attention is not supported by the mixtral model (null or "
-                  "a window >= the context is)", path, sw->get<int64_t>(),
-                  c.max_position_embeddings);
+                  "a window >= the context is)",
+                  path, sw->get<int64_t>(), c.max_position_embeddings);
   }
   auto act = j.find("hidden_act");
   MOELORA_CHECK(act == j.end() || act->is_null() || *act == "silu",
@@ -33,7 +35,8 @@ void check_unsupported_settings(const std::string& dir, const HfModelConfig& c) 
                 c.rope_type);
   MOELORA_CHECK(!c.has_quantization_config,
                 "{}: quantized checkpoints (quant_method '{}') are not supported by the model "
-                "loader yet", path, c.quant_method);
+                "loader yet",
+                path, c.quant_method);
   MOELORA_CHECK(c.max_position_embeddings > 0, "{}: max_position_embeddings must be > 0", path);
 }
 

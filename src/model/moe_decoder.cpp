@@ -59,9 +59,9 @@ MoeDecoder::MoeDecoder(const std::string& dir, const HfModelConfig& config,
       L.k_norm = wl.bf16(p + "self_attn.k_norm.weight", {D});
     }
     if (slots > 0) {
-      L.qkv_lora = std::make_unique<DenseLoraPool>(
-          p + "self_attn.qkv", H, DenseLoraSlices::from_sizes({nq, nkv, nkv}), slots,
-          options_.lora_r_max, Device::cpu());
+      L.qkv_lora = std::make_unique<DenseLoraPool>(p + "self_attn.qkv", H,
+                                                   DenseLoraSlices::from_sizes({nq, nkv, nkv}),
+                                                   slots, options_.lora_r_max, Device::cpu());
       L.o_lora = std::make_unique<DenseLoraPool>(p + "self_attn.o_proj", nq,
                                                  DenseLoraSlices::from_sizes({H}), slots,
                                                  options_.lora_r_max, Device::cpu());
@@ -95,22 +95,24 @@ MoeDecoder::MoeDecoder(const std::string& dir, const HfModelConfig& config,
       L.experts.w2 = ExpertMatrices(w2);
       L.experts.validate(shape);
       if (slots > 0) {
-        L.lora_pool = std::make_unique<MoeLoraPool>(shape, slots, options_.lora_r_max,
-                                                    Device::cpu());
+        L.lora_pool =
+            std::make_unique<MoeLoraPool>(shape, slots, options_.lora_r_max, Device::cpu());
         L.lora_hooks = MoeLoraHooks::create(*L.lora_pool, options_.max_step_tokens);
       }
     } else {
       const int64_t Id = c.intermediate_size;
-      MOELORA_CHECK(Id > 0, "{}/config.json: layer {} is a dense MLP layer but "
-                    "intermediate_size is {}", dir, l, Id);
+      MOELORA_CHECK(Id > 0,
+                    "{}/config.json: layer {} is a dense MLP layer but "
+                    "intermediate_size is {}",
+                    dir, l, Id);
       L.mlp_gate_up = Tensor::empty({2 * Id, H}, DType::bf16);
       wl.copy_into(p + "mlp.gate_proj.weight", {Id, H}, L.mlp_gate_up, 0);
       wl.copy_into(p + "mlp.up_proj.weight", {Id, H}, L.mlp_gate_up, Id * H);
       L.mlp_down = wl.bf16(p + "mlp.down_proj.weight", {H, Id});
       if (slots > 0) {
-        L.gate_up_lora = std::make_unique<DenseLoraPool>(
-            p + "mlp.gate_up", H, DenseLoraSlices::from_sizes({Id, Id}), slots,
-            options_.lora_r_max, Device::cpu());
+        L.gate_up_lora = std::make_unique<DenseLoraPool>(p + "mlp.gate_up", H,
+                                                         DenseLoraSlices::from_sizes({Id, Id}),
+                                                         slots, options_.lora_r_max, Device::cpu());
         L.down_lora = std::make_unique<DenseLoraPool>(p + "mlp.down_proj", Id,
                                                       DenseLoraSlices::from_sizes({H}), slots,
                                                       options_.lora_r_max, Device::cpu());
@@ -148,7 +150,8 @@ KvCacheConfig MoeDecoder::kv_cache_config(int64_t num_pages, int page_size, DTyp
 void MoeDecoder::check_slot(int slot) const {
   MOELORA_CHECK(slot >= 0 && slot < int(adapter_loaded_.size()),
                 "adapter slot {} is outside the model's {} LoRA slot(s) (ModelOptions::"
-                "lora_slots)", slot, adapter_loaded_.size());
+                "lora_slots)",
+                slot, adapter_loaded_.size());
 }
 
 namespace {
@@ -165,8 +168,7 @@ Tensor to_bf16(const Tensor& x) {
 void add_lora(const DenseLoraPool* pool, const Tensor& xb, const LoraBatchState& b, Tensor& y,
               const Stream& stream) {
   if (pool == nullptr || !b.any) return;
-  Tensor u = Tensor::empty({xb.size(0), int64_t(pool->slices().count) * pool->r_max()},
-                           DType::f32);
+  Tensor u = Tensor::empty({xb.size(0), int64_t(pool->slices().count) * pool->r_max()}, DType::f32);
   apply_dense_lora(*pool, xb, b.token_slot, u, y, stream);
 }
 
@@ -205,9 +207,8 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
   if (L.o_lora && lb.any) add_lora(L.o_lora.get(), to_bf16(a), lb, out, stream_);
 }
 
-void MoeDecoder::mlp(DecoderLayer& L, const Tensor& xn, const Tensor& xb,
-                     const LoraBatchState& lb, Tensor& out, Tensor& router_margin,
-                     int margin_col) {
+void MoeDecoder::mlp(DecoderLayer& L, const Tensor& xn, const Tensor& xb, const LoraBatchState& lb,
+                     Tensor& out, Tensor& router_margin, int margin_col) {
   const int64_t M = xn.size(0), H = config_.hidden_size;
   if (!L.moe) {
     const int64_t Id = L.mlp_down.size(1);
@@ -241,8 +242,10 @@ void MoeDecoder::mlp(DecoderLayer& L, const Tensor& xn, const Tensor& xb,
   }
   MoeHooks* hooks = nullptr;
   if (lb.any) {
-    MOELORA_CHECK(L.lora_hooks != nullptr, "{}: LoRA requested but the model was loaded "
-                  "without LoRA slots", family_.model_type);
+    MOELORA_CHECK(L.lora_hooks != nullptr,
+                  "{}: LoRA requested but the model was loaded "
+                  "without LoRA slots",
+                  family_.model_type);
     hooks = L.lora_hooks.get();
   }
   const int64_t chunk = options_.max_step_tokens;

@@ -23,8 +23,9 @@ std::pair<int, std::string> split_layer(const std::string& module) {
 }
 
 bool under(const std::string& rest, const std::string& prefix) {
-  return rest == prefix || (rest.size() > prefix.size() && rest.compare(0, prefix.size(), prefix) == 0 &&
-                            rest[prefix.size()] == '.');
+  return rest == prefix ||
+         (rest.size() > prefix.size() && rest.compare(0, prefix.size(), prefix) == 0 &&
+          rest[prefix.size()] == '.');
 }
 
 bool is_embedding_or_head(const std::string& module) {
@@ -37,8 +38,8 @@ bool is_embedding_or_head(const std::string& module) {
 void MoeDecoder::unload_adapter(int slot) {
   check_slot(slot);
   for (DecoderLayer& L : layers_) {
-    for (DenseLoraPool* p : {L.qkv_lora.get(), L.o_lora.get(), L.gate_up_lora.get(),
-                             L.down_lora.get()})
+    for (DenseLoraPool* p :
+         {L.qkv_lora.get(), L.o_lora.get(), L.gate_up_lora.get(), L.down_lora.get()})
       if (p) p->unload(slot);
     if (L.lora_pool) L.lora_pool->unload(slot);
   }
@@ -73,9 +74,10 @@ void MoeDecoder::load_adapter(int slot, const PeftAdapter& adapter) {
       for (const std::string& em : family_.lora_expert_modules) {
         if (!under(rest, em)) continue;
         const std::string full = fmt::format("model.layers.{}.{}", layer, em);
-        MOELORA_CHECK(experts_module[size_t(layer)].empty() || experts_module[size_t(layer)] == full,
-                      "adapter {}: layer {} has expert LoRA under both '{}' and '{}'",
-                      adapter.dir(), layer, experts_module[size_t(layer)], full);
+        MOELORA_CHECK(
+            experts_module[size_t(layer)].empty() || experts_module[size_t(layer)] == full,
+            "adapter {}: layer {} has expert LoRA under both '{}' and '{}'", adapter.dir(), layer,
+            experts_module[size_t(layer)], full);
         experts_module[size_t(layer)] = full;
         known = true;
         break;
@@ -95,7 +97,8 @@ void MoeDecoder::load_adapter(int slot, const PeftAdapter& adapter) {
   if (!ignored.empty()) {
     fmt::print(stderr,
                "WARNING: adapter {}: {} LoRA module(s)/key(s) on embeddings or lm_head are NOT "
-               "applied (not supported yet):\n", adapter.dir(), ignored.size());
+               "applied (not supported yet):\n",
+               adapter.dir(), ignored.size());
     for (const std::string& k : ignored) fmt::print(stderr, "  {}\n", k);
   }
 
@@ -114,10 +117,10 @@ void MoeDecoder::load_adapter(int slot, const PeftAdapter& adapter) {
   std::vector<MoeLoraWeights> experts(layers_.size());
   for (size_t l = 0; l < layers_.size(); ++l) {
     if (!layers_[l].moe) continue;
-    const std::string em = experts_module[l].empty()
-                               ? fmt::format("model.layers.{}.{}", l,
-                                             family_.lora_expert_modules.front())
-                               : experts_module[l];
+    const std::string em =
+        experts_module[l].empty()
+            ? fmt::format("model.layers.{}.{}", l, family_.lora_expert_modules.front())
+            : experts_module[l];
     experts[l] = moe_lora_from_peft(adapter, em, shape.num_experts, shape.hidden, shape.inter);
   }
   try {

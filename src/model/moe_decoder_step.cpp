@@ -14,7 +14,8 @@ void MoeDecoder::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& 
   MOELORA_CHECK(kc.num_layers == c.num_hidden_layers && kc.num_kv_heads == c.num_key_value_heads &&
                     kc.head_dim == c.head_dim,
                 "forward: KV cache has {} layers x {} KV heads x {} dims, the model needs "
-                "{} x {} x {}", kc.num_layers, kc.num_kv_heads, kc.head_dim, c.num_hidden_layers,
+                "{} x {} x {}",
+                kc.num_layers, kc.num_kv_heads, kc.head_dim, c.num_hidden_layers,
                 c.num_key_value_heads, c.head_dim);
   // Validate everything before the cache changes.
   int64_t M = 0;

@@ -23,7 +23,8 @@ void check_unsupported_settings(const std::string& dir, const HfModelConfig& c) 
                 "{}: use_sliding_window=true is not supported by the qwen3_moe model yet", path);
   MOELORA_CHECK(!flag("attention_bias"),
                 "{}: attention_bias=true is not supported by the qwen3_moe model (Qwen3 has no "
-                "attention biases)", path);
+                "attention biases)",
+                path);
   auto act = j.find("hidden_act");
   MOELORA_CHECK(act == j.end() || act->is_null() || *act == "silu",
                 "{}: hidden_act {} is not supported (expected \"silu\")", path,
@@ -33,7 +34,8 @@ void check_unsupported_settings(const std::string& dir, const HfModelConfig& c) 
                 c.rope_type);
   MOELORA_CHECK(!c.has_quantization_config,
                 "{}: quantized checkpoints (quant_method '{}') are not supported by the model "
-                "loader yet", path, c.quant_method);
+                "loader yet",
+                path, c.quant_method);
   MOELORA_CHECK(c.max_position_embeddings > 0, "{}: max_position_embeddings must be > 0", path);
 }
 

@@ -12,9 +12,9 @@
 #include <optional>
 #include <sstream>
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "moelora/core/error.h"
@@ -45,9 +45,10 @@ std::string find_default_fixture() {
   for (const fs::path& r : roots)
     if (fs::exists(r / kDefaultFixture / "model" / "config.json"))
       return (r / kDefaultFixture).string();
-  MOELORA_THROW("no --model given and the default fixture model ({}) was not found above {} or "
-                "in the current directory; run from a moelora checkout or pass --model DIR",
-                kDefaultFixture, ec ? std::string("the executable") : exe.string());
+  MOELORA_THROW(
+      "no --model given and the default fixture model ({}) was not found above {} or "
+      "in the current directory; run from a moelora checkout or pass --model DIR",
+      kDefaultFixture, ec ? std::string("the executable") : exe.string());
 }
 
 // A request as read from the command line or the JSONL file, before tokenization.
@@ -76,8 +77,8 @@ std::vector<int32_t> parse_ids(const std::string& s) {
       pos = 0;
     }
     MOELORA_CHECK(pos == item.size() && v >= 0 && v <= INT32_MAX,
-                  "--ids '{}': '{}' is not a token id (expected comma-separated integers >= 0)",
-                  s, item);
+                  "--ids '{}': '{}' is not a token id (expected comma-separated integers >= 0)", s,
+                  item);
     out.push_back(int32_t(v));
   }
   return out;
@@ -129,8 +130,10 @@ RawRequest parse_request_line(const std::string& line, const std::string& where,
                         k == "temperature" || k == "top_p" || k == "top_k" || k == "seed" ||
                         k == "stop",
                     "unknown field '{}' (expected prompt, ids, adapter, max_new_tokens, "
-                    "temperature, top_p, top_k, seed, stop)", k);
-    MOELORA_CHECK(j.contains("prompt") != j.contains("ids"), "give exactly one of 'prompt' "
+                    "temperature, top_p, top_k, seed, stop)",
+                    k);
+    MOELORA_CHECK(j.contains("prompt") != j.contains("ids"),
+                  "give exactly one of 'prompt' "
                   "(text) and 'ids' (token ids)");
     if (j.contains("prompt")) r.text = j.at("prompt").get<std::string>();
     if (j.contains("ids")) r.ids = j.at("ids").get<std::vector<int32_t>>();
@@ -143,8 +146,10 @@ RawRequest parse_request_line(const std::string& line, const std::string& where,
     if (j.contains("seed")) r.req.sampling.seed = j.at("seed").get<uint64_t>();
     if (j.contains("stop")) {
       const json& s = j.at("stop");
-      if (s.is_number_integer()) r.req.stop_token_ids.push_back(s.get<int32_t>());
-      else r.req.stop_token_ids = s.get<std::vector<int32_t>>();
+      if (s.is_number_integer())
+        r.req.stop_token_ids.push_back(s.get<int32_t>());
+      else
+        r.req.stop_token_ids = s.get<std::vector<int32_t>>();
     }
   } catch (const json::exception& e) {
     r.error = fmt::format("{}: {}", where, e.what());
@@ -219,8 +224,9 @@ json top_logprobs(const float* lg, int64_t V, int k) {
   std::vector<int32_t> idx(static_cast<size_t>(V));
   for (int64_t i = 0; i < V; ++i) idx[size_t(i)] = int32_t(i);
   const int64_t n = std::min<int64_t>(k, V);
-  std::partial_sort(idx.begin(), idx.begin() + n, idx.end(),
-                    [&](int32_t a, int32_t b) { return lg[a] > lg[b] || (lg[a] == lg[b] && a < b); });
+  std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), [&](int32_t a, int32_t b) {
+    return lg[a] > lg[b] || (lg[a] == lg[b] && a < b);
+  });
   json out = json::array();
   for (int64_t i = 0; i < n; ++i) out.push_back({idx[size_t(i)], double(lg[idx[size_t(i)]]) - lz});
   return out;
@@ -229,9 +235,12 @@ json top_logprobs(const float* lg, int64_t V, int k) {
 std::string printable(const std::string& s) {
   std::string out;
   for (char c : s) {
-    if (c == '\n') out += "\\n";
-    else if (c == '\t') out += "\\t";
-    else out += c;
+    if (c == '\n')
+      out += "\\n";
+    else if (c == '\t')
+      out += "\\t";
+    else
+      out += c;
   }
   return out;
 }
@@ -240,27 +249,35 @@ std::string printable(const std::string& s) {
 
 CLI::App* add_generate_command(CLI::App& app, GenerateOptions& o) {
   CLI::App* g = app.add_subcommand(
-      "generate", "generate text for a batch of requests, each with its own LoRA adapter or none "
-                  "(no --model: the committed tiny fixture model and its adapters)");
-  g->add_option("--model", o.model, "Hugging Face model directory (config.json, safetensors, "
+      "generate",
+      "generate text for a batch of requests, each with its own LoRA adapter or none "
+      "(no --model: the committed tiny fixture model and its adapters)");
+  g->add_option("--model", o.model,
+                "Hugging Face model directory (config.json, safetensors, "
                 "optional tokenizer.json)");
   g->add_option("--adapter", o.adapters, "PEFT adapter as name=path (repeatable)");
   g->add_option("--prompt", o.prompts, "a text request (repeatable; needs tokenizer.json)");
   g->add_option("--ids", o.ids, "a token-id request, e.g. 1,2,3 (repeatable)");
-  g->add_option("--use", o.use, "adapter name(s) every --prompt/--ids request runs with, 'base' "
-                "for none; each request runs once per name (default: base)")->delimiter(',');
-  g->add_option("--requests", o.requests, "JSONL file, one request per line: {\"prompt\" | "
+  g->add_option("--use", o.use,
+                "adapter name(s) every --prompt/--ids request runs with, 'base' "
+                "for none; each request runs once per name (default: base)")
+      ->delimiter(',');
+  g->add_option("--requests", o.requests,
+                "JSONL file, one request per line: {\"prompt\" | "
                 "\"ids\", \"adapter\", \"max_new_tokens\", \"temperature\", \"top_p\", "
                 "\"top_k\", \"seed\", \"stop\"}");
-  g->add_option("--max-new-tokens", o.max_new_tokens, "default for requests")->capture_default_str();
+  g->add_option("--max-new-tokens", o.max_new_tokens, "default for requests")
+      ->capture_default_str();
   g->add_option("--temperature", o.temperature, "default; 0 = greedy")->capture_default_str();
   g->add_option("--top-p", o.top_p, "default nucleus mass")->capture_default_str();
   g->add_option("--top-k", o.top_k, "default; 0 = off")->capture_default_str();
   g->add_option("--seed", o.seed, "default sampling seed")->capture_default_str();
-  g->add_option("--stop-id", o.stop_ids, "stop token id (repeatable; eos_token_id of the config "
+  g->add_option("--stop-id", o.stop_ids,
+                "stop token id (repeatable; eos_token_id of the config "
                 "is added unless --ignore-eos)");
   g->add_flag("--ignore-eos", o.ignore_eos, "do not stop at the config's eos_token_id");
-  g->add_option("--logits-out", o.logits_out, "write each step's top-k logprobs (or full logits "
+  g->add_option("--logits-out", o.logits_out,
+                "write each step's top-k logprobs (or full logits "
                 "with --logits-top-k 0) per request as JSONL");
   g->add_option("--logits-top-k", o.logits_top_k, "entries per step in --logits-out")
       ->capture_default_str();
@@ -304,14 +321,16 @@ int run_generate(const GenerateOptions& o) {
     slot_of[adapters[i].first] = int(i);
   }
   std::optional<Tokenizer> tok;
-  if (fs::exists(model_dir + "/tokenizer.json")) tok = Tokenizer::load(model_dir + "/tokenizer.json");
+  if (fs::exists(model_dir + "/tokenizer.json"))
+    tok = Tokenizer::load(model_dir + "/tokenizer.json");
   const double load_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
   const HfModelConfig& c = model->config();
-  fmt::print("model {} ({}, {} layers, {} experts top-{}, vocab {}), {} adapter(s), "
-             "tokenizer: {}; loaded in {:.2f} s\n",
-             model_dir, c.model_type, c.num_hidden_layers, c.num_experts, c.num_experts_per_tok,
-             c.vocab_size, adapters.size(), tok ? "yes" : "no (token ids in and out)", load_s);
+  fmt::print(
+      "model {} ({}, {} layers, {} experts top-{}, vocab {}), {} adapter(s), "
+      "tokenizer: {}; loaded in {:.2f} s\n",
+      model_dir, c.model_type, c.num_hidden_layers, c.num_experts, c.num_experts_per_tok,
+      c.vocab_size, adapters.size(), tok ? "yes" : "no (token ids in and out)", load_s);
   for (const auto& [name, path] : adapters)
     fmt::print("  adapter {} = {} (slot {})\n", name, path, slot_of[name]);
   if (builtin)
@@ -340,8 +359,8 @@ int run_generate(const GenerateOptions& o) {
                             known.empty() ? "none" : known);
     }
     if (r.error.empty() && r.text && !tok)
-      r.error = fmt::format("a text prompt needs {}/tokenizer.json; give token ids instead",
-                            model_dir);
+      r.error =
+          fmt::format("a text prompt needs {}/tokenizer.json; give token ids instead", model_dir);
     if (!r.error.empty()) continue;
     r.req.prompt = r.text ? tok->encode(*r.text) : r.ids;
     r.req.adapter_slot = r.adapter.empty() ? -1 : slot_of.at(r.adapter);
@@ -383,21 +402,23 @@ int run_generate(const GenerateOptions& o) {
     }
     const GenerationRequest& q = run[run_of[i]];
     if (tok) {
-      fmt::print("  prompt: \"{}\" ({} tokens)\n", printable(tok->decode(q.prompt)), q.prompt.size());
+      fmt::print("  prompt: \"{}\" ({} tokens)\n", printable(tok->decode(q.prompt)),
+                 q.prompt.size());
       fmt::print("  output: \"{}\"\n", printable(tok->decode(g->tokens)));
     } else {
       fmt::print("  prompt ids ({}): {}\n", q.prompt.size(), fmt::join(q.prompt, ","));
     }
     fmt::print("  ids: {}\n", fmt::join(g->tokens, ","));
     const int64_t dec = int64_t(g->tokens.size()) - 1;  // the first comes from the prefill
-    fmt::print("  finish: {}; {} generated; prefill {} tok in {:.1f} ms; decode {} tok in {:.1f} "
-               "ms ({:.1f} tok/s, batch steps){}\n", g->finish_reason, g->tokens.size(), q.prompt.size(),
-               g->prefill_seconds * 1e3, dec, g->decode_seconds * 1e3,
-               g->decode_seconds > 0 ? double(dec) / g->decode_seconds : 0.0,
-               q.sampling.temperature > 0
-                   ? fmt::format("; sampled T={} top_p={} top_k={} seed={}", q.sampling.temperature,
-                                 q.sampling.top_p, q.sampling.top_k, q.sampling.seed)
-                   : "; greedy");
+    fmt::print(
+        "  finish: {}; {} generated; prefill {} tok in {:.1f} ms; decode {} tok in {:.1f} "
+        "ms ({:.1f} tok/s, batch steps){}\n",
+        g->finish_reason, g->tokens.size(), q.prompt.size(), g->prefill_seconds * 1e3, dec,
+        g->decode_seconds * 1e3, g->decode_seconds > 0 ? double(dec) / g->decode_seconds : 0.0,
+        q.sampling.temperature > 0
+            ? fmt::format("; sampled T={} top_p={} top_k={} seed={}", q.sampling.temperature,
+                          q.sampling.top_p, q.sampling.top_k, q.sampling.seed)
+            : "; greedy");
     prompt_tokens += int64_t(q.prompt.size());
     decode_tokens += dec;
     prefill_s = std::max(prefill_s, g->prefill_seconds);
@@ -408,19 +429,26 @@ int run_generate(const GenerateOptions& o) {
       for (size_t s = 0; s < g->tokens.size(); ++s) {
         const float* lg = g->step_logits.data<float>() + int64_t(s) * V;
         json st = {{"token", g->tokens[s]}};
-        if (o.logits_top_k > 0) st["top_logprobs"] = top_logprobs(lg, V, o.logits_top_k);
-        else st["logits"] = std::vector<float>(lg, lg + V);
+        if (o.logits_top_k > 0)
+          st["top_logprobs"] = top_logprobs(lg, V, o.logits_top_k);
+        else
+          st["logits"] = std::vector<float>(lg, lg + V);
         steps.push_back(st);
       }
-      logits << json{{"request", i + 1}, {"adapter", r.adapter.empty() ? json() : json(r.adapter)},
-                     {"prompt_ids", q.prompt}, {"steps", steps}}.dump() << "\n";
+      logits << json{{"request", i + 1},
+                     {"adapter", r.adapter.empty() ? json() : json(r.adapter)},
+                     {"prompt_ids", q.prompt},
+                     {"steps", steps}}
+                    .dump()
+             << "\n";
     }
   }
-  fmt::print("\nbatch: {} request(s), {} refused; prefill {} tok in {:.1f} ms ({:.1f} tok/s); "
-             "decode {} tok in {:.1f} ms ({:.1f} tok/s)\n",
-             raw.size(), failed, prompt_tokens, prefill_s * 1e3,
-             prefill_s > 0 ? double(prompt_tokens) / prefill_s : 0.0, decode_tokens,
-             decode_s * 1e3, decode_s > 0 ? double(decode_tokens) / decode_s : 0.0);
+  fmt::print(
+      "\nbatch: {} request(s), {} refused; prefill {} tok in {:.1f} ms ({:.1f} tok/s); "
+      "decode {} tok in {:.1f} ms ({:.1f} tok/s)\n",
+      raw.size(), failed, prompt_tokens, prefill_s * 1e3,
+      prefill_s > 0 ? double(prompt_tokens) / prefill_s : 0.0, decode_tokens, decode_s * 1e3,
+      decode_s > 0 ? double(decode_tokens) / decode_s : 0.0);
   if (logits.is_open()) fmt::print("step logits written to {}\n", o.logits_out);
   return failed == int64_t(raw.size()) ? 1 : 0;
 }
