@@ -91,4 +91,14 @@ std::unique_ptr<MoeLoraHooks> MoeLoraHooks::create(const MoeLoraPool& pool, int6
 #endif
 }
 
+void MoeHooks::gate_up_activation(const Tensor&, const TopK&, const Tensor&, Tensor&,
+                                  const Stream&) {
+  MOELORA_THROW("MoeHooks::gate_up_activation called on hooks that do not fuse the activation");
+}
+
+void MoeHooks::down_reduce(const Tensor&, const TopK&, const Tensor&, const Tensor&,
+                           const Tensor&, Tensor&, const Stream&) {
+  MOELORA_THROW("MoeHooks::down_reduce called on hooks that do not fuse the reduction");
+}
+
 }  // namespace moelora

@@ -27,7 +27,11 @@ namespace {
 class CudaLoraHooks final : public MoeLoraHooks {
  public:
   CudaLoraHooks(const MoeLoraPool& pool, int64_t max_tokens, const MoeLoraHooksOptions& options)
-      : MoeLoraHooks(pool, max_tokens) {
+      : MoeLoraHooks(pool, max_tokens),
+        fused_max_tokens_(std::max<int64_t>(0, options.fused_max_tokens)) {
+    MOELORA_CHECK(fused_max_tokens_ == 0 || (pool.r_max() % 8 == 0 && pool.r_max() <= 256),
+                  "MoE LoRA hooks: the fused path needs r_max a multiple of 8 and <= 256, the "
+                  "pool has r_max {}", pool.r_max());
     const MoeShape& s = pool.shape();
     const Device d = pool.device();
     const int64_t slots = max_tokens * s.top_k, rows = cuda::moe_lora_split_rows(slots);
@@ -114,6 +118,35 @@ class CudaLoraHooks final : public MoeLoraHooks {
     down_queued_ = true;
   }
 
+  // The fast path: the expands folded into the activation / reduction (moe_lora_fused.cu).
+  bool fuses_activation(int64_t m) const override { return m <= fused_max_tokens_; }
+  bool fuses_reduce(int64_t m) const override { return m <= fused_max_tokens_; }
+
+  void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
+                          const Stream& stream) override {
+    MOELORA_CHECK(routed_, "MoE LoRA hooks: gate_up_activation before after_route");
+    if (!gu_queued_) before_gate_up(x, topk, stream);
+    stream.wait(gu_done_);
+    gu_queued_ = false;
+    const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
+    const int splits = cuda::moe_lora_shrink_splits(n);
+    cuda::moe_lora_activation(h, topk.ids, bound_slots(m_), u13_.first_rows(splits * n), splits,
+                              pool_.b13(), pool_.slot_meta(), a, stream);
+  }
+
+  void down_reduce(const Tensor& a, const TopK& topk, const Tensor& o, const Tensor& shared_o,
+                   const Tensor& shared_gate_logits, Tensor& y, const Stream& stream) override {
+    MOELORA_CHECK(routed_, "MoE LoRA hooks: down_reduce before after_route");
+    if (!down_queued_) before_down(a, topk, stream);
+    stream.wait(down_done_);
+    down_queued_ = false;
+    const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
+    const int splits = cuda::moe_lora_shrink_splits(n);
+    cuda::moe_lora_reduce(o, topk.ids, bound_slots(m_), topk.weights.view({n}),
+                          u2_.first_rows(splits * n), splits, pool_.b2(), pool_.slot_meta(),
+                          shared_o, shared_gate_logits, y, stream);
+  }
+
   void after_down(const Tensor& a, const TopK& topk, Tensor& o, const Stream& stream) override {
     MOELORA_CHECK(routed_, "MoE LoRA hooks: after_down before after_route");
     if (!down_queued_) before_down(a, topk, stream);
@@ -132,9 +165,12 @@ class CudaLoraHooks final : public MoeLoraHooks {
   }
 
  private:
-  bool use_delta(int64_t n) const { return n <= delta_rows_; }
+  bool use_delta(int64_t n) const {
+    return n <= delta_rows_ && n / pool_.shape().top_k > fused_max_tokens_;
+  }
 
   int64_t m_ = 0;
+  int64_t fused_max_tokens_ = 0;
   int64_t delta_rows_ = 0;  // slots the delta buffers hold (0: delta path off)
   Tensor u13_, u2_, d13_, d2_;
   MoeAlignment vplan_;

@@ -83,14 +83,19 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
 
   Tensor h = h_.first_rows(slots), a = a_.first_rows(slots), o = o_.first_rows(slots);
   const Tensor slot_weights = topk_view_.weights.view({slots});
+  const bool fused_reduce = hooks && hooks->fuses_reduce(m);
   if (hooks) {
     hooks->before_gate_up(in.x, topk_view_, stream);
     backend_->gemm1(in.x, s.top_k, plan_, w.w13, h, stream);
-    hooks->after_gate_up(in.x, topk_view_, h, stream);
-    backend_->activation(h, topk_view_.ids, a, stream);
+    if (hooks->fuses_activation(m)) {
+      hooks->gate_up_activation(in.x, topk_view_, h, a, stream);
+    } else {
+      hooks->after_gate_up(in.x, topk_view_, h, stream);
+      backend_->activation(h, topk_view_.ids, a, stream);
+    }
     hooks->before_down(a, topk_view_, stream);
     backend_->gemm2(a, plan_, w.w2, slot_weights, o, stream);
-    hooks->after_down(a, topk_view_, o, stream);
+    if (!fused_reduce) hooks->after_down(a, topk_view_, o, stream);
   } else {
     // No seams to honour: the backend may fuse (same o bit for bit, see MoeBackend).
     backend_->expert_mlp(in.x, s.top_k, topk_view_.ids, plan_, w.w13, w.w2, slot_weights, h, a,
@@ -108,8 +113,11 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
     backend_->expert_mlp(in.x, 1, ids, shared_plan_, w.shared_w13, w.shared_w2, Tensor(), sh, sa,
                          shared_o, stream);
   }
-  backend_->reduce(o, topk_view_.ids, shared_o, s.shared_gate ? in.shared_gate_logits : Tensor(),
-                   y, stream);
+  const Tensor gate_logits = s.shared_gate ? in.shared_gate_logits : Tensor();
+  if (fused_reduce)
+    hooks->down_reduce(a, topk_view_, o, shared_o, gate_logits, y, stream);
+  else
+    backend_->reduce(o, topk_view_.ids, shared_o, gate_logits, y, stream);
 }
 
 }  // namespace moelora

@@ -165,6 +165,8 @@ struct Row {
 
 int run_bench_moe(const BenchMoeOptions& opt) {
   const WeightFormat format = parse_weight_format(opt.dtype);
+  MOELORA_CHECK(opt.path == "hooks" || opt.path == "fast",
+                "--path: expected hooks or fast, found '{}'", opt.path);
   int64_t group_size = opt.group_size;
   if (group_size == 0)
     group_size = format == WeightFormat::nvfp4 ? 16 : 128;
@@ -193,10 +195,10 @@ int run_bench_moe(const BenchMoeOptions& opt) {
   const double bw = measure_copy_bandwidth(device, stream);
   const int max_batch = *std::max_element(batches.begin(), batches.end());
 
-  std::printf("moelora bench moe: %s, %s weights, device %s, copy bandwidth %.0f GB/s, %d layer "
-              "calls per %s, %d repeats\n",
-              shape.name.c_str(), opt.dtype.c_str(), info.name.c_str(), bw / 1e9, layers,
-              gpu ? "CUDA graph" : "timing", repeats);
+  std::printf("moelora bench moe: %s, %s weights, LoRA path %s, device %s, copy bandwidth %.0f "
+              "GB/s, %d layer calls per %s, %d repeats\n",
+              shape.name.c_str(), opt.dtype.c_str(), opt.path.c_str(), info.name.c_str(), bw / 1e9,
+              layers, gpu ? "CUDA graph" : "timing", repeats);
   std::fflush(stdout);
 
   MoeRunnerConfig rc{shape, router, device, max_batch, format, opt.backend};
@@ -223,7 +225,10 @@ int run_bench_moe(const BenchMoeOptions& opt) {
       L.pool = std::make_unique<MoeLoraPool>(shape, lora.adapters, lora.rank, device);
       for (int a = 0; a < lora.adapters; ++a)
         L.pool->load(a, random_adapter(shape, lora.rank, opt.seed * 7919 + uint64_t(l * 64 + a) * 8));
-      L.hooks = MoeLoraHooks::create(*L.pool, max_batch);
+      MoeLoraHooksOptions hook_options;
+      // --path fast: LoRA expands folded into the activation / reduction at every batch here.
+      if (opt.path == "fast") hook_options.fused_max_tokens = max_batch;
+      L.hooks = MoeLoraHooks::create(*L.pool, max_batch, hook_options);
     }
     for (int B : batches) {
       for (int l = 0; l < layers; ++l) {
@@ -304,6 +309,7 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     j["copy_bandwidth_GBps"] = bw / 1e9;
     j["shape"] = shape.name;
     j["dtype"] = format_name(format);
+    j["lora_path"] = opt.path;
     if (format != WeightFormat::bf16) j["group_size"] = group_size;
     j["bytes_per_expert"] = expert_bytes;
     j["backend"] = std::string(runner.backend().name());

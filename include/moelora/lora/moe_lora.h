@@ -115,6 +115,21 @@ class MoeHooks {
   // o f32 [M*k, H] += routed_weight * LoRA delta of down, computed from a bf16 [M*k, I].
   virtual void after_down(const Tensor& a, const TopK& topk, Tensor& o,
                           const Stream& stream) = 0;
+
+  // Optional fused seams (the fast path for decode-sized batches). When fuses_activation(m)
+  // is true for a batch of m tokens, the runner calls gate_up_activation instead of
+  // after_gate_up + the backend's activation: the hooks write a bf16 [M*k, I] =
+  // silu(gate + delta) * (up + delta) themselves from the base h. Likewise fuses_reduce(m):
+  // down_reduce replaces after_down + the backend's reduce (y = sum over top-k of
+  // o + w * delta, plus the shared expert). Base tokens must come out bit-identical to the
+  // staged seams. Defaults: not fused.
+  virtual bool fuses_activation(int64_t m) const { (void)m; return false; }
+  virtual bool fuses_reduce(int64_t m) const { (void)m; return false; }
+  virtual void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
+                                  const Stream& stream);
+  virtual void down_reduce(const Tensor& a, const TopK& topk, const Tensor& o,
+                           const Tensor& shared_o, const Tensor& shared_gate_logits, Tensor& y,
+                           const Stream& stream);
 };
 
 // Settings of the hook path (explicit, never from the environment).
@@ -123,6 +138,11 @@ struct MoeLoraHooksOptions {
   // buffer that the main stream adds, instead of expanding on the main stream. 0 = off (it
   // measured slower on H100 in session 1; kept selectable for re-measurement).
   int64_t delta_max_slots = 0;
+  // CUDA: batches of up to this many tokens fold the LoRA expands into the activation and the
+  // top-k reduction (MoeHooks::fuses_activation / fuses_reduce) instead of running the expand
+  // kernels. 0 = off: the staged hook path, byte for byte as before. Needs r_max % 8 == 0 and
+  // r_max <= 256.
+  int64_t fused_max_tokens = 0;
 };
 
 // LoRA hooks over `pool` for batches of up to `max_tokens`, on the pool's device.

@@ -47,6 +47,20 @@ inline int64_t moe_lora_split_rows(int64_t max_slots) {
   return max_slots > 512 ? max_slots : 512;
 }
 
+// The LoRA expands folded into the elementwise passes (the hooks' fused path; see
+// moe_lora_fused.cu). u13 / u2: the K-split shrink partials (as moe_lora_shrink_split wrote
+// them, `splits` partials); B13 / B2 and meta: the pool's. Base slots get exactly
+// moe_activation / moe_reduce.
+// a bf16 [M*k, I] = silu(h_gate + dg) * (h_up + du) for slots with ids >= 0.
+void moe_lora_activation(const Tensor& h, const Tensor& ids, const Tensor& token_slot,
+                         const Tensor& u13, int splits, const Tensor& B13, const Tensor& meta,
+                         Tensor& a, const Stream& stream);
+// y bf16 [M, H] = sum_j (o[t*k+j] + w[t*k+j] * B2 . u2[t*k+j]) (+ gate * shared_o[t]).
+void moe_lora_reduce(const Tensor& o, const Tensor& ids, const Tensor& token_slot,
+                     const Tensor& slot_weights, const Tensor& u2, int splits, const Tensor& B2,
+                     const Tensor& meta, const Tensor& shared_o, const Tensor& shared_gate_logits,
+                     Tensor& y, const Stream& stream);
+
 // Argument checks of moe_route (shared with the fused op).
 void check_route_args(const Tensor& logits, const Tensor& correction_bias,
                       const RouterConfig& cfg, const TopK& topk);
