@@ -8,8 +8,12 @@ p{i}.prompt, p{i}.{v}.prefill / tokens / step_logits / min_margin, v = base, a, 
 
   qwen3_moe_lora/  Qwen3-MoE (3 layers, layer 1 a dense mlp_only layer), vocab 384, with a
                    byte-level BPE tokenizer.json trained here (the CLI's default model).
-      adapter_a  r 4, alpha 8: q/k/v/o, the dense MLP (gate/up/down) and the experts;
-                 rank_pattern o_proj -> 2, alpha_pattern o_proj -> 4
+      adapter_a  r 4, alpha 8: q/k/v/o and the experts; rank_pattern o_proj -> 2,
+                 alpha_pattern o_proj -> 4. (It also asks for gate_proj/up_proj/down_proj, but
+                 peft 0.21 turns those targets into the experts' 3D parameters for transformers
+                 5 MoE models -- writing rank_pattern '.*\.gate_up_proj': 2r -- so the dense
+                 mlp_only layer gets no LoRA; the C++ tests check dense-MLP LoRA against merged
+                 weights instead.)
       adapter_b  r 8, alpha 16, rsLoRA: q/v and the experts
   mixtral_tiny/    Mixtral (2 layers, 4 experts, top-2, GQA, no sliding window), vocab 128.
       adapter_a  r 4: q/k/v/o and the experts (as peft writes them for this transformers)
@@ -23,7 +27,12 @@ after a time budget the seed with the largest smallest gap is kept, and its min_
 entries tell the test) only; routing near-ties are handled by the C++
 tests from the engine's router margins (see make_qwen3_moe_model_golden.py).
 
-Usage: make_lora_model_goldens.py OUT_DIR
+Adapter b (rsLoRA: scale 16/sqrt(8) on LoRA weights of std 0.2) turned out ill-conditioned
+at bf16 precision: a +-0.2% change of its weights moves the logits as far as the engine is
+from this reference, and greedy paths diverge (see tests/cpu/lora_model_test.cpp). A
+regeneration should draw adapter b's weights smaller (e.g. std 0.05).
+
+Usage: make_lora_model_goldens.py OUT_DIR   (the device returns 2 folder levels: tar OUT_DIR)
 """
 import json
 import os
