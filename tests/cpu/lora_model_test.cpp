@@ -231,10 +231,6 @@ TEST(LoraModelGolden, MixtralSlidingWindowSmallerThanContextIsRefused) {
                      "sliding_window 16 is smaller than the context");
 }
 
-}  // namespace
-}  // namespace moelora
-namespace moelora {
-namespace {
 
 // Adapter b against the reference, relative to its own bf16-level sensitivity: the engine's
 // prefill logits are no further from transformers than 2x (+0.01) what a +-0.2% perturbation of
@@ -297,10 +293,6 @@ TEST(LoraModelGolden, MixtralAdapterBWithinItsBf16Sensitivity) {
   run_sensitivity(kMixtral);
 }
 
-}  // namespace
-}  // namespace moelora
-namespace moelora {
-namespace {
 
 // LoRA on the dense MLP layer (gate/up as one 2-slice op, down) and on k_proj alone equals the
 // same deltas merged into the checkpoint weights (W + scale * B A, bf16-rounded): the slices

@@ -1,6 +1,7 @@
 // Whole models: load a Hugging Face model directory and run batched forward steps over a paged
-// KV cache, with per-request expert LoRA. One implementation file per architecture
-// (src/model/<model_type>.cpp); Model::load picks it from config.json's model_type.
+// KV cache, with per-request LoRA (attention, dense MLP, experts). One file per architecture
+// (src/model/<model_type>.cpp; Qwen3-MoE and Mixtral share moe_decoder.cpp); Model::load picks
+// it from config.json's model_type.
 #pragma once
 
 #include <memory>
