@@ -255,9 +255,12 @@ CLI::App* add_generate_command(CLI::App& app, GenerateOptions& o) {
   g->add_option("--model", o.model,
                 "Hugging Face model directory (config.json, safetensors, "
                 "optional tokenizer.json)");
-  g->add_option("--adapter", o.adapters, "PEFT adapter as name=path (repeatable)");
-  g->add_option("--prompt", o.prompts, "a text request (repeatable; needs tokenizer.json)");
-  g->add_option("--ids", o.ids, "a token-id request, e.g. 1,2,3 (repeatable)");
+  g->add_option("--adapter", o.adapters, "PEFT adapter as name=path (repeatable)")
+      ->allow_extra_args(false);
+  g->add_option("--prompt", o.prompts, "a text request (repeatable; needs tokenizer.json)")
+      ->allow_extra_args(false);
+  g->add_option("--ids", o.ids, "a token-id request, e.g. 1,2,3 (repeatable)")
+      ->allow_extra_args(false);
   g->add_option("--use", o.use,
                 "adapter name(s) every --prompt/--ids request runs with, 'base' "
                 "for none; each request runs once per name (default: base)")
@@ -274,7 +277,8 @@ CLI::App* add_generate_command(CLI::App& app, GenerateOptions& o) {
   g->add_option("--seed", o.seed, "default sampling seed")->capture_default_str();
   g->add_option("--stop-id", o.stop_ids,
                 "stop token id (repeatable; eos_token_id of the config "
-                "is added unless --ignore-eos)");
+                "is added unless --ignore-eos)")
+      ->allow_extra_args(false);
   g->add_flag("--ignore-eos", o.ignore_eos, "do not stop at the config's eos_token_id");
   g->add_option("--logits-out", o.logits_out,
                 "write each step's top-k logprobs (or full logits "
