@@ -71,8 +71,8 @@ inline uint8_t take_code(uint32_t word, int s, int h) {
 
 }  // namespace
 
-// Folding of per-part weight_scale_2 (exact): when every part of every group has one
-// weight_scale_2, global_scale is f32 [G]; otherwise f32 [G, N] holds each row's own part's
+// Folding of per-part weight_scale_2 (exact): when the parts of each group share their
+// weight_scale_2, global_scale is f32 [G] (one per group); otherwise f32 [G, N] holds each row's own part's
 // weight_scale_2 and the kernel scales each output row by it. e4m3 block scales are never
 // rescaled (that would round), so dequantize_experts() equals dequantize_nvfp4() bit for bit.
 ExpertMatrices pack_nvfp4_experts(const std::vector<std::vector<Nvfp4Tensors>>& parts,
@@ -100,7 +100,7 @@ ExpertMatrices pack_nvfp4_experts(const std::vector<std::vector<Nvfp4Tensors>>& 
     MOELORA_CHECK(rows == n, "{}: group {} stacks {} rows, group 0 stacks {}", name, g, rows, n);
   }
   for (const auto& v : gs)
-    for (float s : v) per_row |= s != gs[0][0];
+    for (float s : v) per_row |= s != v[0];  // parts of one group differ
   const Geometry geo = geometry(n, k);
 
   ExpertMatrices m;
