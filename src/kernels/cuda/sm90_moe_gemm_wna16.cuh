@@ -141,6 +141,7 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
   const int num_ktiles = (K + kKt - 1) / kKt;
   const bool per_channel = p.num_groups_k == 1;
   const int gk = p.group_k;
+  const int gk_shift = 31 - __clz(gk);  // grouped stacks: group_k is a power of two
   // Scale groups a stage holds (grouped stacks: group_k is 32, 64 or 128).
   const int stage_groups = gk >= kKt ? 1 : kKt / gk;
   const unsigned char* wg = static_cast<const unsigned char*>(p.w) +
@@ -151,35 +152,67 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
                             : nullptr;
   const int32_t* permg = p.perm ? p.perm + static_cast<int64_t>(group) * K : nullptr;
 
+  // Scales: chunk i of a stage is group i / (kRows / 4), rows 4 (i % (kRows / 4)) .. +3.
+  constexpr int kSChunks = Tile::kMaxGroups * kRows / 4;
+  constexpr int kSLoads = (kSChunks + kThreads - 1) / kThreads;
+  int s_j[kSLoads], s_row[kSLoads], s_dst[kSLoads];
+#pragma unroll
+  for (int n = 0; n < kSLoads; ++n) {
+    const int i = tid + n * kThreads;
+    const int j = i / (kRows / 4), r = (i % (kRows / 4)) * 4;
+    s_j[n] = i < kSChunks ? j : Tile::kMaxGroups;  // >= stage_groups: no copy
+    s_row[n] = packed_tile(r / 16) * 16 + r % 16;
+    s_dst[n] = j * kRows + r;
+  }
+  // Per-thread copy plans, computed once: a stage's copies differ from the first stage's only
+  // by a K offset, and the index math (divisions, packed_tile, 64-bit products) was ~30
+  // instructions per 16-byte cp.async when redone per stage (bench/NOTES.md, "second pass").
+  // Weights: 32 chunks of 16 bytes per 512-byte tile.
+  constexpr int kWChunks = kRowTiles * kKTiles * 32;
+  constexpr int kWLoads = (kWChunks + kThreads - 1) / kThreads;
+  uint32_t w_off[kWLoads];  // byte offset in the group's stack at K tile 0
+  uint32_t w_dst[kWLoads];  // byte offset in the stage
+  int w_j[kWLoads];         // weight tile within the stage; kKTiles: no copy
+#pragma unroll
+  for (int n = 0; n < kWLoads; ++n) {
+    const int i = tid + n * kThreads;
+    const int rt = i / (kKTiles * 32), j = (i / 32) % kKTiles, c = i % 32;
+    const bool live = kWChunks % kThreads == 0 || i < kWChunks;
+    w_j[n] = live ? j : kKTiles;
+    w_off[n] = live ? (static_cast<uint32_t>(packed_tile(rt)) * p.k_tiles * 32 + c) * 16 : 0;
+    w_dst[n] = (rt * kKTiles + j) * 512 + c * 16;
+  }
   auto load_weights = [&](int kt) {
     unsigned char* ws = stage_w(kt % kStages);
-    // 32 chunks of 16 bytes per 512-byte tile.
 #pragma unroll
-    for (int i = tid; i < kRowTiles * kKTiles * 32; i += kThreads) {
-      const int rt = i / (kKTiles * 32), j = (i / 32) % kKTiles, c = i % 32;
-      const int ktile = kt * kKTiles + j;
+    for (int n = 0; n < kWLoads; ++n) {
+      if (kWChunks % kThreads != 0 && w_j[n] == kKTiles) continue;
+      const int ktile = kt * kKTiles + w_j[n];
       const bool ok = ktile < p.k_tiles;
-      const unsigned char* src =
-          wg + ((static_cast<int64_t>(packed_tile(rt)) * p.k_tiles + (ok ? ktile : 0)) * 32 + c) *
-                   16;
       // No L2 evict-first hint here: with it, the H100 raised "illegal instruction" on these
       // loads at real sizes (bench/NOTES.md).
-      cp_async_16(smem_addr(ws + (rt * kKTiles + j) * 512 + c * 16), src, ok ? 16 : 0);
+      cp_async_16(smem_addr(ws + w_dst[n]), wg + w_off[n] + (ok ? ktile * 512 : 0), ok ? 16 : 0);
     }
     if (per_channel) return;
     // Scales (and zeros) of the stage's groups: 4 rows per 16-byte chunk.
     float* ss = stage_s(kt % kStages);
     float* zs = stage_z(kt % kStages);
-    const int fg = kt * kKt / gk;
-    for (int i = tid; i < stage_groups * kRows / 4; i += kThreads) {
-      const int j = i / (kRows / 4), r = (i % (kRows / 4)) * 4;
-      const bool ok = fg + j < p.num_groups_k;
-      const int64_t off =
-          static_cast<int64_t>(ok ? fg + j : 0) * p.np + packed_tile(r / 16) * 16 + r % 16;
-      cp_async_16(smem_addr(ss + j * kRows + r), sg + off, ok ? 16 : 0);
-      if (zg) cp_async_16(smem_addr(zs + j * kRows + r), zg + off, ok ? 16 : 0);
+    const int fg = (kt * kKt) >> gk_shift;
+#pragma unroll
+    for (int n = 0; n < kSLoads; ++n) {
+      if (s_j[n] >= stage_groups) continue;
+      const bool ok = fg + s_j[n] < p.num_groups_k;
+      const int64_t off = static_cast<int64_t>(ok ? fg + s_j[n] : 0) * p.np + s_row[n];
+      cp_async_16(smem_addr(ss + s_dst[n]), sg + off, ok ? 16 : 0);
+      if (zg) cp_async_16(smem_addr(zs + s_dst[n]), zg + off, ok ? 16 : 0);
     }
   };
+  // Activations (contiguous columns): row and column of each chunk, set once the token table
+  // is known (x_row < 0: a zero-filled column past the block's tokens).
+  constexpr int kXChunks = kTokens * kChunks;
+  constexpr int kXLoads = (kXChunks + kThreads - 1) / kThreads;
+  int x_row[kXLoads], x_col[kXLoads];
+  uint32_t x_dst[kXLoads];
   auto load_acts = [&](int kt) {
     __nv_bfloat16* xs = stage_x(kt % kStages);
     const int k0 = kt * kKt;
@@ -196,12 +229,12 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
       return;
     }
 #pragma unroll
-    for (int i = tid; i < kTokens * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int src_row = tok_row[r], col = k0 + c * 8;
-      const bool ok = src_row >= 0 && col < K;
-      const __nv_bfloat16* src = act + (ok ? static_cast<int64_t>(src_row) * K + col : 0);
-      cp_async_16(smem_addr(xs + swizzled_offset<kKt>(r, c)), src, ok ? 16 : 0);
+    for (int n = 0; n < kXLoads; ++n) {
+      if (kXChunks % kThreads != 0 && tid + n * kThreads >= kXChunks) continue;
+      const int col = k0 + x_col[n];
+      const bool ok = x_row[n] >= 0 && col < K;
+      const __nv_bfloat16* src = act + (ok ? static_cast<int64_t>(x_row[n]) * K + col : 0);
+      cp_async_16(smem_addr(xs) + x_dst[n], src, ok ? 16 : 0);
     }
   };
 
@@ -252,6 +285,14 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
   }
   __syncthreads();
 #pragma unroll
+  for (int n = 0; n < kXLoads; ++n) {
+    const int i = tid + n * kThreads;
+    const int r = (i / kChunks) % kTokens, c = i % kChunks;
+    x_row[n] = tok_row[r];
+    x_col[n] = c * 8;
+    x_dst[n] = 2 * swizzled_offset<kKt>(r, c);
+  }
+#pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < num_ktiles) load_acts(s);
     cp_async_commit();
@@ -267,16 +308,19 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
 
   // Zero refresh at each group (or weight tile) start, scale fold at each group (or tile) end.
   // A weight tile holds whole groups or lies inside one (group_k is a power of two >= 32), so
-  // whether step j of a tile starts / ends a group does not depend on the tile: decided once.
-  const int gk_shift = 31 - __clz(gk);
-  const int gmask = (gk < kTileK ? gk : kTileK) - 1;
+  // whether step j of a tile starts / ends a group does not depend on the tile: a tile's first
+  // step starts one and its last ends one; only 32-channel groups in 64-channel int4 tiles add
+  // a boundary in the middle (after step 1). Spelled so that j folds to a constant.
   constexpr int kSteps = kTileK / 16;  // 16-channel steps per weight tile
-  bool step_refresh[kSteps], step_fold[kSteps];
-#pragma unroll
-  for (int j = 0; j < kSteps; ++j) {
-    step_refresh[j] = !per_channel && zg && ((16 * j) & gmask) == 0;
-    step_fold[j] = !per_channel && ((16 * j + 16) & gmask) == 0;
-  }
+  static_assert(kSteps == 2 || kSteps == 4, "int8 tiles: 2 steps, int4: 4");
+  const bool mid_group = kSteps == 4 && gk == 32;
+  const bool do_fold = !per_channel, do_refresh = !per_channel && zg;
+  auto step_refresh = [&](int j) {
+    return do_refresh && (j == 0 || (j == kSteps / 2 && mid_group));
+  };
+  auto step_fold = [&](int j) {
+    return do_fold && (j == kSteps - 1 || (j == kSteps / 2 - 1 && mid_group));
+  };
   // Token-fragment addresses (swizzled_offset, split into a per-lane part, a per-tile part and
   // a per-step constant): chunk c = kTileChunks * ti + 2 j + b_chunk of row r sits at chunk
   // c ^ (r & 7), and the XOR touches the tile part only through r's bits above the step part.
@@ -318,7 +362,7 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
       for (int j = 0; j < kTileK / 16; ++j) {
         const int kpos = 16 * (ti * kSteps + j);  // channel offset in the stage
         const int lg = gk < kKt ? kpos >> gk_shift : 0;
-        if (step_refresh[j]) {
+        if (step_refresh(j)) {
 #pragma unroll
           for (int m = 0; m < kMt; ++m)
 #pragma unroll
@@ -355,7 +399,7 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
         }
         // End of this warp's run in a scale group (a group's end, or its tile's end when the
         // group spans tiles that other warps take): fold the partial sums in with the scale.
-        if (step_fold[j]) {
+        if (step_fold(j)) {
 #pragma unroll
           for (int m = 0; m < kMt; ++m) {
             const float s0 = ss[lg * kRows + local_row(m, 0)];
