@@ -182,13 +182,15 @@ TEST(CudaNvfp4, EveryTileMatchesReference) {
     cpu::moe_gemm1(x, k, hplan, w13_f, h_ref, Stream());
     Tensor o_ref = poisoned({n, H}, DType::f32, Device::cpu(), test::kPoisonFloat);
     cpu::moe_gemm2(a, hplan, w2_f, Tensor(), o_ref, Stream());
-    for (int rows : {32, 64, 128}) {
-      if (const char* only = std::getenv("NVFP4_ROWS"); only && std::atoi(only) != rows) continue;
-      if (const char* only = std::getenv("NVFP4_BM"); only && std::atoi(only) != bm) continue;
-      SCOPED_TRACE(::testing::Message() << "block_m=" << bm << " rows=" << rows);
+    for (int variant = 0; variant < 6; ++variant) {
+      const int rows = 32 << (variant % 3);
+      const bool split_k = variant >= 3;
+      SCOPED_TRACE(::testing::Message() << "block_m=" << bm << " rows=" << rows
+                                        << " split_k=" << split_k);
       cuda::MoeGemmConfig cfg;
       cfg.rows = rows;
       cfg.row_tiles_fastest = bm >= 32;
+      cfg.split_k = split_k;
       Tensor dh = poisoned({n, 2 * I}, DType::f32, Device::cuda(), test::kPoisonFloat);
       cuda::moe_gemm1_nvfp4_tiled(dx, k, dplan, d13, dh, s, cfg, false);
       Tensor act = poisoned({n, I}, DType::bf16, Device::cuda(), test::kPoisonFloat);

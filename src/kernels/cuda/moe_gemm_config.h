@@ -18,6 +18,9 @@ struct MoeGemmConfig {
   // Grid order (MoeGemmArgs::row_tiles_fastest): false keeps the surplus blocks of the
   // worst-case grid interleaved with the live ones, true dispatches them last.
   bool row_tiles_fastest = false;
+  // Split K across the warps of a CTA (cuda_nvfp4 only; measured slower, so off by default:
+  // bench/NOTES.md "nvfp4"). Tests run both.
+  bool split_k = false;
 };
 
 // Weight rows per CTA for a GEMM with `n` output columns and reduction `k`, for a plan with

@@ -41,7 +41,7 @@ struct MoeGemmNvfp4Args {
   // bench/NOTES.md "nvfp4"); the same tiles pass with plain cp.async.cg. Cause not found.
   bool evict_first = false;
   // Narrow token tiles split each 16-row tile's K over 2-4 warps (see the kernel). Measured
-  // slower (bench/NOTES.md), so off unless MOELORA_NVFP4_SPLITK=1.
+  // slower (bench/NOTES.md), so off unless MoeGemmConfig::split_k.
   bool split_k = false;
 };
 

@@ -105,12 +105,7 @@ void launch(const MoeGemmNvfp4Args& p, int64_t blocks, const MoeGemmConfig& cfg,
   q.pdl = cfg.pdl;
   q.plan_ready = cfg.plan_ready;
   q.row_tiles_fastest = cfg.row_tiles_fastest;
-  // Measurements: MOELORA_NVFP4_SPLITK=1 turns on the split-K warps (bench/NOTES.md).
-  static const bool split = [] {
-    const char* v = std::getenv("MOELORA_NVFP4_SPLITK");
-    return v && v[0] == '1';
-  }();
-  q.split_k = split;
+  q.split_k = cfg.split_k;
   MOELORA_CUDA_CHECK(launch_moe_gemm_nvfp4(q, int(blocks), cfg.rows, raw_stream(stream)));
 }
 
