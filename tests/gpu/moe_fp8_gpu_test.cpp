@@ -3,6 +3,7 @@
 // M = 1, 7, 64, 257, 1024, gate/up parts not a multiple of the scale block, every tile), the
 // whole MoeRunner layer in WeightFormat::fp8_block against the `reference` backend with and
 // without mixed-adapter LoRA and with shared experts, and (disabled) timings vs the roofline.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -18,6 +19,7 @@
 #include "moelora/lora/moe_lora.h"
 #include "moelora/moe/runner.h"
 #include "moelora/quant/experts.h"
+#include "moelora/quant/fp8_block.h"
 
 namespace moelora {
 namespace {
@@ -127,15 +129,18 @@ void run_ops(const OpCase& c, std::mt19937_64& rng, const Stream& s) {
   Tensor act = poisoned({S, I}, DType::bf16, Device::cuda(), test::kPoisonFloat);
   Tensor o = poisoned({S, H}, DType::f32, Device::cuda(), test::kPoisonFloat);
   const Tensor dx = to_gpu(x), da = to_gpu(a), dsw = to_gpu(sw);
+  // One buffer for both GEMM inputs, poisoned: every code the GEMMs read must be rewritten.
+  cuda::Fp8ActBuffer buf = cuda::Fp8ActBuffer::allocate(S, std::max(H, I), Device::cuda());
+  buf.q.fill_bytes(0x7F), buf.scale.fill_bytes(0xFF);
   if (c.rows) {
     const cuda::MoeGemmConfig cfg{c.rows, true, false, c.rows == 64};
-    cuda::moe_gemm1_fp8_tiled(dx, c.k, r.plan, dw13, h, false, s, cfg);
-    cuda::moe_gemm1_fp8_tiled(dx, c.k, r.plan, dw13, act, true, s, cfg);
-    cuda::moe_gemm2_fp8_tiled(da, r.plan, dw2, dsw, o, s, {c.rows, true, true, c.rows != 64});
+    cuda::moe_gemm1_fp8_tiled(dx, c.k, r.plan, dw13, h, false, buf, s, cfg);
+    cuda::moe_gemm1_fp8_tiled(dx, c.k, r.plan, dw13, act, true, buf, s, cfg);
+    cuda::moe_gemm2_fp8_tiled(da, r.plan, dw2, dsw, o, buf, s, {c.rows, true, true, c.rows != 64});
   } else {
-    cuda::moe_gemm1_fp8(dx, c.k, r.plan, dw13, h, s);
-    cuda::moe_gemm1_fp8_activation(dx, c.k, r.plan, dw13, act, s);
-    cuda::moe_gemm2_fp8(da, r.plan, dw2, dsw, o, s);
+    cuda::moe_gemm1_fp8(dx, c.k, r.plan, dw13, h, buf, s);
+    cuda::moe_gemm1_fp8_activation(dx, c.k, r.plan, dw13, act, buf, s);
+    cuda::moe_gemm2_fp8(da, r.plan, dw2, dsw, o, buf, s);
   }
   s.synchronize();
   expect_rows(h, h_ref, r.ids, 1e-3, "gemm1");
@@ -168,6 +173,48 @@ TEST(CudaFp8Block, OpsModelShapes) {
   run_ops({6, 1, 1, 2048, 1408, 0, 0, false}, rng, s);  // a shared expert: G = 1, top_k = 1
 }
 
+// The activation quantization kernel equals quant::quantize_fp8_activation bit for bit:
+// codes and scales, rows of very different magnitudes, all-zero rows and blocks, a partial last
+// K block, K below one block.
+TEST(CudaFp8Block, QuantizeActivationBitExact) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f), mag(-30.0f, 12.0f);
+  for (int64_t K : {16, 112, 128, 208, 384, 2048})
+    for (int64_t M : {1, 7, 257}) {
+      SCOPED_TRACE(::testing::Message() << "M=" << M << " K=" << K);
+      Tensor x = Tensor::empty({M, K}, DType::bf16);
+      bf16_t* p = x.data<bf16_t>();
+      for (int64_t r = 0; r < M; ++r) {
+        const float scale = std::exp2(mag(rng));  // 2^-30 .. 2^12 per row
+        const bool zero_row = r % 5 == 3;
+        for (int64_t c = 0; c < K; ++c) {
+          const bool zero = zero_row || (r % 3 == 1 && c / 128 == 0);  // a zero first block
+          p[r * K + c] = float_to_bf16(zero ? 0.0f : u(rng) * scale * (c % 17 == 0 ? 8.f : 1.f));
+        }
+      }
+      const quant::Fp8Activation want = quant::quantize_fp8_activation(x, 128);
+      cuda::Fp8ActBuffer buf = cuda::Fp8ActBuffer::allocate(M + 3, K, Device::cuda());
+      buf.q.fill_bytes(0x55), buf.scale.fill_bytes(0xFF);
+      cuda::fp8_quantize_act(to_gpu(x), buf, s);
+      s.synchronize();
+      const int64_t kb = (K + 127) / 128;
+      const Tensor q = buf.q.to(Device::cpu()), sc = buf.scale.to(Device::cpu());
+      EXPECT_EQ(std::memcmp(q.data(), want.q.data(), size_t(M * K)), 0) << "codes differ";
+      EXPECT_EQ(std::memcmp(sc.data(), want.scale.data(), size_t(M * kb) * 4), 0)
+          << "scales differ";
+      // Nothing past the M rows written.
+      const uint8_t* qb = static_cast<const uint8_t*>(q.data());
+      int64_t past = 0;
+      for (int64_t i = M * K; i < (M + 3) * K; ++i) past += qb[i] != 0x55;
+      EXPECT_EQ(past, 0);
+    }
+  Tensor odd = to_gpu(test::random_tensor({2, 24}, DType::bf16, rng));
+  cuda::Fp8ActBuffer buf = cuda::Fp8ActBuffer::allocate(2, 32, Device::cuda());
+  test::expect_error([&] { cuda::fp8_quantize_act(odd, buf, s); }, "multiple of 16");
+}
+
 TEST(CudaFp8Block, OpsRejectBadInput) {
   MOELORA_REQUIRE_GPU();
   std::mt19937_64 rng(test::fresh_seed());
@@ -175,20 +222,26 @@ TEST(CudaFp8Block, OpsRejectBadInput) {
   const Routed r = route(4, 4, 2, 8, false, rng, s);
   Tensor x = to_gpu(test::random_tensor({4, 256}, DType::bf16, rng));
   Tensor h = Tensor::empty({8, 256}, DType::f32, Device::cuda());
+  cuda::Fp8ActBuffer buf = cuda::Fp8ActBuffer::allocate(8, 256, Device::cuda());
   // block_k 64: the kernels' K tile is 128.
   std::vector<std::vector<quant::Fp8BlockTensors>> parts(4);
   for (auto& g : parts)
     g.push_back(quant::quantize_fp8_block(test::random_tensor({256, 256}, DType::f32, rng),
                                           {128, 64}));
   const ExpertMatrices w64 = quant::pack_fp8_block_experts(parts, {128, 64}, "w").to(Device::cuda());
-  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w64, h, s); }, "block_k = 64");
+  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w64, h, buf, s); }, "block_k = 64");
   // A bf16 stack.
   ExpertMatrices bf(Tensor::empty({4, 256, 256}, DType::bf16, Device::cuda()));
-  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, bf, h, s); }, "fp8_block");
+  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, bf, h, buf, s); }, "fp8_block");
   // Scales of the wrong shape.
   ExpertMatrices w = fp8_stack(4, {128, 128}, 256, rng).to(Device::cuda());
   w.scales = Tensor::empty({4, 1, 2, 1}, DType::f32, Device::cuda());
-  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w, h, s); }, "scales");
+  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w, h, buf, s); }, "scales");
+  // An activation buffer too small for x (4 rows x 256).
+  ExpertMatrices good = fp8_stack(4, {128, 128}, 256, rng).to(Device::cuda());
+  cuda::Fp8ActBuffer small = cuda::Fp8ActBuffer::allocate(3, 256, Device::cuda());
+  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, good, h, small, s); },
+                     "fp8 activation buffer");
   // The backend says which block sizes it runs.
   std::string why;
   EXPECT_FALSE(cuda::moe_fp8_stack_supported(128, 64, 256, &why));
@@ -315,15 +368,16 @@ TEST(CudaFp8BlockDiag, DISABLED_OneOpAtATime) {
   Tensor h = Tensor::empty({m * k, 2 * ii}, DType::f32, Device::cuda());
   Tensor o = Tensor::empty({m * k, hh}, DType::f32, Device::cuda());
   Tensor act = Tensor::empty({m * k, ii}, DType::bf16, Device::cuda());
-  cuda::moe_gemm1_fp8(x, int(k), r.plan, w13, h, s);
+  cuda::Fp8ActBuffer buf = cuda::Fp8ActBuffer::allocate(m * k, std::max(hh, ii), Device::cuda());
+  cuda::moe_gemm1_fp8(x, int(k), r.plan, w13, h, buf, s);
   s.synchronize();
   std::printf("  gemm1 ok\n");
   std::fflush(stdout);
-  cuda::moe_gemm1_fp8_activation(x, int(k), r.plan, w13, act, s);
+  cuda::moe_gemm1_fp8_activation(x, int(k), r.plan, w13, act, buf, s);
   s.synchronize();
   std::printf("  gemm1_activation ok\n");
   std::fflush(stdout);
-  cuda::moe_gemm2_fp8(a, r.plan, w2, Tensor(), o, s);
+  cuda::moe_gemm2_fp8(a, r.plan, w2, Tensor(), o, buf, s);
   s.synchronize();
   std::printf("  gemm2 ok\n");
 }
@@ -386,17 +440,21 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
     Tensor h = Tensor::empty({m * k, 2 * I}, DType::f32, d);
     Tensor a = test::random_tensor({m * k, I}, DType::bf16, rng).to(d);
     Tensor o = Tensor::empty({m * k, H}, DType::f32, d);
+    cuda::Fp8ActBuffer xb = cuda::Fp8ActBuffer::allocate(m, H, d);
+    cuda::Fp8ActBuffer ab = cuda::Fp8ActBuffer::allocate(m * k, I, d);
     auto each = [&](const std::function<void(int)>& f) {
       return graph_us(s, 1, [&] { for (int c = 0; c < kCalls; ++c) f(c); }) / kCalls;
     };
-    const double t1 = each([&](int c) { cuda::moe_gemm1_fp8(ins[c].x, k, plans[c], w.w13, h, s); });
-    const double t1a =
-        each([&](int c) { cuda::moe_gemm1_fp8_activation(ins[c].x, k, plans[c], w.w13, a, s); });
+    const double tq = each([&](int c) { cuda::fp8_quantize_act(ins[c].x, xb, s); });
+    const double t1 =
+        each([&](int c) { cuda::moe_gemm1_fp8(ins[c].x, k, plans[c], w.w13, h, xb, s); });
+    const double t1a = each(
+        [&](int c) { cuda::moe_gemm1_fp8_activation(ins[c].x, k, plans[c], w.w13, a, xb, s); });
     const double t2 =
-        each([&](int c) { cuda::moe_gemm2_fp8(a, plans[c], w.w2, sws[c], o, s); });
+        each([&](int c) { cuda::moe_gemm2_fp8(a, plans[c], w.w2, sws[c], o, ab, s); });
     const double tm = each([&](int c) {
-      cuda::moe_gemm1_fp8_activation(ins[c].x, k, plans[c], w.w13, a, s);
-      cuda::moe_gemm2_fp8_plan_ready(a, plans[c], w.w2, sws[c], o, s);
+      cuda::moe_gemm1_fp8_activation(ins[c].x, k, plans[c], w.w13, a, xb, s);
+      cuda::moe_gemm2_fp8(a, plans[c], w.w2, sws[c], o, ab, s);
     });
     const double tl =
         each([&](int c) { runner.run(ins[size_t(c)], w, nullptr, ys[size_t(c)], s); });
@@ -416,14 +474,14 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
     for (int rows : {32, 64, 128}) {
       const cuda::MoeGemmConfig cfg{rows, true, false, plans[0].block_m >= 32};
       const double g1 = each([&](int c) {
-        cuda::moe_gemm1_fp8_tiled(ins[c].x, k, plans[c], w.w13, a, true, s, cfg);
+        cuda::moe_gemm1_fp8_tiled(ins[c].x, k, plans[c], w.w13, a, true, xb, s, cfg);
       });
       const double g2 = each([&](int c) {
-        cuda::moe_gemm2_fp8_tiled(a, plans[c], w.w2, sws[c], o, s, cfg);
+        cuda::moe_gemm2_fp8_tiled(a, plans[c], w.w2, sws[c], o, ab, s, cfg);
       });
       std::printf("  %d: g1act %.2f g2 %.2f", rows, g1, g2);
     }
-    std::printf("\n");
+    std::printf("  quantize x %.2f\n", tq);
     const double floor_us = touched * expert_bytes / 3.0e12 * 1e6;
     std::printf("%-5ld %7.1f %9.2f %9.2f %9.2f %9.2f %9.2f %6.1f%% %9.2f %9.2f\n", long(m), touched,
                 floor_us, t1, t1a, t2, tm, 100.0 * floor_us / tm, tl, tlora);

@@ -9,13 +9,14 @@
 namespace moelora::cuda {
 namespace {
 
-constexpr int kStages = 4;
-
 template <int kNt, int kRows>
 cudaError_t launch_tile(const MoeGemmFp8Args& p, int max_blocks, cudaStream_t stream) {
   // Wide token tiles: two 16-row MMA tiles per warp, so each token fragment read from shared
   // memory feeds two MMAs (as in the bf16 kernel).
   constexpr int kMt = kNt == 8 ? 2 : 1;  // 16 token columns x 2 tiles spill registers
+  // A stage holds 128 bytes per weight row, half the bf16 kernel's at narrow token tiles
+  // (kKt 128 there): a deeper ring keeps as many weight bytes in flight per CTA.
+  constexpr int kStages = kNt <= 2 ? 6 : 4;
   using Tile = sm90::MoeGemmFp8Tile<kNt, kMt, kRows, kStages>;
   auto* kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages>;
   static std::atomic<uint64_t> opted_in{0};
@@ -70,6 +71,27 @@ cudaError_t launch_moe_gemm_fp8(const MoeGemmFp8Args& p, int max_blocks, int row
   if (nt <= 8) return launch_rows<8>(p, max_blocks, rows, stream);
   if (nt <= 16) return launch_rows<16>(p, max_blocks, rows, stream);
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_fp8_quantize_act(const void* x, int rows, int k, uint8_t* q, float* scale,
+                                    bool pdl, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  if (k <= 0 || k % 16 != 0) return cudaErrorInvalidValue;
+  constexpr int kThreads = 256;  // 16 (row, K block) groups of 16 lanes
+  const int64_t groups = int64_t(rows) * ((k + 127) / 128);
+  const int64_t ctas = (groups * 16 + kThreads - 1) / kThreads;
+  if (ctas > 0x7fffffff) return cudaErrorInvalidValue;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(ctas));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, &sm90::fp8_quantize_act_kernel,
+                            static_cast<const __nv_bfloat16*>(x), rows, k, q, scale);
 }
 
 }  // namespace moelora::cuda

@@ -8,12 +8,14 @@
 
 namespace moelora::cuda {
 
-// out[s, n] = scale(s) * sum_kb w_scale(g, n, kb) * x_scale(s, kb) *
-//             sum_{k in block kb} e4m3(w)[g, n, k] * e4m3(act / x_scale)[s / rows_div, k]
-// with the activation quantized on the fly per row and 128 channels (quantize_fp8_activation).
-// Fields as MoeGemmArgs (moe_gemm_launch.h) unless noted.
+// out[s, n] = scale(s) * sum_kb w_scale(g, n, kb) * act_scale(r, kb) *
+//             sum_{k in block kb} e4m3(w)[g, n, k] * act_q[r, k],   r = s / rows_div,
+// with the activation already quantized per row and 128 channels (launch_fp8_quantize_act,
+// exactly quant::quantize_fp8_activation). Fields as MoeGemmArgs (moe_gemm_launch.h) unless
+// noted.
 struct MoeGemmFp8Args {
-  const void* act;        // bf16 [num_slots / rows_div, k]
+  const uint8_t* act_q;     // e4m3 codes [num_slots / rows_div, k]
+  const float* act_scale;   // f32 [num_slots / rows_div, k_blocks]
   const uint8_t* w;       // e4m3 codes [G, n, k]
   const float* w_scale;   // f32 [G, parts, part_blocks, k_blocks] (experts_fp8.cpp layout)
   float* out;             // f32 [num_slots, n]
@@ -41,5 +43,12 @@ inline constexpr int kFp8BlockK = 128;  // the only K block the kernels run (= t
 // `rows` weight rows per CTA: 32, 64 or 128.
 cudaError_t launch_moe_gemm_fp8(const MoeGemmFp8Args& args, int max_blocks, int rows,
                                 cudaStream_t stream);
+
+// q e4m3 [rows, k] and scale f32 [rows, ceil(k / 128)] from bf16 x [rows, k] (k a multiple of
+// 16), bit for bit quant::quantize_fp8_activation(x, 128). With `pdl` it may start while its
+// predecessor drains, and lets its successor start once every CTA has waited for that
+// predecessor (so a successor's plan_ready holds when the plan is older than this kernel).
+cudaError_t launch_fp8_quantize_act(const void* x, int rows, int k, uint8_t* q, float* scale,
+                                    bool pdl, cudaStream_t stream);
 
 }  // namespace moelora::cuda

@@ -1,5 +1,6 @@
 // fp8 block-scale expert GEMM ops on CUDA (layer 3 of 3): validate Tensors and the packed
 // stack, throw moelora::Error naming the tensor, then call the launcher (moe_gemm_fp8.cu).
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -95,8 +96,25 @@ void check_act(const Tensor& act, int64_t k, const char* what, const char* op) {
   check_16(act.data(), what);
 }
 
-void run(MoeGemmFp8Args& p, const MoeAlignment& plan, int64_t blocks, const MoeGemmConfig& cfg,
-         const Stream& stream) {
+// The buffer holds `rows` x `k` codes and their scales; fills the activation fields of `p`.
+void check_buffer(const Fp8ActBuffer& b, int64_t rows, int64_t k, Device d, const char* op,
+                  MoeGemmFp8Args& p) {
+  check_cuda_tensor(b.q, DType::f8_e4m3, "fp8 activation buffer q");
+  check_device(b.q, d, "fp8 activation buffer q");
+  check_cuda_tensor(b.scale, DType::f32, "fp8 activation buffer scale");
+  check_device(b.scale, d, "fp8 activation buffer scale");
+  MOELORA_CHECK(b.fits(rows, k),
+                "{}: the fp8 activation buffer must hold {} x {} codes and {} scales, found q {} "
+                "and scale {}", op, rows, k, rows * ((k + kFp8BlockK - 1) / kFp8BlockK),
+                b.q.describe(), b.scale.describe());
+  check_16(b.q.data(), "fp8 activation buffer q");
+  p.act_q = static_cast<const uint8_t*>(b.q.data());
+  p.act_scale = b.scale.data<float>();
+}
+
+// Quantizes `act` into the buffer (checked), then runs the GEMM on it.
+void run(MoeGemmFp8Args& p, const Tensor& act, const MoeAlignment& plan, int64_t blocks,
+         const MoeGemmConfig& cfg, const Stream& stream) {
   MOELORA_CHECK(cfg.rows == 32 || cfg.rows == 64 || cfg.rows == 128,
                 "fp8 expert GEMM tile: rows must be 32, 64 or 128, found {}", cfg.rows);
   MOELORA_CHECK(!cfg.row_tiles_fastest || blocks <= 65535,
@@ -106,24 +124,56 @@ void run(MoeGemmFp8Args& p, const MoeAlignment& plan, int64_t blocks, const MoeG
   p.num_padded = plan.num_padded.data<int32_t>();
   p.block_m = plan.block_m;
   p.pdl = cfg.pdl;
-  p.plan_ready = cfg.plan_ready;
+  // The kernel right before the GEMM is the quantization, whose CTAs let it start only after
+  // waiting for their own predecessor: the plan is older than that (see moe_fp8_ops.h).
+  p.plan_ready = true;
   p.row_tiles_fastest = cfg.row_tiles_fastest;
   if (p.num_slots == 0) return;
+  MOELORA_CUDA_CHECK(launch_fp8_quantize_act(act.data(), int(act.size(0)), p.k,
+                                             const_cast<uint8_t*>(p.act_q),
+                                             const_cast<float*>(p.act_scale), cfg.pdl,
+                                             raw_stream(stream)));
   MOELORA_CUDA_CHECK(launch_moe_gemm_fp8(p, int(blocks), cfg.rows, raw_stream(stream)));
 }
 
-// The bf16 heuristic's tile, except 128 rows from 64 slots up: every row-tile CTA quantizes
-// the block's activations again, so fewer, taller tiles do less of that work. Measured on H100
-// at qwen3-30b-a3b (bench/NOTES.md, fp8 section): 128 rows vs the bf16 choice (64) at batch
-// 16 / 64 / 256: fused gemm1 146 / 294 / 448 us vs 178 / 431 / 777, gemm2 82 / 158 / 233 vs
-// 92 / 224 / 404; at batch 1 within 2-8 % of 64 rows (kept).
+// The bf16 heuristic's tile (a stage carries 128 bytes per weight row like the bf16 kernel's
+// wide-token stages). The first version forced 128 rows from 64 slots up because every row
+// tile re-quantized the activations; with the quantization out of the main loop that reason is
+// gone (bench/NOTES.md, fp8 section, second pass).
 MoeGemmConfig heuristic(const ExpertMatrices& w, const MoeAlignment& plan, int64_t slots) {
-  MoeGemmConfig cfg = moe_gemm_config(w.n, w.k, plan.block_m, slots, plan.num_groups, sm_count());
-  if (slots >= 64) cfg.rows = 128;
-  return cfg;
+  return moe_gemm_config(w.n, w.k, plan.block_m, slots, plan.num_groups, sm_count());
 }
 
 }  // namespace
+
+Fp8ActBuffer Fp8ActBuffer::allocate(int64_t rows, int64_t k, Device d) {
+  MOELORA_CHECK(rows >= 0 && k >= 0, "Fp8ActBuffer: rows and K must be >= 0, found {} x {}",
+                rows, k);
+  const int64_t kb = (k + kFp8BlockK - 1) / kFp8BlockK;
+  // At least one element each: a defined tensor even for an empty problem.
+  return {Tensor::empty({std::max<int64_t>(rows * k, 16)}, DType::f8_e4m3, d),
+          Tensor::empty({std::max<int64_t>(rows * kb, 1)}, DType::f32, d)};
+}
+
+bool Fp8ActBuffer::fits(int64_t rows, int64_t k) const {
+  const int64_t kb = (k + kFp8BlockK - 1) / kFp8BlockK;
+  return q.defined() && scale.defined() && q.numel() >= rows * k && scale.numel() >= rows * kb;
+}
+
+void fp8_quantize_act(const Tensor& x, Fp8ActBuffer& buf, const Stream& stream) {
+  check_cuda_tensor(x, DType::bf16, "fp8_quantize_act x");
+  MOELORA_CHECK(x.dim() == 2 && x.size(1) > 0 && x.size(1) % 16 == 0 &&
+                    x.size(0) <= std::numeric_limits<int32_t>::max() &&
+                    x.size(1) <= std::numeric_limits<int32_t>::max(),
+                "fp8_quantize_act x: expected [M, K] with K a positive multiple of 16, found {}",
+                x.describe());
+  check_16(x.data(), "fp8_quantize_act x");
+  MoeGemmFp8Args p{};
+  check_buffer(buf, x.size(0), x.size(1), x.device(), "fp8_quantize_act", p);
+  MOELORA_CUDA_CHECK(launch_fp8_quantize_act(x.data(), int(x.size(0)), int(x.size(1)),
+                                             static_cast<uint8_t*>(buf.q.data()),
+                                             buf.scale.data<float>(), true, raw_stream(stream)));
+}
 
 bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::string* why) {
   if (block_k != kFp8BlockK) {
@@ -148,7 +198,7 @@ bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::s
 
 void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
                          const ExpertMatrices& w13, Tensor& out, bool fused,
-                         const Stream& stream, const MoeGemmConfig& cfg) {
+                         Fp8ActBuffer& act_buf, const Stream& stream, const MoeGemmConfig& cfg) {
   const char* op = fused ? "moe_gemm1_fp8_activation" : "moe_gemm1_fp8";
   MOELORA_CHECK(top_k >= 1, "{}: top_k must be >= 1, found {}", op, top_k);
   MoeGemmFp8Args p{};
@@ -170,18 +220,18 @@ void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
     check_shape(out, {num_slots, w13.n}, "moe_gemm1_fp8 h");
   }
   const int64_t blocks = check_plan(plan, num_slots, w13.groups, d, op);
-  p.act = x.data();
+  check_buffer(act_buf, x.size(0), w13.k, d, op, p);
   p.out = fused ? nullptr : out.data<float>();
   p.act_out = fused ? out.data() : nullptr;
   p.slot_scale = nullptr;
   p.num_slots = int(num_slots);
   p.rows_div = top_k;
-  run(p, plan, blocks, cfg, stream);
+  run(p, x, plan, blocks, cfg, stream);
 }
 
 void moe_gemm2_fp8_tiled(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
-                         const Tensor& slot_weights, Tensor& o, const Stream& stream,
-                         const MoeGemmConfig& cfg) {
+                         const Tensor& slot_weights, Tensor& o, Fp8ActBuffer& act_buf,
+                         const Stream& stream, const MoeGemmConfig& cfg) {
   constexpr const char* op = "moe_gemm2_fp8";
   MoeGemmFp8Args p{};
   check_cuda_tensor(a, DType::bf16, "moe_gemm2_fp8 a");
@@ -200,39 +250,35 @@ void moe_gemm2_fp8_tiled(const Tensor& a, const MoeAlignment& plan, const Expert
     check_shape(slot_weights, {num_slots}, "moe_gemm2_fp8 slot_weights");
   }
   const int64_t blocks = check_plan(plan, num_slots, w2.groups, d, op);
-  p.act = a.data();
+  check_buffer(act_buf, num_slots, w2.k, d, op, p);
   p.out = o.data<float>();
   p.slot_scale = slot_weights.defined() ? slot_weights.data<float>() : nullptr;
   p.num_slots = int(num_slots);
   p.rows_div = 1;
-  run(p, plan, blocks, cfg, stream);
+  run(p, a, plan, blocks, cfg, stream);
 }
 
 void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan,
-                   const ExpertMatrices& w13, Tensor& h, const Stream& stream) {
+                   const ExpertMatrices& w13, Tensor& h, Fp8ActBuffer& act_buf,
+                   const Stream& stream) {
   const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
-  moe_gemm1_fp8_tiled(x, top_k, plan, w13, h, false, stream, heuristic(w13, plan, slots));
+  moe_gemm1_fp8_tiled(x, top_k, plan, w13, h, false, act_buf, stream,
+                      heuristic(w13, plan, slots));
 }
 
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
-                              const ExpertMatrices& w13, Tensor& a, const Stream& stream) {
+                              const ExpertMatrices& w13, Tensor& a, Fp8ActBuffer& act_buf,
+                              const Stream& stream) {
   const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
-  moe_gemm1_fp8_tiled(x, top_k, plan, w13, a, true, stream, heuristic(w13, plan, slots));
+  moe_gemm1_fp8_tiled(x, top_k, plan, w13, a, true, act_buf, stream,
+                      heuristic(w13, plan, slots));
 }
 
 void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
-                   const Tensor& slot_weights, Tensor& o, const Stream& stream) {
+                   const Tensor& slot_weights, Tensor& o, Fp8ActBuffer& act_buf,
+                   const Stream& stream) {
   const int64_t slots = a.dim() == 2 ? a.size(0) : 0;
-  moe_gemm2_fp8_tiled(a, plan, w2, slot_weights, o, stream, heuristic(w2, plan, slots));
-}
-
-void moe_gemm2_fp8_plan_ready(const Tensor& a, const MoeAlignment& plan,
-                              const ExpertMatrices& w2, const Tensor& slot_weights, Tensor& o,
-                              const Stream& stream) {
-  const int64_t slots = a.dim() == 2 ? a.size(0) : 0;
-  MoeGemmConfig cfg = heuristic(w2, plan, slots);
-  cfg.plan_ready = true;
-  moe_gemm2_fp8_tiled(a, plan, w2, slot_weights, o, stream, cfg);
+  moe_gemm2_fp8_tiled(a, plan, w2, slot_weights, o, act_buf, stream, heuristic(w2, plan, slots));
 }
 
 }  // namespace moelora::cuda

@@ -12,11 +12,10 @@
 // (weight rows on the m16 side, the block's tokens on n8), a kStages-deep cp.async ring of
 // 16-byte loads, PDL. What differs:
 //  - the K tile is the 128-channel quantization block: 128 bytes of e4m3 codes per weight row;
-//  - the activations arrive as bf16 and are quantized in the kernel, per token and K tile,
-//    exactly as quantize_fp8_activation does (s = max(amax, 1e-10) / 448, q = e4m3(x / s),
-//    round to nearest even, saturating): 16 lanes per token each take 8 channels, reduce the
-//    amax with shuffles and write the codes to a shared buffer the MMAs read. No extra kernel,
-//    no activation buffer in HBM;
+//  - the activations arrive already quantized (fp8_quantize_act_kernel below, once per GEMM
+//    input row rather than once per row tile and K tile as in the first version, whose
+//    main loop stalled on it): codes stream through the ring like the weights, the tokens'
+//    f32 scales beside them (4-byte cp.async);
 //  - mma.m16n8k32 e4m3 x e4m3 -> f32 accumulates one K block into a partial sum, which is
 //    promoted into the f32 accumulator times w_scale(row, kb) * x_scale(token, kb).
 // Weight scales are looked up per row (not per 128-row tile), so any block_n works and a
@@ -52,7 +51,56 @@ __device__ __forceinline__ uint32_t e4m3x2(float x, float y) {
       __nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E4M3));
 }
 
+// 4-byte async copy (cp.async.cg takes 16 only); src_bytes = 0 zero-fills.
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
 }  // namespace detail
+
+// One (row, 128-channel block) per 16 lanes, 8 channels per lane: s = max(amax, 1e-10) / 448,
+// q = e4m3(x / s) rounded to nearest even and saturated (= the reference's clamp, then
+// round), with an IEEE divide as the reference does. Rows of x, q: k elements (k % 16 == 0).
+__global__ void __launch_bounds__(256)
+    fp8_quantize_act_kernel(const __nv_bfloat16* __restrict__ x, int rows, int k,
+                            uint8_t* __restrict__ q, float* __restrict__ scale) {
+  // The input may come from the predecessor; the successor may start once every CTA is past
+  // this wait (see launch_fp8_quantize_act: what plan_ready relies on).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n");
+  const int k_blocks = (k + 127) / 128;
+  const int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 16;
+  const int lane16 = threadIdx.x % 16;
+  // Surplus lanes stay for the full-warp shuffles below and store nothing.
+  const bool live = group < static_cast<int64_t>(rows) * k_blocks;
+  const int row = live ? static_cast<int>(group / k_blocks) : 0;
+  const int kb = live ? static_cast<int>(group % k_blocks) : 0;
+  const int col = kb * 128 + lane16 * 8;
+  const bool ok = live && col < k;  // k % 16 == 0: a lane's 8 channels are all in or all out
+  float v[8];
+  float amax = 0.f;
+  if (ok) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row) * k + col);
+    const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(v2[j]);
+      v[2 * j] = f.x, v[2 * j + 1] = f.y;
+      amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+    }
+  }
+  // The 16 lanes of a group are aligned within the warp (blockDim a multiple of 16).
+#pragma unroll
+  for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float s = fmaxf(amax, 1e-10f) / 448.0f;
+  if (live && lane16 == 0) scale[static_cast<int64_t>(row) * k_blocks + kb] = s;
+  if (!ok) return;
+  uint2 out;
+  out.x = detail::e4m3x2(v[0] / s, v[1] / s) | (detail::e4m3x2(v[2] / s, v[3] / s) << 16);
+  out.y = detail::e4m3x2(v[4] / s, v[5] / s) | (detail::e4m3x2(v[6] / s, v[7] / s) << 16);
+  *reinterpret_cast<uint2*>(q + static_cast<int64_t>(row) * k + col) = out;
+}
 
 // Tile of the fp8 kernel: 128-byte code rows (8 chunks), swizzled like the bf16 kernel's
 // 64-element bf16 rows (swizzled_offset<64> counts 2-byte units).
@@ -64,11 +112,10 @@ struct MoeGemmFp8Tile {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTokens = 8 * kNt;
   static constexpr int kWeightBytes = kRows * kRowBytes;
-  static constexpr int kRawBytes = kTokens * kKt * 2;  // bf16 activations of one stage
-  static constexpr int kStageBytes = kWeightBytes + kRawBytes;
+  static constexpr int kStageBytes = kWeightBytes + kTokens * kRowBytes;  // weight + token codes
   static constexpr int kRingBytes = kStages * kStageBytes;
-  static constexpr int kQBytes = kTokens * kRowBytes;  // quantized activations (one buffer)
-  static constexpr int kSmemBytes = kRingBytes + kQBytes + kTokens * 12;  // + scale, row, slot
+  // After the ring: the tokens' scales of every stage, then each token's source row and slot.
+  static constexpr int kSmemBytes = kRingBytes + kStages * kTokens * 4 + kTokens * 8;
   static constexpr int kAccLd = kTokens + 1;
   static_assert(kRows * kAccLd * 4 <= kRingBytes, "epilogue tile fits the ring");
   static_assert(kRows % (16 * kMt) == 0, "tile shape");
@@ -106,9 +153,8 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
   };
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* qbuf = smem_raw + Tile::kRingBytes;
-  float* x_scale = reinterpret_cast<float*>(qbuf + Tile::kQBytes);
-  int* tok_row = reinterpret_cast<int*>(x_scale + kTokens);
+  float* x_scales = reinterpret_cast<float*>(smem_raw + Tile::kRingBytes);  // [kStages][kTokens]
+  int* tok_row = reinterpret_cast<int*>(x_scales + kStages * kTokens);
   int* tok_slot = tok_row + kTokens;
 
   const int K = p.k;
@@ -127,19 +173,27 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
                           src, ok ? 16 : 0);
     }
   };
-  // Raw bf16 rows, unswizzled: read back once, 16 bytes per thread in row order.
+  // The tokens' codes (swizzled like the weights) and their scales of K block kt; padding
+  // tokens read as zero codes with a zero scale.
   auto load_acts = [&](int kt) {
     unsigned char* xs = smem_raw + (kt % kStages) * Tile::kStageBytes + Tile::kWeightBytes;
     const int k0 = kt * kKt;
 #pragma unroll
-    for (int i = tid; i < kTokens * 16; i += kThreads) {
-      const int r = i / 16, c = i % 16;
+    for (int i = tid; i < kTokens * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
       const int src_row = tok_row[r];
-      const int col = k0 + c * 8;
+      const int col = k0 + c * 16;
       const bool ok = src_row >= 0 && col < K;
-      const __nv_bfloat16* src = static_cast<const __nv_bfloat16*>(p.act) +
-                                 (ok ? static_cast<int64_t>(src_row) * K + col : 0);
-      detail::cp_async_16(detail::smem_addr(xs + (r * 16 + c) * 16), src, ok ? 16 : 0);
+      const uint8_t* src = p.act_q + (ok ? static_cast<int64_t>(src_row) * K + col : 0);
+      detail::cp_async_16(detail::smem_addr(xs + 2 * detail::swizzled_offset<kKt / 2>(r, c)),
+                          src, ok ? 16 : 0);
+    }
+    for (int j = tid; j < kTokens; j += kThreads) {
+      const int src_row = tok_row[j];
+      const float* src =
+          p.act_scale + (src_row >= 0 ? static_cast<int64_t>(src_row) * p.k_blocks + kt : 0);
+      detail::cp_async_4(detail::smem_addr(x_scales + (kt % kStages) * kTokens + j), src,
+                         src_row >= 0 ? 4 : 0);
     }
   };
 
@@ -187,11 +241,10 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
   const int a_chunk = lane >> 4;
   const int b_tok = (lane & 7) + ((lane >> 4) << 3);
   const int b_chunk = (lane >> 3) & 1;
-  const uint32_t q_addr = detail::smem_addr(qbuf);
 
   for (int kt = 0; kt < num_ktiles; ++kt) {
     detail::cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage kt landed; every warp is done with stage kt-1 and the q buffer
+    __syncthreads();  // stage kt landed; every warp is done with stage kt-1
     // Refill the slot consumed last iteration (every warp is past it after the barrier).
     if (kt + kStages - 1 < num_ktiles) {
       load_weights(kt + kStages - 1);
@@ -207,34 +260,6 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
 #pragma unroll
       for (int h = 0; h < 2; ++h) wsc_next[m][h] = __ldg(wsc_row[m][h] + kn);
 
-    // Quantize this stage's activations: 16 lanes per token, 8 channels each.
-    {
-      const unsigned char* xs = smem_raw + (kt % kStages) * Tile::kStageBytes + Tile::kWeightBytes;
-      for (int i = tid; i < kTokens * 16; i += kThreads) {
-        const int r = i / 16, c = i % 16;
-        const uint4 raw = *reinterpret_cast<const uint4*>(xs + (r * 16 + c) * 16);
-        const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
-        float v[8];
-        float amax = 0.f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float2 f = __bfloat1622float2(v2[j]);
-          v[2 * j] = f.x, v[2 * j + 1] = f.y;
-          amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
-        }
-#pragma unroll
-        for (int o = 8; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        const float s = fmaxf(amax, 1e-10f) / 448.0f;
-        uint2 q;
-        q.x = detail::e4m3x2(v[0] / s, v[1] / s) | (detail::e4m3x2(v[2] / s, v[3] / s) << 16);
-        q.y = detail::e4m3x2(v[4] / s, v[5] / s) | (detail::e4m3x2(v[6] / s, v[7] / s) << 16);
-        *reinterpret_cast<uint2*>(qbuf + 2 * detail::swizzled_offset<kKt / 2>(r, c >> 1) +
-                                  (c & 1) * 8) = q;
-        if (c == 0) x_scale[r] = s;
-      }
-    }
-    __syncthreads();
-
     float part[kMt][kNt][4];
 #pragma unroll
     for (int m = 0; m < kMt; ++m)
@@ -242,6 +267,7 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
       for (int t = 0; t < kNt; ++t)
         part[m][t][0] = part[m][t][1] = part[m][t][2] = part[m][t][3] = 0.f;
     const uint32_t ws_addr = detail::smem_addr(smem_raw + (kt % kStages) * Tile::kStageBytes);
+    const uint32_t q_addr = ws_addr + Tile::kWeightBytes;
 #pragma unroll
     for (int kk = 0; kk < kChunks; kk += 2) {
       uint32_t a[kMt][4];
@@ -272,6 +298,7 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
     // Promote the block's partial sums: acc += part * w_scale(row) * x_scale(token).
 #pragma unroll
     for (int t = 0; t < kNt; ++t) {
+      const float* x_scale = x_scales + (kt % kStages) * kTokens;
       const float xs0 = x_scale[t * 8 + (lane % 4) * 2], xs1 = x_scale[t * 8 + (lane % 4) * 2 + 1];
 #pragma unroll
       for (int m = 0; m < kMt; ++m) {
