@@ -35,10 +35,12 @@ cudaError_t allow_smem(int bytes) {
   return e;
 }
 
-template <int kBits, int kNt, int kRows, int kKt, int kStages, int kSplit, int kMt>
+template <int kBits, int kNt, int kRows, int kKt, int kStages, int kSplit, int kMt,
+          bool kRaw = false>
 cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
   using Tile = sm90::Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
-  constexpr auto kernel = &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
+  constexpr auto kernel =
+      &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages, kSplit, kRaw>;
   if (cudaError_t e = allow_smem<kernel>(Tile::kSmemBytes); e != cudaSuccess) return e;
   // Row tiles (fused: of the intermediate columns, kRows / 2 gate + kRows / 2 up rows each) and
   // blocks, on whichever grid axis row_tiles_fastest puts them.
@@ -59,11 +61,20 @@ cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t 
 // Measured on H100 (bench/NOTES.md, "int4/int8 (cuda_wna16)"): 32 rows x 2 MMA tiles is best
 // for a handful of slots, 64 rows x 4 MMA tiles from 32 slots on; 6 or 10 stages, 512-thread
 // CTAs and 512-channel stages over 8 warps were no better.
+//
+// Second pass (bench/NOTES.md, "Second pass"; H100, one session, all tested): int4 runs 3
+// stages with raw codes (kRaw, neutral alone): 48 KB of shared memory lets 4 64-row CTAs
+// share an SM instead of 3 (the 32-row ones stay at 5, by registers), 1.1x faster at batch
+// 4-128 than 4 stages; int8 stays at 4 stages (3 measured 1-2 % slower); 128 rows instead of
+// 64 measured slower for both at these sizes.
 template <int kBits, int kNt>
 cudaError_t launch_narrow(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
+  constexpr int kK = stage_k<kBits, kNt>();
+  constexpr int kStages = kBits == 4 ? 3 : 4;
+  constexpr bool kRaw = kBits == 4;
   if (p.num_slots >= 32)
-    return launch_tile<kBits, kNt, 64, stage_k<kBits, kNt>(), 4, 4, 4>(p, max_blocks, stream);
-  return launch_tile<kBits, kNt, 32, stage_k<kBits, kNt>(), 4, 4, 2>(p, max_blocks, stream);
+    return launch_tile<kBits, kNt, 64, kK, kStages, 4, 4, kRaw>(p, max_blocks, stream);
+  return launch_tile<kBits, kNt, 32, kK, kStages, 4, 2, kRaw>(p, max_blocks, stream);
 }
 
 template <int kBits>
@@ -79,10 +90,11 @@ cudaError_t launch_bits(const MoeGemmWna16Args& p, int max_blocks, int rows, cud
   }
   if (nt <= 1) return launch_narrow<kBits, 1>(p, max_blocks, stream);
   if (nt <= 2) return launch_narrow<kBits, 2>(p, max_blocks, stream);
-  // 32 tokens: 64 rows as 2 MMA tiles per warp, K split over 2 warps (measured a little better
-  // than 32 or 64 rows of one MMA tile per warp).
+  // 32 tokens: 128 rows as 2 MMA tiles per warp over 4 row warps, K split over 2 warps
+  // (batch 256 on qwen3-30b-a3b; measured 1.02-1.08x faster than 64 rows: the token tile is
+  // read once per 128 weight rows).
   (void)rows;
-  return launch_tile<kBits, 4, 64, stage_k<kBits, 4>(), 4, 2, 2>(p, max_blocks, stream);
+  return launch_tile<kBits, 4, 128, stage_k<kBits, 4>(), 4, 2, 2>(p, max_blocks, stream);
 }
 
 }  // namespace

@@ -5,7 +5,8 @@
 //  - the packed tiles (quant/experts_wna16.cpp) hold, for each lane, exactly its A fragments:
 //    one 16-byte shared-memory read per 16 rows x 64 (int4) or 32 (int8) channels, no ldmatrix;
 //  - codes become bf16 in registers: int4 by OR-ing a nibble pair into the mantissa of 128.0
-//    (0x4300) and subtracting 128 + zero (exact: |code - zero| <= 16); int8 through f32
+//    (0x4300) and subtracting 128 + zero (exact: |code - zero| <= 16; kRaw tiles skip the
+//    subtraction and take (128 + zero) x the token sums off per group instead); int8 through f32
 //    (0x4B000000 | byte = 2^23 + byte, minus 2^23 + zero, exact) packed to bf16x2;
 //  - the products of one scale group accumulate in f32 apart, then acc += scale * part, so the
 //    group scale (f32, exactly the checkpoint's) is applied once per group and row, not per
@@ -90,11 +91,18 @@ struct Wna16Tile {
   static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
 };
 
-template <int kBits, int kNt, int kMt, int kRows, int kKt, int kStages, int kSplit>
+// kRaw (int4 only): the MMAs take the raw codes as bf16 128 + q and the zero point comes off
+// once per group and row: sum_k (q - z) x_k = sum_k (128 + q) x_k - (128 + z) sum_k x_k, the
+// token sums sum_k x_k coming from one more MMA per step with an all-ones A (every row gets
+// the same column sums). Exact products, f32 sums as before; saves the sub.bf16x2 per
+// register, i.e. 16 of ~53 instructions per step at 4 MMA tiles per warp.
+template <int kBits, int kNt, int kMt, int kRows, int kKt, int kStages, int kSplit,
+          bool kRaw = false>
 __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>::kThreads)
     moe_gemm_wna16_kernel(const MoeGemmWna16Args p) {
   using namespace wna16_detail;
   using Tile = Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
+  static_assert(!kRaw || kBits == 4, "raw codes: int4 only");
   constexpr int kTokens = Tile::kTokens, kChunks = kKt / 8, kThreads = Tile::kThreads;
   constexpr int kTileK = Tile::kTileK, kKTiles = Tile::kKTiles;
   constexpr int kRowTiles = kRows / 16;
@@ -247,7 +255,9 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
   // Zero points as the dequantizers want them; symmetric: 2^(bits-1).
   constexpr float kSymZero = float(1 << (kBits - 1));
   auto set_zero = [&](float z, int m, int h, uint32_t (&z2)[kMt][2], float (&zf)[kMt][2]) {
-    if constexpr (kBits == 4) {
+    if constexpr (kRaw) {
+      zf[m][h] = 128.f + z;
+    } else if constexpr (kBits == 4) {
       z2[m][h] = bf16x2_bits(__float2bfloat162_rn(128.f + z));
     } else {
       zf[m][h] = 8388608.f + z;
@@ -305,6 +315,20 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
     for (int t = 0; t < kNt; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][t][e] = part[m][t][e] = 0.f;
+  // kRaw: token column sums of the current group (C fragment columns 2 (lane % 4) + (e & 1);
+  // all rows equal), and the group's sum with the zero point taken off.
+  float csum[kRaw ? kNt : 1][4];
+#pragma unroll
+  for (int t = 0; t < (kRaw ? kNt : 1); ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) csum[t][e] = 0.f;
+  constexpr uint32_t kOne2 = 0x3F803F80u;  // bf16x2 (1, 1)
+  const uint32_t kOnes[4] = {kOne2, kOne2, kOne2, kOne2};
+  auto raw_fix = [&](float v, int m, int t, int e) {
+    if constexpr (kRaw) return fmaf(-zero_f[m][e >> 1], csum[kRaw ? t : 0][e & 1], v);
+    return v;
+  };
+  (void)kOnes;
 
   // Zero refresh at each group (or weight tile) start, scale fold at each group (or tile) end.
   // A weight tile holds whole groups or lies inside one (group_k is a power of two >= 32), so
@@ -331,7 +355,8 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
   constexpr int kStepBits = kTileChunks - 1;  // chunk bits the steps of one tile use
   int b_step_off[kSteps];
 #pragma unroll
-  for (int j = 0; j < kSteps; ++j) b_step_off[j] = 2 * (((2 * j + b_chunk) ^ (r7 & kStepBits)) << 3);
+  for (int j = 0; j < kSteps; ++j)
+    b_step_off[j] = 2 * (((2 * j + b_chunk) ^ (r7 & kStepBits)) << 3);
   const int b_row_off = 2 * (kNt == 1 ? r7 : b_tok) * kKt;
 
   for (int kt = 0; kt < num_ktiles; ++kt) {
@@ -347,7 +372,6 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
     const uint32_t xs_addr = smem_addr(stage_x(kt % kStages));
     const float* ss = stage_s(kt % kStages);
     const float* zs = stage_z(kt % kStages);
-    const int k0 = kt * kKt;
 #pragma unroll
     for (int tt = 0; tt < kKTiles / kSplit; ++tt) {
       const int ti = tt * kSplit + kslice;
@@ -373,7 +397,10 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
 #pragma unroll
         for (int m = 0; m < kMt; ++m) {
           const uint32_t w4[4] = {wq[m].x, wq[m].y, wq[m].z, wq[m].w};
-          if constexpr (kBits == 4) {
+          if constexpr (kRaw) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) a[m][q] = ((w4[j] >> (4 * q)) & 0x000f000fu) | 0x43004300u;
+          } else if constexpr (kBits == 4) {
             dequant_int4(w4[j], zero2[m], a[m]);
           } else {
             dequant_int8(w4[2 * j], zero_f[m], a[m][0], a[m][1]);
@@ -385,6 +412,7 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
           ldmatrix_x2(b_tile + b_step_off[j], b0, b1);
 #pragma unroll
           for (int m = 0; m < kMt; ++m) mma_bf16_16816(part[m][0], a[m], b0, b1);
+          if constexpr (kRaw) mma_bf16_16816(csum[0], kOnes, b0, b1);
         } else {
 #pragma unroll
           for (int t = 0; t < kNt; t += 2) {
@@ -394,6 +422,10 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
             for (int m = 0; m < kMt; ++m) {
               mma_bf16_16816(part[m][t], a[m], b[0], b[1]);
               mma_bf16_16816(part[m][t + 1], a[m], b[2], b[3]);
+            }
+            if constexpr (kRaw) {
+              mma_bf16_16816(csum[t], kOnes, b[0], b[1]);
+              mma_bf16_16816(csum[t + 1], kOnes, b[2], b[3]);
             }
           }
         }
@@ -408,9 +440,15 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
             for (int t = 0; t < kNt; ++t)
 #pragma unroll
               for (int e = 0; e < 4; ++e) {
-                acc[m][t][e] = fmaf(e < 2 ? s0 : s1, part[m][t][e], acc[m][t][e]);
+                acc[m][t][e] = fmaf(e < 2 ? s0 : s1, raw_fix(part[m][t][e], m, t, e), acc[m][t][e]);
                 part[m][t][e] = 0.f;
               }
+          }
+          if constexpr (kRaw) {
+#pragma unroll
+            for (int t = 0; t < kNt; ++t)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) csum[t][e] = 0.f;
           }
         }
       }
@@ -424,7 +462,8 @@ __global__ void __launch_bounds__(Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages
 #pragma unroll
       for (int t = 0; t < kNt; ++t)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[m][t][e] = pc_scale[m][e >> 1] * part[m][t][e];
+        for (int e = 0; e < 4; ++e)
+          acc[m][t][e] = pc_scale[m][e >> 1] * raw_fix(part[m][t][e], m, t, e);
   }
   if constexpr (kSplit > 1) {
     // K slices 1.. hand their sums to slice 0 through the drained ring (fixed order: the
