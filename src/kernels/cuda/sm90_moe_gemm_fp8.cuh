@@ -160,17 +160,48 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
   const int K = p.k;
   const int num_ktiles = (K + kKt - 1) / kKt;
   const uint8_t* wg = p.w + static_cast<int64_t>(group) * p.n * K;
+  // Narrow token tiles (registers to spare): per-thread copy plans computed once, since the
+  // loads run every stage. kThreads is a multiple of the 8 chunks of a row, so a thread always
+  // copies chunk tid % 8 of rows tid / 8 + it * kRowStep; kRowStep is a multiple of 8, so the
+  // swizzle is the same for all of them: one destination plus a compile-time stride, and only
+  // the K offset changes from stage to stage. Wide tiles keep the loops below (their
+  // accumulators and per-block partial sums take ~128 registers; a plan made ptxas spill).
+  constexpr bool kPlan = kNt * kMt <= 4;
+  constexpr int kRowStep = kThreads / kChunks;
+  constexpr int kWIters = kRows / kRowStep;
+  constexpr int kAIters = kTokens >= kRowStep ? kTokens / kRowStep : 1;
+  constexpr int kDstStride = kRowStep * kKt;
+  static_assert(!kPlan || (kThreads % kChunks == 0 && kRows % kRowStep == 0 && kRowStep % 8 == 0),
+                "copy plan");
+  const int cp_chunk = tid % kChunks, cp_row = tid / kChunks;
+  const uint32_t cp_dst = 2 * detail::swizzled_offset<kKt / 2>(cp_row, cp_chunk);
+  int w_off[kPlan ? kWIters : 1] = {};  // row offsets in the expert's codes (n * k < 2^31)
+  const uint8_t* a_src[kPlan ? kAIters : 1] = {};  // token rows' codes; nullptr: padding
+  if constexpr (kPlan) {
+#pragma unroll
+    for (int it = 0; it < kWIters; ++it) w_off[it] = weight_row(cp_row + it * kRowStep) * K;
+  }
   auto load_weights = [&](int kt) {
     unsigned char* ws = smem_raw + (kt % kStages) * Tile::kStageBytes;
     const int k0 = kt * kKt;
-#pragma unroll
-    for (int i = tid; i < kRows * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int col = k0 + c * 16;
+    if constexpr (kPlan) {
+      const uint32_t stage = detail::smem_addr(ws);
+      const int col = k0 + cp_chunk * 16;
       const bool ok = col < K;
-      const uint8_t* src = wg + static_cast<int64_t>(weight_row(r)) * K + (ok ? col : 0);
-      detail::cp_async_16(detail::smem_addr(ws + 2 * detail::swizzled_offset<kKt / 2>(r, c)),
-                          src, ok ? 16 : 0);
+#pragma unroll
+      for (int it = 0; it < kWIters; ++it)
+        detail::cp_async_16(stage + cp_dst + it * kDstStride, wg + (w_off[it] + (ok ? col : 0)),
+                            ok ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int i = tid; i < kRows * kChunks; i += kThreads) {
+        const int r = i / kChunks, c = i % kChunks;
+        const int col = k0 + c * 16;
+        const bool ok = col < K;
+        const uint8_t* src = wg + static_cast<int64_t>(weight_row(r)) * K + (ok ? col : 0);
+        detail::cp_async_16(detail::smem_addr(ws + 2 * detail::swizzled_offset<kKt / 2>(r, c)),
+                            src, ok ? 16 : 0);
+      }
     }
   };
   // The tokens' codes (swizzled like the weights) and their scales of K block kt; padding
@@ -178,15 +209,27 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
   auto load_acts = [&](int kt) {
     unsigned char* xs = smem_raw + (kt % kStages) * Tile::kStageBytes + Tile::kWeightBytes;
     const int k0 = kt * kKt;
+    if constexpr (kPlan) {
+      const uint32_t stage = detail::smem_addr(xs);
+      const int col = k0 + cp_chunk * 16;
 #pragma unroll
-    for (int i = tid; i < kTokens * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int src_row = tok_row[r];
-      const int col = k0 + c * 16;
-      const bool ok = src_row >= 0 && col < K;
-      const uint8_t* src = p.act_q + (ok ? static_cast<int64_t>(src_row) * K + col : 0);
-      detail::cp_async_16(detail::smem_addr(xs + 2 * detail::swizzled_offset<kKt / 2>(r, c)),
-                          src, ok ? 16 : 0);
+      for (int it = 0; it < kAIters; ++it) {
+        if (kTokens < kRowStep && cp_row >= kTokens) break;  // more threads than token chunks
+        const bool ok = a_src[it] != nullptr && col < K;
+        detail::cp_async_16(stage + cp_dst + it * kDstStride, ok ? a_src[it] + col : p.act_q,
+                            ok ? 16 : 0);
+      }
+    } else {
+#pragma unroll
+      for (int i = tid; i < kTokens * kChunks; i += kThreads) {
+        const int r = i / kChunks, c = i % kChunks;
+        const int src_row = tok_row[r];
+        const int col = k0 + c * 16;
+        const bool ok = src_row >= 0 && col < K;
+        const uint8_t* src = p.act_q + (ok ? static_cast<int64_t>(src_row) * K + col : 0);
+        detail::cp_async_16(detail::smem_addr(xs + 2 * detail::swizzled_offset<kKt / 2>(r, c)),
+                            src, ok ? 16 : 0);
+      }
     }
     for (int j = tid; j < kTokens; j += kThreads) {
       const int src_row = tok_row[j];
@@ -209,6 +252,13 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
     tok_row[j] = live ? slot / p.rows_div : -1;
   }
   __syncthreads();
+  if constexpr (kPlan) {
+#pragma unroll
+    for (int it = 0; it < kAIters; ++it) {
+      const int src_row = tok_row[min(cp_row + it * kRowStep, kTokens - 1)];
+      a_src[it] = src_row >= 0 ? p.act_q + static_cast<int64_t>(src_row) * K : nullptr;
+    }
+  }
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < num_ktiles) load_acts(s);
