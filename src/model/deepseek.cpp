@@ -81,7 +81,7 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
   const int64_t H = c.hidden_size, V = c.vocab_size, nh = c.num_attention_heads;
   const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
   const int64_t L = c.kv_lora_rank, qk = nope + rope;
-  WeightLoader wl(dir);
+  WeightLoader wl(dir, options.load_progress);
   embed_ = wl.bf16("model.embed_tokens.weight", {V, H});
   final_norm_ = wl.bf16("model.norm.weight", {H});
   if (c.tie_word_embeddings) {

@@ -31,7 +31,7 @@ MoeDecoder::MoeDecoder(const std::string& dir, const HfModelConfig& config,
   const int64_t H = c.hidden_size, D = c.head_dim, V = c.vocab_size;
   const int64_t nq = int64_t(c.num_attention_heads) * D, nkv = int64_t(c.num_key_value_heads) * D;
   const int slots = std::max(options_.lora_slots, 0);
-  WeightLoader wl(dir);
+  WeightLoader wl(dir, options.load_progress);
   embed_ = wl.bf16("model.embed_tokens.weight", {V, H});
   final_norm_ = wl.bf16("model.norm.weight", {H});
   if (c.tie_word_embeddings) {

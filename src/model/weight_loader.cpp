@@ -5,7 +5,9 @@
 
 namespace moelora {
 
-WeightLoader::WeightLoader(const std::string& dir) : ck_(Checkpoint::open(dir)) {}
+WeightLoader::WeightLoader(const std::string& dir, Progress progress)
+    : ck_(Checkpoint::open(dir)), progress_(std::move(progress)),
+      total_(int64_t(ck_.names().size())) {}
 
 Tensor WeightLoader::bf16(const std::string& name, const Shape& shape) {
   MOELORA_CHECK(ck_.contains(name), "checkpoint {}: missing tensor '{}' (expected {} bf16)",
@@ -16,7 +18,7 @@ Tensor WeightLoader::bf16(const std::string& name, const Shape& shape) {
   MOELORA_CHECK(e.dtype == "BF16" || e.dtype == "F32" || e.dtype == "F16",
                 "checkpoint {}: tensor '{}' has dtype {}, expected BF16 (or F32 / F16)", ck_.dir(),
                 name, e.dtype);
-  used_.insert(name);
+  if (used_.insert(name).second && progress_) progress_(int64_t(used_.size()), total_, name);
   Tensor t = ck_.tensor(name);
   if (t.dtype() == DType::bf16) return t;
   Tensor out = Tensor::empty(shape, DType::bf16);

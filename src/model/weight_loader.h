@@ -3,6 +3,7 @@
 // instead of a silently ignored weight.
 #pragma once
 
+#include <functional>
 #include <set>
 #include <string>
 
@@ -12,7 +13,9 @@ namespace moelora {
 
 class WeightLoader {
  public:
-  explicit WeightLoader(const std::string& dir);
+  // `progress` (optional) is told each tensor as it is first taken: (taken, total, name).
+  using Progress = std::function<void(int64_t, int64_t, const std::string&)>;
+  explicit WeightLoader(const std::string& dir, Progress progress = nullptr);
 
   bool has(const std::string& name) const { return ck_.contains(name); }
   // The tensor as bf16 with exactly `shape` (bf16 on disk: a zero-copy view; f32 / f16:
@@ -28,6 +31,8 @@ class WeightLoader {
  private:
   Checkpoint ck_;
   std::set<std::string> used_;
+  Progress progress_;
+  int64_t total_ = 0;
 };
 
 }  // namespace moelora

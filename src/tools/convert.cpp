@@ -1,6 +1,6 @@
 #include "tools/convert.h"
+#include "tools/progress.h"
 
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -39,21 +39,10 @@ int run_convert(const ConvertCliOptions& o) {
   opts.format = quant::parse_convert_format(o.format);
   opts.group_size = o.group_size;
   opts.sym = o.sym;
-  const bool tty = ::isatty(fileno(stderr)) != 0;
+  const bool tty = stderr_is_tty();
   auto progress = [&](const quant::ConvertProgress& p) {
     if (o.quiet) return;
-    const char* what = p.quantized ? "quantized" : "copied";
-    if (tty) {
-      constexpr int kWidth = 30;
-      const int filled = int(kWidth * p.index / std::max<int64_t>(p.total, 1));
-      std::fprintf(stderr, "\r[%-*s] %lld/%lld %s %.60s\033[K", kWidth,
-                   std::string(size_t(filled), '#').c_str(), (long long)p.index, (long long)p.total,
-                   what, p.name->c_str());
-      if (p.index == p.total) std::fputc('\n', stderr);
-    } else {
-      std::fprintf(stderr, "[%lld/%lld] %s %s\n", (long long)p.index, (long long)p.total, what,
-                   p.name->c_str());
-    }
+    draw_progress(p.index, p.total, p.quantized ? "quantized" : "copied", *p.name, tty);
   };
   const quant::ConvertReport r = quant::convert_checkpoint(opts, progress);
   std::fprintf(stderr,

@@ -1,4 +1,5 @@
 #include "tools/generate.h"
+#include "tools/progress.h"
 
 #include <unistd.h>
 
@@ -316,6 +317,10 @@ int run_generate(const GenerateOptions& o) {
   ModelOptions mo;
   mo.lora_slots = int(adapters.size());
   mo.lora_r_max = o.max_lora_rank;
+  if (stderr_is_tty())  // a bar on a terminal; logs get no per-tensor lines
+    mo.load_progress = [](int64_t i, int64_t n, const std::string& name) {
+      draw_progress(i, n, "loaded", name, true);
+    };
   auto model = Model::load(model_dir, mo);
   std::map<std::string, int> slot_of;
   for (size_t i = 0; i < adapters.size(); ++i) {

@@ -4,6 +4,7 @@
 // it from config.json's model_type.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,6 +25,9 @@ struct ModelOptions {
   // LoRA: adapter slots held at once and the largest rank they may have (lora_slots 0 = none).
   int lora_slots = 0;
   int lora_r_max = 16;
+  // Called as each checkpoint tensor is loaded: (loaded, total, tensor name). For progress
+  // displays (moelora generate draws a bar on a terminal); optional.
+  std::function<void(int64_t, int64_t, const std::string&)> load_progress;
 };
 
 // One sequence's part of a forward step. Its new tokens take positions
