@@ -63,6 +63,7 @@ std::unique_ptr<MoeBackend> make_moe_backend(std::string_view name, const MoePro
     std::string why;
     MOELORA_CHECK(backend->supports(p, &why), "MoE backend '{}' cannot run shape '{}': {}", name,
                   p.shape.name, why);
+    backend->prepare(p);
     return backend;
   }
   MOELORA_THROW("unknown MoE backend '{}'; known: {}", name, names_of(all));
@@ -78,7 +79,10 @@ std::unique_ptr<MoeBackend> pick_moe_backend(const MoeProblem& p) {
     if (e.info.device_kind != p.device.kind) continue;
     auto backend = e.factory(p.device);
     std::string why;
-    if (backend->supports(p, &why)) return backend;
+    if (backend->supports(p, &why)) {
+      backend->prepare(p);
+      return backend;
+    }
     reasons += fmt::format("; {}: {}", e.info.name, why);
   }
   MOELORA_THROW("no MoE backend on {} can run shape '{}' (H={}, I={}, E={}, top_k={}){}",

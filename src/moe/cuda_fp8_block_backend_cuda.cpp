@@ -17,9 +17,6 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
  public:
   explicit CudaFp8BlockBackend(Device d) : CudaMoeBackendBase(d) {}
   std::string_view name() const override { return "cuda_fp8_block"; }
-  // Also sizes the activation buffers for p.max_tokens: the registry asks this of the backend
-  // it hands out, the only place a backend learns the problem before running it, and the
-  // stages then never allocate (graph capture). A larger call grows them (outside capture).
   bool supports(const MoeProblem& p, std::string* why) const override {
     if (!supports_common(p, WeightFormat::fp8_block, why)) return false;
     // Reduction lengths H (gate_up) and I / shared I (down): 16-byte rows of e4m3 codes.
@@ -28,13 +25,16 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
     if (p.shape.shared_inter > 0 &&
         !cuda::moe_fp8_stack_supported(128, 128, p.shape.shared_inter, why))
       return false;
-    if (p.max_tokens > 0 && p.device == device()) {
-      const int64_t m = p.max_tokens;
-      reserve(x_buf_, m, p.shape.hidden);
-      reserve(a_buf_, m * p.shape.top_k, p.shape.inter);
-      if (p.shape.shared_inter > 0) reserve(a_buf_, m, p.shape.shared_inter);
-    }
     return true;
+  }
+  // Sizes the activation buffers for p.max_tokens, so the stages never allocate (graph
+  // capture). A call larger than that grows them (allocating: not inside a capture).
+  void prepare(const MoeProblem& p) override {
+    if (p.max_tokens <= 0 || p.device != device()) return;
+    const int64_t m = p.max_tokens;
+    reserve(x_buf_, m, p.shape.hidden);
+    reserve(a_buf_, m * p.shape.top_k, p.shape.inter);
+    if (p.shape.shared_inter > 0) reserve(a_buf_, m, p.shape.shared_inter);
   }
 
   void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const ExpertMatrices& w13,
@@ -56,7 +56,7 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
 
  private:
   // Grows each part to cover rows x k as well as what it covered before.
-  void reserve(cuda::Fp8ActBuffer& b, int64_t rows, int64_t k) const {
+  void reserve(cuda::Fp8ActBuffer& b, int64_t rows, int64_t k) {
     if (b.fits(rows, k)) return;
     const cuda::Fp8ActBuffer want = cuda::Fp8ActBuffer::allocate(rows, k, device());
     if (!b.q.defined() || b.q.numel() < want.q.numel()) b.q = want.q;
@@ -68,8 +68,8 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
   }
 
   // The GEMM inputs' fp8 copies: x (gate_up) and a (down). Stream-ordered reuse: every op
-  // rewrites its buffer before reading it. mutable: sized in supports() (see there).
-  mutable cuda::Fp8ActBuffer x_buf_, a_buf_;
+  // rewrites its buffer before reading it. Sized in prepare().
+  cuda::Fp8ActBuffer x_buf_, a_buf_;
 };
 
 }  // namespace

@@ -29,6 +29,10 @@ class MoeBackend {
   virtual Device device() const = 0;
   // False with the reason in `why` when this backend cannot run `p`.
   virtual bool supports(const MoeProblem& p, std::string* why) const = 0;
+  // Called once on the backend the registry hands out for `p` (after supports(p)): the place to
+  // allocate persistent workspaces sized for p.max_tokens, so that the stages never allocate
+  // (graph capture). Default: nothing.
+  virtual void prepare(const MoeProblem& p) { (void)p; }
   // True when the backend applies LoRA itself (fused epilogue / side stream); later issues.
   virtual bool fuses_lora() const { return false; }
   // Alignment tile (tokens per block) for a batch of `num_tokens`.
