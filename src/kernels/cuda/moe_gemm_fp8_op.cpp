@@ -135,15 +135,12 @@ void run(MoeGemmFp8Args& p, const Tensor& act, const MoeAlignment& plan, int64_t
   MOELORA_CUDA_CHECK(launch_moe_gemm_fp8(p, int(blocks), cfg.rows, raw_stream(stream)));
 }
 
-// The bf16 heuristic's tile, except 128 rows from 64 slots up. Measured on H100 at
-// qwen3-30b-a3b with the quantization out of the main loop (bench/NOTES.md, fp8 section, second
-// pass; fused gemm1 / gemm2 us, 64 vs 128 rows): batch 16 102.7 / 61.4 vs 100.8 / 60.2, batch
-// 64 185.6 / 110.4 vs 160.1 / 95.7, batch 256 205.6 / 116.1 vs 192.0 / 109.9; batch 1 keeps
-// 64 (18.7 / 10.3 vs 19.2 / 10.9).
+// The bf16 heuristic's tile. With the per-thread copy plans, its 64 rows beat the 128-row
+// override the first pass had measured better (H100, qwen3-30b-a3b, fused gemm1 / gemm2 us,
+// 64 vs 128 rows: batch 16 94.7 / 52.7 vs 98.7 / 55.1, batch 64 143.9 / 85.0 vs 148.6 / 84.7,
+// batch 256 153.0 / 91.7 vs 155.5 / 93.8; bench/NOTES.md, fp8 section, second pass).
 MoeGemmConfig heuristic(const ExpertMatrices& w, const MoeAlignment& plan, int64_t slots) {
-  MoeGemmConfig cfg = moe_gemm_config(w.n, w.k, plan.block_m, slots, plan.num_groups, sm_count());
-  if (slots >= 64) cfg.rows = 128;
-  return cfg;
+  return moe_gemm_config(w.n, w.k, plan.block_m, slots, plan.num_groups, sm_count());
 }
 
 }  // namespace
