@@ -101,6 +101,17 @@ Fp8BlockTensors load_fp8_block(const SafetensorsFile& file, const std::string& p
   Fp8BlockTensors t;
   t.weight = file.tensor(prefix + ".weight");
   t.weight_scale_inv = file.tensor(prefix + ".weight_scale_inv");
+  // transformers 5.x writes a per-expert scale grid with a single block row or column
+  // squeezed to 1-D (e.g. (2,) for a [128, 256] weight). With one grid dimension equal to 1
+  // the squeezed order is the grid's, so view it back as [ceil(N/bn), ceil(K/bk)]; any other
+  // 1-D scale is left for validate_fp8_block to refuse.
+  if (t.weight_scale_inv.dim() == 1 && t.weight.dim() == 2 && cfg.block_n > 0 &&
+      cfg.block_k > 0) {
+    const int64_t gn = ceil_div(t.weight.size(0), cfg.block_n);
+    const int64_t gk = ceil_div(t.weight.size(1), cfg.block_k);
+    if ((gn == 1 || gk == 1) && t.weight_scale_inv.numel() == gn * gk)
+      t.weight_scale_inv = t.weight_scale_inv.view({gn, gk});
+  }
   validate_fp8_block(t, cfg, prefix);
   return t;
 }

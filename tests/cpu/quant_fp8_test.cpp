@@ -2,6 +2,7 @@
 // 128, transformers' quantization formula, the dynamic 1 x 128 activation quantization, and
 // bad checkpoints.
 #include <cmath>
+#include <tuple>
 #include <random>
 
 #include "moelora/quant/fp8_block.h"
@@ -121,6 +122,32 @@ TEST(QuantFp8Block, QuantizeWriteReadDequantizeRoundTrip) {
         const float tol = std::max(std::fabs(x) * 0x1p-4f, 0x1p-10f * s) * 1.001f;
         ASSERT_LE(std::fabs(got[size_t(r * k + c)] - x), tol) << r << "," << c;
       }
+    std::filesystem::remove(path);
+  }
+}
+
+// transformers 5.x saves a per-expert scale grid of one block row or column squeezed to 1-D;
+// the loader views it back, and refuses a 1-D scale whose grid has no unit dimension.
+TEST(QuantFp8Block, LoadsSqueezedScaleGrid) {
+  std::mt19937_64 rng(test::fresh_seed());
+  for (auto [n, k, ok] : {std::tuple<int64_t, int64_t, bool>{128, 256, true}, {256, 128, true},
+                          {256, 256, false}}) {
+    SCOPED_TRACE(fmt::format("{} x {}", n, k));
+    const Fp8BlockTensors q = quantize_fp8_block(test::random_tensor({n, k}, DType::bf16, rng));
+    std::map<std::string, Tensor> tensors;
+    tensors["e.weight"] = q.weight;
+    tensors["e.weight_scale_inv"] = q.weight_scale_inv.view({q.weight_scale_inv.numel()});
+    const std::string path = quant_test::temp_path("fp8_squeezed.safetensors");
+    quant_test::write_file(path, tensors);
+    SafetensorsFile file(path);
+    if (ok) {
+      const Fp8BlockTensors back = load_fp8_block(file, "e");
+      EXPECT_EQ(back.weight_scale_inv.shape(), q.weight_scale_inv.shape());
+      EXPECT_EQ(test::to_floats(dequantize_fp8_block(back, {})),
+                test::to_floats(dequantize_fp8_block(q, {})));
+    } else {
+      test::expect_error([&] { load_fp8_block(file, "e"); }, "e.weight_scale_inv");
+    }
     std::filesystem::remove(path);
   }
 }

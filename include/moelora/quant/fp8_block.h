@@ -47,6 +47,8 @@ Tensor dequantize_fp8_block(const Fp8BlockTensors& t, const Fp8BlockConfig& cfg,
 // weight_scale_inv = 1 / scale.
 Fp8BlockTensors quantize_fp8_block(const Tensor& w, const Fp8BlockConfig& cfg = {});
 
+// Accepts the scale grid squeezed to 1-D when one of its dimensions is 1 (transformers 5.x
+// writes per-expert scales that way).
 Fp8BlockTensors load_fp8_block(const SafetensorsFile& file, const std::string& prefix,
                                const Fp8BlockConfig& cfg = {});
 void add_fp8_block_tensors(std::map<std::string, Tensor>& out, const std::string& prefix,
