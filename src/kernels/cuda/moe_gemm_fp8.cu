@@ -1,9 +1,9 @@
 // fp8 block-scale expert GEMMs on CUDA: the launcher (tile instantiation, grid). Device code
 // is in sm90_moe_gemm_fp8.cuh, the Tensor ops in moe_gemm_fp8_op.cpp.
-#include <atomic>
 #include <cstdint>
 
 #include "kernels/cuda/moe_gemm_fp8_launch.h"
+#include "kernels/cuda/expert_gemm_launch.cuh"
 #include "kernels/cuda/sm90_moe_gemm_fp8.cuh"
 
 namespace moelora::cuda {
@@ -18,31 +18,9 @@ cudaError_t launch_tile(const MoeGemmFp8Args& p, int max_blocks, cudaStream_t st
   // (kKt 128 there): a deeper ring keeps as many weight bytes in flight per CTA.
   constexpr int kStages = kNt <= 2 ? 6 : 4;
   using Tile = sm90::MoeGemmFp8Tile<kNt, kMt, kRows, kStages>;
-  auto* kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages>;
-  static std::atomic<uint64_t> opted_in{0};
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  const uint64_t bit = uint64_t(1) << (device & 63);
-  if (!(opted_in.load(std::memory_order_acquire) & bit)) {
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             Tile::kSmemBytes);
-        e != cudaSuccess)
-      return e;
-    opted_in.fetch_or(bit, std::memory_order_acq_rel);
-  }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  const int row_tiles =
-      p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
-  config.gridDim = p.row_tiles_fastest ? dim3(row_tiles, max_blocks) : dim3(max_blocks, row_tiles);
-  config.blockDim = dim3(Tile::kThreads);
-  config.dynamicSmemBytes = Tile::kSmemBytes;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = p.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  constexpr auto kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages>;
+  return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads, Tile::kSmemBytes,
+                                                 stream);
 }
 
 template <int kNt>

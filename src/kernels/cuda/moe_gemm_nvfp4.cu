@@ -1,10 +1,10 @@
 // NVFP4 expert GEMMs on CUDA: the launcher (tile instantiation, grid). Device code is in
 // sm90_moe_gemm_nvfp4.cuh, the Tensor ops in moe_gemm_nvfp4_op.cpp.
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
 #include "kernels/cuda/moe_gemm_nvfp4_launch.h"
+#include "kernels/cuda/expert_gemm_launch.cuh"
 #include "kernels/cuda/sm90_moe_gemm_nvfp4.cuh"
 
 namespace moelora::cuda {
@@ -18,32 +18,9 @@ cudaError_t launch_tile(const MoeGemmNvfp4Args& p, int max_blocks, cudaStream_t 
   // row of codes is a quarter of a bf16 row), 128 for wide ones (the activation tile grows).
   constexpr int kKt = kNt <= 2 ? 256 : 128;
   using Tile = sm90::MoeGemmNvfp4Tile<kNt, kRows, kKt, kStages, kSplit>;
-  auto* kernel = &sm90::moe_gemm_nvfp4_kernel<kNt, kRows, kKt, kStages, kSplit>;
-  // Opt in to more than 48 KB of shared memory once per device, outside any graph capture.
-  static std::atomic<uint64_t> opted_in{0};
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  const uint64_t bit = uint64_t(1) << (device & 63);
-  if (!(opted_in.load(std::memory_order_acquire) & bit)) {
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             Tile::kSmemBytes);
-        e != cudaSuccess)
-      return e;
-    opted_in.fetch_or(bit, std::memory_order_acq_rel);
-  }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  const int row_tiles =
-      p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
-  config.gridDim = p.row_tiles_fastest ? dim3(row_tiles, max_blocks) : dim3(max_blocks, row_tiles);
-  config.blockDim = dim3(Tile::kThreads);
-  config.dynamicSmemBytes = Tile::kSmemBytes;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = p.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  constexpr auto kernel = &sm90::moe_gemm_nvfp4_kernel<kNt, kRows, kKt, kStages, kSplit>;
+  return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads, Tile::kSmemBytes,
+                                                 stream);
 }
 
 template <int kNt>

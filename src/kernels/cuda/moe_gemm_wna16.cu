@@ -1,11 +1,9 @@
 // int4 / int8 expert GEMMs on CUDA (cuda_wna16): the launcher (tile instantiation, grid).
 // Device code in sm90_moe_gemm_wna16.cuh, the Tensor ops in moe_gemm_wna16_op.cpp.
-#include <bitset>
 #include <cstdint>
-#include <mutex>
 
 #include "kernels/cuda/moe_gemm_wna16_launch.h"
-#include "kernels/cuda/pdl_launch.cuh"
+#include "kernels/cuda/expert_gemm_launch.cuh"
 #include "kernels/cuda/sm90_moe_gemm_wna16.cuh"
 
 namespace moelora::cuda {
@@ -19,40 +17,14 @@ constexpr int stage_k() {
   return kNt <= 2 ? 128 : 64;
 }
 
-// Raises the kernel's dynamic shared memory limit once per device: launches inside graph
-// capture must be plain launches.
-template <auto kKernel>
-cudaError_t allow_smem(int bytes) {
-  static std::mutex mu;
-  static std::bitset<64> devices;
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  const std::lock_guard<std::mutex> lock(mu);
-  if (devices.test(size_t(device & 63))) return cudaSuccess;
-  const cudaError_t e =
-      cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e == cudaSuccess) devices.set(size_t(device & 63));
-  return e;
-}
-
 template <int kBits, int kNt, int kRows, int kKt, int kStages, int kSplit, int kMt,
           bool kRaw = false>
 cudaError_t launch_tile(const MoeGemmWna16Args& p, int max_blocks, cudaStream_t stream) {
   using Tile = sm90::Wna16Tile<kBits, kNt, kMt, kRows, kKt, kStages, kSplit>;
   constexpr auto kernel =
       &sm90::moe_gemm_wna16_kernel<kBits, kNt, kMt, kRows, kKt, kStages, kSplit, kRaw>;
-  if (cudaError_t e = allow_smem<kernel>(Tile::kSmemBytes); e != cudaSuccess) return e;
-  // Row tiles (fused: of the intermediate columns, kRows / 2 gate + kRows / 2 up rows each) and
-  // blocks, on whichever grid axis row_tiles_fastest puts them.
-  const int tiles = p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
-  const dim3 grid = p.row_tiles_fastest ? dim3(tiles, max_blocks) : dim3(max_blocks, tiles);
-  if (!p.pdl) {
-    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
-    return cudaGetLastError();
-  }
-  // The kernel waits on its predecessor (griddepcontrol.wait) before it reads anything the
-  // predecessor writes, so it may be scheduled while the predecessor drains.
-  return detail::launch_pdl(kernel, grid, dim3(Tile::kThreads), Tile::kSmemBytes, stream, p);
+  return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads, Tile::kSmemBytes,
+                                                 stream);
 }
 
 // Up to 16 tokens per block: each stage's 4 weight tiles split over 4 warps (a warp's
