@@ -6,6 +6,7 @@
 
 #include "kernels/cpu/dense_ops.h"
 #include "model/deepseek.h"
+#include "model/moe_block.h"
 #include "model/models.h"
 #include "moelora/lora/peft_adapter.h"
 
@@ -88,26 +89,15 @@ void DeepseekModel::mlp(MlaLayer& Ly, const Tensor& xn, const StepCtx& s, Tensor
     bf16_t* d = xb.data<bf16_t>();
     for (int64_t i = 0; i < M * H; ++i) d[i] = float_to_bf16(src[i]);
   }
-  MoeHooks* hooks = nullptr;
+  MoeLoraHooks* hooks = nullptr;
   if (s.lora) {
     MOELORA_CHECK(Ly.lora_hooks != nullptr,
                   "{}: LoRA requested but the model was loaded without LoRA slots",
                   config_.model_type);
     hooks = Ly.lora_hooks.get();
   }
-  const int64_t chunk = options_.max_step_tokens;
-  for (int64_t c0 = 0; c0 < M; c0 += chunk) {
-    const int64_t n = std::min(chunk, M - c0);
-    MoeInputs in;
-    in.x = xb.narrow(0, c0, n);
-    in.router_logits = logits.narrow(0, c0, n);
-    Tensor yc = y.narrow(0, c0, n);
-    if (hooks) Ly.lora_hooks->bind(LoraBatch{s.token_slot.narrow(0, c0, n)});
-    runner_->run(in, Ly.experts, hooks, yc, stream_);
-  }
-  const bf16_t* src = y.data<bf16_t>();
-  float* d = out.data<float>();
-  for (int64_t i = 0; i < M * H; ++i) d[i] = bf16_to_float(src[i]);
+  run_moe_chunked(*runner_, Ly.experts, hooks, s.token_slot, xb, logits, options_.max_step_tokens,
+                  y, out, stream_);
 }
 
 StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "model/moe_decoder_impl.h"
+#include "model/moe_block.h"
 #include "model/ops.h"
 #include "model/weight_loader.h"
 
@@ -240,7 +241,7 @@ void MoeDecoder::mlp(DecoderLayer& L, const Tensor& xn, const Tensor& xb, const 
       margin[t * cols + margin_col] = kth - r[size_t(k)];
     }
   }
-  MoeHooks* hooks = nullptr;
+  MoeLoraHooks* hooks = nullptr;
   if (lb.any) {
     MOELORA_CHECK(L.lora_hooks != nullptr,
                   "{}: LoRA requested but the model was loaded "
@@ -248,19 +249,8 @@ void MoeDecoder::mlp(DecoderLayer& L, const Tensor& xn, const Tensor& xb, const 
                   family_.model_type);
     hooks = L.lora_hooks.get();
   }
-  const int64_t chunk = options_.max_step_tokens;
-  for (int64_t c0 = 0; c0 < M; c0 += chunk) {
-    const int64_t n = std::min(chunk, M - c0);
-    MoeInputs in;
-    in.x = xb.narrow(0, c0, n);
-    in.router_logits = logits.narrow(0, c0, n);
-    Tensor yc = y.narrow(0, c0, n);
-    if (hooks) L.lora_hooks->bind(LoraBatch{lb.token_slot.narrow(0, c0, n)});
-    runner_->run(in, L.experts, hooks, yc, stream_);
-  }
-  const bf16_t* s = y.data<bf16_t>();
-  float* d = out.data<float>();
-  for (int64_t i = 0; i < M * H; ++i) d[i] = bf16_to_float(s[i]);
+  run_moe_chunked(*runner_, L.experts, hooks, lb.token_slot, xb, logits, options_.max_step_tokens,
+                  y, out, stream_);
 }
 
 StepResult MoeDecoder::forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,

@@ -1,0 +1,33 @@
+// The routed-expert part of a decoder layer, shared by the model families (internal).
+#pragma once
+
+#include <algorithm>
+
+#include "moelora/lora/moe_lora.h"
+#include "moelora/moe/runner.h"
+
+namespace moelora {
+
+// Runs `runner` over the M rows of xb (bf16 [M, H]) with their router logits (f32 [M, E]) in
+// chunks of at most `chunk` tokens (the runner's buffers are sized for that), binding each
+// chunk's slice of token_slot when `hooks` is set (null: no LoRA); then out (f32 [M, H]) = y
+// (the bf16 [M, H] layer output).
+inline void run_moe_chunked(MoeRunner& runner, const MoeWeights& w, MoeLoraHooks* hooks,
+                            const Tensor& token_slot, const Tensor& xb, const Tensor& logits,
+                            int64_t chunk, Tensor& y, Tensor& out, const Stream& stream) {
+  const int64_t M = xb.size(0);
+  for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+    const int64_t n = std::min(chunk, M - c0);
+    MoeInputs in;
+    in.x = xb.narrow(0, c0, n);
+    in.router_logits = logits.narrow(0, c0, n);
+    Tensor yc = y.narrow(0, c0, n);
+    if (hooks) hooks->bind(LoraBatch{token_slot.narrow(0, c0, n)});
+    runner.run(in, w, hooks, yc, stream);
+  }
+  const bf16_t* src = y.data<bf16_t>();
+  float* d = out.data<float>();
+  for (int64_t i = 0; i < y.numel(); ++i) d[i] = bf16_to_float(src[i]);
+}
+
+}  // namespace moelora
