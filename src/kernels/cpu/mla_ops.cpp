@@ -6,18 +6,15 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_op_util.h"
+#include "kernels/mla_checks.h"
 
 namespace moelora::cpu {
+
+using namespace detail;
+
 namespace {
 
-void check_act(const Tensor& t, const char* what) {
-  MOELORA_CHECK(t.defined(), "{}: expected a tensor, found an undefined one", what);
-  check_device(t, Device::cpu(), what);
-  MOELORA_CHECK(t.dtype() == DType::f32 || t.dtype() == DType::bf16,
-                "{}: expected f32 or bf16, found {}", what, t.describe());
-  check_contiguous(t, what);
-  MOELORA_CHECK(t.dim() == 2, "{}: expected a 2-d tensor, found {}", what, t.describe());
-}
+const Device kCpu = Device::cpu();
 
 void load_row(const Tensor& t, int64_t r, int64_t n, float* dst) {
   if (t.dtype() == DType::f32) {
@@ -37,60 +34,20 @@ void store_row(Tensor& t, int64_t r, int64_t n, const float* src) {
   }
 }
 
-void check_dims(int heads, int nope, int rope, int vd, const char* op) {
-  MOELORA_CHECK(heads > 0 && nope > 0 && rope >= 0 && vd > 0,
-                "{}: expected heads, nope, vd > 0 and rope >= 0, found {}, {}, {}, {}", op, heads,
-                nope, vd, rope);
-}
-
-// kv_b_proj [heads * (nope + vd), L]; returns L.
-int64_t check_kv_b(const Tensor& w, int heads, int nope, int vd, const char* op) {
-  check_host(w, DType::bf16, "MLA w_kv_b");
-  MOELORA_CHECK(w.dim() == 2 && w.size(0) == int64_t(heads) * (nope + vd) && w.size(1) > 0,
-                "{}: w_kv_b: expected bf16 [{} (heads x (nope + v)), L], found {}", op,
-                int64_t(heads) * (nope + vd), w.describe());
-  return w.size(1);
-}
-
-struct LoraView {
-  int64_t slots = 0, r = 0;
-};
-
-LoraView check_lora(const Tensor& token_slot, const Tensor& A, const Tensor& B,
-                    const Tensor& ranks, int64_t m, int64_t L, int64_t rows, const char* op) {
-  check_host(token_slot, DType::i32, "MLA LoRA token_slot");
-  check_shape(token_slot, {m}, "MLA LoRA token_slot");
-  check_host(A, DType::bf16, "MLA LoRA A");
-  MOELORA_CHECK(A.dim() == 4 && A.size(1) == 1 && A.size(3) == L,
-                "{}: A: expected bf16 [slots, 1, r_max, {}], found {}", op, L, A.describe());
-  LoraView v{A.size(0), A.size(2)};
-  check_host(B, DType::bf16, "MLA LoRA B");
-  check_shape(B, {v.slots, rows, v.r}, "MLA LoRA B");
-  check_host(ranks, DType::i32, "MLA LoRA ranks");
-  check_shape(ranks, {v.slots, 1}, "MLA LoRA ranks");
+// The token slots index the pool: -1 or a slot.
+void check_token_slots(const Tensor& token_slot, int64_t slots, const char* op) {
   const int32_t* ts = token_slot.data<int32_t>();
-  for (int64_t t = 0; t < m; ++t)
-    MOELORA_CHECK(ts[t] >= -1 && ts[t] < v.slots,
-                  "{}: token_slot[{}] = {}: expected -1 or 0..{}", op, t, ts[t], v.slots - 1);
-  return v;
+  for (int64_t t = 0; t < token_slot.numel(); ++t)
+    MOELORA_CHECK(ts[t] >= -1 && ts[t] < slots,
+                  "{}: token_slot[{}] = {}: expected -1 or 0..{}", op, t, ts[t], slots - 1);
 }
 
 }  // namespace
 
 void mla_rope(Tensor& x, int head_stride, int rope_offset, int rope_dim, const Tensor& positions,
               double theta, bool interleaved, const Stream& /*stream*/) {
-  check_act(x, "mla_rope x");
-  check_host(positions, DType::i32, "mla_rope positions");
-  MOELORA_CHECK(rope_dim > 0 && rope_dim % 2 == 0 && rope_offset >= 0 &&
-                    rope_offset + rope_dim <= head_stride,
-                "mla_rope: rope_dim {} (even, > 0) at offset {} must fit the head stride {}",
-                rope_dim, rope_offset, head_stride);
-  MOELORA_CHECK(x.size(1) % head_stride == 0,
-                "mla_rope x: {} columns is not a multiple of the head stride {}", x.size(1),
-                head_stride);
-  MOELORA_CHECK(theta > 0, "mla_rope: theta must be > 0, found {}", theta);
+  check_mla_rope(x, head_stride, rope_offset, rope_dim, positions, theta, kCpu);
   const int64_t m = x.size(0), cols = x.size(1), half = rope_dim / 2;
-  check_shape(positions, {m}, "mla_rope positions");
   // inv_freq in f32 as transformers computes it.
   std::vector<float> inv_freq(static_cast<size_t>(half)), cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
   for (int64_t i = 0; i < half; ++i)
@@ -120,17 +77,8 @@ void mla_rope(Tensor& x, int head_stride, int rope_offset, int rope_dim, const T
 
 void mla_cache_write(const Tensor& kv, const Tensor& slot_mapping, Tensor& cache,
                      const Stream& /*stream*/) {
-  check_act(kv, "mla_cache_write kv");
-  MOELORA_CHECK(cache.defined() && cache.dim() == 4 && cache.size(2) == 1 &&
-                    cache.size(3) == kv.size(1),
-                "MLA cache: expected [pages, page_size, 1, {}], found {}", kv.size(1),
-                cache.describe());
-  check_device(cache, Device::cpu(), "MLA cache");
-  MOELORA_CHECK(cache.dtype() == DType::f32 || cache.dtype() == DType::bf16,
-                "MLA cache: expected f32 or bf16, found {}", cache.describe());
-  const int64_t m = kv.size(0), row = kv.size(1), slots = cache.size(0) * cache.size(1);
-  check_host(slot_mapping, DType::i32, "mla_cache_write slot_mapping");
-  check_shape(slot_mapping, {m}, "mla_cache_write slot_mapping");
+  const MlaCacheDims cd = check_mla_cache_write(kv, slot_mapping, cache, kCpu);
+  const int64_t m = kv.size(0), row = kv.size(1), slots = cd.pages * cd.page;
   const int32_t* sm = slot_mapping.data<int32_t>();
   Tensor c = cache.view({slots, row});
   std::vector<float> buf(static_cast<size_t>(row));
@@ -145,13 +93,8 @@ void mla_cache_write(const Tensor& kv, const Tensor& slot_mapping, Tensor& cache
 
 void mla_absorb_q(const Tensor& q, const Tensor& w_kv_b, int heads, int nope, int rope, int vd,
                   Tensor& q_latent, const Stream& /*stream*/) {
-  check_dims(heads, nope, rope, vd, "mla_absorb_q");
-  const int64_t L = check_kv_b(w_kv_b, heads, nope, vd, "mla_absorb_q");
-  check_act(q, "mla_absorb_q q");
+  const int64_t L = check_mla_absorb_q(q, w_kv_b, heads, nope, rope, vd, q_latent, kCpu);
   const int64_t m = q.size(0), qk = nope + rope;
-  check_shape(q, {m, heads * qk}, "mla_absorb_q q");
-  check_host(q_latent, DType::f32, "mla_absorb_q q_latent");
-  check_shape(q_latent, {m, heads * (L + rope)}, "mla_absorb_q q_latent");
   const bf16_t* w = w_kv_b.data<bf16_t>();
   std::vector<float> qr(size_t(heads * qk)), acc(static_cast<size_t>(L));
   for (int64_t t = 0; t < m; ++t) {
@@ -175,32 +118,10 @@ void mla_absorb_q(const Tensor& q, const Tensor& w_kv_b, int heads, int nope, in
 void mla_paged_attention(const Tensor& q_latent, const Tensor& cache, const Tensor& block_table,
                          const Tensor& token_seq, const Tensor& token_pos, int heads, float scale,
                          Tensor& latent, const Stream& /*stream*/) {
-  check_host(q_latent, DType::f32, "mla_attention q_latent");
-  MOELORA_CHECK(cache.defined() && cache.dim() == 4 && cache.size(2) == 1,
-                "MLA cache: expected [pages, page_size, 1, L + rope], found {}",
-                cache.describe());
-  MOELORA_CHECK(cache.dtype() == DType::f32 || cache.dtype() == DType::bf16,
-                "MLA cache: expected f32 or bf16, found {}", cache.describe());
-  check_device(cache, Device::cpu(), "MLA cache");
-  const int64_t pages = cache.size(0), page = cache.size(1), row = cache.size(3);
-  MOELORA_CHECK(heads > 0 && q_latent.dim() == 2 && q_latent.size(1) == heads * row,
-                "mla_attention q_latent: expected f32 [M, {} (heads x (L + rope))], found {}",
-                int64_t(heads) * row, q_latent.describe());
-  const int64_t m = q_latent.size(0);
-  check_host(latent, DType::f32, "mla_attention latent");
-  MOELORA_CHECK(latent.dim() == 2 && latent.size(0) == m && latent.size(1) % heads == 0 &&
-                    latent.size(1) / heads < row,
-                "mla_attention latent: expected f32 [{}, heads x L], found {}", m,
-                latent.describe());
-  const int64_t L = latent.size(1) / heads;
-  check_host(block_table, DType::i32, "mla_attention block_table");
-  MOELORA_CHECK(block_table.dim() == 2, "mla_attention block_table: expected [S, pages], found {}",
-                block_table.describe());
-  check_host(token_seq, DType::i32, "mla_attention token_seq");
-  check_host(token_pos, DType::i32, "mla_attention token_pos");
-  check_shape(token_seq, {m}, "mla_attention token_seq");
-  check_shape(token_pos, {m}, "mla_attention token_pos");
-  const int64_t num_seqs = block_table.size(0), max_pages = block_table.size(1);
+  const MlaAttentionDims d = check_mla_paged_attention(q_latent, cache, block_table, token_seq,
+                                                       token_pos, heads, latent, kCpu);
+  const int64_t pages = d.cache.pages, page = d.cache.page, row = d.cache.row;
+  const int64_t m = d.m, L = d.L, num_seqs = d.num_seqs, max_pages = d.max_pages;
   const int32_t* seq = token_seq.data<int32_t>();
   const int32_t* pos = token_pos.data<int32_t>();
   const int32_t* bt = block_table.data<int32_t>();
@@ -248,15 +169,8 @@ void mla_paged_attention(const Tensor& q_latent, const Tensor& cache, const Tens
 
 void mla_absorb_v(const Tensor& latent, const Tensor& w_kv_b, int heads, int nope, int vd,
                   Tensor& out, const Stream& /*stream*/) {
-  check_dims(heads, nope, 0, vd, "mla_absorb_v");
-  const int64_t L = check_kv_b(w_kv_b, heads, nope, vd, "mla_absorb_v");
-  check_host(latent, DType::f32, "mla_absorb_v latent");
-  MOELORA_CHECK(latent.dim() == 2 && latent.size(1) == heads * L,
-                "mla_absorb_v latent: expected f32 [M, {}], found {}", heads * L,
-                latent.describe());
+  const int64_t L = check_mla_absorb_v(latent, w_kv_b, heads, nope, vd, out, kCpu);
   const int64_t m = latent.size(0);
-  check_act(out, "mla_absorb_v out");
-  check_shape(out, {m, int64_t(heads) * vd}, "mla_absorb_v out");
   const bf16_t* w = w_kv_b.data<bf16_t>();
   std::vector<float> o(size_t(heads * vd));
   for (int64_t t = 0; t < m; ++t) {
@@ -272,18 +186,11 @@ void mla_absorb_v(const Tensor& latent, const Tensor& w_kv_b, int heads, int nop
 void mla_lora_absorb_q(const Tensor& q, const Tensor& token_slot, const Tensor& A,
                        const Tensor& B, const Tensor& ranks, int heads, int nope, int rope,
                        int vd, Tensor& q_latent, const Stream& /*stream*/) {
-  check_dims(heads, nope, rope, vd, "mla_lora_absorb_q");
-  check_act(q, "mla_lora_absorb_q q");
-  const int64_t m = q.size(0), qk = nope + rope;
-  check_shape(q, {m, heads * qk}, "mla_lora_absorb_q q");
-  check_host(q_latent, DType::f32, "mla_lora_absorb_q q_latent");
-  MOELORA_CHECK(q_latent.dim() == 2 && q_latent.size(0) == m &&
-                    q_latent.size(1) % heads == 0 && q_latent.size(1) / heads > rope,
-                "mla_lora_absorb_q q_latent: expected f32 [{}, heads x (L + rope)], found {}", m,
-                q_latent.describe());
-  const int64_t L = q_latent.size(1) / heads - rope;
-  const LoraView lv = check_lora(token_slot, A, B, ranks, m, L, int64_t(heads) * (nope + vd),
-                                 "mla_lora_absorb_q");
+  const MlaLoraOpDims d = check_mla_lora_absorb_q(q, token_slot, A, B, ranks, heads, nope, rope,
+                                                  vd, q_latent, kCpu);
+  check_token_slots(token_slot, d.lora.slots, "mla_lora_absorb_q");
+  const int64_t m = d.m, qk = nope + rope, L = d.L;
+  const MlaLoraDims lv = d.lora;
   const int32_t* ts = token_slot.data<int32_t>();
   std::vector<float> qr(size_t(heads * qk)), u(static_cast<size_t>(lv.r)), ar(static_cast<size_t>(L));
   for (int64_t t = 0; t < m; ++t) {
@@ -312,16 +219,11 @@ void mla_lora_absorb_q(const Tensor& q, const Tensor& token_slot, const Tensor& 
 void mla_lora_absorb_v(const Tensor& latent, const Tensor& token_slot, const Tensor& A,
                        const Tensor& B, const Tensor& ranks, int heads, int nope, int vd,
                        Tensor& out, const Stream& /*stream*/) {
-  check_dims(heads, nope, 0, vd, "mla_lora_absorb_v");
-  check_host(latent, DType::f32, "mla_lora_absorb_v latent");
-  MOELORA_CHECK(latent.dim() == 2 && latent.size(1) % heads == 0,
-                "mla_lora_absorb_v latent: expected f32 [M, heads x L], found {}",
-                latent.describe());
-  const int64_t m = latent.size(0), L = latent.size(1) / heads;
-  check_host(out, DType::f32, "mla_lora_absorb_v out");
-  check_shape(out, {m, int64_t(heads) * vd}, "mla_lora_absorb_v out");
-  const LoraView lv = check_lora(token_slot, A, B, ranks, m, L, int64_t(heads) * (nope + vd),
-                                 "mla_lora_absorb_v");
+  const MlaLoraOpDims d = check_mla_lora_absorb_v(latent, token_slot, A, B, ranks, heads, nope,
+                                                  vd, out, kCpu);
+  check_token_slots(token_slot, d.lora.slots, "mla_lora_absorb_v");
+  const int64_t m = d.m, L = d.L;
+  const MlaLoraDims lv = d.lora;
   const int32_t* ts = token_slot.data<int32_t>();
   std::vector<float> u(static_cast<size_t>(lv.r));
   for (int64_t t = 0; t < m; ++t) {
@@ -347,23 +249,8 @@ void mla_lora_absorb_v(const Tensor& latent, const Tensor& token_slot, const Ten
 
 void mla_gather_latent(const Tensor& cache, const Tensor& block_table, int seq, int64_t len,
                        Tensor& out, const Stream& /*stream*/) {
-  MOELORA_CHECK(cache.defined() && cache.dim() == 4 && cache.size(2) == 1,
-                "MLA cache: expected [pages, page_size, 1, L + rope], found {}",
-                cache.describe());
-  MOELORA_CHECK(cache.dtype() == DType::f32 || cache.dtype() == DType::bf16,
-                "MLA cache: expected f32 or bf16, found {}", cache.describe());
-  check_device(cache, Device::cpu(), "MLA cache");
-  const int64_t pages = cache.size(0), page = cache.size(1), row = cache.size(3);
-  check_host(block_table, DType::i32, "mla_gather_latent block_table");
-  MOELORA_CHECK(block_table.dim() == 2 && seq >= 0 && seq < block_table.size(0),
-                "mla_gather_latent: sequence row {} outside block_table {}", seq,
-                block_table.describe());
-  const int64_t max_pages = block_table.size(1);
-  MOELORA_CHECK(len > 0 && len <= max_pages * page,
-                "mla_gather_latent: {} positions exceed the block table's capacity of {}", len,
-                max_pages * page);
-  check_host(out, DType::f32, "mla_gather_latent out");
-  check_shape(out, {len, row}, "mla_gather_latent out");
+  const MlaCacheDims cd = check_mla_gather_latent(cache, block_table, seq, len, out, kCpu);
+  const int64_t pages = cd.pages, page = cd.page, row = cd.row, max_pages = block_table.size(1);
   const int32_t* bt = block_table.data<int32_t>() + int64_t(seq) * max_pages;
   Tensor c = cache.view({pages * page, row});
   for (int64_t j = 0; j < len; ++j) {
@@ -378,27 +265,9 @@ void mla_gather_latent(const Tensor& cache, const Tensor& block_table, int seq, 
 void mla_expanded_attention(const Tensor& q, const Tensor& kv_b_out, const Tensor& latent,
                             const Tensor& token_pos, int heads, int nope, int rope, int vd,
                             float scale, Tensor& out, const Stream& /*stream*/) {
-  check_dims(heads, nope, rope, vd, "mla_expanded_attention");
-  const int64_t qk = nope + rope, wr = nope + vd;
-  check_host(q, DType::f32, "mla_expanded_attention q");
-  MOELORA_CHECK(q.dim() == 2 && q.size(1) == heads * qk,
-                "mla_expanded_attention q: expected f32 [n, {}], found {}", heads * qk,
-                q.describe());
-  const int64_t n = q.size(0);
-  check_host(kv_b_out, DType::f32, "mla_expanded_attention kv_b_out");
-  MOELORA_CHECK(kv_b_out.dim() == 2 && kv_b_out.size(1) == heads * wr,
-                "mla_expanded_attention kv_b_out: expected f32 [len, {}], found {}", heads * wr,
-                kv_b_out.describe());
-  const int64_t len = kv_b_out.size(0);
-  check_host(latent, DType::f32, "mla_expanded_attention latent");
-  MOELORA_CHECK(latent.dim() == 2 && latent.size(0) == len && latent.size(1) > rope,
-                "mla_expanded_attention latent: expected f32 [{}, L + {}], found {}", len, rope,
-                latent.describe());
-  const int64_t row = latent.size(1), L = row - rope;
-  check_host(token_pos, DType::i32, "mla_expanded_attention token_pos");
-  check_shape(token_pos, {n}, "mla_expanded_attention token_pos");
-  check_host(out, DType::f32, "mla_expanded_attention out");
-  check_shape(out, {n, int64_t(heads) * vd}, "mla_expanded_attention out");
+  const MlaExpandedDims d = check_mla_expanded_attention(q, kv_b_out, latent, token_pos, heads,
+                                                         nope, rope, vd, out, kCpu);
+  const int64_t qk = nope + rope, wr = nope + vd, n = d.n, len = d.len, row = d.row, L = d.L;
   const int32_t* pos = token_pos.data<int32_t>();
   const float* kvb = kv_b_out.data<float>();
   std::vector<float> p;
