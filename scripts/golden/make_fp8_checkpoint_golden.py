@@ -14,8 +14,11 @@ with save_pretrained, and writes one small fixture (< 1 MB) with:
 Findings with transformers 5.17 (device, 2026-11-22): save_pretrained splits the fused 3D
 experts into per-expert Linears and writes each weight_scale_inv 1-D ((2,) for a [128, 256]
 weight); reloading that checkpoint with FineGrainedFP8Config(dequantize=True) fails in its own
-reshape. Status: the script ran up to the block output; the final version (block taken from
-the bf16 model) has not run yet, so no fixture is committed.
+reshape. It also copies the whole quantized checkpoint (config.json + safetensors, < 1 MB) to
+OUT/checkpoint and writes OUT/checkpoint_reference.safetensors: token ids and the f32 logits of
+the same model with every fp8 weight replaced by its dequantized value (attention projections
+and experts; transformers' fp8 forward needs the `kernels` package), for the whole-model
+loader's test.
 
 Usage: make_fp8_checkpoint_golden.py OUT_DIR
 """
@@ -164,6 +167,41 @@ meta = {"transformers": transformers.__version__, "torch": torch.__version__,
         "norm_topk_prob": "true", "deq_source": ",".join(sorted(set(deq_source))), "y_source": y_source, "quantization_config": json.dumps(qc),
         "expert_keys": json.dumps(expert_keys)}
 path = os.path.join(OUT, "qwen3_moe_fp8_layer0.safetensors")
+
+# The whole quantized checkpoint, and f32 logits of the model on its dequantized weights.
+import shutil
+ck = os.path.join(OUT, "checkpoint")
+os.makedirs(ck, exist_ok=True)
+for fn in os.listdir(qdir):
+    if fn.endswith(".json") or fn.endswith(".safetensors"):
+        shutil.copy(os.path.join(qdir, fn), os.path.join(ck, fn))
+ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+qmods = dict(qmodel.named_modules())
+replaced = []
+with torch.no_grad():
+    for name, mod in ref.named_modules():
+        q = qmods.get(name)
+        if q is None:
+            continue
+        qw = getattr(q, "weight", None)
+        qs = getattr(q, "weight_scale_inv", None)
+        if isinstance(qw, torch.Tensor) and qw.dtype == torch.float8_e4m3fn and qs is not None:
+            mod.weight.copy_(dequant(qw.detach(), qs.detach()))
+            replaced.append(name)
+    rexp = ref.model.layers[0].mlp.experts
+    for pname in ("gate_up_proj", "down_proj"):
+        tgt = getattr(rexp, pname)
+        src_w = deq_all[pname]
+        tgt.copy_(src_w if tgt.shape == src_w.shape else src_w.transpose(1, 2))
+        replaced.append("experts." + pname)
+    print("dequantized into the f32 reference:", replaced)
+    ids = torch.tensor([[3, 17, 42, 8, 63, 1, 29, 50, 11, 7, 36, 22]])
+    ref_logits = ref(input_ids=ids).logits[0].float().contiguous()
+save_file({"ids": ids[0].to(torch.int32).contiguous(), "logits": ref_logits},
+          os.path.join(OUT, "checkpoint_reference.safetensors"),
+          metadata={"dequantized": json.dumps(replaced), "transformers": transformers.__version__})
+print("checkpoint files:", os.listdir(ck))
 save_file(fixture, path, metadata=meta)
 print("wrote", path, os.path.getsize(path), "bytes")
 for k, v in sorted(fixture.items()):

@@ -5,8 +5,8 @@
 // transformers' own dequantizer gives, and the `reference` MoE layer on them must reproduce
 // transformers' Qwen3-MoE block (run in f32 on its dequantized weights, i.e. without fp8
 // activations: the tolerance allows for our 1 x 128 activation quantization).
-// NOT YET RUN against a real fixture: the script's final version has not run on the device,
-// so the test skips (visibly) until the fixture is generated and committed.
+// Fixture generated on the device (H100, torch 2.11, transformers 5.17, 2026-11-23); its
+// dequantized expert values come from transformers' Fp8Dequantize._dequantize_one.
 #include <cstring>
 #include <filesystem>
 #include <string>
