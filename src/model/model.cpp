@@ -14,12 +14,17 @@ namespace {
 using Factory = std::function<std::unique_ptr<Model>(const std::string&, const HfModelConfig&,
                                                      const ModelOptions&)>;
 
-const std::map<std::string, Factory>& registry() {
-  static const std::map<std::string, Factory> r = {{"deepseek_v2", make_deepseek},
-                                                      {"deepseek_v3", make_deepseek},
-                                                      {"kimi_k2", make_deepseek},
-                                                      {"qwen3_moe", make_qwen3_moe},
-                                                      {"mixtral", make_mixtral}};
+struct Entry {
+  Factory make;
+  bool cuda = false;  // has a CUDA backend
+};
+
+const std::map<std::string, Entry>& registry() {
+  static const std::map<std::string, Entry> r = {{"deepseek_v2", {make_deepseek, false}},
+                                                 {"deepseek_v3", {make_deepseek, false}},
+                                                 {"kimi_k2", {make_deepseek, false}},
+                                                 {"qwen3_moe", {make_qwen3_moe, true}},
+                                                 {"mixtral", {make_mixtral, true}}};
   return r;
 }
 
@@ -53,11 +58,21 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const ModelOptions& o
   MOELORA_CHECK(it != registry().end(),
                 "{}/config.json: model_type '{}' has no model in moelora; supported: {}", dir, type,
                 fmt::join(supported_model_types(), ", "));
-  MOELORA_CHECK(options.device.is_cpu(),
-                "Model::load: only the CPU backend exists so far, "
-                "asked for {}",
-                options.device.str());
-  return it->second(dir, HfModelConfig::load(dir), options);
+  if (options.device.is_cuda()) {
+    MOELORA_CHECK(built_with_cuda(),
+                  "Model::load: device {} asked for, but moelora was built without CUDA",
+                  options.device.str());
+    MOELORA_CHECK(it->second.cuda,
+                  "Model::load: model_type '{}' runs on the CPU only so far (asked for {})", type,
+                  options.device.str());
+  }
+  return it->second.make(dir, HfModelConfig::load(dir), options);
+}
+
+bool Model::runs_on(const std::string& dir, Device device) {
+  auto it = registry().find(read_model_type(dir));
+  if (it == registry().end()) return false;
+  return device.is_cpu() || (built_with_cuda() && it->second.cuda);
 }
 
 }  // namespace moelora

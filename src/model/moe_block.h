@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "model/ops.h"
 #include "moelora/lora/moe_lora.h"
 #include "moelora/moe/runner.h"
 
@@ -11,7 +12,7 @@ namespace moelora {
 // Runs `runner` over the M rows of xb (bf16 [M, H]) with their router logits (f32 [M, E]) in
 // chunks of at most `chunk` tokens (the runner's buffers are sized for that), binding each
 // chunk's slice of token_slot when `hooks` is set (null: no LoRA); then out (f32 [M, H]) = y
-// (the bf16 [M, H] layer output).
+// (the bf16 [M, H] layer output), widened on the tensors' device.
 inline void run_moe_chunked(MoeRunner& runner, const MoeWeights& w, MoeLoraHooks* hooks,
                             const Tensor& token_slot, const Tensor& xb, const Tensor& logits,
                             int64_t chunk, Tensor& y, Tensor& out, const Stream& stream) {
@@ -25,9 +26,7 @@ inline void run_moe_chunked(MoeRunner& runner, const MoeWeights& w, MoeLoraHooks
     if (hooks) hooks->bind(LoraBatch{token_slot.narrow(0, c0, n)});
     runner.run(in, w, hooks, yc, stream);
   }
-  const bf16_t* src = y.data<bf16_t>();
-  float* d = out.data<float>();
-  for (int64_t i = 0; i < y.numel(); ++i) d[i] = bf16_to_float(src[i]);
+  ops::cast(y, out, stream);
 }
 
 }  // namespace moelora

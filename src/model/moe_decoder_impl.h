@@ -1,5 +1,11 @@
 // The MoeDecoder class behind make_moe_decoder (internal; split over moe_decoder.cpp: load and
-// forward, moe_decoder_step.cpp: step tables, moe_decoder_lora.cpp: adapters).
+// forward, moe_decoder_step.cpp: step tables and buffers, moe_decoder_lora.cpp: adapters).
+//
+// One code path for both backends: every tensor of the model (weights, LoRA pools, per-step
+// buffers, step tables, the KV cache it asks for) lives on ModelOptions::device, and the
+// dense ops dispatch on where their tensors live (model/ops.h). On CUDA a step does one
+// host->device copy (the packed step tables, from pinned memory) and one device->host copy
+// (logits and router margins), with no sync in between.
 #pragma once
 
 #include <memory>
@@ -13,6 +19,8 @@
 #include "moelora/moe/runner.h"
 
 namespace moelora {
+
+class WeightLoader;
 
 struct DecoderLayer {
   Tensor input_norm, post_norm;
@@ -29,15 +37,38 @@ struct DecoderLayer {
   std::unique_ptr<MoeLoraHooks> lora_hooks;
 };
 
-// Per-token tables of one step.
+// Per-token tables of one step, on the model's device (views of one packed i32 upload).
 struct StepTables {
   Tensor ids, positions, token_seq, slots;  // i32 [M]
+  Tensor last_row;                          // i32 [S]: each sequence's last new token
   Tensor block_table;                       // i32 [S, max_pages]
 };
 
 struct LoraBatchState {
   bool any = false;   // some token has an adapter
   Tensor token_slot;  // i32 [M], -1 = base
+};
+
+// A buffer reused by every step: get() hands out a [rows, cols] view, reallocating only when
+// a step needs more than any before (the decoder sizes them for max_step_tokens at load), so
+// decode steps allocate nothing (issue 5 captures them in CUDA graphs).
+class StepBuffer {
+ public:
+  Tensor get(int64_t rows, int64_t cols, DType dtype, Device device);
+
+ private:
+  Tensor storage_;  // 1-d
+};
+
+struct StepWorkspace {
+  StepBuffer h, xn, delta, xb;            // residual stream f32, its norm, a layer's output; bf16 xn
+  StepBuffer qkv, q, k, v, attn, attn_b;  // attention (attn_b: bf16 input of o_proj's LoRA)
+  StepBuffer router_logits, moe_y;        // f32 [M, E], bf16 [M, H]
+  StepBuffer gate_up, act, act_b;         // dense MLP layers
+  StepBuffer lora_u;                      // dense LoRA shrink output f32 [M, slices * r_max]
+  StepBuffer last_h, last_n;              // f32 [S, H]: last rows, normed
+  StepBuffer out;                         // f32 logits + router margins (what is downloaded)
+  StepBuffer tables;                      // i32 device copy of the packed step tables
 };
 
 class MoeDecoder final : public Model {
@@ -59,9 +90,19 @@ class MoeDecoder final : public Model {
 
  private:
   void check_slot(int slot) const;
-  // Validates the batch (before the cache changes), reserves pages, builds the tables.
+  // A host tensor as the model keeps it: itself on the CPU, a device copy on CUDA.
+  Tensor place(const Tensor& host) const;
+  // One layer's routed experts from the checkpoint (host tensors, checked against the shape).
+  // The one place expert weights are read: quantized formats plug in here.
+  MoeWeights load_experts(WeightLoader& wl, int layer) const;
+  // Sizes the per-step buffers for max_step_tokens.
+  void reserve_workspace();
+  // Validates the batch (before the cache changes), reserves pages, builds the tables (one
+  // upload on CUDA).
   void prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& cache, StepTables& t,
-                    LoraBatchState& lb, std::vector<int64_t>& last_row) const;
+                    LoraBatchState& lb);
+  // y += the LoRA delta of each token's slot; a no-op without a pool or adapter tokens.
+  void add_lora(const DenseLoraPool* pool, const Tensor& xb, const LoraBatchState& lb, Tensor& y);
   void attention(DecoderLayer& L, int layer, const Tensor& xn, const Tensor& xb,
                  const StepTables& t, const LoraBatchState& lb, PagedKvCache& cache, Tensor& out);
   void mlp(DecoderLayer& L, const Tensor& xn, const Tensor& xb, const LoraBatchState& lb,
@@ -70,11 +111,16 @@ class MoeDecoder final : public Model {
   HfModelConfig config_;
   ModelOptions options_;
   MoeDecoderFamily family_;
+  Device device_;
   Stream stream_;
   Tensor embed_, final_norm_, lm_head_;
   std::vector<DecoderLayer> layers_;
+  int num_moe_layers_ = 0;
   std::unique_ptr<MoeRunner> runner_;
   std::vector<bool> adapter_loaded_;
+  StepWorkspace ws_;
+  Tensor staging_;              // host i32 tables (pinned on CUDA)
+  bool upload_pending_ = false;  // staging_ may still be read by an enqueued copy
 };
 
 }  // namespace moelora

@@ -1,13 +1,72 @@
-// MoeDecoder: validation and per-token tables of one forward step.
+// MoeDecoder: validation and per-token tables of one forward step, and the buffers every step
+// reuses.
 #include <algorithm>
 
 #include "model/moe_decoder_impl.h"
 
+#ifdef MOELORA_WITH_CUDA
+#include "core/cuda_check.h"
+#endif
+
 namespace moelora {
+namespace {
+
+// Host i32 staging for the step tables: pinned on CUDA (the upload is then a true async DMA).
+Tensor host_staging(int64_t n, Device model_device) {
+#ifdef MOELORA_WITH_CUDA
+  if (model_device.is_cuda()) {
+    void* p = nullptr;
+    MOELORA_CUDA_CHECK(cudaHostAlloc(&p, size_t(n) * sizeof(int32_t), cudaHostAllocDefault));
+    return Tensor::wrap(p, {n}, DType::i32, Device::cpu(),
+                        std::shared_ptr<void>(p, [](void* q) { cudaFreeHost(q); }));
+  }
+#else
+  (void)model_device;
+#endif
+  return Tensor::empty({n}, DType::i32);
+}
+
+}  // namespace
+
+Tensor StepBuffer::get(int64_t rows, int64_t cols, DType dtype, Device device) {
+  const int64_t need = rows * cols;
+  if (!storage_.defined() || storage_.dtype() != dtype || storage_.device() != device ||
+      storage_.numel() < need)
+    storage_ = Tensor::empty({std::max<int64_t>(need, 1)}, dtype, device);
+  return storage_.narrow(0, 0, need).view({rows, cols});
+}
+
+void MoeDecoder::reserve_workspace() {
+  const HfModelConfig& c = config_;
+  const int64_t T = options_.max_step_tokens, H = c.hidden_size, D = c.head_dim;
+  const int64_t nq = int64_t(c.num_attention_heads) * D, nkv = int64_t(c.num_key_value_heads) * D;
+  const Device d = device_;
+  for (StepBuffer* b : {&ws_.h, &ws_.xn, &ws_.delta}) b->get(T, H, DType::f32, d);
+  ws_.xb.get(T, H, DType::bf16, d);
+  ws_.qkv.get(T, nq + 2 * nkv, DType::f32, d);
+  ws_.q.get(T, nq, DType::f32, d);
+  ws_.attn.get(T, nq, DType::f32, d);
+  for (StepBuffer* b : {&ws_.k, &ws_.v}) b->get(T, nkv, DType::f32, d);
+  for (StepBuffer* b : {&ws_.last_h, &ws_.last_n}) b->get(T, H, DType::f32, d);
+  if (num_moe_layers_ > 0) {
+    ws_.router_logits.get(T, c.moe_shape().num_experts, DType::f32, d);
+    ws_.moe_y.get(T, H, DType::bf16, d);
+  }
+  if (num_moe_layers_ < c.num_hidden_layers) {
+    ws_.gate_up.get(T, 2 * c.intermediate_size, DType::f32, d);
+    ws_.act.get(T, c.intermediate_size, DType::f32, d);
+  }
+  if (options_.lora_slots > 0) {
+    ws_.attn_b.get(T, nq, DType::bf16, d);
+    if (num_moe_layers_ < c.num_hidden_layers)
+      ws_.act_b.get(T, c.intermediate_size, DType::bf16, d);
+    ws_.lora_u.get(T, 3 * int64_t(options_.lora_r_max), DType::f32, d);  // qkv: 3 slices
+  }
+  // ws_.out (logits: V columns per row) grows on the first step, to what steps really use.
+}
 
 void MoeDecoder::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& cache,
-                              StepTables& t, LoraBatchState& lb,
-                              std::vector<int64_t>& last_row) const {
+                              StepTables& t, LoraBatchState& lb) {
   const HfModelConfig& c = config_;
   MOELORA_CHECK(!batch.empty(), "forward: empty batch");
   const KvCacheConfig& kc = cache.config();
@@ -17,6 +76,10 @@ void MoeDecoder::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& 
                 "{} x {} x {}",
                 kc.num_layers, kc.num_kv_heads, kc.head_dim, c.num_hidden_layers,
                 c.num_key_value_heads, c.head_dim);
+  MOELORA_CHECK(kc.device == device_,
+                "forward: KV cache on {}, the model on {} (build the cache from "
+                "Model::kv_cache_config)",
+                kc.device.str(), device_.str());
   // Validate everything before the cache changes.
   int64_t M = 0;
   std::vector<int> seen;
@@ -47,35 +110,49 @@ void MoeDecoder::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& 
     M += int64_t(s.tokens.size());
   }
   const int64_t S = int64_t(batch.size());
-  int64_t max_pages = 1;
+  int64_t P = 1;  // pages per block-table row
   for (const SeqInput& s : batch) {
     cache.reserve(s.seq, cache.length(s.seq) + int64_t(s.tokens.size()));
-    max_pages = std::max<int64_t>(max_pages, int64_t(cache.pages(s.seq).size()));
+    P = std::max<int64_t>(P, int64_t(cache.pages(s.seq).size()));
   }
-  t.ids = Tensor::empty({M}, DType::i32);
-  t.positions = Tensor::empty({M}, DType::i32);
-  t.token_seq = Tensor::empty({M}, DType::i32);
-  t.slots = Tensor::empty({M}, DType::i32);
-  t.block_table = Tensor::empty({S, max_pages}, DType::i32);
-  lb.token_slot = Tensor::empty({M}, DType::i32);
-  last_row.assign(size_t(S), 0);
+  // One packed i32 table: ids, positions, token_seq, slots, token_slot [M each], last_row [S],
+  // block_table [S, P]; built in host staging, uploaded in one copy on CUDA.
+  const int64_t n = 5 * M + S + S * P;
+  if (upload_pending_) stream_.synchronize();  // a failed step may have left a copy in flight
+  if (!staging_.defined() || staging_.numel() < n)
+    staging_ = host_staging(std::max<int64_t>(n, 4096), device_);
+  int32_t* base = staging_.data<int32_t>();
+  int32_t *ids = base, *pos = ids + M, *seq = pos + M, *slots = seq + M, *tslot = slots + M;
+  int32_t *last = tslot + M, *bt = last + S;
   int64_t m = 0;
-  int32_t* bt = t.block_table.data<int32_t>();
   for (int64_t b = 0; b < S; ++b) {
     const SeqInput& s = batch[size_t(b)];
     const std::vector<int32_t>& pages = cache.pages(s.seq);
-    for (int64_t j = 0; j < max_pages; ++j)
-      bt[b * max_pages + j] = j < int64_t(pages.size()) ? pages[size_t(j)] : -1;
+    for (int64_t j = 0; j < P; ++j) bt[b * P + j] = j < int64_t(pages.size()) ? pages[size_t(j)] : -1;
     const int64_t start = cache.length(s.seq);
     for (size_t i = 0; i < s.tokens.size(); ++i, ++m) {
-      t.ids.data<int32_t>()[m] = s.tokens[i];
-      t.positions.data<int32_t>()[m] = int32_t(start + int64_t(i));
-      t.token_seq.data<int32_t>()[m] = int32_t(b);
-      t.slots.data<int32_t>()[m] = cache.slot(s.seq, start + int64_t(i));
-      lb.token_slot.data<int32_t>()[m] = s.adapter_slot;
+      ids[m] = s.tokens[i];
+      pos[m] = int32_t(start + int64_t(i));
+      seq[m] = int32_t(b);
+      slots[m] = cache.slot(s.seq, start + int64_t(i));
+      tslot[m] = s.adapter_slot;
     }
-    last_row[size_t(b)] = m - 1;
+    last[b] = int32_t(m - 1);
   }
+  Tensor packed = staging_.narrow(0, 0, n);
+  if (device_.is_cuda()) {
+    Tensor dev = ws_.tables.get(1, n, DType::i32, device_).view({n});
+    dev.copy_from(packed, &stream_);
+    upload_pending_ = true;
+    packed = dev;
+  }
+  t.ids = packed.narrow(0, 0, M);
+  t.positions = packed.narrow(0, M, M);
+  t.token_seq = packed.narrow(0, 2 * M, M);
+  t.slots = packed.narrow(0, 3 * M, M);
+  lb.token_slot = packed.narrow(0, 4 * M, M);
+  t.last_row = packed.narrow(0, 5 * M, S);
+  t.block_table = packed.narrow(0, 5 * M + S, S * P).view({S, P});
 }
 
 }  // namespace moelora

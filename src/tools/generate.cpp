@@ -291,6 +291,14 @@ CLI::App* add_generate_command(CLI::App& app, GenerateOptions& o) {
   g->add_option("--kv-pages", o.kv_pages, "KV cache budget in pages")->capture_default_str();
   g->add_option("--page-size", o.page_size, "tokens per KV page")->capture_default_str();
   g->add_option("--kv-dtype", o.kv_dtype, "bf16 or f32")->capture_default_str();
+  g->add_option("--device", o.device,
+                "cpu, cuda, or auto: cuda when a GPU is present and the model has a CUDA "
+                "backend, else cpu")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+  g->add_option("--moe-backend", o.moe_backend,
+                "MoE expert backend (reference, cuda_bf16, ...); default: picked for the "
+                "device by capability");
   return g;
 }
 
@@ -313,8 +321,20 @@ int run_generate(const GenerateOptions& o) {
   MOELORA_CHECK(o.kv_dtype == "bf16" || o.kv_dtype == "f32",
                 "--kv-dtype '{}': expected bf16 or f32", o.kv_dtype);
 
+  Device device = Device::cpu();
+  if (o.device == "cuda") {
+    MOELORA_CHECK(cuda_available(), "--device cuda: {}",
+                  built_with_cuda() ? "no usable CUDA device"
+                                    : "moelora was built without CUDA");
+    device = Device::cuda();
+  } else if (o.device == "auto" && cuda_available() && Model::runs_on(model_dir, Device::cuda())) {
+    device = Device::cuda();
+  }
+
   const auto t_load = std::chrono::steady_clock::now();
   ModelOptions mo;
+  mo.device = device;
+  mo.moe_backend = o.moe_backend;
   mo.lora_slots = int(adapters.size());
   mo.lora_r_max = o.max_lora_rank;
   if (stderr_is_tty())  // a bar on a terminal; logs get no per-tensor lines
@@ -337,9 +357,10 @@ int run_generate(const GenerateOptions& o) {
   const HfModelConfig& c = model->config();
   fmt::print(
       "model {} ({}, {} layers, {} experts top-{}, vocab {}), {} adapter(s), "
-      "tokenizer: {}; loaded in {:.2f} s\n",
+      "tokenizer: {}; on {}; loaded in {:.2f} s\n",
       model_dir, c.model_type, c.num_hidden_layers, c.num_experts, c.num_experts_per_tok,
-      c.vocab_size, adapters.size(), tok ? "yes" : "no (token ids in and out)", load_s);
+      c.vocab_size, adapters.size(), tok ? "yes" : "no (token ids in and out)", device.str(),
+      load_s);
   for (const auto& [name, path] : adapters)
     fmt::print("  adapter {} = {} (slot {})\n", name, path, slot_of[name]);
   if (builtin)

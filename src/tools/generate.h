@@ -32,6 +32,8 @@ struct GenerateOptions {
   int64_t kv_pages = 1024;
   int page_size = 16;
   std::string kv_dtype = "bf16";
+  std::string device = "auto";  // auto (cuda when a GPU is present and the model runs there), cpu, cuda
+  std::string moe_backend;      // "" = the model's pick for the device
 };
 
 CLI::App* add_generate_command(CLI::App& app, GenerateOptions& o);

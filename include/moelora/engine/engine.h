@@ -50,6 +50,8 @@ struct GenerationResult {
   double decode_seconds = 0;
 };
 
+// The KV cache is built from Model::kv_cache_config, so it lives on the model's device
+// (ModelOptions::device); the engine itself only handles host-side token ids and logits.
 struct EngineConfig {
   int page_size = 16;
   int64_t num_pages = 256;  // KV budget shared by the batch

@@ -18,10 +18,15 @@ namespace moelora {
 class PeftAdapter;
 
 struct ModelOptions {
-  Device device = Device::cpu();  // only the CPU is implemented so far
-  // Rows per MoE runner call (its buffers are sized for this); longer steps run in chunks.
+  // Where the weights, the LoRA pools, the KV cache (kv_cache_config) and every activation of
+  // a step live. Qwen3-MoE and Mixtral run on the CPU or a CUDA device; DeepSeek-V2/V3 and
+  // Kimi-K2 on the CPU only so far (Model::runs_on says which).
+  Device device = Device::cpu();
+  // Tokens per step the per-step buffers are sized for at load (and rows per MoE runner call:
+  // longer steps run the experts in chunks and grow the other buffers once).
   int64_t max_step_tokens = 256;
-  std::string moe_backend = "reference";  // MoeRunner backend name ("" = pick by capability)
+  // MoeRunner backend name; "" picks by capability: cuda_bf16 on a GPU, reference on the CPU.
+  std::string moe_backend;
   // LoRA: adapter slots held at once and the largest rank they may have (lora_slots 0 = none).
   int lora_slots = 0;
   int lora_r_max = 16;
@@ -39,12 +44,15 @@ struct SeqInput {
   int adapter_slot = -1;        // -1: base model
 };
 
+// Host tensors whatever the model's device (one device->host copy per step on CUDA).
 struct StepResult {
   Tensor last_logits;  // f32 [S, V]: the last new token of each sequence, in batch order
   Tensor all_logits;   // f32 [M, V]: every new token in batch order (only when asked)
   // f32 [M, MoE layers]: per new token and MoE layer (in layer order), the gap between its
   // k-th and (k+1)-th router logit. Near 0, bf16-level differences may route the token to
-  // another expert: conformance checks use it to tell such tokens apart.
+  // another expert: conformance checks use it to tell such tokens apart. Computed on the
+  // model's device (one small kernel per MoE layer on CUDA, no host round trip) and
+  // downloaded with the logits.
   Tensor router_margin;
 };
 
@@ -57,6 +65,10 @@ class Model {
   // the tensor.
   static std::unique_ptr<Model> load(const std::string& dir, const ModelOptions& options = {});
   static std::vector<std::string> supported_model_types();
+  // Whether the model in `dir` (its config.json's model_type) can run on `device` in this
+  // build: any supported model on the CPU; qwen3_moe and mixtral on CUDA when moelora was
+  // built with it.
+  static bool runs_on(const std::string& dir, Device device);
 
   virtual const HfModelConfig& config() const = 0;
   virtual const ModelOptions& options() const = 0;

@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 
 #include <cfloat>
+#include <climits>
 
 #include "kernels/cuda/dense_ops_launch.h"
 
@@ -256,6 +257,57 @@ __global__ void residual_add_kernel(void* x, const void* y, int64_t n) {
     store<kX>(x, i, load<kX>(x, i) + load<kY>(y, i));
 }
 
+// ---- model step ops: strided row copy (cast / copy_columns / gather_rows), router margin ----
+template <bool kS, bool kD>
+__global__ void copy_rows_kernel(const void* src, int64_t src_cols, int64_t col,
+                                 const int32_t* rows, void* dst, int64_t m, int64_t width) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * width;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width, c = i % width;
+    const int64_t sr = rows ? int64_t(rows[r]) : r;
+    store<kD>(dst, i, load<kS>(src, sr * src_cols + col + c));
+  }
+}
+
+constexpr int kMarginWarps = 4, kMarginMaxE = 32 * 32;
+
+// One warp per token: k + 1 rounds of a warp argmax (larger value, then lower index) over the
+// logits not taken yet, so equal logits count separately as in the CPU's sort. Each lane owns
+// elements lane + 32 j and marks the taken ones in a 32-bit mask (hence E <= 1024).
+__global__ void __launch_bounds__(kMarginWarps * 32)
+    router_margin_kernel(const float* logits, int64_t m, int e, int k, float* margin,
+                         int64_t cols, int64_t col) {
+  const int lane = threadIdx.x % 32;
+  const int64_t t = int64_t(blockIdx.x) * kMarginWarps + threadIdx.x / 32;
+  if (t >= m) return;
+  float* dst = margin + t * cols + col;
+  if (k >= e) {
+    if (lane == 0) *dst = INFINITY;
+    return;
+  }
+  const float* row = logits + t * e;
+  uint32_t taken = 0;
+  float kth = 0.f;
+  for (int round = 0; round <= k; ++round) {
+    float best = -INFINITY;
+    int best_i = INT_MAX;  // INT_MAX: this lane has nothing left
+    for (int j = 0; lane + 32 * j < e; ++j) {
+      if ((taken >> j) & 1u) continue;
+      const float v = row[lane + 32 * j];
+      if (best_i == INT_MAX || v > best) best = v, best_i = lane + 32 * j;
+    }
+    for (int o = 16; o > 0; o /= 2) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+      if (oi != INT_MAX && (best_i == INT_MAX || ov > best || (ov == best && oi < best_i)))
+        best = ov, best_i = oi;
+    }
+    if (best_i % 32 == lane) taken |= 1u << (best_i / 32);
+    if (round == k - 1) kth = best;
+    if (round == k && lane == 0) *dst = kth - best;
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_embedding(const int32_t* ids, const void* table, void* out, bool out_bf16,
@@ -350,6 +402,28 @@ cudaError_t launch_residual_add(void* x, bool x_bf16, const void* y, bool y_bf16
     residual_add_kernel<kX, kY><<<grid_for(n, 256), 256, 0, s>>>(x, y, n);
     return cudaGetLastError();
   });
+}
+
+cudaError_t launch_copy_rows(const void* src, bool src_bf16, int64_t src_cols, int64_t col,
+                             const int32_t* rows, void* dst, bool dst_bf16, int64_t m,
+                             int64_t width, cudaStream_t s) {
+  if (m * width == 0) return cudaSuccess;
+  return dispatch2(src_bf16, dst_bf16, [&]<bool kS, bool kD>() {
+    copy_rows_kernel<kS, kD><<<grid_for(m * width, 256), 256, 0, s>>>(src, src_cols, col, rows,
+                                                                      dst, m, width);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_router_margin(const float* logits, int64_t m, int e, int k, float* margin,
+                                 int64_t cols, int64_t col, cudaStream_t s) {
+  if (m == 0) return cudaSuccess;
+  if (e > kMarginMaxE || e < 1 || k < 1) return cudaErrorInvalidValue;
+  const int64_t blocks = (m + kMarginWarps - 1) / kMarginWarps;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  router_margin_kernel<<<unsigned(blocks), kMarginWarps * 32, 0, s>>>(logits, m, e, k, margin,
+                                                                      cols, col);
+  return cudaGetLastError();
 }
 
 }  // namespace moelora::cuda

@@ -41,4 +41,14 @@ cudaError_t launch_silu_mul(const float* gate_up, void* out, bool out_bf16, int6
 cudaError_t launch_residual_add(void* x, bool x_bf16, const void* y, bool y_bf16, int64_t n,
                                 cudaStream_t s);
 
+// Model step ops (kernels/model_ops.inc). One strided copy serves cast, copy_columns and
+// gather_rows: dst [m, width] row r = src row (rows ? rows[r] : r), columns [col, col + width)
+// of src rows of src_cols elements.
+cudaError_t launch_copy_rows(const void* src, bool src_bf16, int64_t src_cols, int64_t col,
+                             const int32_t* rows, void* dst, bool dst_bf16, int64_t m,
+                             int64_t width, cudaStream_t s);
+// margin[t * cols + col] = k-th minus (k+1)-th largest of logits row t (f32 [m, e]); e <= 1024.
+cudaError_t launch_router_margin(const float* logits, int64_t m, int e, int k, float* margin,
+                                 int64_t cols, int64_t col, cudaStream_t s);
+
 }  // namespace moelora::cuda

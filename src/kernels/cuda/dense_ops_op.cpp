@@ -5,6 +5,7 @@
 #include "core/cuda_check.h"
 #include "kernels/cuda/dense_ops.h"
 #include "kernels/cuda/dense_ops_launch.h"
+#include "kernels/cuda/model_ops.h"
 
 namespace moelora::cuda {
 namespace {
@@ -173,6 +174,61 @@ void residual_add(Tensor& x, const Tensor& y, const Stream& stream) {
   two_d(x, "residual_add x");
   check_shape(y, x.shape(), "residual_add y");
   MOELORA_CUDA_CHECK(launch_residual_add(x.data(), xb, y.data(), yb, x.numel(), raw(stream)));
+}
+
+// ---- model step ops (kernels/model_ops.inc) ----------------------------------------------
+
+void cast(const Tensor& x, Tensor& out, const Stream& stream) {
+  const bool xb = act(x, "cast input");
+  const bool ob = act(out, "cast output");
+  check_shape(out, x.shape(), "cast output");
+  MOELORA_CUDA_CHECK(launch_copy_rows(x.data(), xb, x.numel(), 0, nullptr, out.data(), ob, 1,
+                                      x.numel(), raw(stream)));
+}
+
+void copy_columns(const Tensor& src, int64_t col, Tensor& dst, const Stream& stream) {
+  const bool sb = act(src, "copy_columns src");
+  const bool db = act(dst, "copy_columns dst");
+  two_d(src, "copy_columns src");
+  two_d(dst, "copy_columns dst");
+  const int64_t m = src.size(0), n = src.size(1), w = dst.size(1);
+  MOELORA_CHECK(dst.size(0) == m, "copy_columns: dst {} has {} rows, src {} has {}",
+                dst.describe(), dst.size(0), src.describe(), m);
+  MOELORA_CHECK(col >= 0 && col + w <= n,
+                "copy_columns: columns [{}, {}) are outside src {} ({} columns)", col, col + w,
+                src.describe(), n);
+  MOELORA_CUDA_CHECK(
+      launch_copy_rows(src.data(), sb, n, col, nullptr, dst.data(), db, m, w, raw(stream)));
+}
+
+void gather_rows(const Tensor& src, const Tensor& rows, Tensor& dst, const Stream& stream) {
+  const bool sb = act(src, "gather_rows src");
+  const bool db = act(dst, "gather_rows dst");
+  two_d(src, "gather_rows src");
+  typed(rows, DType::i32, "gather_rows rows");
+  MOELORA_CHECK(rows.dim() == 1, "gather_rows rows: expected [S], found {}", rows.describe());
+  const int64_t c = src.size(1), s = rows.size(0);
+  check_shape(dst, {s, c}, "gather_rows dst");
+  MOELORA_CUDA_CHECK(launch_copy_rows(src.data(), sb, c, 0, rows.data<int32_t>(), dst.data(), db,
+                                      s, c, raw(stream)));
+}
+
+void router_margin(const Tensor& logits, int k, Tensor& margin, int64_t col,
+                   const Stream& stream) {
+  typed(logits, DType::f32, "router_margin logits");
+  two_d(logits, "router_margin logits");
+  typed(margin, DType::f32, "router_margin margin");
+  two_d(margin, "router_margin margin");
+  const int64_t m = logits.size(0), e = logits.size(1), cols = margin.size(1);
+  MOELORA_CHECK(margin.size(0) == m, "router_margin: margin {} has {} rows, logits {} has {}",
+                margin.describe(), margin.size(0), logits.describe(), m);
+  MOELORA_CHECK(col >= 0 && col < cols, "router_margin: column {} is outside margin {}", col,
+                margin.describe());
+  MOELORA_CHECK(k >= 1, "router_margin: k must be >= 1, found {}", k);
+  MOELORA_CHECK(e >= 1 && e <= 1024,
+                "cuda router_margin: {} experts; the kernel handles 1..1024 (32 per lane)", e);
+  MOELORA_CUDA_CHECK(launch_router_margin(logits.data<float>(), m, int(e), k,
+                                          margin.data<float>(), cols, col, raw(stream)));
 }
 
 }  // namespace moelora::cuda
