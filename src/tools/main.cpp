@@ -5,6 +5,7 @@
 
 #include "moelora/core/error.h"
 #include "moelora/moe/config.h"
+#include "tools/bench_decode.h"
 #include "tools/bench_moe.h"
 #include "tools/convert.h"
 #include "tools/generate.h"
@@ -41,6 +42,9 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--json", moe.json, "write results as JSON to this file");
   bench_moe->add_option("--seed", moe.seed, "random seed")->capture_default_str();
 
+  moelora::tools::BenchDecodeOptions dec;
+  CLI::App* bench_decode = moelora::tools::add_bench_decode_command(*bench, dec);
+
   moelora::tools::ConvertCliOptions conv;
   CLI::App* convert = moelora::tools::add_convert_command(app, conv);
 
@@ -50,6 +54,7 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
     if (*bench_moe) return moelora::tools::run_bench_moe(moe);
+    if (*bench_decode) return moelora::tools::run_bench_decode(dec);
     if (*convert) return moelora::tools::run_convert(conv);
     if (*generate) return moelora::tools::run_generate(gen);
   } catch (const CLI::ParseError& e) {

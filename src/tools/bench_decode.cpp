@@ -1,0 +1,398 @@
+#include "tools/bench_decode.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include "model/weight_loader.h"
+#include "moelora/core/graph.h"
+#include "moelora/core/random.h"
+#include "moelora/io/hf_config.h"
+#include "moelora/io/safetensors.h"
+#include "moelora/lora/peft_adapter.h"
+#include "moelora/model/model.h"
+
+namespace moelora::tools {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+// "none" or "r<rank>x<adapters>": the rank of every LoRA and how many distinct adapter slots
+// the batch's sequences cycle through.
+struct LoraSetting {
+  std::string name;
+  int rank = 0;
+  int adapters = 0;
+};
+
+LoraSetting parse_lora_setting(const std::string& s) {
+  if (s == "none") return {s, 0, 0};
+  int rank = 0, adapters = 0;
+  char tail = 0;
+  const bool ok = std::sscanf(s.c_str(), "r%dx%d%c", &rank, &adapters, &tail) == 2;
+  MOELORA_CHECK(ok && rank >= 1 && rank <= 256 && adapters >= 1 && adapters <= 64,
+                "--lora: expected 'none' or r<rank>x<adapters> (rank 1..256, adapters 1..64), "
+                "found '{}'",
+                s);
+  return {s, rank, adapters};
+}
+
+// config.json of a built-in shape (the published configs' architecture fields).
+json shape_config(const std::string& shape) {
+  json c;
+  c["hidden_act"] = "silu";
+  c["rope_parameters"] = {{"rope_theta", 1000000.0}, {"rope_type", "default"}};
+  c["tie_word_embeddings"] = false;
+  c["attention_dropout"] = 0.0;
+  if (shape == "qwen3-30b-a3b" || shape == "tiny") {
+    const bool tiny = shape == "tiny";
+    c["model_type"] = "qwen3_moe";
+    c["hidden_size"] = tiny ? 64 : 2048;
+    c["num_hidden_layers"] = tiny ? 3 : 48;
+    c["num_attention_heads"] = tiny ? 4 : 32;
+    c["num_key_value_heads"] = tiny ? 2 : 4;
+    c["head_dim"] = tiny ? 16 : 128;
+    c["num_experts"] = tiny ? 8 : 128;
+    c["num_experts_per_tok"] = tiny ? 2 : 8;
+    c["moe_intermediate_size"] = tiny ? 32 : 768;
+    c["intermediate_size"] = tiny ? 96 : 6144;
+    c["vocab_size"] = tiny ? 384 : 151936;
+    c["max_position_embeddings"] = tiny ? 4096 : 40960;
+    c["mlp_only_layers"] = tiny ? json::array({1}) : json::array();
+    c["decoder_sparse_step"] = 1;
+    c["norm_topk_prob"] = true;
+    c["rms_norm_eps"] = 1e-6;
+    c["attention_bias"] = false;
+    c["use_sliding_window"] = false;
+    return c;
+  }
+  if (shape == "mixtral-8x7b") {
+    c["model_type"] = "mixtral";
+    c["hidden_size"] = 4096;
+    c["num_hidden_layers"] = 32;
+    c["num_attention_heads"] = 32;
+    c["num_key_value_heads"] = 8;
+    c["head_dim"] = 128;
+    c["num_local_experts"] = 8;
+    c["num_experts_per_tok"] = 2;
+    c["intermediate_size"] = 14336;
+    c["vocab_size"] = 32000;
+    c["max_position_embeddings"] = 32768;
+    c["rms_norm_eps"] = 1e-5;
+    c["sliding_window"] = nullptr;
+    return c;
+  }
+  MOELORA_THROW("--shape: expected qwen3-30b-a3b, mixtral-8x7b or tiny, found '{}'", shape);
+}
+
+// Writes a PEFT adapter of rank `r` on every module the models take LoRA on: attention
+// q/k/v/o, dense MLP gate/up/down and every expert's three projections (per-expert layout).
+// One A/B pair per layer and kind is shared by all experts (same values, separate keys): the
+// bytes a step reads are those of distinct adapters, and the file is written in seconds.
+void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r, uint64_t seed) {
+  fs::create_directories(dir);
+  const bool mixtral = c.model_type == "mixtral";
+  const std::string experts = mixtral ? "block_sparse_moe.experts" : "mlp.experts";
+  const std::array<std::string, 3> proj = mixtral ? std::array<std::string, 3>{"w1", "w3", "w2"}
+                                                  : std::array<std::string, 3>{"gate_proj", "up_proj", "down_proj"};
+  const int64_t H = c.hidden_size, D = c.head_dim, I = c.moe_intermediate_size;
+  const int64_t nq = int64_t(c.num_attention_heads) * D, nkv = int64_t(c.num_key_value_heads) * D;
+  const Stream cpu;
+  uint64_t sd = seed;
+  auto make = [&](int64_t rows, int64_t cols, float a) {
+    Tensor t = Tensor::empty({rows, cols}, DType::bf16);
+    fill_uniform(t, sd++, -a, a, cpu);
+    return t;
+  };
+  std::map<std::string, Tensor> t;
+  // lora_A [r, in] ~ 1/sqrt(in), lora_B [out, r] small: deltas of a few percent.
+  auto add = [&](const std::string& module, int64_t out, int64_t in) {
+    const std::string k = "base_model.model." + module;
+    t[k + ".lora_A.weight"] = make(r, in, 1.0f / std::sqrt(float(in)));
+    t[k + ".lora_B.weight"] = make(out, r, 0.02f);
+  };
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = fmt::format("model.layers.{}.", l);
+    add(p + "self_attn.q_proj", nq, H);
+    add(p + "self_attn.k_proj", nkv, H);
+    add(p + "self_attn.v_proj", nkv, H);
+    add(p + "self_attn.o_proj", H, nq);
+    if (!c.is_moe_layer(l)) {
+      const int64_t Id = c.intermediate_size;
+      add(p + "mlp.gate_proj", Id, H);
+      add(p + "mlp.up_proj", Id, H);
+      add(p + "mlp.down_proj", H, Id);
+      continue;
+    }
+    const std::array<Tensor, 6> ab = {make(r, H, 1.0f / std::sqrt(float(H))), make(I, r, 0.02f),
+                                      make(r, H, 1.0f / std::sqrt(float(H))), make(I, r, 0.02f),
+                                      make(r, I, 1.0f / std::sqrt(float(I))), make(H, r, 0.02f)};
+    for (int e = 0; e < c.num_experts; ++e)
+      for (int j = 0; j < 3; ++j) {
+        const std::string k =
+            fmt::format("base_model.model.{}{}.{}.{}", p, experts, e, proj[size_t(j)]);
+        t[k + ".lora_A.weight"] = ab[size_t(2 * j)];
+        t[k + ".lora_B.weight"] = ab[size_t(2 * j + 1)];
+      }
+  }
+  save_safetensors(dir + "/adapter_model.safetensors", t);
+  json cfg;
+  cfg["peft_type"] = "LORA";
+  cfg["r"] = r;
+  cfg["lora_alpha"] = 2 * r;
+  cfg["use_rslora"] = false;
+  cfg["use_dora"] = false;
+  cfg["fan_in_fan_out"] = false;
+  cfg["bias"] = "none";
+  cfg["base_model_name_or_path"] = nullptr;
+  cfg["target_modules"] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj"};
+  if (mixtral) cfg["target_modules"] = {"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"};
+  std::ofstream(dir + "/adapter_config.json") << cfg.dump(2) << "\n";
+}
+
+std::string now_iso() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// Removes the scratch directory (random-weight model description, adapters) on exit.
+struct ScratchDir {
+  std::string path;
+  ScratchDir() {
+    path = (fs::temp_directory_path() / fmt::format("moelora_bench_decode_{}", getpid())).string();
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+struct Row {
+  int batch = 0;
+  std::string lora;
+  double ms = 0, tok_s = 0, ratio = NAN;
+};
+
+// Median wall time (ms) of `steps` decode steps of `batch` sequences that each start at
+// `context` tokens of (random) K/V; sequence i runs adapter slot i % adapters (-1 without).
+double time_decode(Model& model, PagedKvCache& cache, int batch, int adapters, int64_t context,
+                   int warmup, int steps, uint64_t seed) {
+  std::vector<SeqInput> in(static_cast<size_t>(batch));
+  for (int i = 0; i < batch; ++i) {
+    SeqInput& s = in[size_t(i)];
+    s.seq = cache.add_sequence();
+    cache.reserve(s.seq, context + warmup + steps);
+    cache.advance(s.seq, context);  // the pages hold random K/V already
+    s.adapter_slot = adapters > 0 ? i % adapters : -1;
+    s.tokens = {0};
+  }
+  const int64_t V = model.config().vocab_size;
+  std::vector<double> ms;
+  for (int step = 0; step < warmup + steps; ++step) {
+    for (int i = 0; i < batch; ++i)
+      in[size_t(i)].tokens[0] = int32_t(uniform_at(seed, uint64_t(step * batch + i), 0.0f, 1.0f) *
+                                        float(V - 1));
+    const auto t0 = std::chrono::steady_clock::now();
+    const StepResult r = model.forward(in, cache);
+    const auto t1 = std::chrono::steady_clock::now();
+    MOELORA_CHECK(r.last_logits.size(0) == batch, "bench decode: expected {} logit rows, found {}",
+                  batch, r.last_logits.size(0));
+    if (step >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  for (const SeqInput& s : in) cache.free_sequence(s.seq);
+  return median(ms);
+}
+
+}  // namespace
+
+CLI::App* add_bench_decode_command(CLI::App& bench, BenchDecodeOptions& o) {
+  CLI::App* d = bench.add_subcommand(
+      "decode",
+      "time whole-model decode steps (random weights of a real shape) per batch size and LoRA "
+      "setting");
+  d->add_option("--shape", o.shape, "model shape: qwen3-30b-a3b, mixtral-8x7b, tiny")
+      ->capture_default_str();
+  d->add_option("--dtype", o.dtype, "expert weights: bf16, int4, int8, fp8, nvfp4")
+      ->capture_default_str();
+  d->add_option("--group-size", o.group_size,
+                "quantization group along K (0: 128; nvfp4 16; fp8 = square block)");
+  d->add_option("--batches", o.batches, "batch sizes (default 1,4,16,64,128,256; CPU 1,4,16)")
+      ->delimiter(',');
+  d->add_option("--lora", o.lora, "LoRA settings: none, r<rank>x<adapters>")
+      ->delimiter(',')
+      ->capture_default_str();
+  d->add_option("--context", o.context, "KV length of every sequence before timing")
+      ->capture_default_str();
+  d->add_option("--steps", o.steps, "timed decode steps per point (default 20 on CUDA, 3 on CPU)");
+  d->add_option("--warmup", o.warmup, "untimed steps first (default 3 on CUDA, 1 on CPU)");
+  d->add_option("--device", o.device, "auto, cpu or cuda")->capture_default_str();
+  d->add_option("--backend", o.backend, "MoE backend by name (default: the model's pick)");
+  d->add_option("--json", o.json, "write results as JSON to this file");
+  d->add_option("--seed", o.seed, "random seed")->capture_default_str();
+  return d;
+}
+
+int run_bench_decode(const BenchDecodeOptions& o) {
+  const WeightFormat format = parse_weight_format(o.dtype);
+  Device device = Device::cpu();
+  if (o.device == "cuda" || (o.device == "auto" && cuda_available())) {
+    MOELORA_CHECK(cuda_available(), "--device cuda: no usable CUDA device");
+    device = Device::cuda();
+  } else {
+    MOELORA_CHECK(o.device == "auto" || o.device == "cpu",
+                  "--device: expected auto, cpu or cuda, found '{}'", o.device);
+  }
+  const bool gpu = device.is_cuda();
+  std::vector<int> batches = o.batches;
+  if (batches.empty())
+    batches = gpu ? std::vector<int>{1, 4, 16, 64, 128, 256} : std::vector<int>{1, 4, 16};
+  for (int b : batches) MOELORA_CHECK(b >= 1, "--batches: sizes must be >= 1, found {}", b);
+  MOELORA_CHECK(o.context >= 1, "--context: must be >= 1, found {}", o.context);
+  const int steps = o.steps > 0 ? o.steps : (gpu ? 20 : 3);
+  const int warmup = o.warmup > 0 ? o.warmup : (gpu ? 3 : 1);
+  std::vector<LoraSetting> settings;
+  int max_rank = 0, max_adapters = 0;
+  for (const std::string& l : o.lora) {
+    settings.push_back(parse_lora_setting(l));
+    max_rank = std::max(max_rank, settings.back().rank);
+    max_adapters = std::max(max_adapters, settings.back().adapters);
+  }
+  const int max_batch = *std::max_element(batches.begin(), batches.end());
+
+  // The random-weight model: config.json + random_weights.json, weights made on the device.
+  ScratchDir scratch;
+  const std::string model_dir = scratch.path + "/model";
+  fs::create_directories(model_dir);
+  const json cfg = shape_config(o.shape);
+  std::ofstream(model_dir + "/config.json") << cfg.dump(2) << "\n";
+  RandomWeights rw;
+  rw.seed = o.seed;
+  rw.experts_format = format;
+  rw.group_size = o.group_size;
+  rw.device = device;
+  write_random_weights(model_dir, rw);
+  const HfModelConfig config = HfModelConfig::load(model_dir);
+  MOELORA_CHECK(o.context + warmup + steps <= config.max_position_embeddings,
+                "--context {} + {} steps exceeds the shape's {} positions", o.context,
+                warmup + steps, config.max_position_embeddings);
+
+  ModelOptions mo;
+  mo.device = device;
+  mo.max_step_tokens = max_batch;
+  if (!o.backend.empty()) mo.moe_backend = o.backend;
+  mo.lora_slots = max_adapters;
+  mo.lora_r_max = std::max(max_rank, 1);
+  const DeviceInfo info = device_info(device);
+  std::printf("moelora bench decode: %s, %s experts, device %s, context %lld, %d steps (+%d "
+              "warm-up) per point\n",
+              o.shape.c_str(), format_name(format), info.name.c_str(),
+              static_cast<long long>(o.context), steps, warmup);
+  auto t0 = std::chrono::steady_clock::now();
+  std::unique_ptr<Model> model = Model::load(model_dir, mo);
+  std::printf("random weights made in %.1f s\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+
+  // One cache for the largest batch; its pages hold random K/V (bf16) from the start.
+  constexpr int kPageSize = 16;
+  const int64_t pages_per_seq = (o.context + warmup + steps + kPageSize - 1) / kPageSize;
+  KvCacheConfig kc = model->kv_cache_config(pages_per_seq * max_batch, kPageSize, DType::bf16);
+  kc.max_seqs = std::max(kc.max_seqs, max_batch);
+  PagedKvCache cache(kc);
+  {
+    Stream s = gpu ? Stream::create(device) : Stream();
+    for (int l = 0; l < kc.num_layers; ++l) {
+      fill_uniform(cache.k(l), o.seed + 100 + uint64_t(l), -1.0f, 1.0f, s);
+      if (!kc.key_only) fill_uniform(cache.v(l), o.seed + 1000 + uint64_t(l), -1.0f, 1.0f, s);
+    }
+    s.synchronize();
+  }
+
+  std::vector<Row> rows;
+  std::map<int, double> base_ms;  // batch -> ms of LoRA none
+  int loaded_rank = 0;
+  for (const LoraSetting& ls : settings) {
+    if (ls.rank > 0 && ls.rank != loaded_rank) {
+      t0 = std::chrono::steady_clock::now();
+      const std::string adir = fmt::format("{}/adapter_r{}", scratch.path, ls.rank);
+      write_random_adapter(adir, config, ls.rank, o.seed + 7);
+      const PeftAdapter adapter = PeftAdapter::load(adir);
+      for (int s = 0; s < max_adapters; ++s) {
+        if (model->adapter_loaded(s)) model->unload_adapter(s);
+        model->load_adapter(s, adapter);
+      }
+      loaded_rank = ls.rank;
+      std::printf("random rank-%d adapter loaded into %d slot(s) in %.1f s\n", ls.rank,
+                  max_adapters,
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    for (int b : batches) {
+      Row r;
+      r.batch = b;
+      r.lora = ls.name;
+      r.ms = time_decode(*model, cache, b, ls.adapters, o.context, warmup, steps,
+                         o.seed + uint64_t(b));
+      r.tok_s = double(b) / (r.ms * 1e-3);
+      if (ls.rank == 0) base_ms[b] = r.ms;
+      if (ls.rank > 0 && base_ms.count(b)) r.ratio = r.ms / base_ms[b];
+      std::printf("  batch %4d  lora %-7s  %9.3f ms/step  %10.1f tok/s%s\n", b, ls.name.c_str(),
+                  r.ms, r.tok_s,
+                  std::isnan(r.ratio) ? "" : fmt::format("  x{:.3f} vs none", r.ratio).c_str());
+      std::fflush(stdout);
+      rows.push_back(r);
+    }
+  }
+
+  if (!o.json.empty()) {
+    json j;
+    j["tool"] = "moelora bench decode";
+    j["date"] = now_iso();
+    j["device"] = info.name;
+    j["shape"] = o.shape;
+    j["config"] = cfg;
+    j["experts_dtype"] = format_name(format);
+    j["group_size"] = o.group_size;
+    j["dense_dtype"] = "bf16";
+    j["kv_dtype"] = "bf16";
+    j["context"] = o.context;
+    j["steps"] = steps;
+    j["warmup"] = warmup;
+    j["lora_targets"] = "attention q/k/v/o, dense MLP, every expert's gate/up/down";
+    j["timing"] =
+        "median host wall time of one Model::forward (host tables + uploads + GPU work + "
+        "logits download), one new token per sequence";
+    for (const Row& r : rows)
+      j["results"].push_back({{"batch", r.batch},
+                              {"lora", r.lora},
+                              {"ms_per_step", r.ms},
+                              {"tok_per_s", r.tok_s},
+                              {"lora_over_none", std::isnan(r.ratio) ? json() : json(r.ratio)}});
+    std::ofstream out(o.json);
+    MOELORA_CHECK(out.good(), "--json: cannot write {}", o.json);
+    out << j.dump(2) << "\n";
+    std::printf("wrote %s\n", o.json.c_str());
+  }
+  return 0;
+}
+
+}  // namespace moelora::tools
