@@ -10,6 +10,7 @@
 
 #include "moelora/core/error.h"
 #include "moelora/core/tensor.h"
+#include "moelora/moe/config.h"
 
 namespace moelora::detail {
 
@@ -277,6 +278,48 @@ inline MlaExpandedDims check_mla_expanded_attention(const Tensor& q, const Tenso
   mla_on(out, DType::f32, dev, "mla_expanded_attention out");
   check_shape(out, {d.n, int64_t(heads) * vd}, "mla_expanded_attention out");
   return d;
+}
+
+// ---- DeepSeek step ops (kernels/mla_step_ops.inc) -------------------------------------------
+
+// Returns L (the normed columns).
+inline int64_t check_mla_kv_norm(const Tensor& kv, const Tensor& weight, Device dev) {
+  mla_act(kv, dev, "mla_kv_norm kv");
+  mla_on(weight, DType::bf16, dev, "mla_kv_norm weight");
+  MOELORA_CHECK(weight.dim() == 1 && weight.size(0) > 0 && weight.size(0) <= kv.size(1),
+                "mla_kv_norm weight: expected bf16 [L] with L <= {} (the columns of kv {}), "
+                "found {}",
+                kv.size(1), kv.describe(), weight.describe());
+  return weight.size(0);
+}
+
+inline void check_grouped_router_margin(const Tensor& logits, const Tensor& correction_bias,
+                                        const RouterConfig& r, const Tensor& margin,
+                                        int64_t col, Device dev) {
+  mla_on(logits, DType::f32, dev, "grouped_router_margin logits");
+  MOELORA_CHECK(logits.dim() == 2 && logits.size(1) == r.num_experts && r.num_experts > 0,
+                "grouped_router_margin logits: expected f32 [M, {} (experts)], found {}",
+                r.num_experts, logits.describe());
+  MOELORA_CHECK(r.top_k >= 1 && r.n_group >= 1 && r.num_experts % r.n_group == 0 &&
+                    r.topk_group >= 1 && r.topk_group <= r.n_group,
+                "grouped_router_margin: top_k {} >= 1, n_group {} dividing {} experts and "
+                "topk_group {} in 1..n_group expected",
+                r.top_k, r.n_group, r.num_experts, r.topk_group);
+  MOELORA_CHECK(r.n_group == 1 || r.group_score == GroupScore::max ||
+                    r.num_experts / r.n_group >= 2,
+                "grouped_router_margin: a top-2-sum group score needs >= 2 experts per group, "
+                "found {}",
+                r.num_experts / r.n_group);
+  if (r.use_correction_bias) {
+    mla_on(correction_bias, DType::f32, dev, "grouped_router_margin correction_bias");
+    check_shape(correction_bias, {int64_t(r.num_experts)},
+                "grouped_router_margin correction_bias");
+  }
+  mla_on(margin, DType::f32, dev, "grouped_router_margin margin");
+  MOELORA_CHECK(margin.dim() == 2 && margin.size(0) == logits.size(0) && col >= 0 &&
+                    col < margin.size(1),
+                "grouped_router_margin margin: expected f32 [{}, C] with column {} < C, found {}",
+                logits.size(0), col, margin.describe());
 }
 
 }  // namespace moelora::detail

@@ -13,6 +13,9 @@
 // request (MoeLoraPool) and attention LoRA (DenseLoraPool) on q_proj / q_a_proj / q_b_proj /
 // kv_a_proj_with_mqa / o_proj; kv_b_proj's LoRA is the ordinary LoRA on the expanded path and
 // the side correction of REFERENCE.md on the absorbed path (mla_lora_absorb_q/v).
+// Backends: every weight, LoRA pool, the latent cache and every activation of a step live on
+// ModelOptions::device (CPU or CUDA); the ops dispatch on where their tensors are
+// (model/ops.h, model/mla_dispatch.h), so this file and deepseek_step.cpp never name one.
 #include "model/deepseek.h"
 
 #include <cmath>
@@ -21,8 +24,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "kernels/cpu/dense_ops.h"
-#include "kernels/cpu/mla_ops.h"
+#include "model/mla_dispatch.h"
 #include "model/weight_loader.h"
 
 namespace moelora {
@@ -74,7 +76,10 @@ void check_unsupported_settings(const std::string& dir, const HfModelConfig& c, 
 
 DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config,
                              const ModelOptions& options)
-    : config_(config), options_(options), stream_(Stream::create(Device::cpu())) {
+    : config_(config),
+      options_(options),
+      device_(options.device),
+      stream_(Stream::create(options.device)) {
   check_unsupported_settings(dir, config_, rope_interleave_);
   MOELORA_CHECK(options_.max_step_tokens > 0, "ModelOptions: max_step_tokens must be > 0");
   const HfModelConfig& c = config_;
@@ -82,40 +87,38 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
   const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
   const int64_t L = c.kv_lora_rank, qk = nope + rope;
   WeightLoader wl(dir, options.load_progress);
-  embed_ = wl.bf16("model.embed_tokens.weight", {V, H});
-  final_norm_ = wl.bf16("model.norm.weight", {H});
+  embed_ = place(wl.bf16("model.embed_tokens.weight", {V, H}));
+  final_norm_ = place(wl.bf16("model.norm.weight", {H}));
   if (c.tie_word_embeddings) {
     lm_head_ = embed_;
     if (wl.has("lm_head.weight")) wl.bf16("lm_head.weight", {V, H});
   } else {
-    lm_head_ = wl.bf16("lm_head.weight", {V, H});
+    lm_head_ = place(wl.bf16("lm_head.weight", {V, H}));
   }
   const MoeShape shape = c.moe_shape();
   const int64_t E = shape.num_experts, I = shape.inter, Is = shape.shared_inter;
   const bool lora = options_.lora_slots > 0;
   auto pool = [&](const std::string& name, int64_t in, int64_t out) {
     return std::make_unique<DenseLoraPool>(name, in, DenseLoraSlices::from_sizes({out}),
-                                           options_.lora_slots, options_.lora_r_max,
-                                           Device::cpu());
+                                           options_.lora_slots, options_.lora_r_max, device_);
   };
-  bool any_moe = false;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = fmt::format("model.layers.{}.", l);
     const std::string a = p + "self_attn.";
     MlaLayer Ly;
-    Ly.input_norm = wl.bf16(p + "input_layernorm.weight", {H});
-    Ly.post_norm = wl.bf16(p + "post_attention_layernorm.weight", {H});
+    Ly.input_norm = place(wl.bf16(p + "input_layernorm.weight", {H}));
+    Ly.post_norm = place(wl.bf16(p + "post_attention_layernorm.weight", {H}));
     if (c.q_lora_rank > 0) {
-      Ly.q_a_proj = wl.bf16(a + "q_a_proj.weight", {c.q_lora_rank, H});
-      Ly.q_a_norm = wl.bf16(a + "q_a_layernorm.weight", {c.q_lora_rank});
-      Ly.q_b_proj = wl.bf16(a + "q_b_proj.weight", {nh * qk, c.q_lora_rank});
+      Ly.q_a_proj = place(wl.bf16(a + "q_a_proj.weight", {c.q_lora_rank, H}));
+      Ly.q_a_norm = place(wl.bf16(a + "q_a_layernorm.weight", {c.q_lora_rank}));
+      Ly.q_b_proj = place(wl.bf16(a + "q_b_proj.weight", {nh * qk, c.q_lora_rank}));
     } else {
-      Ly.q_proj = wl.bf16(a + "q_proj.weight", {nh * qk, H});
+      Ly.q_proj = place(wl.bf16(a + "q_proj.weight", {nh * qk, H}));
     }
-    Ly.kv_a_proj = wl.bf16(a + "kv_a_proj_with_mqa.weight", {L + rope, H});
-    Ly.kv_a_norm = wl.bf16(a + "kv_a_layernorm.weight", {L});
-    Ly.kv_b_proj = wl.bf16(a + "kv_b_proj.weight", {nh * (nope + vd), L});
-    Ly.o_proj = wl.bf16(a + "o_proj.weight", {H, nh * vd});
+    Ly.kv_a_proj = place(wl.bf16(a + "kv_a_proj_with_mqa.weight", {L + rope, H}));
+    Ly.kv_a_norm = place(wl.bf16(a + "kv_a_layernorm.weight", {L}));
+    Ly.kv_b_proj = place(wl.bf16(a + "kv_b_proj.weight", {nh * (nope + vd), L}));
+    Ly.o_proj = place(wl.bf16(a + "o_proj.weight", {H, nh * vd}));
     if (lora) {
       if (c.q_lora_rank > 0) {
         Ly.attn_lora["q_a_proj"] = pool(a + "q_a_proj", H, c.q_lora_rank);
@@ -129,13 +132,14 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
     }
     Ly.moe = c.is_moe_layer(l);
     if (Ly.moe) {
-      any_moe = true;
-      Ly.router = wl.bf16(p + "mlp.gate.weight", {E, H});
+      ++num_moe_layers_;
+      Ly.router = place(wl.bf16(p + "mlp.gate.weight", {E, H}));
       if (c.topk_method == TopkMethod::noaux_tc) {
         const Tensor b = wl.bf16(p + "mlp.gate.e_score_correction_bias", {E});
-        Ly.experts.correction_bias = Tensor::empty({E}, DType::f32);
+        Tensor bias = Tensor::empty({E}, DType::f32);
         for (int64_t e = 0; e < E; ++e)
-          Ly.experts.correction_bias.data<float>()[e] = bf16_to_float(b.data<bf16_t>()[e]);
+          bias.data<float>()[e] = bf16_to_float(b.data<bf16_t>()[e]);
+        Ly.experts.correction_bias = place(bias);
       }
       Ly.experts.format = WeightFormat::bf16;
       Tensor w13, w2;
@@ -153,46 +157,51 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
           wl.copy_into(ep + "down_proj.weight", {H, I}, w2, e * H * I);
         }
       }
-      Ly.experts.w13 = ExpertMatrices(w13);
-      Ly.experts.w2 = ExpertMatrices(w2);
+      Ly.experts.w13 = ExpertMatrices(place(w13));
+      Ly.experts.w2 = ExpertMatrices(place(w2));
       if (Is > 0) {
         Tensor s13 = Tensor::empty({1, 2 * Is, H}, DType::bf16);
         wl.copy_into(p + "mlp.shared_experts.gate_proj.weight", {Is, H}, s13, 0);
         wl.copy_into(p + "mlp.shared_experts.up_proj.weight", {Is, H}, s13, Is * H);
-        Ly.experts.shared_w13 = ExpertMatrices(s13);
-        Ly.experts.shared_w2 =
-            ExpertMatrices(wl.bf16(p + "mlp.shared_experts.down_proj.weight", {H, Is}).view(
-                {1, H, Is}));
+        Ly.experts.shared_w13 = ExpertMatrices(place(s13));
+        Ly.experts.shared_w2 = ExpertMatrices(
+            place(wl.bf16(p + "mlp.shared_experts.down_proj.weight", {H, Is}).view({1, H, Is})));
       }
       Ly.experts.validate(shape);
       if (lora) {
         Ly.lora_pool = std::make_unique<MoeLoraPool>(shape, options_.lora_slots,
-                                                     options_.lora_r_max, Device::cpu());
+                                                     options_.lora_r_max, device_);
         Ly.lora_hooks = MoeLoraHooks::create(*Ly.lora_pool, options_.max_step_tokens);
       }
     } else {
       const int64_t Id = c.intermediate_size;
       MOELORA_CHECK(Id > 0, "{}/config.json: layer {} is a dense MLP layer but intermediate_size "
                     "is {}", dir, l, Id);
-      Ly.mlp_gate_up = Tensor::empty({2 * Id, H}, DType::bf16);
-      wl.copy_into(p + "mlp.gate_proj.weight", {Id, H}, Ly.mlp_gate_up, 0);
-      wl.copy_into(p + "mlp.up_proj.weight", {Id, H}, Ly.mlp_gate_up, Id * H);
-      Ly.mlp_down = wl.bf16(p + "mlp.down_proj.weight", {H, Id});
+      Tensor gate_up = Tensor::empty({2 * Id, H}, DType::bf16);
+      wl.copy_into(p + "mlp.gate_proj.weight", {Id, H}, gate_up, 0);
+      wl.copy_into(p + "mlp.up_proj.weight", {Id, H}, gate_up, Id * H);
+      Ly.mlp_gate_up = place(gate_up);
+      Ly.mlp_down = place(wl.bf16(p + "mlp.down_proj.weight", {H, Id}));
     }
     layers_.push_back(std::move(Ly));
   }
   wl.check_all_used();
-  if (any_moe) {
+  if (num_moe_layers_ > 0) {
     MoeRunnerConfig rc;
     rc.shape = shape;
     rc.router = c.router();
-    rc.device = Device::cpu();
+    rc.device = device_;
     rc.max_tokens = options_.max_step_tokens;
     rc.format = WeightFormat::bf16;
     rc.backend = options_.moe_backend;
     runner_ = std::make_unique<MoeRunner>(rc);
   }
   adapter_loaded_.assign(size_t(std::max(options_.lora_slots, 0)), false);
+  reserve_workspace();
+}
+
+Tensor DeepseekModel::place(const Tensor& host) const {
+  return device_.is_cpu() ? host : host.to(device_);
 }
 
 KvCacheConfig DeepseekModel::kv_cache_config(int64_t num_pages, int page_size,
@@ -205,7 +214,7 @@ KvCacheConfig DeepseekModel::kv_cache_config(int64_t num_pages, int page_size,
   k.num_pages = num_pages;
   k.max_seq_len = config_.max_position_embeddings;
   k.dtype = dtype;
-  k.device = Device::cpu();
+  k.device = device_;
   k.key_only = true;
   return k;
 }
@@ -226,7 +235,8 @@ void DeepseekModel::unload_adapter(int slot) {
   adapter_loaded_[size_t(slot)] = false;
 }
 
-// y (f32) += the LoRA of `name` for the tokens with an adapter (x f32 or bf16).
+// y (f32) += the LoRA of `name` for the tokens with an adapter (x f32 or bf16: apply_dense_lora
+// reads a bf16 copy).
 void DeepseekModel::add_lora(MlaLayer& Ly, const char* name, const Tensor& x,
                              const Tensor& token_slot, bool lora, Tensor& y) {
   if (!lora) return;
@@ -234,15 +244,12 @@ void DeepseekModel::add_lora(MlaLayer& Ly, const char* name, const Tensor& x,
   if (it == Ly.attn_lora.end()) return;
   const DenseLoraPool& pool = *it->second;
   const int64_t M = x.size(0), K = x.size(1);
-  Tensor xb = Tensor::empty({M, K}, DType::bf16);
-  if (x.dtype() == DType::bf16) {
-    xb.copy_from(x);
-  } else {
-    const float* src = x.data<float>();
-    bf16_t* d = xb.data<bf16_t>();
-    for (int64_t i = 0; i < M * K; ++i) d[i] = float_to_bf16(src[i]);
+  Tensor xb = x;
+  if (x.dtype() != DType::bf16) {
+    xb = ws_.lora_x.get(M, K, DType::bf16, device_);
+    ops::cast(x, xb, stream_);
   }
-  Tensor u = Tensor::empty({M, int64_t(pool.slices().count) * pool.r_max()}, DType::f32);
+  Tensor u = ws_.lora_u.get(M, int64_t(pool.slices().count) * pool.r_max(), DType::f32, device_);
   apply_dense_lora(pool, xb, token_slot, u, y, stream_);
 }
 
@@ -253,79 +260,76 @@ void DeepseekModel::attention(MlaLayer& Ly, int layer, const Tensor& xn, const S
   const int nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
   const int64_t L = c.kv_lora_rank, qk = nope + rope;
   const float eps = float(c.rms_norm_eps);
-  Tensor q = Tensor::empty({M, nh * qk}, DType::f32);
+  Tensor q = ws_.q.get(M, nh * qk, DType::f32, device_);
   if (c.q_lora_rank > 0) {
-    Tensor qa = Tensor::empty({M, int64_t(c.q_lora_rank)}, DType::f32);
-    cpu::linear(xn, Ly.q_a_proj, qa, stream_);
+    Tensor qa = ws_.qa.get(M, c.q_lora_rank, DType::f32, device_);
+    ops::linear(xn, Ly.q_a_proj, qa, stream_);
     add_lora(Ly, "q_a_proj", xn, s.token_slot, s.lora, qa);
-    cpu::rms_norm(qa, Ly.q_a_norm, eps, qa, stream_);
-    cpu::linear(qa, Ly.q_b_proj, q, stream_);
+    ops::rms_norm(qa, Ly.q_a_norm, eps, qa, stream_);
+    ops::linear(qa, Ly.q_b_proj, q, stream_);
     add_lora(Ly, "q_b_proj", qa, s.token_slot, s.lora, q);
   } else {
-    cpu::linear(xn, Ly.q_proj, q, stream_);
+    ops::linear(xn, Ly.q_proj, q, stream_);
     add_lora(Ly, "q_proj", xn, s.token_slot, s.lora, q);
   }
-  Tensor kv = Tensor::empty({M, L + rope}, DType::f32);
-  cpu::linear(xn, Ly.kv_a_proj, kv, stream_);
+  Tensor kv = ws_.kv.get(M, L + rope, DType::f32, device_);
+  ops::linear(xn, Ly.kv_a_proj, kv, stream_);
   add_lora(Ly, "kv_a_proj_with_mqa", xn, s.token_slot, s.lora, kv);
-  {
-    // kv_a_layernorm on the compressed part of each row (k_pe stays as is).
-    Tensor ckv = Tensor::empty({M, L}, DType::f32);
-    for (int64_t t = 0; t < M; ++t)
-      std::copy_n(kv.data<float>() + t * (L + rope), L, ckv.data<float>() + t * L);
-    cpu::rms_norm(ckv, Ly.kv_a_norm, eps, ckv, stream_);
-    for (int64_t t = 0; t < M; ++t)
-      std::copy_n(ckv.data<float>() + t * L, L, kv.data<float>() + t * (L + rope));
-  }
-  cpu::mla_rope(q, int(qk), nope, rope, s.positions, c.rope_theta, rope_interleave_, stream_);
-  cpu::mla_rope(kv, int(L + rope), int(L), rope, s.positions, c.rope_theta, rope_interleave_,
+  ops::mla_kv_norm(kv, Ly.kv_a_norm, eps, stream_);  // kv_a_layernorm; k_pe stays as is
+  ops::mla_rope(q, int(qk), nope, rope, s.positions, c.rope_theta, rope_interleave_, stream_);
+  ops::mla_rope(kv, int(L + rope), int(L), rope, s.positions, c.rope_theta, rope_interleave_,
                 stream_);
-  cpu::mla_cache_write(kv, s.slots, cache.k(layer), stream_);
+  ops::mla_cache_write(kv, s.slots, cache.k(layer), stream_);
 
-  Tensor a = Tensor::empty({M, nh * vd}, DType::f32);
-  for (size_t g = 0; g < s.segments.size(); ++g) {
+  Tensor a = ws_.attn.get(M, nh * vd, DType::f32, device_);
+  // Consecutive absorbed sequences run as one batch of rows; each expanded one on its own.
+  for (size_t g = 0; g < s.segments.size();) {
     const auto& seg = s.segments[g];
-    const Tensor qs = q.narrow(0, seg.row0, seg.n);
-    Tensor as = a.narrow(0, seg.row0, seg.n);
-    const bool expand = path_ == MlaPath::expanded || (path_ == MlaPath::automatic && seg.n > 1);
-    if (expand)
-      expanded_rows(Ly, layer, qs, s, g, cache, as);
-    else
-      absorbed_rows(Ly, layer, qs, s, g, cache, as);
+    if (seg.expand) {
+      Tensor as = a.narrow(0, seg.row0, seg.n);
+      expanded_rows(Ly, layer, q.narrow(0, seg.row0, seg.n), s, g, cache, as);
+      ++g;
+      continue;
+    }
+    size_t e = g + 1;
+    while (e < s.segments.size() && !s.segments[e].expand) ++e;
+    const int64_t n = s.segments[e - 1].row0 + s.segments[e - 1].n - seg.row0;
+    Tensor as = a.narrow(0, seg.row0, n);
+    absorbed_rows(Ly, layer, q.narrow(0, seg.row0, n), s, seg.row0, cache, as);
+    g = e;
   }
-  cpu::linear(a, Ly.o_proj, out, stream_);
+  ops::linear(a, Ly.o_proj, out, stream_);
   add_lora(Ly, "o_proj", a, s.token_slot, s.lora, out);
 }
 
 // Decode: kv_b_proj folded into the query and the output; attention over the latent rows.
 void DeepseekModel::absorbed_rows(MlaLayer& Ly, int layer, const Tensor& q, const StepCtx& s,
-                                  size_t seg, PagedKvCache& cache, Tensor& out) {
+                                  int64_t row0, PagedKvCache& cache, Tensor& out) {
   const HfModelConfig& c = config_;
-  const auto& g = s.segments[seg];
   const int64_t n = q.size(0), nh = c.num_attention_heads, L = c.kv_lora_rank;
   const int nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
-  const Tensor ts = s.token_slot.narrow(0, g.row0, n), tseq = s.token_seq.narrow(0, g.row0, n);
-  const Tensor pos = s.positions.narrow(0, g.row0, n);
-  Tensor q_lat = Tensor::empty({n, nh * (L + rope)}, DType::f32);
-  cpu::mla_absorb_q(q, Ly.kv_b_proj, int(nh), nope, rope, vd, q_lat, stream_);
+  const Tensor ts = s.token_slot.narrow(0, row0, n), tseq = s.token_seq.narrow(0, row0, n);
+  const Tensor pos = s.positions.narrow(0, row0, n);
+  Tensor q_lat = ws_.q_lat.get(n, nh * (L + rope), DType::f32, device_);
+  ops::mla_absorb_q(q, Ly.kv_b_proj, int(nh), nope, rope, vd, q_lat, stream_);
   // kv_b_proj's LoRA cannot be merged into the absorbed weights per request: its correction
-  // runs on the side (REFERENCE.md, "MLA and LoRA on kv_b_proj").
+  // runs on the side (REFERENCE.md, "MLA and LoRA on kv_b_proj"), for the rows with a slot.
   const DenseLoraPool* kvb = nullptr;
-  if (s.lora && g.adapter_slot >= 0) {
+  if (s.lora) {
     auto it = Ly.attn_lora.find("kv_b_proj");
     if (it != Ly.attn_lora.end()) kvb = it->second.get();
   }
   if (kvb)
-    cpu::mla_lora_absorb_q(q, ts, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope, rope, vd,
+    ops::mla_lora_absorb_q(q, ts, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope, rope, vd,
                            q_lat, stream_);
-  Tensor lat = Tensor::empty({n, nh * L}, DType::f32);
+  Tensor lat = ws_.lat.get(n, nh * L, DType::f32, device_);
   // transformers' softmax scale: (qk_nope + qk_rope)^-0.5 (no YaRN mscale: refused at load).
   const float scale = 1.0f / std::sqrt(float(nope + rope));
-  cpu::mla_paged_attention(q_lat, cache.k(layer), s.block_table, tseq, pos, int(nh), scale, lat,
+  ops::mla_paged_attention(q_lat, cache.k(layer), s.block_table, tseq, pos, int(nh), scale, lat,
                            stream_);
-  cpu::mla_absorb_v(lat, Ly.kv_b_proj, int(nh), nope, vd, out, stream_);
+  ops::mla_absorb_v(lat, Ly.kv_b_proj, int(nh), nope, vd, out, stream_);
   if (kvb)
-    cpu::mla_lora_absorb_v(lat, ts, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope, vd, out,
+    ops::mla_lora_absorb_v(lat, ts, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope, vd, out,
                            stream_);
 }
 
@@ -337,21 +341,16 @@ void DeepseekModel::expanded_rows(MlaLayer& Ly, int layer, const Tensor& q, cons
   const auto& g = s.segments[seg];
   const int64_t n = q.size(0), nh = c.num_attention_heads, L = c.kv_lora_rank;
   const int nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
-  const int64_t len = int64_t(s.positions.data<int32_t>()[g.row0 + n - 1]) + 1;
-  Tensor lat = Tensor::empty({len, L + rope}, DType::f32);
-  cpu::mla_gather_latent(cache.k(layer), s.block_table, int(seg), len, lat, stream_);
-  Tensor ckv = Tensor::empty({len, L}, DType::f32);
-  for (int64_t j = 0; j < len; ++j)
-    std::copy_n(lat.data<float>() + j * (L + rope), L, ckv.data<float>() + j * L);
-  Tensor kvb = Tensor::empty({len, nh * (nope + vd)}, DType::f32);
-  cpu::linear(ckv, Ly.kv_b_proj, kvb, stream_);
-  if (s.lora && g.adapter_slot >= 0) {
-    Tensor slot = Tensor::empty({len}, DType::i32);
-    std::fill_n(slot.data<int32_t>(), len, g.adapter_slot);
-    add_lora(Ly, "kv_b_proj", ckv, slot, true, kvb);
-  }
+  const int64_t len = g.start + g.n;
+  Tensor lat = ws_.e_lat.get(len, L + rope, DType::f32, device_);
+  ops::mla_gather_latent(cache.k(layer), s.block_table, int(seg), len, lat, stream_);
+  Tensor ckv = ws_.e_ckv.get(len, L, DType::f32, device_);
+  ops::copy_columns(lat, 0, ckv, stream_);
+  Tensor kvb = ws_.e_kvb.get(len, nh * (nope + vd), DType::f32, device_);
+  ops::linear(ckv, Ly.kv_b_proj, kvb, stream_);
+  if (g.kv_b_slot.defined()) add_lora(Ly, "kv_b_proj", ckv, g.kv_b_slot, true, kvb);
   const float scale = 1.0f / std::sqrt(float(nope + rope));
-  cpu::mla_expanded_attention(q, kvb, lat, s.positions.narrow(0, g.row0, n), int(nh), nope, rope,
+  ops::mla_expanded_attention(q, kvb, lat, s.positions.narrow(0, g.row0, n), int(nh), nope, rope,
                               vd, scale, out, stream_);
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "model/moe_decoder_impl.h"  // StepBuffer (the per-step buffers both decoders reuse)
 #include "moelora/core/stream.h"
 #include "moelora/lora/dense_lora.h"
 #include "moelora/lora/moe_lora.h"
@@ -21,7 +22,7 @@ struct MlaLayer {
   Tensor kv_a_proj, kv_a_norm, kv_b_proj, o_proj;
   bool moe = false;
   Tensor router;       // [E, H]
-  MoeWeights experts;  // routed (+ shared) experts, correction_bias for noaux_tc
+  MoeWeights experts;  // routed (+ shared) experts, correction_bias (f32 [E]) for noaux_tc
   Tensor mlp_gate_up;  // dense layers: [2 * intermediate, H]
   Tensor mlp_down;
   std::unique_ptr<MoeLoraPool> lora_pool;
@@ -29,6 +30,20 @@ struct MlaLayer {
   // Attention LoRA by projection name (q_proj / q_a_proj / q_b_proj / kv_a_proj_with_mqa /
   // kv_b_proj / o_proj); kv_b_proj's is applied through the absorbed-path correction.
   std::map<std::string, std::unique_ptr<DenseLoraPool>> attn_lora;
+};
+
+// The buffers every step reuses (sized for max_step_tokens at load; see StepBuffer).
+struct MlaWorkspace {
+  StepBuffer h, xn, delta, xb;          // residual stream f32, its norm, a layer's output; bf16 xn
+  StepBuffer q, qa, kv, attn;           // f32 projections: q, q_a (q_lora_rank), kv_a, attention
+  StepBuffer q_lat, lat;                // absorbed path: f32 [M, heads x (L + rope)], [M, heads x L]
+  StepBuffer e_lat, e_ckv, e_kvb;       // expanded path: gathered rows, their kv part, kv_b_proj
+  StepBuffer lora_x, lora_u;            // dense LoRA: bf16 input, f32 shrink output
+  StepBuffer router_logits, moe_y;      // f32 [M, E], bf16 [M, H]
+  StepBuffer gate_up, act;              // dense MLP layers
+  StepBuffer last_h, last_n;            // f32 [S, H]: last rows, normed
+  StepBuffer out;                       // f32 logits + router margins (what is downloaded)
+  StepBuffer tables;                    // i32 device copy of the packed step tables
 };
 
 // Which attention path a step takes: automatic = expanded K/V for prefill chunks (a sequence
@@ -55,33 +70,43 @@ class DeepseekModel final : public Model {
   void set_attention_path(MlaPath path) { path_ = path; }
 
  private:
-  // Per-step tensors shared by the layers.
+  // Per-step tables shared by the layers: i32 tensors on the model's device (views of one
+  // packed upload), and what the host knows of each sequence.
   struct StepCtx {
-    Tensor positions, token_seq, slots, block_table, token_slot;
+    Tensor ids, positions, token_seq, slots, block_table, token_slot, last_row;
     bool lora = false;
     struct Segment {
       int64_t row0 = 0, n = 0;  // the sequence's new tokens: rows [row0, row0 + n)
+      int64_t start = 0;        // cached positions before this step
       int adapter_slot = -1;
+      bool expand = false;      // the expanded attention path (else absorbed)
+      Tensor kv_b_slot;         // expanded with an adapter: i32 [start + n] = adapter_slot
     };
     std::vector<Segment> segments;  // in batch order (block_table row = index)
   };
   void check_slot(int slot) const;
+  // A host tensor as the model keeps it: itself on the CPU, a device copy on CUDA.
+  Tensor place(const Tensor& host) const;
+  void reserve_workspace();
+  // Validates the batch (before the cache changes), reserves pages, builds the tables.
+  void prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& cache, StepCtx& s);
   void add_lora(MlaLayer& Ly, const char* name, const Tensor& x, const Tensor& token_slot,
                 bool lora, Tensor& y);
   void attention(MlaLayer& Ly, int layer, const Tensor& xn, const StepCtx& s, PagedKvCache& cache,
                  Tensor& out);
-  // Attention of one sequence's rows (q roped, the step's latent rows already cached) into
-  // out f32 [n, heads * v_head_dim].
-  void absorbed_rows(MlaLayer& Ly, int layer, const Tensor& q, const StepCtx& s, size_t seg,
+  // Attention of rows [row0, row0 + n) (q roped, the step's latent rows already cached) into
+  // out f32 [n, heads * v_head_dim]: any tokens of any sequences on the absorbed path, one
+  // sequence's on the expanded path.
+  void absorbed_rows(MlaLayer& Ly, int layer, const Tensor& q, const StepCtx& s, int64_t row0,
                      PagedKvCache& cache, Tensor& out);
   void expanded_rows(MlaLayer& Ly, int layer, const Tensor& q, const StepCtx& s, size_t seg,
                      PagedKvCache& cache, Tensor& out);
   void mlp(MlaLayer& Ly, const Tensor& xn, const StepCtx& s, Tensor& out, Tensor& router_margin,
            int margin_col);
-  void router_margins(const Tensor& logits, const MlaLayer& Ly, Tensor& margin, int col) const;
 
   HfModelConfig config_;
   ModelOptions options_;
+  Device device_;
   Stream stream_;
   bool rope_interleave_ = true;
   MlaPath path_ = MlaPath::automatic;
@@ -89,6 +114,9 @@ class DeepseekModel final : public Model {
   std::vector<MlaLayer> layers_;
   std::unique_ptr<MoeRunner> runner_;
   std::vector<bool> adapter_loaded_;
+  int num_moe_layers_ = 0;
+  MlaWorkspace ws_;
+  Tensor staging_;  // host i32 step tables (pageable: reusable once the upload call returns)
 };
 
 }  // namespace moelora

@@ -1,107 +1,48 @@
-// DeepSeek model: the MLP / MoE block, the batched forward step and adapter loading.
+// DeepSeek model: the step's tables and buffers, the MLP / MoE block, the batched forward step
+// and adapter loading. One code path for both backends: every tensor lives on
+// ModelOptions::device and the ops dispatch on it (model/ops.h, model/mla_dispatch.h); on CUDA
+// a step uploads its packed tables once and downloads the logits and router margins once.
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <functional>
 
-#include "kernels/cpu/dense_ops.h"
 #include "model/deepseek.h"
+#include "model/mla_dispatch.h"
 #include "model/moe_block.h"
 #include "model/models.h"
 #include "moelora/lora/peft_adapter.h"
 
 namespace moelora {
-namespace {
 
-// The gap between the n-th and (n+1)-th largest of v (INFINITY when v has <= n values).
-float gap_at(std::vector<double> v, int n) {
-  if (int(v.size()) <= n) return INFINITY;
-  std::sort(v.begin(), v.end(), std::greater<double>());
-  return float(v[size_t(n) - 1] - v[size_t(n)]);
+void DeepseekModel::reserve_workspace() {
+  const HfModelConfig& c = config_;
+  const int64_t T = options_.max_step_tokens, H = c.hidden_size, nh = c.num_attention_heads;
+  const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
+  const int64_t L = c.kv_lora_rank;
+  const Device d = device_;
+  for (StepBuffer* b : {&ws_.h, &ws_.xn, &ws_.delta, &ws_.last_h, &ws_.last_n})
+    b->get(T, H, DType::f32, d);
+  ws_.xb.get(T, H, DType::bf16, d);
+  ws_.q.get(T, nh * (nope + rope), DType::f32, d);
+  if (c.q_lora_rank > 0) ws_.qa.get(T, c.q_lora_rank, DType::f32, d);
+  ws_.kv.get(T, L + rope, DType::f32, d);
+  ws_.attn.get(T, nh * vd, DType::f32, d);
+  ws_.q_lat.get(T, nh * (L + rope), DType::f32, d);
+  ws_.lat.get(T, nh * L, DType::f32, d);
+  if (num_moe_layers_ > 0) {
+    ws_.router_logits.get(T, c.moe_shape().num_experts, DType::f32, d);
+    ws_.moe_y.get(T, H, DType::bf16, d);
+  }
+  if (num_moe_layers_ < c.num_hidden_layers) {
+    ws_.gate_up.get(T, 2 * c.intermediate_size, DType::f32, d);
+    ws_.act.get(T, c.intermediate_size, DType::f32, d);
+  }
+  // The expanded path's buffers grow with the context of the prefill chunks seen; the LoRA
+  // input and shrink buffers with the widest LoRA input.
 }
 
-}  // namespace
-
-// How close each token's routing is to a tie, in the router's selection scores (V2: the router
-// logits, whose order softmax keeps; V3: sigmoid + correction bias): the smaller of the gap
-// between the topk_group-th and next group score and the gap between the k-th and (k+1)-th
-// eligible expert.
-void DeepseekModel::router_margins(const Tensor& logits, const MlaLayer& Ly, Tensor& margin,
-                                   int col) const {
-  const RouterConfig rc = config_.router();
-  const int64_t M = logits.size(0), E = rc.num_experts, cols = margin.size(1);
-  const int per_group = int(E / rc.n_group);
-  std::vector<double> s(static_cast<size_t>(E), 0.0);
-  for (int64_t t = 0; t < M; ++t) {
-    const float* l = logits.data<float>() + t * E;
-    if (rc.scoring == ScoringFunc::softmax) {
-      // Softmax keeps the order of the logits (and of each group's max): gaps in logits.
-      for (int64_t e = 0; e < E; ++e) s[size_t(e)] = l[e];
-    } else {
-      for (int64_t e = 0; e < E; ++e) s[size_t(e)] = 1.0 / (1.0 + std::exp(-double(l[e])));
-    }
-    if (rc.use_correction_bias)
-      for (int64_t e = 0; e < E; ++e) s[size_t(e)] += Ly.experts.correction_bias.data<float>()[e];
-    float m = INFINITY;
-    std::vector<double> eligible = s;
-    if (rc.n_group > 1) {
-      std::vector<double> gs(static_cast<size_t>(rc.n_group));
-      for (int g = 0; g < rc.n_group; ++g) {
-        std::vector<double> in(s.begin() + g * per_group, s.begin() + (g + 1) * per_group);
-        std::sort(in.begin(), in.end(), std::greater<double>());
-        gs[size_t(g)] = rc.group_score == GroupScore::max ? in[0] : in[0] + in[1];
-      }
-      m = std::min(m, gap_at(gs, rc.topk_group));
-      std::vector<int> order(static_cast<size_t>(rc.n_group));
-      for (int g = 0; g < rc.n_group; ++g) order[size_t(g)] = g;
-      std::stable_sort(order.begin(), order.end(),
-                       [&](int a, int b) { return gs[size_t(a)] > gs[size_t(b)]; });
-      eligible.clear();
-      for (int r = 0; r < rc.topk_group; ++r)
-        for (int i = 0; i < per_group; ++i)
-          eligible.push_back(s[size_t(order[size_t(r)] * per_group + i)]);
-    }
-    m = std::min(m, gap_at(eligible, rc.top_k));
-    margin.data<float>()[t * cols + col] = m;
-  }
-}
-
-void DeepseekModel::mlp(MlaLayer& Ly, const Tensor& xn, const StepCtx& s, Tensor& out,
-                        Tensor& router_margin, int margin_col) {
-  const int64_t M = xn.size(0), H = config_.hidden_size;
-  if (!Ly.moe) {
-    const int64_t Id = Ly.mlp_down.size(1);
-    Tensor gu = Tensor::empty({M, 2 * Id}, DType::f32), act = Tensor::empty({M, Id}, DType::f32);
-    cpu::linear(xn, Ly.mlp_gate_up, gu, stream_);
-    cpu::silu_mul(gu, act, stream_);
-    cpu::linear(act, Ly.mlp_down, out, stream_);
-    return;
-  }
-  // The router reads the f32 normed activations (transformers' gate runs in f32); the experts
-  // read the bf16 copy MoeRunner's contract asks for.
-  const int64_t E = Ly.router.size(0);
-  Tensor logits = Tensor::empty({M, E}, DType::f32), xb = Tensor::empty({M, H}, DType::bf16);
-  Tensor y = Tensor::empty({M, H}, DType::bf16);
-  cpu::linear(xn, Ly.router, logits, stream_);
-  router_margins(logits, Ly, router_margin, margin_col);
-  {
-    const float* src = xn.data<float>();
-    bf16_t* d = xb.data<bf16_t>();
-    for (int64_t i = 0; i < M * H; ++i) d[i] = float_to_bf16(src[i]);
-  }
-  MoeLoraHooks* hooks = nullptr;
-  if (s.lora) {
-    MOELORA_CHECK(Ly.lora_hooks != nullptr,
-                  "{}: LoRA requested but the model was loaded without LoRA slots",
-                  config_.model_type);
-    hooks = Ly.lora_hooks.get();
-  }
-  run_moe_chunked(*runner_, Ly.experts, hooks, s.token_slot, xb, logits, options_.max_step_tokens,
-                  y, out, stream_);
-}
-
-StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,
-                                  bool all_logits) {
+void DeepseekModel::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                                 StepCtx& s) {
   const HfModelConfig& c = config_;
   MOELORA_CHECK(!batch.empty(), "forward: empty batch");
   const KvCacheConfig& kc = cache.config();
@@ -111,9 +52,12 @@ StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCac
                 "forward: KV cache has {} layers x {} heads x {} dims, the MLA model needs {} x 1 "
                 "x {} (kv_lora_rank + qk_rope_head_dim; use the model's kv_cache_config)",
                 kc.num_layers, kc.num_kv_heads, kc.head_dim, c.num_hidden_layers, row);
+  MOELORA_CHECK(kc.device == device_,
+                "forward: KV cache on {}, the model on {} (build the cache from "
+                "Model::kv_cache_config)",
+                kc.device.str(), device_.str());
   // Validate everything before the cache changes.
   int64_t M = 0;
-  StepCtx s;
   std::vector<int> seen;
   for (size_t b = 0; b < batch.size(); ++b) {
     const SeqInput& in = batch[b];
@@ -142,77 +86,158 @@ StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCac
     M += int64_t(in.tokens.size());
   }
   const int64_t S = int64_t(batch.size());
-  int64_t max_pages = 1;
+  int64_t P = 1;  // pages per block-table row
+  int64_t kvb_rows = 0;  // expanded sequences with an adapter: a kv_b_proj slot per position
   for (const SeqInput& in : batch) {
-    cache.reserve(in.seq, cache.length(in.seq) + int64_t(in.tokens.size()));
-    max_pages = std::max<int64_t>(max_pages, int64_t(cache.pages(in.seq).size()));
+    const int64_t start = cache.length(in.seq), n = int64_t(in.tokens.size());
+    cache.reserve(in.seq, start + n);
+    P = std::max<int64_t>(P, int64_t(cache.pages(in.seq).size()));
+    StepCtx::Segment g;
+    g.row0 = s.segments.empty() ? 0 : s.segments.back().row0 + s.segments.back().n;
+    g.n = n;
+    g.start = start;
+    g.adapter_slot = in.adapter_slot;
+    g.expand = path_ == MlaPath::expanded || (path_ == MlaPath::automatic && n > 1);
+    if (g.expand && s.lora && g.adapter_slot >= 0) kvb_rows += start + n;
+    s.segments.push_back(g);
   }
-  Tensor ids = Tensor::empty({M}, DType::i32);
-  s.positions = Tensor::empty({M}, DType::i32);
-  s.token_seq = Tensor::empty({M}, DType::i32);
-  s.slots = Tensor::empty({M}, DType::i32);
-  s.token_slot = Tensor::empty({M}, DType::i32);
-  s.block_table = Tensor::empty({S, max_pages}, DType::i32);
-  std::vector<int64_t> last_row(static_cast<size_t>(S));
-  {
-    int64_t m = 0;
-    int32_t* bt = s.block_table.data<int32_t>();
-    for (int64_t b = 0; b < S; ++b) {
-      const SeqInput& in = batch[size_t(b)];
-      const std::vector<int32_t>& pages = cache.pages(in.seq);
-      for (int64_t j = 0; j < max_pages; ++j)
-        bt[b * max_pages + j] = j < int64_t(pages.size()) ? pages[size_t(j)] : -1;
-      const int64_t start = cache.length(in.seq);
-      for (size_t i = 0; i < in.tokens.size(); ++i, ++m) {
-        ids.data<int32_t>()[m] = in.tokens[i];
-        s.positions.data<int32_t>()[m] = int32_t(start + int64_t(i));
-        s.token_seq.data<int32_t>()[m] = int32_t(b);
-        s.slots.data<int32_t>()[m] = cache.slot(in.seq, start + int64_t(i));
-        s.token_slot.data<int32_t>()[m] = in.adapter_slot;
-      }
-      last_row[size_t(b)] = m - 1;
-      s.segments.push_back({m - int64_t(in.tokens.size()), int64_t(in.tokens.size()),
-                            in.adapter_slot});
+  // One packed i32 table: ids, positions, token_seq, slots, token_slot [M each], last_row [S],
+  // block_table [S, P], the expanded sequences' kv_b_proj slots; one upload on CUDA.
+  const int64_t n_all = 5 * M + S + S * P + kvb_rows;
+  if (!staging_.defined() || staging_.numel() < n_all)
+    staging_ = Tensor::empty({std::max<int64_t>(n_all, 4096)}, DType::i32);
+  int32_t* base = staging_.data<int32_t>();
+  int32_t *ids = base, *pos = ids + M, *seq = pos + M, *slots = seq + M, *tslot = slots + M;
+  int32_t *last = tslot + M, *bt = last + S, *kvb = bt + S * P;
+  for (int64_t b = 0; b < S; ++b) {
+    const SeqInput& in = batch[size_t(b)];
+    const StepCtx::Segment& g = s.segments[size_t(b)];
+    const std::vector<int32_t>& pages = cache.pages(in.seq);
+    for (int64_t j = 0; j < P; ++j)
+      bt[b * P + j] = j < int64_t(pages.size()) ? pages[size_t(j)] : -1;
+    for (int64_t i = 0; i < g.n; ++i) {
+      const int64_t m = g.row0 + i;
+      ids[m] = in.tokens[size_t(i)];
+      pos[m] = int32_t(g.start + i);
+      seq[m] = int32_t(b);
+      slots[m] = cache.slot(in.seq, g.start + i);
+      tslot[m] = in.adapter_slot;
     }
+    last[b] = int32_t(g.row0 + g.n - 1);
   }
+  int32_t* k = kvb;
+  for (const StepCtx::Segment& g : s.segments)
+    if (g.expand && s.lora && g.adapter_slot >= 0)
+      k = std::fill_n(k, g.start + g.n, g.adapter_slot);
+  // The layers read a copy of the staging on either backend (the upload on CUDA; pageable
+  // staging is reusable once the call returns), so the CPU tests also catch a table written
+  // after this point.
+  Tensor packed = ws_.tables.get(1, n_all, DType::i32, device_).view({n_all});
+  packed.copy_from(staging_.narrow(0, 0, n_all), device_.is_cuda() ? &stream_ : nullptr);
+  s.ids = packed.narrow(0, 0, M);
+  s.positions = packed.narrow(0, M, M);
+  s.token_seq = packed.narrow(0, 2 * M, M);
+  s.slots = packed.narrow(0, 3 * M, M);
+  s.token_slot = packed.narrow(0, 4 * M, M);
+  s.last_row = packed.narrow(0, 5 * M, S);
+  s.block_table = packed.narrow(0, 5 * M + S, S * P).view({S, P});
+  int64_t off = 5 * M + S + S * P;
+  for (StepCtx::Segment& g : s.segments) {
+    if (!(g.expand && s.lora && g.adapter_slot >= 0)) continue;
+    g.kv_b_slot = packed.narrow(0, off, g.start + g.n);
+    off += g.start + g.n;
+  }
+}
 
-  const int64_t H = c.hidden_size, V = c.vocab_size;
+void DeepseekModel::mlp(MlaLayer& Ly, const Tensor& xn, const StepCtx& s, Tensor& out,
+                        Tensor& router_margin, int margin_col) {
+  const int64_t M = xn.size(0), H = config_.hidden_size;
+  if (!Ly.moe) {
+    const int64_t Id = Ly.mlp_down.size(1);
+    Tensor gu = ws_.gate_up.get(M, 2 * Id, DType::f32, device_);
+    Tensor act = ws_.act.get(M, Id, DType::f32, device_);
+    ops::linear(xn, Ly.mlp_gate_up, gu, stream_);
+    ops::silu_mul(gu, act, stream_);
+    ops::linear(act, Ly.mlp_down, out, stream_);
+    return;
+  }
+  // The router reads the f32 normed activations (transformers' gate runs in f32); the experts
+  // read the bf16 copy MoeRunner's contract asks for.
+  const int64_t E = Ly.router.size(0);
+  Tensor logits = ws_.router_logits.get(M, E, DType::f32, device_);
+  Tensor xb = ws_.xb.get(M, H, DType::bf16, device_), y = ws_.moe_y.get(M, H, DType::bf16, device_);
+  ops::linear(xn, Ly.router, logits, stream_);
+  // How close each token's routing is to a tie, in the router's selection scores (V2: the
+  // router logits, whose order softmax keeps; V3: sigmoid + correction bias): bf16-level
+  // differences can flip a choice that close, which conformance checks need to know.
+  ops::grouped_router_margin(logits, Ly.experts.correction_bias, config_.router(), router_margin,
+                             margin_col, stream_);
+  ops::cast(xn, xb, stream_);
+  MoeLoraHooks* hooks = nullptr;
+  if (s.lora) {
+    MOELORA_CHECK(Ly.lora_hooks != nullptr,
+                  "{}: LoRA requested but the model was loaded without LoRA slots",
+                  config_.model_type);
+    hooks = Ly.lora_hooks.get();
+  }
+  run_moe_chunked(*runner_, Ly.experts, hooks, s.token_slot, xb, logits, options_.max_step_tokens,
+                  y, out, stream_);
+}
+
+StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                                  bool all_logits) {
+  const HfModelConfig& c = config_;
+  StepCtx s;
+  prepare_step(batch, cache, s);
+  const int64_t M = s.ids.size(0), S = int64_t(batch.size());
+  const int64_t H = c.hidden_size, V = c.vocab_size, NM = num_moe_layers_;
   const float eps = float(c.rms_norm_eps);
-  Tensor h = Tensor::empty({M, H}, DType::f32), xn = Tensor::empty({M, H}, DType::f32);
-  Tensor delta = Tensor::empty({M, H}, DType::f32);
-  cpu::embedding(ids, embed_, h, stream_);
-  StepResult r;
-  int num_moe = 0;
-  for (const MlaLayer& Ly : layers_) num_moe += Ly.moe ? 1 : 0;
-  r.router_margin = Tensor::empty({M, num_moe}, DType::f32);
-  std::fill_n(r.router_margin.data<float>(), M * num_moe, INFINITY);
+  // What the step hands back, in one buffer (one download on CUDA): the logits of every new
+  // token (all_logits only), those of each sequence's last one, the router margins (every
+  // MoE layer writes its column for every token).
+  const int64_t all_n = all_logits ? M * V : 0, out_n = all_n + S * V + M * NM;
+  Tensor out = device_.is_cpu() ? Tensor::empty({out_n}, DType::f32)
+                                : ws_.out.get(1, out_n, DType::f32, device_).view({out_n});
+  Tensor all_lg = out.narrow(0, 0, all_n).view({all_logits ? M : 0, V});
+  Tensor last_lg = out.narrow(0, all_n, S * V).view({S, V});
+  Tensor margin = out.narrow(0, all_n + S * V, M * NM).view({M, NM});
+
+  Tensor h = ws_.h.get(M, H, DType::f32, device_), xn = ws_.xn.get(M, H, DType::f32, device_);
+  Tensor delta = ws_.delta.get(M, H, DType::f32, device_);
+  ops::embedding(s.ids, embed_, h, stream_);
   int moe_index = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     MlaLayer& Ly = layers_[size_t(l)];
-    cpu::rms_norm(h, Ly.input_norm, eps, xn, stream_);
+    ops::rms_norm(h, Ly.input_norm, eps, xn, stream_);
     attention(Ly, l, xn, s, cache, delta);
-    cpu::residual_add(h, delta, stream_);
-    cpu::rms_norm(h, Ly.post_norm, eps, xn, stream_);
-    mlp(Ly, xn, s, delta, r.router_margin, Ly.moe ? moe_index++ : -1);
-    cpu::residual_add(h, delta, stream_);
+    ops::residual_add(h, delta, stream_);
+    ops::rms_norm(h, Ly.post_norm, eps, xn, stream_);
+    mlp(Ly, xn, s, delta, margin, Ly.moe ? moe_index++ : -1);
+    ops::residual_add(h, delta, stream_);
   }
   for (const SeqInput& in : batch) cache.advance(in.seq, int64_t(in.tokens.size()));
 
-  r.last_logits = Tensor::empty({S, V}, DType::f32);
   if (all_logits) {
-    cpu::rms_norm(h, final_norm_, eps, xn, stream_);
-    r.all_logits = Tensor::empty({M, V}, DType::f32);
-    cpu::linear(xn, lm_head_, r.all_logits, stream_);
-    for (int64_t b = 0; b < S; ++b)
-      std::copy_n(r.all_logits.data<float>() + last_row[size_t(b)] * V, V,
-                  r.last_logits.data<float>() + b * V);
+    ops::rms_norm(h, final_norm_, eps, xn, stream_);
+    ops::linear(xn, lm_head_, all_lg, stream_);
+    ops::gather_rows(all_lg, s.last_row, last_lg, stream_);
   } else {
-    Tensor hl = Tensor::empty({S, H}, DType::f32), nl = Tensor::empty({S, H}, DType::f32);
-    for (int64_t b = 0; b < S; ++b)
-      std::copy_n(h.data<float>() + last_row[size_t(b)] * H, H, hl.data<float>() + b * H);
-    cpu::rms_norm(hl, final_norm_, eps, nl, stream_);
-    cpu::linear(nl, lm_head_, r.last_logits, stream_);
+    Tensor hl = ws_.last_h.get(S, H, DType::f32, device_);
+    Tensor nl = ws_.last_n.get(S, H, DType::f32, device_);
+    ops::gather_rows(h, s.last_row, hl, stream_);
+    ops::rms_norm(hl, final_norm_, eps, nl, stream_);
+    ops::linear(nl, lm_head_, last_lg, stream_);
   }
+  if (device_.is_cuda()) {
+    Tensor host = Tensor::empty({out_n}, DType::f32);
+    host.copy_from(out, &stream_);
+    stream_.synchronize();
+    out = host;
+  }
+  StepResult r;
+  if (all_logits) r.all_logits = out.narrow(0, 0, all_n).view({M, V});
+  r.last_logits = out.narrow(0, all_n, S * V).view({S, V});
+  r.router_margin = out.narrow(0, all_n + S * V, M * NM).view({M, NM});
   return r;
 }
 

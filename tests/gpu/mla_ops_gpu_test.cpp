@@ -11,7 +11,9 @@
 #include <gtest/gtest.h>
 
 #include "kernels/cpu/mla_ops.h"
+#include "kernels/cpu/mla_step_ops.h"
 #include "kernels/cuda/mla_ops.h"
+#include "kernels/cuda/mla_ops_step.h"
 #include "moelora/lora/dense_lora.h"
 #include "test_util.h"
 
@@ -291,6 +293,65 @@ INSTANTIATE_TEST_SUITE_P(Shapes, MlaOpsGpu, ::testing::Values(0, 1, 2),
                          [](const ::testing::TestParamInfo<int>& i) {
                            return std::string(kShapes[i.param].name);
                          });
+
+// DeepSeek step ops: kv_a_layernorm on the compressed part of each kv row (k_pe untouched), and
+// the group-limited router margins (V2 softmax / max, V3 sigmoid + bias / top-2 sum, plain
+// top-k), with exact ties planted.
+TEST(MlaStepOpsGpu, KvNormAndGroupedRouterMargin) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  const Stream s = Stream::create(Device::cuda());
+  for (const MlaShape& sh : kShapes)
+    for (DType dt : {DType::f32, DType::bf16}) {
+      const int64_t m = 37, row = sh.L + sh.rope;
+      Tensor kv = test::random_tensor({m, row}, dt, rng, -3.f, 3.f);
+      const Tensor w = test::random_tensor({sh.L}, DType::bf16, rng, 0.5f, 1.5f);
+      Tensor kv_gpu = gpu(kv);
+      cpu::mla_kv_norm(kv, w, 1e-6f, Stream());
+      cuda::mla_kv_norm(kv_gpu, gpu(w), 1e-6f, s);
+      s.synchronize();
+      EXPECT_TRUE(test::allclose(test::to_floats(kv_gpu), test::to_floats(kv), tol(dt), 1e-6))
+          << sh.name << " kv_norm " << dn(dt);
+    }
+
+  auto router = [](int E, int k, int groups, int topk_groups, bool v3) {
+    RouterConfig r;
+    r.num_experts = E;
+    r.top_k = k;
+    r.n_group = groups;
+    r.topk_group = topk_groups;
+    r.scoring = v3 ? ScoringFunc::sigmoid : ScoringFunc::softmax;
+    r.group_score = v3 ? GroupScore::top2_sum : GroupScore::max;
+    r.use_correction_bias = v3;
+    return r;
+  };
+  const RouterConfig configs[] = {router(64, 6, 8, 3, false), router(256, 8, 8, 4, true),
+                                  router(60, 4, 1, 1, false), router(8, 2, 4, 2, false),
+                                  router(8, 2, 4, 2, true)};
+  for (const RouterConfig& rc : configs) {
+    const int64_t m = 300, E = rc.num_experts, cols = 3;
+    Tensor logits = test::random_tensor({m, E}, DType::f32, rng, -4.f, 4.f);
+    float* l = logits.data<float>();
+    for (int64_t t = 0; t < m; t += 3) l[t * E + (t % E)] = l[t * E + ((t + 1) % E)];  // ties
+    const Tensor bias = test::random_tensor({E}, DType::f32, rng, -0.1f, 0.1f);
+    Tensor margin = Tensor::zeros({m, cols}, DType::f32), margin_gpu = poisoned({m, cols}, DType::f32);
+    for (int64_t c = 0; c < cols; ++c) {
+      cpu::grouped_router_margin(logits, bias, rc, margin, c, Stream());
+      cuda::grouped_router_margin(gpu(logits), gpu(bias), rc, margin_gpu, c, s);
+    }
+    s.synchronize();
+    const auto got = test::to_floats(margin_gpu), want = test::to_floats(margin);
+    int bad = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      const bool same = std::isinf(want[i]) ? got[i] == want[i]
+                                            : std::fabs(got[i] - want[i]) <= 1e-6f * (1 + std::fabs(want[i]));
+      if (!same && bad++ < 5)
+        ADD_FAILURE() << "router E " << E << " groups " << rc.n_group << ": margin[" << i
+                      << "] = " << got[i] << ", CPU " << want[i];
+    }
+    EXPECT_EQ(bad, 0);
+  }
+}
 
 // The CUDA ops make the CPU ops' checks (shared header) and their own limits.
 TEST(MlaOpsGpuChecks, BadArguments) {

@@ -76,3 +76,23 @@ constexpr int kMlaMaxHeadDim = 256;
 cudaError_t launch_mla_expanded_attention(const MlaExpandedArgs& a, cudaStream_t s);
 
 }  // namespace moelora::cuda
+
+namespace moelora::cuda {
+
+// ---- DeepSeek step ops (kernels/mla_step_ops.inc; kernels in mla_ops_step.cu) ----
+// In place on kv [m, cols]: RMSNorm of the first L columns with weight bf16 [L].
+cudaError_t launch_mla_kv_norm(void* kv, bool kv_bf16, const void* weight, float eps, int64_t m,
+                               int64_t cols, int64_t L, cudaStream_t s);
+
+struct GroupedMarginArgs {
+  const float* logits;           // [m, E]
+  const float* correction_bias;  // [E] or null
+  float* margin;                 // [m, cols], column col
+  int64_t m, cols, col;
+  int E, top_k, n_group, topk_group;
+  bool sigmoid, top2_sum;
+};
+constexpr int kGroupedMarginMaxE = 512, kGroupedMarginMaxGroups = 64;
+cudaError_t launch_grouped_router_margin(const GroupedMarginArgs& a, cudaStream_t s);
+
+}  // namespace moelora::cuda
