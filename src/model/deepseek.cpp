@@ -24,6 +24,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "model/expert_loader.h"
 #include "model/mla_dispatch.h"
 #include "model/weight_loader.h"
 
@@ -55,10 +56,6 @@ void check_unsupported_settings(const std::string& dir, const HfModelConfig& c, 
                 "{}: rope_scaling / rope_parameters.rope_type '{}' is not supported by the {} "
                 "model yet (only \"default\" RoPE; YaRN is a TODO)",
                 path, c.rope_type, c.model_type);
-  MOELORA_CHECK(!c.has_quantization_config,
-                "{}: quantized checkpoints (quant_method '{}') are not supported by the model "
-                "loader yet",
-                path, c.quant_method);
   MOELORA_CHECK(c.max_position_embeddings > 0, "{}: max_position_embeddings must be > 0", path);
   MOELORA_CHECK(c.num_key_value_heads == c.num_attention_heads,
                 "{}: MLA needs num_key_value_heads == num_attention_heads (every head has its own "
@@ -96,7 +93,7 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
     lm_head_ = place(wl.bf16("lm_head.weight", {V, H}));
   }
   const MoeShape shape = c.moe_shape();
-  const int64_t E = shape.num_experts, I = shape.inter, Is = shape.shared_inter;
+  const int64_t E = shape.num_experts, Is = shape.shared_inter;
   const bool lora = options_.lora_slots > 0;
   auto pool = [&](const std::string& name, int64_t in, int64_t out) {
     return std::make_unique<DenseLoraPool>(name, in, DenseLoraSlices::from_sizes({out}),
@@ -134,38 +131,18 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
     if (Ly.moe) {
       ++num_moe_layers_;
       Ly.router = place(wl.bf16(p + "mlp.gate.weight", {E, H}));
+      // bf16 or the checkpoint's quantized format, on the model's device; the shared expert in
+      // the same format (MoeWeights holds one) (model/expert_loader.h).
+      Ly.experts = load_routed_experts(wl, p + "mlp.experts", {}, shape, device_);
+      if (Is > 0)
+        load_shared_experts(wl, p + "mlp.shared_experts", {}, shape, device_, Ly.experts);
       if (c.topk_method == TopkMethod::noaux_tc) {
-        const Tensor b = wl.bf16(p + "mlp.gate.e_score_correction_bias", {E});
+        // On the host whatever the loader made it on (random weights live on their device).
+        const Tensor b = wl.bf16(p + "mlp.gate.e_score_correction_bias", {E}).to(Device::cpu());
         Tensor bias = Tensor::empty({E}, DType::f32);
         for (int64_t e = 0; e < E; ++e)
           bias.data<float>()[e] = bf16_to_float(b.data<bf16_t>()[e]);
         Ly.experts.correction_bias = place(bias);
-      }
-      Ly.experts.format = WeightFormat::bf16;
-      Tensor w13, w2;
-      const std::string fused = p + "mlp.experts.gate_up_proj";
-      if (wl.has(fused)) {
-        w13 = wl.bf16(fused, {E, 2 * I, H});
-        w2 = wl.bf16(p + "mlp.experts.down_proj", {E, H, I});
-      } else {
-        w13 = Tensor::empty({E, 2 * I, H}, DType::bf16);
-        w2 = Tensor::empty({E, H, I}, DType::bf16);
-        for (int64_t e = 0; e < E; ++e) {
-          const std::string ep = fmt::format("{}mlp.experts.{}.", p, e);
-          wl.copy_into(ep + "gate_proj.weight", {I, H}, w13, e * 2 * I * H);
-          wl.copy_into(ep + "up_proj.weight", {I, H}, w13, (e * 2 + 1) * I * H);
-          wl.copy_into(ep + "down_proj.weight", {H, I}, w2, e * H * I);
-        }
-      }
-      Ly.experts.w13 = ExpertMatrices(place(w13));
-      Ly.experts.w2 = ExpertMatrices(place(w2));
-      if (Is > 0) {
-        Tensor s13 = Tensor::empty({1, 2 * Is, H}, DType::bf16);
-        wl.copy_into(p + "mlp.shared_experts.gate_proj.weight", {Is, H}, s13, 0);
-        wl.copy_into(p + "mlp.shared_experts.up_proj.weight", {Is, H}, s13, Is * H);
-        Ly.experts.shared_w13 = ExpertMatrices(place(s13));
-        Ly.experts.shared_w2 = ExpertMatrices(
-            place(wl.bf16(p + "mlp.shared_experts.down_proj.weight", {H, Is}).view({1, H, Is})));
       }
       Ly.experts.validate(shape);
       if (lora) {
@@ -192,7 +169,8 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
     rc.router = c.router();
     rc.device = device_;
     rc.max_tokens = options_.max_step_tokens;
-    rc.format = WeightFormat::bf16;
+    for (const MlaLayer& Ly : layers_)
+      if (Ly.moe) rc.format = Ly.experts.format;
     rc.backend = options_.moe_backend;
     runner_ = std::make_unique<MoeRunner>(rc);
   }

@@ -82,6 +82,13 @@ ExpertMatrices on_device(ExpertMatrices m, Device device) {
   return m.device() == device ? m : m.to(device);
 }
 
+// The routed stacks only (MoeWeights::validate also wants the shared expert of a shape that
+// has one, which load_shared_experts adds).
+void validate_routed(const MoeWeights& w, const MoeShape& s, const std::string& name) {
+  w.w13.validate(s.num_experts, 2 * int64_t(s.inter), s.hidden, name + " gate/up");
+  w.w2.validate(s.num_experts, s.hidden, s.inter, name + " down");
+}
+
 }  // namespace
 
 MoeWeights load_routed_experts(WeightLoader& wl, const std::string& experts_prefix,
@@ -92,7 +99,7 @@ MoeWeights load_routed_experts(WeightLoader& wl, const std::string& experts_pref
     w.w13 = on_device(wl.random_experts(experts_prefix + ".gate_up", E, 2 * I, H), device);
     w.w2 = on_device(wl.random_experts(experts_prefix + ".down", E, H, I), device);
     w.format = w.w13.format;
-    w.validate(shape);
+    validate_routed(w, shape, experts_prefix);
     return w;
   }
   std::vector<std::string> fused = {experts_prefix};
@@ -122,7 +129,7 @@ MoeWeights load_routed_experts(WeightLoader& wl, const std::string& experts_pref
   w.format = w.w13.format;
   w.w13 = on_device(std::move(w.w13), device);
   w.w2 = on_device(std::move(w.w2), device);
-  w.validate(shape);
+  validate_routed(w, shape, experts_prefix);
   return w;
 }
 
