@@ -7,6 +7,8 @@
 #include "core/cuda_check.h"
 #include "kernels/cuda/moe_gemm_config.h"
 #include "kernels/cuda/moe_gemm_launch.h"
+#include "kernels/cuda/moe_lora_epilogue.h"
+#include "kernels/cuda/moe_op_checks.h"
 #include "kernels/cuda/moe_ops.h"
 
 namespace moelora::cuda {
@@ -90,10 +92,64 @@ void check_gemm(const Tensor& act, const Tensor& w, const Tensor& out, int64_t n
   if (out_name == nullptr) check_aligned_16(out, "moe_gemm1_activation a");
 }
 
+// Validates the LoRA epilogue's operands for a GEMM of `num_slots` slots of top_k per token
+// over weights w [G, N, K] and packs them into p.lora.
+void set_lora(MoeGemmArgs& p, const MoeGemmLora& l, int64_t num_slots, int top_k,
+              const Tensor& w, bool gate_up, const char* op) {
+  MOELORA_CHECK(top_k >= 1 && num_slots % top_k == 0,
+                "{}: {} slots are not whole tokens of top_k = {}", op, num_slots, top_k);
+  const int64_t m = num_slots / top_k, G = w.size(0), N = w.size(1);
+  check_cuda_tensor(l.token_slot, DType::i32, "LoRA epilogue token_slot");
+  check_shape(l.token_slot, {m}, "LoRA epilogue token_slot");
+  check_cuda_tensor(l.b, DType::bf16, "LoRA epilogue B");
+  MOELORA_CHECK(l.b.dim() == 4 && l.b.size(1) == G && l.b.size(2) == N,
+                "{}: LoRA B must be [S, E={}, N={}, r_max] (the weights' experts and rows), "
+                "found {}", op, G, N, l.b.describe());
+  const int64_t S = l.b.size(0), r_max = l.b.size(3);
+  MOELORA_CHECK(r_max >= 8 && r_max % 8 == 0,
+                "{}: LoRA B's r_max must be a positive multiple of 8 (16-byte rows), found {}",
+                op, r_max);
+  check_aligned_16(l.b, "LoRA epilogue B");
+  check_cuda_tensor(l.meta, DType::i32, "LoRA epilogue slot meta");
+  check_shape(l.meta, {S, 6}, "LoRA epilogue slot meta");
+  MOELORA_CHECK(l.splits >= 1 && l.splits <= kMaxLoraEpilogueSplits,
+                "{}: LoRA splits must be in [1, {}], found {}", op, kMaxLoraEpilogueSplits,
+                l.splits);
+  check_cuda_tensor(l.u, DType::f32, "LoRA epilogue u");
+  const int64_t need = gate_up ? 2 * r_max : r_max;
+  MOELORA_CHECK(l.u.dim() == 2 && l.u.size(0) == l.splits * num_slots && l.u.size(1) >= need,
+                "{}: LoRA u must be [{} splits * {} slots, >= {}], found {}", op, l.splits,
+                num_slots, need, l.u.describe());
+  for (const Tensor* t : {&l.token_slot, &l.b, &l.meta, &l.u})
+    check_device(*t, w.device(), "LoRA epilogue operand");
+  MOELORA_CHECK(S <= std::numeric_limits<int32_t>::max() && l.u.size(1) <= 4096,
+                "{}: LoRA pool of {} slots / u width {} out of range", op, S, l.u.size(1));
+  MoeGemmLoraArgs& a = p.lora;
+  a.token_slot = l.token_slot.data<int32_t>();
+  a.top_k = top_k;
+  a.num_adapters = int(S);
+  a.u = l.u.data<float>();
+  a.ldu = int(l.u.size(1));
+  a.splits = l.splits;
+  a.split_stride = num_slots * l.u.size(1);
+  a.b = l.b.data();
+  a.num_experts = int(G);
+  a.r_max = int(r_max);
+  a.meta = l.meta.data<int32_t>();
+  a.gate_up = gate_up;
+}
+
 void run(const MoeGemmArgs& p, int64_t max_blocks, const MoeGemmConfig& cfg,
          const Stream& stream) {
   MOELORA_CHECK(cfg.rows == 32 || cfg.rows == 64 || cfg.rows == 128,
                 "expert GEMM tile: rows must be 32, 64 or 128, found {}", cfg.rows);
+  if (p.lora.token_slot) {
+    const int bytes = moe_gemm_smem_bytes(p, cfg.rows);
+    MOELORA_CHECK(bytes > 0 && bytes <= 227 * 1024,
+                  "expert GEMM with LoRA: a {}-token tile of {} rows with u {} floats wide needs "
+                  "{} bytes of shared memory, more than the 227 KB a block may have",
+                  p.block_m, cfg.rows, p.lora.ldu, bytes);
+  }
   MOELORA_CHECK(!cfg.row_tiles_fastest || max_blocks <= 65535,
                 "expert GEMM: {} blocks on the grid's y axis, at most 65535", max_blocks);
   if (p.num_slots == 0) return;
@@ -105,9 +161,11 @@ void run(const MoeGemmArgs& p, int64_t max_blocks, const MoeGemmConfig& cfg,
 
 namespace {
 
-// gemm1 into h f32 [M*k, 2I], or with the activation fused into a bf16 [M*k, I] when `fused`.
+// gemm1 into h f32 [M*k, 2I], or with the activation fused into a bf16 [M*k, I] when `fused`;
+// with the LoRA epilogue when `lora` is set.
 void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13, Tensor& out,
-           const Stream& stream, const MoeGemmConfig& cfg, bool fused) {
+           const Stream& stream, const MoeGemmConfig& cfg, bool fused,
+           const MoeGemmLora* lora = nullptr) {
   const char* op = fused ? "moe_gemm1_activation" : "moe_gemm1";
   MOELORA_CHECK(top_k >= 1, "{}: top_k must be >= 1, found {}", op, top_k);
   MOELORA_CHECK(x.dim() == 2, "{}: x must be [M, H], found {}", op, x.describe());
@@ -141,25 +199,18 @@ void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w
   p.pdl = cfg.pdl;
   p.plan_ready = cfg.plan_ready;
   p.row_tiles_fastest = cfg.row_tiles_fastest;
+  if (lora) {
+    MOELORA_CHECK(p.n % 2 == 0, "{}: gate_up LoRA needs an even w13 row count, found {}", op,
+                  p.n);
+    set_lora(p, *lora, num_slots, top_k, w13, /*gate_up=*/true, op);
+  }
   run(p, blocks, cfg, stream);
 }
 
-}  // namespace
-
-void moe_gemm1_tiled(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13,
-                     Tensor& h, const Stream& stream, const MoeGemmConfig& cfg) {
-  gemm1(x, top_k, plan, w13, h, stream, cfg, false);
-}
-
-void moe_gemm1_activation_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
-                                const Tensor& w13, Tensor& a, const Stream& stream,
-                                const MoeGemmConfig& cfg) {
-  gemm1(x, top_k, plan, w13, a, stream, cfg, true);
-}
-
-void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
-                     const Tensor& slot_weights, Tensor& o, const Stream& stream,
-                     const MoeGemmConfig& cfg) {
+// gemm2 (o = scale * a . w2^T), with the LoRA epilogue when `lora` is set.
+void gemm2(const Tensor& a, int top_k, const MoeAlignment& plan, const Tensor& w2,
+           const Tensor& slot_weights, Tensor& o, const Stream& stream, const MoeGemmConfig& cfg,
+           const MoeGemmLora* lora) {
   constexpr const char* op = "moe_gemm2";
   MOELORA_CHECK(a.dim() == 2, "{}: a must be [M*k, I], found {}", op, a.describe());
   const int64_t num_slots = a.size(0);
@@ -188,7 +239,68 @@ void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2
   p.pdl = cfg.pdl;
   p.plan_ready = cfg.plan_ready;
   p.row_tiles_fastest = cfg.row_tiles_fastest;
+  if (lora) set_lora(p, *lora, num_slots, top_k, w2, /*gate_up=*/false, op);
   run(p, blocks, cfg, stream);
+}
+
+MoeGemmConfig heuristic_config(const Tensor& act, int64_t slots, const Tensor& w,
+                               const MoeAlignment& plan) {
+  const int64_t n = w.dim() == 3 ? w.size(1) : 0, k = w.dim() == 3 ? w.size(2) : 0;
+  (void)act;
+  return moe_gemm_config(n, k, plan.block_m, slots, plan.num_groups, num_sms());
+}
+
+}  // namespace
+
+void moe_gemm1_tiled(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13,
+                     Tensor& h, const Stream& stream, const MoeGemmConfig& cfg) {
+  gemm1(x, top_k, plan, w13, h, stream, cfg, false);
+}
+
+void moe_gemm1_activation_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
+                                const Tensor& w13, Tensor& a, const Stream& stream,
+                                const MoeGemmConfig& cfg) {
+  gemm1(x, top_k, plan, w13, a, stream, cfg, true);
+}
+
+void moe_gemm2_tiled(const Tensor& a, const MoeAlignment& plan, const Tensor& w2,
+                     const Tensor& slot_weights, Tensor& o, const Stream& stream,
+                     const MoeGemmConfig& cfg) {
+  gemm2(a, 1, plan, w2, slot_weights, o, stream, cfg, nullptr);
+}
+
+void moe_gemm1_activation_lora(const Tensor& x, int top_k, const MoeAlignment& plan,
+                               const Tensor& w13, const MoeGemmLora& lora, Tensor& a,
+                               const Stream& stream) {
+  const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
+  gemm1(x, top_k, plan, w13, a, stream, heuristic_config(x, slots, w13, plan), true, &lora);
+}
+
+void moe_gemm1_activation_lora_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
+                                     const Tensor& w13, const MoeGemmLora& lora, Tensor& a,
+                                     const Stream& stream, const MoeGemmConfig& cfg) {
+  gemm1(x, top_k, plan, w13, a, stream, cfg, true, &lora);
+}
+
+void moe_gemm1_lora_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
+                          const Tensor& w13, const MoeGemmLora& lora, Tensor& h,
+                          const Stream& stream, const MoeGemmConfig& cfg) {
+  gemm1(x, top_k, plan, w13, h, stream, cfg, false, &lora);
+}
+
+void moe_gemm2_lora(const Tensor& a, int top_k, const MoeAlignment& plan, const Tensor& w2,
+                    const Tensor& slot_weights, const MoeGemmLora& lora, Tensor& o,
+                    const Stream& stream, bool plan_ready) {
+  const int64_t slots = a.dim() == 2 ? a.size(0) : 0;
+  MoeGemmConfig cfg = heuristic_config(a, slots, w2, plan);
+  cfg.plan_ready = plan_ready;
+  gemm2(a, top_k, plan, w2, slot_weights, o, stream, cfg, &lora);
+}
+
+void moe_gemm2_lora_tiled(const Tensor& a, int top_k, const MoeAlignment& plan,
+                          const Tensor& w2, const Tensor& slot_weights, const MoeGemmLora& lora,
+                          Tensor& o, const Stream& stream, const MoeGemmConfig& cfg) {
+  gemm2(a, top_k, plan, w2, slot_weights, o, stream, cfg, &lora);
 }
 
 void moe_gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const Tensor& w13,

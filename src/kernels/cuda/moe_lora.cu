@@ -17,7 +17,31 @@ cudaError_t launch_moe_lora_shrink(const LoraPlanView& plan, const ShrinkArgs& a
                                    cudaStream_t stream) {
   const dim3 grid(unsigned(blocks), unsigned((a.R + kShrinkRanks - 1) / kShrinkRanks),
                   unsigned(a.splits));
-  return launch_pdl(moe_lora_shrink_kernel, grid, dim3(kShrinkWarps * 32), 0, stream, plan, a);
+  return launch_pdl(moe_lora_shrink_kernel<kShrinkWarps, 4, kShrinkTiles, 2>, grid,
+                    dim3(kShrinkWarps * 32), 0, stream, plan, a);
+}
+
+namespace {
+
+template <int kRt, int kTiles, int kUnroll>
+cudaError_t launch_shrink_stream(const LoraPlanView& plan, const ShrinkArgs& a, int blocks,
+                                 cudaStream_t stream) {
+  constexpr int kWarps = kShrinkStreamWarps;
+  const dim3 grid(unsigned(blocks), unsigned((a.R + 16 * kRt - 1) / (16 * kRt)),
+                  unsigned(a.splits));
+  return launch_pdl(moe_lora_shrink_kernel<kWarps, kRt, kTiles, kUnroll>, grid,
+                    dim3(kWarps * 32), 0, stream, plan, a);
+}
+
+}  // namespace
+
+cudaError_t launch_moe_lora_shrink_stream(const LoraPlanView& plan, const ShrinkArgs& a,
+                                          int blocks, cudaStream_t stream) {
+  // Rank tiles sized to the pool's A rows (a rank-16 pool's down shrink needs one MMA row
+  // tile, not four), so the registers go to more slot tiles per pass and more K in flight.
+  if (a.R <= 16) return launch_shrink_stream<1, 8, 4>(plan, a, blocks, stream);
+  if (a.R <= 32) return launch_shrink_stream<2, 4, 2>(plan, a, blocks, stream);
+  return launch_shrink_stream<4, 2, 2>(plan, a, blocks, stream);
 }
 
 namespace {

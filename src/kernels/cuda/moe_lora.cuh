@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/moe_lora_epilogue.cuh"  // bf16x8_to_float
 #include "kernels/cuda/moe_ops_launch.h"
 #include "kernels/cuda/pdl_launch.cuh"
 
@@ -23,6 +24,7 @@ namespace moelora::cuda::detail {
 // per touched (adapter, expert) pair: latency, not bandwidth, bounds it).
 constexpr int kShrinkWarps = 16;
 constexpr int kShrinkRanks = 64;    // ranks per CTA (4 MMA row tiles)
+constexpr int kShrinkStreamWarps = 8;  // the fast path's shrink: 2+ CTAs per SM
 constexpr int kExpandThreads = 128;
 constexpr int kExpandCols = 2 * kExpandThreads;
 constexpr int kExpandSlots = 8;     // slots staged per step
@@ -45,11 +47,16 @@ __device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
 // and rank 64 the re-reads were most of the shrink's traffic).
 constexpr int kShrinkTiles = 2;
 
-// grid: (plan blocks, ceil(R / 64), splits); block: kShrinkWarps warps. Each CTA runs every
-// 8-slot tile of its block (padding tiles, which come last, are skipped).
-__global__ void __launch_bounds__(kShrinkWarps * 32)
+// grid: (plan blocks, ceil(R / (16 * kRt)), splits); block: kWarps warps splitting K. Each CTA
+// runs every 8-slot tile of its block (padding tiles, which come last, are skipped), kTiles
+// tiles per pass on the same A fragments (kRt 16-rank MMA tiles), kUnroll K chunks of 32 in
+// flight per warp. The hook path's shape is <kShrinkWarps, 4, kShrinkTiles, 2>; the fast
+// path's (moe_lora_shrink_stream) trades ranks per CTA for slot tiles and occupancy.
+template <int kWarps, int kRt, int kTiles, int kUnroll>
+__global__ void __launch_bounds__(kWarps * 32)
     moe_lora_shrink_kernel(LoraPlanView plan, ShrinkArgs a) {
-  __shared__ float red[kShrinkWarps][kShrinkRanks][8];
+  constexpr int kRanks = 16 * kRt;
+  __shared__ float red[kWarps][kRanks][8];
   pdl_wait();
   pdl_trigger();
   const int b = blockIdx.x;
@@ -58,7 +65,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   if (v < 0) return;
   const int slot = v / plan.num_experts, e = v % plan.num_experts;
   const int rank = min(a.meta[slot * 6 + a.rank_field], a.R);
-  const int r0 = blockIdx.y * kShrinkRanks;
+  const int r0 = blockIdx.y * kRanks;
   if (r0 >= rank) return;
   const int ntiles = (plan.block_m + 7) / 8;
   const int split = int(blockIdx.z);
@@ -70,30 +77,30 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const int chunks = (a.K + 31) / 32;
   const int per_split = (chunks + a.splits - 1) / a.splits;
   const int c0 = split * per_split, c1 = min(chunks, c0 + per_split);
-  const int per_warp = (c1 - c0 + kShrinkWarps - 1) / kShrinkWarps;
+  const int per_warp = (c1 - c0 + kWarps - 1) / kWarps;
   const int c_end = min(c1, c0 + (warp + 1) * per_warp);
 
-  for (int t0 = 0; t0 < ntiles; t0 += kShrinkTiles) {
+  for (int t0 = 0; t0 < ntiles; t0 += kTiles) {
     if (slots[t0 * 8] >= plan.num_slots) break;  // only padding from here on
-    const int nt = min(kShrinkTiles, ntiles - t0);
+    const int nt = min(kTiles, ntiles - t0);
     // This thread's x rows (slot column g of each MMA tile).
-    const __nv_bfloat16* xrow[kShrinkTiles];
-    bool has_row[kShrinkTiles];
+    const __nv_bfloat16* xrow[kTiles];
+    bool has_row[kTiles];
 #pragma unroll
-    for (int t = 0; t < kShrinkTiles; ++t) {
+    for (int t = 0; t < kTiles; ++t) {
       const int pos = (t0 + t) * 8 + g;
       const int s = t < nt && pos < plan.block_m ? slots[pos] : plan.num_slots;
       has_row[t] = s < plan.num_slots;
       xrow[t] = static_cast<const __nv_bfloat16*>(a.in) + int64_t(has_row[t] ? s / a.rows_div : 0) * a.K;
     }
-    float acc[kShrinkTiles][4][4] = {};
-#pragma unroll 2
+    float acc[kTiles][kRt][4] = {};
+#pragma unroll kUnroll
     for (int c = c0 + warp * per_warp; c < c_end; ++c) {
       const int k = c * 32 + tig * 8;
       const bool k_ok = k < a.K;
-      uint32_t f0[4][4], f1[4][4];
+      uint32_t f0[kRt][4], f1[kRt][4];
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
+      for (int t = 0; t < kRt; ++t) {
         const int ra = r0 + t * 16 + g, rb = ra + 8;
         const uint4 lo = load_or_zero(arow + int64_t(ra) * a.K + k, k_ok && ra < rank);
         const uint4 hi = load_or_zero(arow + int64_t(rb) * a.K + k, k_ok && rb < rank);
@@ -101,22 +108,22 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
         f1[t][0] = lo.z, f1[t][1] = hi.z, f1[t][2] = lo.w, f1[t][3] = hi.w;
       }
 #pragma unroll
-      for (int n = 0; n < kShrinkTiles; ++n) {
+      for (int n = 0; n < kTiles; ++n) {
         if (n >= nt) break;
         const uint4 x = load_or_zero(xrow[n] + k, k_ok && has_row[n]);
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
+        for (int t = 0; t < kRt; ++t) {
           mma_bf16_16816(acc[n][t], f0[t], x.x, x.y);
           mma_bf16_16816(acc[n][t], f1[t], x.z, x.w);
         }
       }
     }
 #pragma unroll
-    for (int n = 0; n < kShrinkTiles; ++n) {
+    for (int n = 0; n < kTiles; ++n) {
       if (n >= nt) break;
       __syncthreads();  // the previous tile's readers are done with `red`
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
+      for (int t = 0; t < kRt; ++t) {
         red[warp][t * 16 + g][2 * tig] = acc[n][t][0];
         red[warp][t * 16 + g][2 * tig + 1] = acc[n][t][1];
         red[warp][t * 16 + g + 8][2 * tig] = acc[n][t][2];
@@ -124,14 +131,14 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
       }
       __syncthreads();
       const int n0 = (t0 + n) * 8;
-      for (int i = threadIdx.x; i < kShrinkRanks * 8; i += kShrinkWarps * 32) {
+      for (int i = threadIdx.x; i < kRanks * 8; i += kWarps * 32) {
         const int r = i >> 3, col = i & 7;
         if (r0 + r >= rank || n0 + col >= plan.block_m) continue;
         const int sc = slots[n0 + col];
         if (sc >= plan.num_slots) continue;
         float sum = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kShrinkWarps; ++w) sum += red[w][r][col];
+        for (int w = 0; w < kWarps; ++w) sum += red[w][r][col];
         a.u[split * a.split_stride + int64_t(sc) * a.ldu + r0 + r] = sum;
       }
     }
@@ -277,15 +284,6 @@ __global__ void __launch_bounds__(kExpandThreads)
 constexpr int kExpand4Threads = 128;
 constexpr int kExpand4Cols = 4 * kExpand4Threads;
 constexpr int kExpand4Pad = 8;  // zero rows after the ldu staged columns (rank rounding)
-
-__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float (&f)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x, f[2 * i + 1] = t.y;
-  }
-}
 
 // K-split partials the expand sums (the ops check splits <= kMaxLoraSplits, moe_fused_ops.h;
 // keep the two equal).

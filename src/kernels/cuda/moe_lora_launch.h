@@ -16,6 +16,10 @@ cudaError_t launch_moe_lora_add_delta(const float* d, const int32_t* ids,
                                       const int32_t* token_slot, int top_k, int num_experts,
                                       int num_lora_slots, int64_t n, int N, float* out,
                                       cudaStream_t stream);
+// The fast path's shrink: moe_lora_shrink's contract and grid (plan blocks x rank tiles x
+// splits), with rank tiles sized to a.R and fewer threads per CTA (more CTAs per SM).
+cudaError_t launch_moe_lora_shrink_stream(const LoraPlanView& plan, const ShrinkArgs& a,
+                                          int blocks, cudaStream_t stream);
 // Whether the vectorized expand applies to these sizes and pointers.
 inline bool lora_expand4_ok(const ExpandArgs& a) {
   const int half = a.gate_up ? a.N / 2 : a.N;

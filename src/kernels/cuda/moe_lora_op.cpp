@@ -1,6 +1,10 @@
 // Ops (layer 3) for LoRA on experts on CUDA: virtual-expert ids, shrink, expand, block_m.
 #include "core/cuda_check.h"
+#include <algorithm>
+#include <cmath>
+
 #include "kernels/cuda/moe_fused_ops.h"
+#include "kernels/cuda/moe_lora_epilogue.h"
 #include "kernels/cuda/moe_lora_launch.h"
 #include "kernels/cuda/moe_op_checks.h"
 #include "kernels/cuda/moe_ops.h"
@@ -66,9 +70,12 @@ void moe_lora_shrink(const Tensor& in, int rows_div, const MoeAlignment& vplan, 
   moe_lora_shrink_split(in, rows_div, vplan, A, meta, seam, 1, u, stream);
 }
 
-void moe_lora_shrink_split(const Tensor& in, int rows_div, const MoeAlignment& vplan,
-                           const Tensor& A, const Tensor& meta, LoraSeam seam, int splits,
-                           Tensor& u, const Stream& stream) {
+namespace {
+
+// The K-split shrink's checks and launch (`stream_kernel`: the fast path's kernel shape).
+void shrink_split(const Tensor& in, int rows_div, const MoeAlignment& vplan, const Tensor& A,
+                  const Tensor& meta, LoraSeam seam, int splits, Tensor& u, const Stream& stream,
+                  bool stream_kernel) {
   MOELORA_CHECK(splits >= 1 && splits <= kMaxLoraSplits,
                 "moe_lora_shrink: splits must be in [1, {}], found {}", kMaxLoraSplits, splits);
   check_cuda_tensor(in, DType::bf16, "moe_lora_shrink input");
@@ -90,8 +97,55 @@ void moe_lora_shrink_split(const Tensor& in, int rows_div, const MoeAlignment& v
   detail::ShrinkArgs a{in.data(), rows_div, A.data(), int(R), int(K), meta.data<int32_t>(),
                        seam == LoraSeam::gate_up ? 0 : 5, u.data<float>(), int(u.size(1)), splits,
                        n * u.size(1)};
-  MOELORA_CUDA_CHECK(
-      detail::launch_moe_lora_shrink(pv, a, plan_blocks(vplan, n), raw_stream(stream)));
+  const int blocks = plan_blocks(vplan, n);
+  MOELORA_CUDA_CHECK(stream_kernel
+                         ? detail::launch_moe_lora_shrink_stream(pv, a, blocks, raw_stream(stream))
+                         : detail::launch_moe_lora_shrink(pv, a, blocks, raw_stream(stream)));
+}
+
+}  // namespace
+
+void moe_lora_shrink_split(const Tensor& in, int rows_div, const MoeAlignment& vplan,
+                           const Tensor& A, const Tensor& meta, LoraSeam seam, int splits,
+                           Tensor& u, const Stream& stream) {
+  shrink_split(in, rows_div, vplan, A, meta, seam, splits, u, stream, false);
+}
+
+void moe_lora_shrink_stream(const Tensor& in, int rows_div, const MoeAlignment& vplan,
+                            const Tensor& A, const Tensor& meta, LoraSeam seam, int splits,
+                            Tensor& u, const Stream& stream) {
+  shrink_split(in, rows_div, vplan, A, meta, seam, splits, u, stream, true);
+}
+
+namespace {
+
+// Expected number of distinct experts among `slots` uniform picks of `experts`.
+double touched_experts(int64_t slots, int experts) {
+  const double e = std::max(experts, 1);
+  return e * (1.0 - std::pow(1.0 - 1.0 / e, double(slots)));
+}
+
+}  // namespace
+
+int moe_lora_stream_block_m(int64_t num_tokens, int top_k, int num_experts) {
+  // One block per (adapter, expert) pair even when every token carries the same adapter
+  // (the worst case for a pair's load): mean + 3 standard deviations, as moe_block_m sizes
+  // the base plan. Wider blocks only cost padding tiles, which the shrink skips.
+  const double slots = double(std::max<int64_t>(num_tokens, 1)) * std::max(top_k, 1);
+  const double mean = slots / std::max(num_experts, 1);
+  const double want = mean + 3.0 * std::sqrt(mean) + 1.0;
+  int block_m = 8;
+  while (block_m < want && block_m < 64) block_m *= 2;
+  return block_m;
+}
+
+int moe_lora_stream_splits(int64_t num_tokens, int top_k, int num_experts) {
+  // Enough CTAs for ~3 per SM of an H100 when a single adapter touches the fewest pairs
+  // (more adapters only add CTAs); each split still reads its slice of A once.
+  const double pairs = touched_experts(num_tokens * std::max(top_k, 1), num_experts);
+  int splits = 1;
+  while (splits < kMaxLoraSplits && pairs * splits < 400) splits *= 2;
+  return splits;
 }
 
 void moe_lora_expand(const Tensor& u, const MoeAlignment& vplan, const Tensor& B,

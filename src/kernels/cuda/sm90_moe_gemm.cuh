@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/moe_gemm_launch.h"
+#include "kernels/cuda/moe_lora_epilogue.cuh"
 #include "kernels/cuda/moe_silu.cuh"
 
 namespace moelora::cuda::sm90 {
@@ -104,9 +105,21 @@ struct MoeGemmTile {
   static_assert(kRows * kAccLd * 4 <= kStages * kStageElems * 2, "epilogue tile fits the ring");
   static_assert(kRows % (16 * kMt) == 0 && kChunks >= 8 && kChunks % 8 == 0, "tile shape");
   static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
+  // LoRA epilogue (MoeGemmLoraArgs): the drained ring holds the f32 tile, then u of up to
+  // kTokens LoRA tokens ([token][ldu] f32); the token tables follow the larger of the ring
+  // and that region (so only a wide u grows the kernel's shared memory).
+  static constexpr int kRingBytes = kStages * kStageElems * 2;
+  __host__ __device__ static constexpr int lora_table_offset(int ldu) {
+    const int region = kRows * kAccLd * 4 + kTokens * ldu * 4;
+    return ((region > kRingBytes ? region : kRingBytes) + 15) / 16 * 16;
+  }
+  __host__ __device__ static constexpr int lora_smem_bytes(int ldu) {
+    return lora_table_offset(ldu) + (2 + ::moelora::cuda::detail::kLoraTableInts) * kTokens * 4 + 16;
+  }
 };
 
-template <int kNt, int kMt, int kRows, int kKt, int kStages>
+// kLora: with the LoRA epilogue (p.lora set); false is the kernel without it.
+template <int kNt, int kMt, int kRows, int kKt, int kStages, bool kLora>
 __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kThreads)
     moe_gemm_kernel(const MoeGemmParams p) {
   using Tile = MoeGemmTile<kNt, kMt, kRows, kKt, kStages>;
@@ -149,8 +162,16 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   // Per token column: the source row into act (-1 = padding) and its slot.
-  int* tok_row = reinterpret_cast<int*>(smem_raw + kStages * Tile::kStageElems * 2);
+  int* tok_row = reinterpret_cast<int*>(
+      smem_raw + (kLora ? Tile::lora_table_offset(p.lora.ldu) : Tile::kRingBytes));
   int* tok_slot = tok_row + kTokens;
+  // LoRA epilogue: this thread's row (tid % kRows) and whether it is stored, and the tables.
+  [[maybe_unused]] const int lora_c = tid % kRows;
+  [[maybe_unused]] const int lora_wr = weight_row(lora_c);
+  [[maybe_unused]] const bool lora_row_ok =
+      fuse_act ? col0 + lora_c % (kRows / 2) < half_n : row0 + lora_c < p.n;
+  [[maybe_unused]] const ::moelora::cuda::detail::LoraTables lt =
+      ::moelora::cuda::detail::lora_tables<kTokens>(tok_slot + kTokens);
 
   const int K = p.k;
   const int num_ktiles = (K + kKt - 1) / kKt;
@@ -209,6 +230,13 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
     if (s < num_ktiles) load_acts(s);
     detail::cp_async_commit();
   }
+  if constexpr (kLora) {
+    // The tokens' adapters while the first stages stream (the main loop's first barrier
+    // publishes the sorted order).
+    ::moelora::cuda::detail::lora_load_tokens<kTokens, kThreads>(p.lora, tok_slot, lt, tid);
+    __syncthreads();
+    ::moelora::cuda::detail::lora_sort_tokens<kTokens, kThreads>(lt, tid);
+  }
 
   float acc[kMt][kNt][4];
 #pragma unroll
@@ -233,6 +261,10 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
       load_acts(kt + kStages - 1);
     }
     detail::cp_async_commit();
+    if constexpr (kLora) {
+      if (kt == 0 && tid < kRows && lora_row_ok)
+        ::moelora::cuda::detail::lora_prefetch_b(p.lora, lt, group, p.n, lora_wr);
+    }
 
     const __nv_bfloat16* ws = smem + (kt % kStages) * Tile::kStageElems;
     const uint32_t ws_addr = detail::smem_addr(ws);
@@ -272,7 +304,9 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
 
   // C fragment: rows lane/4 and lane/4 + 8 of each 16-row tile (output columns), token
   // columns 2*(lane%4) and +1.
-  if (fuse_act) {
+  // LoRA tokens in this block (uniform over the CTA; published by the main loop's barriers).
+  const int lora_count = kLora ? *lt.count : 0;
+  if (fuse_act || lora_count > 0) {
     // Stage the tile in the drained ring (every warp is past its last ldmatrix after the
     // barrier), then pair gate row c with up row kRows / 2 + c.
     float* acc_tile = reinterpret_cast<float*>(smem_raw);
@@ -289,6 +323,24 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
               acc[m][t][e];
     }
     __syncthreads();
+    if constexpr (kLora) {
+      if (lora_count > 0)
+        ::moelora::cuda::detail::lora_add<kRows, kThreads, kLd>(
+            p.lora, lt, tok_slot, acc_tile, acc_tile + kRows * kLd, group, p.n, lora_wr,
+            lora_row_ok, tid);
+      if (!fuse_act) {
+        // o = (acc + B . u) * scale; base tokens: acc * scale, as the register path below.
+        for (int i = tid; i < kRows * kTokens; i += kThreads) {
+          const int j = i / kRows, c = i % kRows;
+          const int slot = tok_slot[j];
+          const int n = row0 + c;
+          if (slot < 0 || n >= p.n) continue;
+          const float scale = p.slot_scale ? p.slot_scale[slot] : 1.f;
+          p.out[static_cast<int64_t>(slot) * p.n + n] = acc_tile[c * kLd + j] * scale;
+        }
+        return;
+      }
+    }
     constexpr int kHalf = kRows / 2;
     __nv_bfloat16* act_out = static_cast<__nv_bfloat16*>(p.act_out);
     for (int i = tid; i < kHalf * kTokens; i += kThreads) {
