@@ -20,9 +20,9 @@ struct Entry {
 };
 
 const std::map<std::string, Entry>& registry() {
-  static const std::map<std::string, Entry> r = {{"deepseek_v2", {make_deepseek, false}},
-                                                 {"deepseek_v3", {make_deepseek, false}},
-                                                 {"kimi_k2", {make_deepseek, false}},
+  static const std::map<std::string, Entry> r = {{"deepseek_v2", {make_deepseek, true}},
+                                                 {"deepseek_v3", {make_deepseek, true}},
+                                                 {"kimi_k2", {make_deepseek, true}},
                                                  {"qwen3_moe", {make_qwen3_moe, true}},
                                                  {"mixtral", {make_mixtral, true}}};
   return r;

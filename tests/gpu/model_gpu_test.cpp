@@ -153,8 +153,11 @@ TEST(ModelGpuGolden, Qwen3MoeLoraBf16Kv) { run_golden(kQwen, DType::bf16, 16, 0.
 TEST(ModelGpuGolden, MixtralF32Kv) { run_golden(kMixtral, DType::f32, 4, 0.5); }
 TEST(ModelGpuGolden, MixtralBf16Kv) { run_golden(kMixtral, DType::bf16, 16, 0.4); }
 
-// On the GPU: a request alone gives what it gives in the mixed batch; a base request gives the
-// same with no adapters loaded at all. Greedy, so any logit difference shows as a token too.
+// On the GPU: a request alone gives what it gives in the mixed batch (the same tokens, logits
+// at bf16 level: the dense projections pick the GEMV kernel or cuBLAS by row count, so a step
+// of another size rounds differently); and the base requests of the mixed batch are bit for bit
+// what the same batch gives on a model with no adapters at all (same sizes, same kernels: the
+// adapters must not touch them).
 void run_invariance(const Fixture& f) {
   MOELORA_REQUIRE_GPU();
   auto model = load(f, Device::cuda());
@@ -164,25 +167,27 @@ void run_invariance(const Fixture& f) {
   const std::vector<Case> cases = mixed_batch(f);
   const std::vector<GenerationRequest> reqs = requests(f, cases);
   const auto batched = engine.generate(reqs);
-  double worst_alone = 0, worst_base = 0;
+  std::vector<GenerationRequest> base_reqs = reqs;
+  for (GenerationRequest& r : base_reqs) r.adapter_slot = -1;
+  const auto plain_batched = plain_engine.generate(base_reqs);
+  double worst_alone = 0;
   for (size_t i = 0; i < reqs.size(); ++i) {
     SCOPED_TRACE(fmt::format("{} request {} (slot {}) alone", f.name, i, cases[i].slot));
     const auto alone = engine.generate({reqs[i]});
     ASSERT_TRUE(alone[0].ok) << alone[0].error;
+    ASSERT_TRUE(plain_batched[i].ok) << plain_batched[i].error;
     EXPECT_EQ(alone[0].tokens, batched[i].tokens);
     const std::vector<float> a = all_rows(alone[0]), b = all_rows(batched[i]);
-    EXPECT_TRUE(test::allclose(a, b, 1e-5));
+    EXPECT_TRUE(test::allclose(a, b, kRelTol));
     worst_alone = std::max(worst_alone, test::diff(a, b).max_abs);
     if (cases[i].slot < 0) {
-      const auto base = plain_engine.generate({reqs[i]});
-      EXPECT_EQ(base[0].tokens, batched[i].tokens);
-      const std::vector<float> p = all_rows(base[0]);
-      EXPECT_TRUE(test::allclose(p, b, 1e-5));
-      worst_base = std::max(worst_base, test::diff(p, b).max_abs);
+      EXPECT_EQ(plain_batched[i].tokens, batched[i].tokens);
+      EXPECT_EQ(all_rows(plain_batched[i]), b) << "base request changed by adapters in its batch";
     }
   }
-  fmt::print("{} on CUDA: alone vs batched max |diff| {:.3g}; base vs no-adapter model {:.3g}\n",
-             f.name, worst_alone, worst_base);
+  fmt::print("{} on CUDA: alone vs batched max |diff| {:.3g}; base requests bit-identical to a "
+             "model without adapters\n",
+             f.name, worst_alone);
 }
 
 TEST(ModelGpuGolden, Qwen3MoeBatchInvariance) { run_invariance(kQwen); }

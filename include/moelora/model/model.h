@@ -19,8 +19,8 @@ class PeftAdapter;
 
 struct ModelOptions {
   // Where the weights, the LoRA pools, the KV cache (kv_cache_config) and every activation of
-  // a step live. Qwen3-MoE and Mixtral run on the CPU or a CUDA device; DeepSeek-V2/V3 and
-  // Kimi-K2 on the CPU only so far (Model::runs_on says which).
+  // a step live: the CPU or a CUDA device, for every supported model_type (Model::runs_on
+  // says whether this build can).
   Device device = Device::cpu();
   // Tokens per step the per-step buffers are sized for at load (and rows per MoE runner call:
   // longer steps run the experts in chunks and grow the other buffers once).
@@ -66,8 +66,7 @@ class Model {
   static std::unique_ptr<Model> load(const std::string& dir, const ModelOptions& options = {});
   static std::vector<std::string> supported_model_types();
   // Whether the model in `dir` (its config.json's model_type) can run on `device` in this
-  // build: any supported model on the CPU; qwen3_moe and mixtral on CUDA when moelora was
-  // built with it.
+  // build: any supported model on the CPU; on CUDA when moelora was built with it.
   static bool runs_on(const std::string& dir, Device device);
 
   virtual const HfModelConfig& config() const = 0;

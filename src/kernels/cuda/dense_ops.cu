@@ -3,7 +3,7 @@
 // straightforward kernels a model needs to run on the GPU at all; the decode-critical ones
 // (linear, attention) are sized for decode batches: linear streams each weight row once per
 // 8 tokens, attention runs one CTA per (token, head) with an online softmax over the pages.
-// Prefill-sized linears belong on cuBLASLt (not wired yet).
+// Linears above kGemvMaxRows rows run on cuBLAS instead (cublas_linear.h).
 #include <cuda_bf16.h>
 
 #include <cfloat>
@@ -346,6 +346,24 @@ cudaError_t launch_linear(const void* x, bool x_bf16, const void* w, void* y, bo
                                                                                       n, k);
     return cudaGetLastError();
   });
+}
+
+__global__ void split_bf16_kernel(const float* x, __nv_bfloat16* hi, __nv_bfloat16* lo,
+                                  int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float v = x[i];
+    const __nv_bfloat16 h = __float2bfloat16_rn(v);
+    hi[i] = h;
+    lo[i] = __float2bfloat16_rn(v - __bfloat162float(h));
+  }
+}
+
+cudaError_t launch_split_bf16(const float* x, void* hi, void* lo, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  split_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(x, static_cast<__nv_bfloat16*>(hi),
+                                                     static_cast<__nv_bfloat16*>(lo), n);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_dim,

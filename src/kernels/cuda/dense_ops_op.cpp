@@ -3,6 +3,7 @@
 // in range, cache slots, block-table entries) cannot be made here without a sync: callers own
 // those invariants (the model builds these tensors itself).
 #include "core/cuda_check.h"
+#include "kernels/cuda/cublas_linear.h"
 #include "kernels/cuda/dense_ops.h"
 #include "kernels/cuda/dense_ops_launch.h"
 #include "kernels/cuda/model_ops.h"
@@ -73,6 +74,18 @@ void linear(const Tensor& x, const Tensor& w, Tensor& y, const Stream& stream) {
   MOELORA_CHECK(k % 8 == 0, "cuda linear: in_features {} is not a multiple of 8 (16-byte loads)",
                 k);
   check_shape(y, {m, n}, "linear output y");
+  // Up to kGemvMaxRows rows the GEMV kernel streams the weights once per 8 rows at copy
+  // bandwidth; above, cuBLAS's tensor-core GEMMs (an f32 x as two bf16 halves, so the result
+  // stays faithful to f32 inputs). A bf16 y from an f32 x keeps the GEMV kernel.
+  constexpr int64_t kGemvMaxRows = 8;
+  if (m > kGemvMaxRows && xb) {
+    cublas_linear_bf16(x.data(), w.data(), y.data(), yb, m, n, k, raw(stream));
+    return;
+  }
+  if (m > kGemvMaxRows && !yb) {
+    cublas_linear_f32(x.data<float>(), w.data(), y.data<float>(), m, n, k, raw(stream));
+    return;
+  }
   MOELORA_CUDA_CHECK(launch_linear(x.data(), xb, w.data(), y.data(), yb, m, n, k, raw(stream)));
 }
 
