@@ -33,10 +33,6 @@ void check_unsupported_settings(const std::string& dir, const HfModelConfig& c) 
   MOELORA_CHECK(c.rope_type == "default",
                 "{}: rope_type '{}' is not supported yet (only \"default\" RoPE)", path,
                 c.rope_type);
-  MOELORA_CHECK(!c.has_quantization_config,
-                "{}: quantized checkpoints (quant_method '{}') are not supported by the model "
-                "loader yet",
-                path, c.quant_method);
   MOELORA_CHECK(c.max_position_embeddings > 0, "{}: max_position_embeddings must be > 0", path);
 }
 

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "model/moe_decoder_impl.h"
+#include "model/expert_loader.h"
 #include "model/moe_block.h"
 #include "model/ops.h"
 #include "model/weight_loader.h"
@@ -75,10 +76,6 @@ MoeDecoder::MoeDecoder(const std::string& dir, const HfModelConfig& config,
       ++num_moe_layers_;
       L.router = place(wl.bf16(p + family_.moe_module + "." + family_.router + ".weight", {E, H}));
       L.experts = load_experts(wl, l);
-      if (device_.is_cuda()) {
-        L.experts.w13 = L.experts.w13.to(device_);
-        L.experts.w2 = L.experts.w2.to(device_);
-      }
       L.experts.validate(shape);
       if (slots > 0) {
         L.lora_pool = std::make_unique<MoeLoraPool>(shape, slots, options_.lora_r_max, device_);
@@ -127,35 +124,14 @@ Tensor MoeDecoder::place(const Tensor& host) const {
 }
 
 MoeWeights MoeDecoder::load_experts(WeightLoader& wl, int layer) const {
-  const MoeShape shape = config_.moe_shape();
-  const int64_t E = shape.num_experts, I = shape.inter, H = shape.hidden;
+  // bf16 or the checkpoint's quantized format, per-expert or fused 3-D keys, made on the
+  // model's device (model/expert_loader.h).
   const std::string p = fmt::format("model.layers.{}.", layer);
-  const std::string mp = p + family_.moe_module + ".";
-  MoeWeights w;
-  w.format = WeightFormat::bf16;
-  Tensor w13, w2;
-  // transformers 5's in-memory layout saved as is: gate_up [E, 2I, H], down [E, H, I].
-  std::string fused = mp + "experts.gate_up_proj";
-  if (!wl.has(fused)) fused = p + "mlp.experts.gate_up_proj";
-  if (wl.has(fused)) {
-    w13 = wl.bf16(fused, {E, 2 * I, H});
-    w2 = wl.bf16(fused.substr(0, fused.size() - 12) + "down_proj", {E, H, I});
-  } else {
-    // Hub checkpoints (and save_pretrained of transformers 5): one Linear per expert.
-    w13 = Tensor::empty({E, 2 * I, H}, DType::bf16);
-    w2 = Tensor::empty({E, H, I}, DType::bf16);
-    const auto& n = family_.expert_proj;
-    for (int64_t e = 0; e < E; ++e) {
-      const std::string ep = fmt::format("{}experts.{}.", mp, e);
-      wl.copy_into(ep + n[0] + ".weight", {I, H}, w13, e * 2 * I * H);
-      wl.copy_into(ep + n[1] + ".weight", {I, H}, w13, (e * 2 + 1) * I * H);
-      wl.copy_into(ep + n[2] + ".weight", {H, I}, w2, e * H * I);
-    }
-  }
-  w.w13 = ExpertMatrices(w13);
-  w.w2 = ExpertMatrices(w2);
-  w.validate(shape);
-  return w;
+  ExpertNames names;
+  names.proj = family_.expert_proj;
+  names.fused_prefixes = {p + "mlp.experts"};  // transformers 5 saves Mixtral's fused experts here
+  return load_routed_experts(wl, p + family_.moe_module + ".experts", names, config_.moe_shape(),
+                             device_);
 }
 
 KvCacheConfig MoeDecoder::kv_cache_config(int64_t num_pages, int page_size, DType dtype) const {

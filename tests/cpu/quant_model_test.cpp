@@ -393,14 +393,12 @@ void run_model_case(const std::string& fixture, const FormatCase& fc, const Pref
              ok.size(), d.rel_l2);
 }
 
-// DISABLED_ until the models call load_routed_experts and stop refusing quantization_config
-// (the integration patch: /work/notes/s3-quant-integration.patch); verified passing with it.
-TEST(QuantModel, DISABLED_PrefillMatchesDequantizedTwinQwen3Moe) {
+TEST(QuantModel, PrefillMatchesDequantizedTwinQwen3Moe) {
   const Prefill orig = prefill(fixture_model("qwen3_moe_lora"), 384);
   for (const FormatCase& fc : format_cases()) run_model_case("qwen3_moe_lora", fc, orig, 384);
 }
 
-TEST(QuantModel, DISABLED_PrefillMatchesDequantizedTwinMixtral) {
+TEST(QuantModel, PrefillMatchesDequantizedTwinMixtral) {
   const Prefill orig = prefill(fixture_model("mixtral_tiny"), 128);
   for (const FormatCase& fc : format_cases()) run_model_case("mixtral_tiny", fc, orig, 128);
 }
@@ -493,8 +491,7 @@ TEST(RandomWeights, ModelRuns) {
 
 // The model takes the random experts' format (fp8 codes and scales, not a bf16 fill): the
 // logits differ from the bf16 model of the same seed, whose dense weights are the same.
-// DISABLED_ until the integration patch (see above).
-TEST(RandomWeights, DISABLED_ModelRunsWithQuantizedExperts) {
+TEST(RandomWeights, ModelRunsWithQuantizedExperts) {
   TempDir tmp;
   const Prefill b = prefill(random_model(tmp, "b", {5, WeightFormat::bf16, 0, Device::cpu()}), 384);
   for (WeightFormat f : {WeightFormat::fp8_block, WeightFormat::int4}) {
