@@ -191,12 +191,18 @@ struct ScratchDir {
 struct Row {
   int batch = 0;
   std::string lora;
-  double ms = 0, tok_s = 0, ratio = NAN;  // ratio: tok/s over LoRA none's
+  double ms = 0, min_ms = 0, max_ms = 0, tok_s = 0;
+  double ratio = NAN;  // tok/s over LoRA none's (the mean of its two measurements)
+  bool repeat = false;  // the second measurement of `none` at this batch (drift check)
 };
 
-// Median wall time (ms) of `steps` decode steps of `batch` sequences that each start at
-// `context` tokens of (random) K/V; sequence i runs adapter slot i % adapters (-1 without).
-double time_decode(Model& model, PagedKvCache& cache, int batch, int adapters, int64_t context,
+struct StepTimes {
+  double median = 0, min = 0, max = 0;  // ms
+};
+
+// Wall times of `steps` decode steps of `batch` sequences that each start at `context` tokens
+// of (random) K/V; sequence i runs adapter slot i % adapters (-1 without).
+StepTimes time_decode(Model& model, PagedKvCache& cache, int batch, int adapters, int64_t context,
                    int warmup, int steps, uint64_t seed) {
   std::vector<SeqInput> in(static_cast<size_t>(batch));
   for (int i = 0; i < batch; ++i) {
@@ -221,6 +227,25 @@ double time_decode(Model& model, PagedKvCache& cache, int batch, int adapters, i
     if (step >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
   }
   for (const SeqInput& s : in) cache.free_sequence(s.seq);
+  StepTimes t;
+  t.median = median(ms);
+  t.min = *std::min_element(ms.begin(), ms.end());
+  t.max = *std::max_element(ms.begin(), ms.end());
+  return t;
+}
+
+// Median ms of copying a fresh f32 [batch, vocab] device tensor to a new host tensor: what the
+// step's logits download costs by itself (host allocation and first touch included).
+double logits_download_ms(Device device, int batch, int64_t vocab) {
+  if (device.is_cpu()) return 0.0;
+  Tensor d = Tensor::zeros({batch, vocab}, DType::f32, device);
+  std::vector<double> ms;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const Tensor h = d.to(Device::cpu());
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                     .count());
+  }
   return median(ms);
 }
 
@@ -328,40 +353,60 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     s.synchronize();
   }
 
+  // One adapter rank per run, loaded once into every slot before any timing. Batches are the
+  // outer loop and `none` is measured again after the LoRA settings of each batch, so drift
+  // (clocks, allocator state) shows up instead of landing in the ratios.
+  for (const LoraSetting& ls : settings)
+    MOELORA_CHECK(ls.rank == 0 || ls.rank == max_rank,
+                  "--lora: one rank per run (found r{} and r{})", ls.rank, max_rank);
+  if (max_rank > 0) {
+    t0 = std::chrono::steady_clock::now();
+    const std::string adir = fmt::format("{}/adapter_r{}", scratch.path, max_rank);
+    write_random_adapter(adir, config, max_rank, o.seed + 7);
+    const PeftAdapter adapter = PeftAdapter::load(adir);
+    for (int s = 0; s < max_adapters; ++s) model->load_adapter(s, adapter);
+    std::printf("random rank-%d adapter written and loaded into %d slot(s) in %.1f s\n",
+                max_rank, max_adapters,
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
   std::vector<Row> rows;
-  std::map<int, double> base_ms;  // batch -> ms of LoRA none
-  int loaded_rank = 0;
-  for (const LoraSetting& ls : settings) {
-    if (ls.rank > 0 && ls.rank != loaded_rank) {
-      t0 = std::chrono::steady_clock::now();
-      const std::string adir = fmt::format("{}/adapter_r{}", scratch.path, ls.rank);
-      write_random_adapter(adir, config, ls.rank, o.seed + 7);
-      const PeftAdapter adapter = PeftAdapter::load(adir);
-      for (int s = 0; s < max_adapters; ++s) {
-        if (model->adapter_loaded(s)) model->unload_adapter(s);
-        model->load_adapter(s, adapter);
-      }
-      loaded_rank = ls.rank;
-      std::printf("random rank-%d adapter loaded into %d slot(s) in %.1f s\n", ls.rank,
-                  max_adapters,
-                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    for (int b : batches) {
+  std::map<int, double> download_ms;
+  const bool repeat_none = settings.size() > 1 && settings.front().rank == 0;
+  for (int b : batches) {
+    download_ms[b] = logits_download_ms(device, b, config.vocab_size);
+    std::vector<LoraSetting> order = settings;
+    if (repeat_none) order.push_back(settings.front());
+    const size_t first = rows.size();
+    for (size_t i = 0; i < order.size(); ++i) {
+      const LoraSetting& ls = order[i];
+      const StepTimes t = time_decode(*model, cache, b, ls.adapters, o.context, warmup, steps,
+                                      o.seed + uint64_t(b));
       Row r;
       r.batch = b;
       r.lora = ls.name;
-      r.ms = time_decode(*model, cache, b, ls.adapters, o.context, warmup, steps,
-                         o.seed + uint64_t(b));
+      r.ms = t.median, r.min_ms = t.min, r.max_ms = t.max;
       r.tok_s = double(b) / (r.ms * 1e-3);
-      if (ls.rank == 0) base_ms[b] = r.ms;
-      // Throughput with LoRA over without (as bench moe reports it): 1 = free.
-      if (ls.rank > 0 && base_ms.count(b)) r.ratio = base_ms[b] / r.ms;
-      std::printf("  batch %4d  lora %-7s  %9.3f ms/step  %10.1f tok/s%s\n", b, ls.name.c_str(),
-                  r.ms, r.tok_s,
-                  std::isnan(r.ratio) ? "" : fmt::format("  {:.3f} of none's tok/s", r.ratio).c_str());
-      std::fflush(stdout);
+      r.repeat = i == settings.size();
       rows.push_back(r);
     }
+    double none_ms = 0;
+    int n_none = 0;
+    for (size_t i = first; i < rows.size(); ++i)
+      if (rows[i].lora == "none") none_ms += rows[i].ms, ++n_none;
+    for (size_t i = first; i < rows.size(); ++i) {
+      Row& r = rows[i];
+      // Throughput with LoRA over without (as bench moe reports it): 1 = free.
+      if (r.lora != "none" && n_none > 0) r.ratio = (none_ms / n_none) / r.ms;
+      std::printf("  batch %4d  lora %-7s%s %9.3f ms/step (min %.3f max %.3f) %9.1f tok/s%s\n",
+                  b, r.lora.c_str(), r.repeat ? " again" : "      ", r.ms, r.min_ms, r.max_ms,
+                  r.tok_s,
+                  std::isnan(r.ratio) ? "" : fmt::format("  {:.3f} of none", r.ratio).c_str());
+    }
+    if (gpu)
+      std::printf("  batch %4d  logits download alone (f32 [%d, %d] to a new host tensor): "
+                  "%.3f ms\n",
+                  b, b, config.vocab_size, download_ms[b]);
+    std::fflush(stdout);
   }
 
   if (!o.json.empty()) {
@@ -385,9 +430,13 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     for (const Row& r : rows)
       j["results"].push_back({{"batch", r.batch},
                               {"lora", r.lora},
+                              {"repeat", r.repeat},
                               {"ms_per_step", r.ms},
+                              {"min_ms", r.min_ms},
+                              {"max_ms", r.max_ms},
                               {"tok_per_s", r.tok_s},
-                              {"tok_s_lora_over_none", std::isnan(r.ratio) ? json() : json(r.ratio)}});
+                              {"tok_s_lora_over_none", std::isnan(r.ratio) ? json() : json(r.ratio)},
+                              {"logits_download_ms", download_ms[r.batch]}});
     std::ofstream out(o.json);
     MOELORA_CHECK(out.good(), "--json: cannot write {}", o.json);
     out << j.dump(2) << "\n";
