@@ -1,4 +1,5 @@
 // `cuda_bf16`: bf16 expert weights, bf16 activations, on Hopper.
+#include "kernels/cuda/moe_decode_layer.h"
 #include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_gemm_config.h"
 #include "moe/builtin_backends.h"
@@ -13,6 +14,24 @@ class CudaBf16Backend final : public CudaMoeBackendBase {
   std::string_view name() const override { return "cuda_bf16"; }
   bool supports(const MoeProblem& p, std::string* why) const override {
     return supports_common(p, WeightFormat::bf16, why);
+  }
+  // The decode kernel's scratch (a few MB at most), when the shape suits it at all.
+  void prepare(const MoeProblem& p) override {
+    if (cuda::moe_decode_shape_supported(p.shape, nullptr))
+      decode_ws_ = cuda::MoeDecodeWorkspace::allocate(p.shape, p.device);
+  }
+  // The whole layer in one persistent kernel for batches of up to 8 tokens
+  // (moe_decode_layer.cu): bit-identical to the stages below, but slower on H100 so far (the
+  // runner uses it only when MoeRunnerConfig::small_batch_max_tokens asks for it).
+  bool small_batch_layer(const MoeInputs& in, const MoeWeights& w, const MoeShape& shape,
+                         const RouterConfig& router, TopK& topk, Tensor& y,
+                         const Stream& s) override {
+    if (!decode_ws_.defined() || w.format != WeightFormat::bf16 || !in.x.defined() ||
+        in.x.dim() != 2 ||
+        !cuda::moe_decode_layer_supported(shape, router, in.x.size(0), nullptr))
+      return false;
+    cuda::moe_decode_layer(in, w, shape, router, topk, decode_ws_, y, s);
+    return true;
   }
 
   void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const ExpertMatrices& w13,
@@ -32,6 +51,9 @@ class CudaBf16Backend final : public CudaMoeBackendBase {
     cuda::moe_gemm1_activation(x, top_k, plan, w13.w, a, s);
     cuda::moe_gemm2_plan_ready(a, plan, w2.w, sw, o, s);
   }
+
+ private:
+  cuda::MoeDecodeWorkspace decode_ws_;
 };
 
 }  // namespace

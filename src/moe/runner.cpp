@@ -69,6 +69,11 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
   const int64_t slots = m * s.top_k;
   topk_view_.ids = topk_.ids.first_rows(m);
   topk_view_.weights = topk_.weights.first_rows(m);
+  // Decode-sized batches with no seams: the whole layer in one call when the backend can
+  // (the plan, h, a and o are then left unwritten; topk is written as route writes it).
+  if (!hooks && m <= config_.small_batch_max_tokens &&
+      backend_->small_batch_layer(in, w, s, config_.router, topk_view_, y, stream))
+    return;
   plan_.block_m = backend_->block_m(m, s);
   if (hooks) {
     // The hooks fork their side stream (LoRA grouping) right after routing, before the

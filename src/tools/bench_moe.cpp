@@ -195,13 +195,20 @@ int run_bench_moe(const BenchMoeOptions& opt) {
   const double bw = measure_copy_bandwidth(device, stream);
   const int max_batch = *std::max_element(batches.begin(), batches.end());
 
-  std::printf("moelora bench moe: %s, %s weights, LoRA path %s, device %s, copy bandwidth %.0f "
-              "GB/s, %d layer calls per %s, %d repeats\n",
-              shape.name.c_str(), opt.dtype.c_str(), opt.path.c_str(), info.name.c_str(), bw / 1e9,
-              layers, gpu ? "CUDA graph" : "timing", repeats);
+  std::printf("moelora bench moe: %s, %s weights, LoRA path %s, small-batch kernel %s, device "
+              "%s, copy bandwidth %.0f GB/s, %d layer calls per %s, %d repeats\n",
+              shape.name.c_str(), opt.dtype.c_str(), opt.path.c_str(),
+              opt.small_batch_kernel.c_str(), info.name.c_str(), bw / 1e9, layers,
+              gpu ? "CUDA graph" : "timing", repeats);
   std::fflush(stdout);
 
+  MOELORA_CHECK(opt.small_batch_kernel == "default" || opt.small_batch_kernel == "on" ||
+                    opt.small_batch_kernel == "off",
+                "--small-batch-kernel: expected default, on or off, found '{}'",
+                opt.small_batch_kernel);
   MoeRunnerConfig rc{shape, router, device, max_batch, format, opt.backend};
+  if (opt.small_batch_kernel == "on") rc.small_batch_max_tokens = 4;
+  if (opt.small_batch_kernel == "off") rc.small_batch_max_tokens = 0;
   MoeRunner runner(rc);
   std::vector<Layer> ls(static_cast<size_t>(layers));
   for (int l = 0; l < layers; ++l)
@@ -313,6 +320,7 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     if (format != WeightFormat::bf16) j["group_size"] = group_size;
     j["bytes_per_expert"] = expert_bytes;
     j["backend"] = std::string(runner.backend().name());
+    j["small_batch_max_tokens"] = rc.small_batch_max_tokens;
     j["layers_per_graph"] = layers;
     j["repeats"] = repeats;
     j["timing"] = gpu ? "CUDA graph of layer calls (routing+alignment included), median replay / layers"

@@ -17,6 +17,9 @@ struct BenchMoeOptions {
   std::vector<std::string> lora = {"none", "r16x1", "r16x4", "r64x1"};
   std::string device = "auto";  // auto | cpu | cuda
   std::string backend;          // empty: pick by capability
+  // Batches without LoRA on the backend's one-kernel layer (cuda_bf16 small_batch_layer):
+  // default = MoeRunnerConfig's small_batch_max_tokens, on = up to 4 tokens, off = never.
+  std::string small_batch_kernel = "default";
   int layers = 0;               // layer calls per graph; 0: 8 on CUDA, 1 on the CPU
   int repeats = 0;              // timed replays; 0: 30 on CUDA, 2 on the CPU
   std::string json;             // write results here when set

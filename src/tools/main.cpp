@@ -37,6 +37,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_moe->add_option("--device", moe.device, "auto, cpu or cuda")->capture_default_str();
   bench_moe->add_option("--backend", moe.backend, "MoE backend by name (default: by capability)");
+  bench_moe->add_option("--small-batch-kernel", moe.small_batch_kernel,
+                        "default (the runner's setting), on (batches up to 4 tokens without "
+                        "LoRA run the backend's one-kernel layer) or off (the staged kernels)")
+      ->capture_default_str();
   bench_moe->add_option("--layers", moe.layers, "layer calls per graph (default 8 on CUDA, 1 on CPU)");
   bench_moe->add_option("--repeats", moe.repeats, "timed repeats (default 30 on CUDA, 2 on CPU)");
   bench_moe->add_option("--json", moe.json, "write results as JSON to this file");

@@ -77,6 +77,18 @@ class MoeBackend {
     activation(h, ids, a, stream);
     gemm2(a, plan, w2, slot_weights, o, stream);
   }
+  // Optional fused capability for decode-sized batches with no hooks: the whole layer, routing
+  // and shared expert included, y = reduce(expert_mlp(route_align(...)) + shared), in as few
+  // launches as the backend can. Writes topk as route would (nothing else of the staged path:
+  // no plan, h, a or o). Must give exactly the y and topk of the stages, bit for bit (a LoRA
+  // batch's base tokens take the staged path and must match a LoRA-off run). Returns false,
+  // having enqueued nothing, when it does not handle this call; the runner then runs the stages.
+  virtual bool small_batch_layer(const MoeInputs& in, const MoeWeights& w, const MoeShape& shape,
+                                 const RouterConfig& router, TopK& topk, Tensor& y,
+                                 const Stream& stream) {
+    (void)in, (void)w, (void)shape, (void)router, (void)topk, (void)y, (void)stream;
+    return false;
+  }
   // y bf16 [M, H] = sum_j o[t*k+j] over ids[t, j] >= 0, plus gate(t) * shared_o[t] when
   // shared_o is defined (gate = sigmoid(shared_gate_logits[t]) when those are defined, else 1).
   virtual void reduce(const Tensor& o, const Tensor& ids, const Tensor& shared_o,

@@ -24,6 +24,11 @@ struct MoeRunnerConfig {
   int64_t max_tokens = 256;
   WeightFormat format = WeightFormat::bf16;
   std::string backend;  // empty: pick the best backend for the device by capability
+  // Batches up to this many tokens with no hooks run MoeBackend::small_batch_layer (one kernel
+  // on cuda_bf16, bit-identical to the stages) when the backend takes them; 0 = always the
+  // staged path. Off by default: on H100 the one-kernel layer still measures slower than the
+  // stages (bench/NOTES.md "One-kernel decode layer").
+  int64_t small_batch_max_tokens = 0;
 };
 
 class MoeRunner {
