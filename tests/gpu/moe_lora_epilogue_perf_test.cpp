@@ -103,20 +103,24 @@ TEST(CudaMoeLoraEpiloguePerf, DISABLED_EpiloguePerf) {
         l.vplan_h.block_m = cuda::moe_lora_block_m(m, k);
         cuda::moe_lora_align(l.topk.ids, l.ts, E, l.vplan_s, s);
         cuda::moe_lora_align(l.topk.ids, l.ts, E, l.vplan_h, s);
-        l.u13s = Tensor::zeros({splits_s * n, 2 * r}, DType::f32, d);
-        l.u2s = Tensor::zeros({splits_s * n, r}, DType::f32, d);
+        l.u13s = Tensor::zeros({8 * n, 2 * r}, DType::f32, d);
+        l.u2s = Tensor::zeros({8 * n, r}, DType::f32, d);
         l.u13h = Tensor::zeros({splits_h * n, 2 * r}, DType::f32, d);
         l.u2h = Tensor::zeros({splits_h * n, r}, DType::f32, d);
       }
       s.synchronize();
-      auto s13_new = [&](Layer& l) {
+      auto s13_with = [&](Layer& l, int splits) {
+        Tensor u = l.u13s.first_rows(splits * n);
         cuda::moe_lora_shrink_stream(l.x, k, l.vplan_s, l.pool->a13(), l.pool->slot_meta(),
-                                     LoraSeam::gate_up, splits_s, l.u13s, s);
+                                     LoraSeam::gate_up, splits, u, s);
       };
-      auto s2_new = [&](Layer& l) {
+      auto s2_with = [&](Layer& l, int splits) {
+        Tensor u = l.u2s.first_rows(splits * n);
         cuda::moe_lora_shrink_stream(l.a, 1, l.vplan_s, l.pool->a2(), l.pool->slot_meta(),
-                                     LoraSeam::down, splits_s, l.u2s, s);
+                                     LoraSeam::down, splits, u, s);
       };
+      auto s13_new = [&](Layer& l) { s13_with(l, splits_s); };
+      auto s2_new = [&](Layer& l) { s2_with(l, splits_s); };
       auto s13_old = [&](Layer& l) {
         cuda::moe_lora_shrink_split(l.x, k, l.vplan_h, l.pool->a13(), l.pool->slot_meta(),
                                     LoraSeam::gate_up, splits_h, l.u13h, s);
@@ -126,14 +130,16 @@ TEST(CudaMoeLoraEpiloguePerf, DISABLED_EpiloguePerf) {
                                     LoraSeam::down, splits_h, l.u2h, s);
       };
       auto g1_lora = [&](Layer& l) {
-        cuda::moe_gemm1_activation_lora(
-            l.x, k, l.plan, l.w13, {l.ts, l.u13s, splits_s, l.pool->b13(), l.pool->slot_meta()},
-            l.a, s);
+        cuda::moe_gemm1_activation_lora(l.x, k, l.plan, l.w13,
+                                        {l.ts, l.u13s.first_rows(splits_s * n), splits_s,
+                                         l.pool->b13(), l.pool->slot_meta()},
+                                        l.a, s);
       };
       auto g2_lora = [&](Layer& l) {
-        cuda::moe_gemm2_lora(l.a, k, l.plan, l.w2, l.topk.weights.view({n}),
-                             {l.ts, l.u2s, splits_s, l.pool->b2(), l.pool->slot_meta()}, l.o, s,
-                             /*plan_ready=*/true);
+        cuda::moe_gemm2_lora(
+            l.a, k, l.plan, l.w2, l.topk.weights.view({n}),
+            {l.ts, l.u2s.first_rows(splits_s * n), splits_s, l.pool->b2(), l.pool->slot_meta()},
+            l.o, s, /*plan_ready=*/true);
       };
       const double t_fast = graph_us(s, [&] {
         for (Layer& l : L) s13_new(l), g1_lora(l), s2_new(l), g2_lora(l);
@@ -163,6 +169,20 @@ TEST(CudaMoeLoraEpiloguePerf, DISABLED_EpiloguePerf) {
           "%5.3f %5.3f\n",
           long(m), st.name, t_none, t_fast, t_hooks, t_s13o, t_s13n, t_s2o, t_s2n, t_g1, t_g1l,
           t_g2, t_g2l, t_none / t_fast, t_none / t_hooks);
+      // The stream shrink's K splits, and the hook kernel on the stream plan (block_m effect).
+      std::printf("      sweep (splits 1/2/4/8) s13 ");
+      for (int sp : {1, 2, 4, 8}) std::printf("%7.2f", graph_us(s, [&] { for (Layer& l : L) s13_with(l, sp); }));
+      std::printf("  s2 ");
+      for (int sp : {1, 2, 4, 8}) std::printf("%7.2f", graph_us(s, [&] { for (Layer& l : L) s2_with(l, sp); }));
+      const double t_old_on_s = graph_us(s, [&] {
+        for (Layer& l : L) {
+          Tensor u = l.u13s.first_rows(splits_h * n);
+          cuda::moe_lora_shrink_split(l.x, k, l.vplan_s, l.pool->a13(), l.pool->slot_meta(),
+                                      LoraSeam::gate_up, splits_h, u, s);
+        }
+      });
+      std::printf("  s13 hook kernel on stream plan %7.2f (splits %d, stream splits %d)\n",
+                  t_old_on_s, splits_h, splits_s);
       std::fflush(stdout);
     }
     for (Layer& l : L) l.pool.reset();

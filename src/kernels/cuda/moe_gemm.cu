@@ -22,7 +22,7 @@ using TileOf = sm90::MoeGemmTile<kNt, kNt >= 8 ? 2 : 1, kRows, kNt >= 4 ? 64 : 1
 template <int kNt, int kRows>
 int smem_bytes(const MoeGemmArgs& p) {
   using Tile = TileOf<kNt, kRows>;
-  return p.lora.token_slot ? Tile::lora_smem_bytes(p.lora.ldu) : Tile::kSmemBytes;
+  return p.lora.token_slot ? Tile::lora_smem_bytes(p.lora.ldu, p.lora.r_max) : Tile::kSmemBytes;
 }
 
 template <int kNt, int kRows, bool kLora>
@@ -94,7 +94,9 @@ cudaError_t launch_moe_gemm(const MoeGemmArgs& p, int max_blocks, int rows,
   if (!p.lora.token_slot) return launch_nt<false>(p, max_blocks, rows, stream);
   const MoeGemmLoraArgs& l = p.lora;
   if (l.r_max <= 0 || l.r_max % 8 != 0 || l.splits < 1 || l.splits > kMaxLoraEpilogueSplits ||
-      l.ldu <= 0 || l.top_k < 1 || !l.u || !l.b || !l.meta || l.num_experts <= 0 ||
+      l.ldu <= 0 || l.ldu % 4 != 0 || l.split_stride % 4 != 0 ||
+      reinterpret_cast<uintptr_t>(l.u) % 16 != 0 || reinterpret_cast<uintptr_t>(l.b) % 16 != 0 ||
+      l.top_k < 1 || !l.u || !l.b || !l.meta || l.num_experts <= 0 ||
       (l.gate_up && p.n % 2 != 0))
     return cudaErrorInvalidValue;
   return launch_nt<true>(p, max_blocks, rows, stream);

@@ -120,6 +120,9 @@ void set_lora(MoeGemmArgs& p, const MoeGemmLora& l, int64_t num_slots, int top_k
   MOELORA_CHECK(l.u.dim() == 2 && l.u.size(0) == l.splits * num_slots && l.u.size(1) >= need,
                 "{}: LoRA u must be [{} splits * {} slots, >= {}], found {}", op, l.splits,
                 num_slots, need, l.u.describe());
+  MOELORA_CHECK(l.u.size(1) % 4 == 0, "{}: LoRA u rows must hold a multiple of 4 floats "
+                "(16-byte loads), found {}", op, l.u.describe());
+  check_aligned_16(l.u, "LoRA epilogue u");
   for (const Tensor* t : {&l.token_slot, &l.b, &l.meta, &l.u})
     check_device(*t, w.device(), "LoRA epilogue operand");
   MOELORA_CHECK(S <= std::numeric_limits<int32_t>::max() && l.u.size(1) <= 4096,

@@ -14,17 +14,15 @@
 
 #include "kernels/cuda/moe_gemm_config.h"
 #include "moelora/core/stream.h"
+#include "moelora/moe/lora_epilogue.h"
 #include "moelora/moe/types.h"
 
 namespace moelora::cuda {
 
-struct MoeGemmLora {
-  Tensor token_slot;  // i32 [M]: adapter slot per token, -1 = base
-  Tensor u;           // f32 [splits * M*k, ldu], ldu >= 2*r_max (gate_up) or r_max (down)
-  int splits = 1;     // 1..kMaxLoraSplits
-  Tensor b;           // bf16 [S, E, N, r_max] (the pool's b13 or b2), r_max % 8 == 0
-  Tensor meta;        // i32 [S, 6] (MoeLoraSlotMeta)
-};
+// token_slot i32 [M]; u f32 [splits * M*k, ldu] with ldu >= 2*r_max (gate_up) or r_max (down),
+// a multiple of 4; splits 1..kMaxLoraSplits; b bf16 [S, E, N, r_max] (the pool's b13 or b2),
+// r_max % 8 == 0; meta i32 [S, 6].
+using MoeGemmLora = ::moelora::MoeLoraEpilogue;
 
 // a bf16 [M*k, I] = silu(gate + dg) * (up + du) for every aligned slot; w13 bf16 [E, 2I, H].
 void moe_gemm1_activation_lora(const Tensor& x, int top_k, const MoeAlignment& plan,

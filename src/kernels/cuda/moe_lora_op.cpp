@@ -117,16 +117,6 @@ void moe_lora_shrink_stream(const Tensor& in, int rows_div, const MoeAlignment& 
   shrink_split(in, rows_div, vplan, A, meta, seam, splits, u, stream, true);
 }
 
-namespace {
-
-// Expected number of distinct experts among `slots` uniform picks of `experts`.
-double touched_experts(int64_t slots, int experts) {
-  const double e = std::max(experts, 1);
-  return e * (1.0 - std::pow(1.0 - 1.0 / e, double(slots)));
-}
-
-}  // namespace
-
 int moe_lora_stream_block_m(int64_t num_tokens, int top_k, int num_experts) {
   // One block per (adapter, expert) pair even when every token carries the same adapter
   // (the worst case for a pair's load): mean + 3 standard deviations, as moe_block_m sizes
@@ -140,12 +130,16 @@ int moe_lora_stream_block_m(int64_t num_tokens, int top_k, int num_experts) {
 }
 
 int moe_lora_stream_splits(int64_t num_tokens, int top_k, int num_experts) {
-  // Enough CTAs for ~3 per SM of an H100 when a single adapter touches the fewest pairs
-  // (more adapters only add CTAs); each split still reads its slice of A once.
-  const double pairs = touched_experts(num_tokens * std::max(top_k, 1), num_experts);
-  int splits = 1;
-  while (splits < kMaxLoraSplits && pairs * splits < 400) splits *= 2;
-  return splits;
+  // Measured on H100 at the qwen3-30b-a3b shape (bench/NOTES.md, "LoRA in the GEMM
+  // epilogue": a sweep of 1/2/4/8 for both shrinks at batch 1/16/64/256, r16x1/r16x4/r64x1):
+  // a handful of slots wants every CTA it can get (8); from a few dozen slots, 2 was best or
+  // within 1 us of it; at 1024+ slots the pairs alone fill the GPU and 1 wins with several
+  // adapters (batch 256 r16x4: 40 vs 44 us gate_up, 18 vs 27 us down).
+  (void)num_experts;
+  const int64_t slots = std::max<int64_t>(num_tokens, 1) * std::max(top_k, 1);
+  if (slots <= 64) return 8;
+  if (slots < 1024) return 2;
+  return 1;
 }
 
 void moe_lora_expand(const Tensor& u, const MoeAlignment& vplan, const Tensor& B,

@@ -105,16 +105,16 @@ struct MoeGemmTile {
   static_assert(kRows * kAccLd * 4 <= kStages * kStageElems * 2, "epilogue tile fits the ring");
   static_assert(kRows % (16 * kMt) == 0 && kChunks >= 8 && kChunks % 8 == 0, "tile shape");
   static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
-  // LoRA epilogue (MoeGemmLoraArgs): the drained ring holds the f32 tile, then u of up to
-  // kTokens LoRA tokens ([token][ldu] f32); the token tables follow the larger of the ring
-  // and that region (so only a wide u grows the kernel's shared memory).
+  // LoRA epilogue (MoeGemmLoraArgs): the drained ring holds the f32 tile, u and B rows
+  // (detail::LoraSmem); the token tables follow the larger of the ring and what one adapter
+  // needs there (so only a wide u or B grows the kernel's shared memory).
   static constexpr int kRingBytes = kStages * kStageElems * 2;
-  __host__ __device__ static constexpr int lora_table_offset(int ldu) {
-    const int region = kRows * kAccLd * 4 + kTokens * ldu * 4;
-    return ((region > kRingBytes ? region : kRingBytes) + 15) / 16 * 16;
+  using LoraSmem = ::moelora::cuda::detail::LoraSmem<kRows, kTokens, kAccLd>;
+  __host__ __device__ static constexpr int lora_table_offset(int ldu, int r_max) {
+    return LoraSmem::table_offset(kRingBytes, ldu, r_max);
   }
-  __host__ __device__ static constexpr int lora_smem_bytes(int ldu) {
-    return lora_table_offset(ldu) + (2 + ::moelora::cuda::detail::kLoraTableInts) * kTokens * 4 + 16;
+  __host__ __device__ static constexpr int lora_smem_bytes(int ldu, int r_max) {
+    return lora_table_offset(ldu, r_max) + LoraSmem::table_bytes();
   }
 };
 
@@ -162,8 +162,9 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
   // Per token column: the source row into act (-1 = padding) and its slot.
-  int* tok_row = reinterpret_cast<int*>(
-      smem_raw + (kLora ? Tile::lora_table_offset(p.lora.ldu) : Tile::kRingBytes));
+  [[maybe_unused]] const int lora_tables_at =
+      kLora ? Tile::lora_table_offset(p.lora.ldu, p.lora.r_max) : Tile::kRingBytes;
+  int* tok_row = reinterpret_cast<int*>(smem_raw + lora_tables_at);
   int* tok_slot = tok_row + kTokens;
   // LoRA epilogue: this thread's row (tid % kRows) and whether it is stored, and the tables.
   [[maybe_unused]] const int lora_c = tid % kRows;
@@ -230,13 +231,23 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
     if (s < num_ktiles) load_acts(s);
     detail::cp_async_commit();
   }
-  if constexpr (kLora) {
-    // The tokens' adapters while the first stages stream (the main loop's first barrier
-    // publishes the sorted order).
-    ::moelora::cuda::detail::lora_load_tokens<kTokens, kThreads>(p.lora, tok_slot, lt, tid);
-    __syncthreads();
-    ::moelora::cuda::detail::lora_sort_tokens<kTokens, kThreads>(lt, tid);
-  }
+  // LoRA epilogue: the tokens' adapters are requested now; the rest of the setup runs in
+  // phases during the main loop (detail::kLoraPhases).
+  [[maybe_unused]] ::moelora::cuda::detail::LoraTokenRegs<kTokens, kThreads> lora_regs;
+  if constexpr (kLora) lora_regs.fetch_adapters(p.lora, tok_slot, tid);
+  [[maybe_unused]] auto lora_phase = [&](int phase) {
+    switch (phase) {
+      case 0: lora_regs.fetch_meta(p.lora); break;
+      case 2: lora_regs.write(p.lora, lt, tid); break;
+      case 3: ::moelora::cuda::detail::lora_sort_tokens<kTokens, kThreads>(lt, tid); break;
+      case 4: ::moelora::cuda::detail::lora_list_adapters<kTokens, kThreads>(lt, tid); break;
+      case 5:
+        if (tid < kRows && lora_row_ok)
+          ::moelora::cuda::detail::lora_prefetch_b(p.lora, lt, group, p.n, lora_wr);
+        break;
+      default: break;
+    }
+  };
 
   float acc[kMt][kNt][4];
 #pragma unroll
@@ -262,8 +273,7 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
     }
     detail::cp_async_commit();
     if constexpr (kLora) {
-      if (kt == 0 && tid < kRows && lora_row_ok)
-        ::moelora::cuda::detail::lora_prefetch_b(p.lora, lt, group, p.n, lora_wr);
+      if (kt < ::moelora::cuda::detail::kLoraPhases) lora_phase(kt);
     }
 
     const __nv_bfloat16* ws = smem + (kt % kStages) * Tile::kStageElems;
@@ -301,11 +311,19 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
   // The successor may launch once every CTA is past its stream (triggering at the start let
   // waiting successor CTAs take the slots this grid's own later CTAs needed: measured slower).
   asm volatile("griddepcontrol.launch_dependents;\n");
+  if constexpr (kLora) {
+    // Setup phases the loop was too short for, then publish the tables.
+    for (int phase = num_ktiles; phase < ::moelora::cuda::detail::kLoraPhases - 1; ++phase) {
+      __syncthreads();
+      lora_phase(phase);
+    }
+    __syncthreads();
+  }
 
   // C fragment: rows lane/4 and lane/4 + 8 of each 16-row tile (output columns), token
   // columns 2*(lane%4) and +1.
   // LoRA tokens in this block (uniform over the CTA; published by the main loop's barriers).
-  const int lora_count = kLora ? *lt.count : 0;
+  const int lora_count = kLora ? lt.count[0] : 0;
   if (fuse_act || lora_count > 0) {
     // Stage the tile in the drained ring (every warp is past its last ldmatrix after the
     // barrier), then pair gate row c with up row kRows / 2 + c.
@@ -325,9 +343,9 @@ __global__ void __launch_bounds__(MoeGemmTile<kNt, kMt, kRows, kKt, kStages>::kT
     __syncthreads();
     if constexpr (kLora) {
       if (lora_count > 0)
-        ::moelora::cuda::detail::lora_add<kRows, kThreads, kLd>(
-            p.lora, lt, tok_slot, acc_tile, acc_tile + kRows * kLd, group, p.n, lora_wr,
-            lora_row_ok, tid);
+        ::moelora::cuda::detail::lora_add<kRows, kTokens, kThreads, kLd>(
+            p.lora, lt, tok_slot, smem_raw, lora_tables_at, group, p.n, lora_wr, lora_row_ok,
+            tid);
       if (!fuse_act) {
         // o = (acc + B . u) * scale; base tokens: acc * scale, as the register path below.
         for (int i = tid; i < kRows * kTokens; i += kThreads) {
