@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "model/result_download.h"
 #include "model/moe_decoder_impl.h"  // StepBuffer (the per-step buffers both decoders reuse)
 #include "moelora/core/stream.h"
 #include "moelora/lora/dense_lora.h"
@@ -116,6 +117,7 @@ class DeepseekModel final : public Model {
   std::vector<bool> adapter_loaded_;
   int num_moe_layers_ = 0;
   MlaWorkspace ws_;
+  ResultDownload download_;  // logits + margins to the host (pinned staging on CUDA)
   Tensor staging_;  // host i32 step tables (pageable: reusable once the upload call returns)
 };
 

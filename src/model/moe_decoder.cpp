@@ -282,11 +282,8 @@ StepResult MoeDecoder::forward(const std::vector<SeqInput>& batch, PagedKvCache&
     ops::linear(nl, lm_head_, last_lg, stream_);
   }
   if (device_.is_cuda()) {
-    Tensor host = Tensor::empty({out_n}, DType::f32);
-    host.copy_from(out, &stream_);
-    stream_.synchronize();
+    out = download_.fetch(out, stream_);
     upload_pending_ = false;
-    out = host;
   }
   StepResult r;
   if (all_logits) r.all_logits = out.narrow(0, 0, all_n).view({M, V});

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "model/result_download.h"
 #include "model/moe_decoder.h"
 #include "moelora/core/stream.h"
 #include "moelora/lora/dense_lora.h"
@@ -119,6 +120,7 @@ class MoeDecoder final : public Model {
   std::unique_ptr<MoeRunner> runner_;
   std::vector<bool> adapter_loaded_;
   StepWorkspace ws_;
+  ResultDownload download_;  // logits + margins to the host (pinned staging on CUDA)
   Tensor staging_;              // host i32 tables (pinned on CUDA)
   bool upload_pending_ = false;  // staging_ may still be read by an enqueued copy
 };
