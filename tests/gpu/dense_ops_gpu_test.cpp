@@ -1,5 +1,6 @@
 // CUDA dense ops against the CPU reference: fresh random inputs, poisoned outputs, f32 and bf16
 // activations, decode- and prefill-sized token counts, scattered KV pages.
+#include <cmath>
 #include <algorithm>
 #include <numeric>
 
@@ -94,28 +95,41 @@ TEST_P(DenseOpsGpu, PagedAttention) {
   const auto [m, dt] = GetParam();
   std::mt19937_64 rng(test::fresh_seed());
   const Stream s = Stream::create(Device::cuda());
-  const int heads = 8, kvh = 2, d = 64, page = 16, seqs = 3, max_pages = 12;
+  // (heads, kv heads, head_dim): the grouped-query cluster kernel's shapes (groups of 1..8,
+  // head_dim 32..128), then ones only the plain kernel takes (head_dim 40, groups of 16).
+  const int shapes[][3] = {{8, 2, 64}, {32, 4, 128}, {4, 4, 32}, {6, 3, 40}, {16, 1, 64}};
+  const int page = 16, seqs = 3, max_pages = 12;
   const int64_t pages = seqs * max_pages;
-  // A shuffled page assignment so each sequence's pages are scattered through the cache.
-  std::vector<int32_t> order(static_cast<size_t>(pages));
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), rng);
-  Tensor bt = test::from_ints(order, {seqs, max_pages});
-  Tensor kc = test::random_tensor({pages, page, kvh, d}, dt, rng);
-  Tensor vc = test::random_tensor({pages, page, kvh, d}, dt, rng);
-  // Tokens: each to a random sequence and position (decode-like, long contexts included).
-  std::vector<int32_t> ts(static_cast<size_t>(m)), tp(static_cast<size_t>(m));
-  for (int64_t t = 0; t < m; ++t) {
-    ts[size_t(t)] = int32_t(rng() % seqs);
-    tp[size_t(t)] = int32_t(rng() % (max_pages * page));
+  int kvh = 0, d = 0;
+  Tensor kc, vc;
+  for (const auto& shape : shapes) {
+    const int heads = shape[0];
+    kvh = shape[1], d = shape[2];
+    SCOPED_TRACE(::testing::Message() << "heads " << heads << " kv " << kvh << " d " << d);
+    // A shuffled page assignment so each sequence's pages are scattered through the cache.
+    std::vector<int32_t> order(static_cast<size_t>(pages));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    Tensor bt = test::from_ints(order, {seqs, max_pages});
+    kc = test::random_tensor({pages, page, kvh, d}, dt, rng);
+    vc = test::random_tensor({pages, page, kvh, d}, dt, rng);
+    // Tokens: each to a random sequence and position (decode-like, long contexts included).
+    std::vector<int32_t> ts(static_cast<size_t>(m)), tp(static_cast<size_t>(m));
+    for (int64_t t = 0; t < m; ++t) {
+      ts[size_t(t)] = int32_t(rng() % seqs);
+      tp[size_t(t)] = int32_t(rng() % (max_pages * page));
+    }
+    if (m > 0) tp[0] = 0;  // a single position: seven of the eight cluster CTAs get none
+    Tensor seq = test::from_ints(ts, {m}), posn = test::from_ints(tp, {m});
+    Tensor q = test::random_tensor({m, heads * d}, dt, rng);
+    Tensor o_cpu = Tensor::empty({m, heads * d}, dt), o_gpu = poisoned({m, heads * d}, dt);
+    const float scale = 1.0f / std::sqrt(float(d));
+    cpu::paged_attention(q, kc, vc, bt, seq, posn, scale, o_cpu, Stream());
+    cuda::paged_attention(gpu(q), gpu(kc), gpu(vc), gpu(bt), gpu(seq), gpu(posn), scale, o_gpu,
+                          s);
+    s.synchronize();  // the stream is non-blocking: finish before reading
+    EXPECT_TRUE(test::allclose(test::to_floats(o_gpu), test::to_floats(o_cpu), tol(dt), 1e-4));
   }
-  Tensor seq = test::from_ints(ts, {m}), posn = test::from_ints(tp, {m});
-  Tensor q = test::random_tensor({m, heads * d}, dt, rng);
-  Tensor o_cpu = Tensor::empty({m, heads * d}, dt), o_gpu = poisoned({m, heads * d}, dt);
-  cpu::paged_attention(q, kc, vc, bt, seq, posn, 0.125f, o_cpu, Stream());
-  cuda::paged_attention(gpu(q), gpu(kc), gpu(vc), gpu(bt), gpu(seq), gpu(posn), 0.125f, o_gpu, s);
-  s.synchronize();  // the stream is non-blocking: finish before reading
-  EXPECT_TRUE(test::allclose(test::to_floats(o_gpu), test::to_floats(o_cpu), tol(dt), 1e-4));
 
   // kv_cache_write into poisoned caches, then read back.
   Tensor k = test::random_tensor({m, kvh * d}, dt, rng), v = test::random_tensor({m, kvh * d}, dt, rng);

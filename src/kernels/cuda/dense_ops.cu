@@ -9,26 +9,14 @@
 #include <cfloat>
 #include <climits>
 
+#include "kernels/cuda/act_io.cuh"
 #include "kernels/cuda/dense_ops_launch.h"
 
 namespace moelora::cuda {
 namespace {
 
-template <bool kBf16>
-__device__ __forceinline__ float load(const void* p, int64_t i) {
-  if constexpr (kBf16)
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  else
-    return static_cast<const float*>(p)[i];
-}
-
-template <bool kBf16>
-__device__ __forceinline__ void store(void* p, int64_t i, float v) {
-  if constexpr (kBf16)
-    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else
-    static_cast<float*>(p)[i] = v;
-}
+using act_io::load;
+using act_io::store;
 
 // Calls f.template operator()<a, b>() for the runtime flags (a, b).
 template <class F>
@@ -175,6 +163,7 @@ __global__ void kv_write_kernel(const void* k, const void* v, const int32_t* slo
 }
 
 // ---- paged attention: one CTA (16 warps) per (token, head), online softmax ------------------
+// (The fallback for shapes gqa_attention.cu's kernel does not take.)
 // Each warp walks every 16th position: a position costs a chain of dependent loads (page, K,
 // the dot product, V), so the warps are what keeps bytes in flight (4 warps measured ~20x the
 // byte floor at 512 positions in bench decode).
@@ -395,6 +384,7 @@ cudaError_t launch_kv_cache_write(const void* k, bool k_bf16, const void* v, boo
 cudaError_t launch_paged_attention(const PagedAttentionArgs& a, cudaStream_t s) {
   if (a.m == 0) return cudaSuccess;
   if (a.head_dim > kMaxHeadDim || a.m > 0x7fffffff || a.heads > 65535) return cudaErrorInvalidValue;
+  if (gqa_paged_attention_supported(a)) return launch_gqa_paged_attention(a, s);
   const dim3 grid(unsigned(a.m), unsigned(a.heads));
   auto go = [&]<bool kQ, bool kC>() {
     if (a.out_bf16)

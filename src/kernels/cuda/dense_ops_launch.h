@@ -39,6 +39,11 @@ struct PagedAttentionArgs {
   float scale;
 };
 cudaError_t launch_paged_attention(const PagedAttentionArgs& a, cudaStream_t s);
+// The grouped-query fast path launch_paged_attention takes when it can (gqa_attention.cu): a
+// cluster of CTAs per (token, KV head) reading K/V once for the head group. Supported: heads a
+// multiple of kv_heads with at most 8 per group, head_dim a multiple of 32 up to 128.
+bool gqa_paged_attention_supported(const PagedAttentionArgs& a);
+cudaError_t launch_gqa_paged_attention(const PagedAttentionArgs& a, cudaStream_t s);
 cudaError_t launch_silu_mul(const float* gate_up, void* out, bool out_bf16, int64_t m,
                             int64_t inter, cudaStream_t s);
 cudaError_t launch_residual_add(void* x, bool x_bf16, const void* y, bool y_bf16, int64_t n,

@@ -11,6 +11,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/mla_ops_launch.h"
+#include "kernels/cuda/softmax_merge.cuh"
 
 namespace moelora::cuda {
 namespace {
@@ -183,13 +184,9 @@ __global__ void __cluster_dims__(1, 1, kPaSplit) __launch_bounds__(kPaWarps * 32
     mla_paged_attention_kernel(const MlaAttentionArgs a) {
   constexpr int kCols = kPer * 32;
   __shared__ float s_q[kHG][kCols];
-  __shared__ float s_acc[kHG][kCols];  // the CTA's partial latent (read by the cluster)
-  __shared__ float s_mx[kPaWarps][kHG], s_sum[kPaWarps][kHG];
-  __shared__ float c_mx[kHG], c_sum[kHG];  // the CTA's partial max and sum (read by the cluster)
-  __shared__ float s_w[kHG][kPaSplit];     // merge weights of the cluster's partials
+  __shared__ attn::MergeSmem<kPaWarps, kPaSplit, kHG, kCols> s_merge;
 
-  cg::cluster_group cluster = cg::this_cluster();
-  const unsigned rank = cluster.block_rank();
+  const unsigned rank = cg::this_cluster().block_rank();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t t = blockIdx.x;
   const int h0 = int(blockIdx.y) * kHG;
@@ -226,77 +223,13 @@ __global__ void __cluster_dims__(1, 1, kPaSplit) __launch_bounds__(kPaWarps * 32
       float s = 0.f;
 #pragma unroll
       for (int j = 0; j < kPer; ++j) s = fmaf(s_q[g][lane + 32 * j], k[j], s);
-      s = warp_sum(s) * a.scale;
-      const float new_mx = fmaxf(mx[g], s);
-      const float corr = expf(mx[g] - new_mx), e = expf(s - new_mx);
-      sum[g] = sum[g] * corr + e;
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) acc[g][j] = fmaf(acc[g][j], corr, e * k[j]);
-      mx[g] = new_mx;
+      attn::online_step(mx[g], sum[g], acc[g], warp_sum(s) * a.scale, k);
     }
   }
 
-  // Merge the warps into the CTA's partial (s_acc, c_mx, c_sum), warp by warp (deterministic).
-  if (lane == 0)
-#pragma unroll
-    for (int g = 0; g < kHG; ++g) s_mx[warp][g] = mx[g], s_sum[warp][g] = sum[g];
-  __syncthreads();
-  float wt[kHG];
-#pragma unroll
-  for (int g = 0; g < kHG; ++g) {
-    float cm = -INFINITY;
-    for (int w = 0; w < kPaWarps; ++w)
-      if (s_sum[w][g] > 0.f) cm = fmaxf(cm, s_mx[w][g]);
-    wt[g] = sum[g] > 0.f ? expf(mx[g] - cm) : 0.f;
-    if (threadIdx.x == 0) {
-      float cs = 0.f;
-      for (int w = 0; w < kPaWarps; ++w)
-        if (s_sum[w][g] > 0.f) cs += s_sum[w][g] * expf(s_mx[w][g] - cm);
-      c_mx[g] = cm;
-      c_sum[g] = cs;
-    }
-  }
-  for (int w = 0; w < kPaWarps; ++w) {
-    if (warp == w)
-#pragma unroll
-      for (int g = 0; g < kHG; ++g)
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) {
-          const int c = lane + 32 * j;
-          const float v = acc[g][j] * wt[g];
-          s_acc[g][c] = w == 0 ? v : s_acc[g][c] + v;
-        }
-    __syncthreads();
-  }
-
-  // Merge the cluster's partials: this CTA writes columns [rank * cs, (rank + 1) * cs) of L.
-  cluster.sync();
-  if (threadIdx.x < kHG) {
-    const int g = threadIdx.x;
-    float pm[kPaSplit], ps[kPaSplit], gm = -INFINITY;
-    for (int r = 0; r < kPaSplit; ++r) {
-      pm[r] = *cluster.map_shared_rank(&c_mx[g], r);
-      ps[r] = *cluster.map_shared_rank(&c_sum[g], r);
-      if (ps[r] > 0.f) gm = fmaxf(gm, pm[r]);
-    }
-    float gs = 0.f;
-    for (int r = 0; r < kPaSplit; ++r) {
-      pm[r] = ps[r] > 0.f ? expf(pm[r] - gm) : 0.f;
-      gs += ps[r] * pm[r];
-    }
-    for (int r = 0; r < kPaSplit; ++r) s_w[g][r] = pm[r] / gs;  // len >= 1: gs > 0
-  }
-  __syncthreads();
-  const int cs = (L + kPaSplit - 1) / kPaSplit;
-  for (int e = threadIdx.x; e < kHG * cs; e += kPaWarps * 32) {
-    const int g = e / cs, c = int(rank) * cs + e % cs;
-    if (c >= L) continue;
-    float o = 0.f;
-    for (int r = 0; r < kPaSplit; ++r)
-      if (s_w[g][r] != 0.f) o += *cluster.map_shared_rank(&s_acc[g][c], r) * s_w[g][r];
-    a.latent[(t * a.heads + h0 + g) * L + c] = o;
-  }
-  cluster.sync();  // keep this CTA's shared memory alive until the cluster has read it
+  attn::merge_partials<kPaWarps, kPaSplit>(
+      s_merge, kHG, L, mx, sum, acc,
+      [&](int g, int c, float o) { a.latent[(t * a.heads + h0 + g) * L + c] = o; });
 }
 
 // ---- kv_b_proj LoRA on the absorbed path -----------------------------------------------------
