@@ -93,7 +93,43 @@ json shape_config(const std::string& shape) {
     c["sliding_window"] = nullptr;
     return c;
   }
-  MOELORA_THROW("--shape: expected qwen3-30b-a3b, mixtral-8x7b or tiny, found '{}'", shape);
+  if (shape == "deepseek-v2-lite") {
+    // DeepSeek-V2-Lite's architecture (MLA without q_lora_rank, 2 shared + 64 routed experts,
+    // greedy top-6, the first layer dense). Its YaRN rope_scaling is left out: the models refuse
+    // YaRN so far, and a benchmark on random weights does not need it.
+    c["model_type"] = "deepseek_v2";
+    c["hidden_size"] = 2048;
+    c["num_hidden_layers"] = 27;
+    c["num_attention_heads"] = 16;
+    c["num_key_value_heads"] = 16;
+    c["q_lora_rank"] = nullptr;
+    c["kv_lora_rank"] = 512;
+    c["qk_nope_head_dim"] = 128;
+    c["qk_rope_head_dim"] = 64;
+    c["v_head_dim"] = 128;
+    c["n_routed_experts"] = 64;
+    c["n_shared_experts"] = 2;
+    c["num_experts_per_tok"] = 6;
+    c["moe_intermediate_size"] = 1408;
+    c["intermediate_size"] = 10944;
+    c["first_k_dense_replace"] = 1;
+    c["moe_layer_freq"] = 1;
+    c["topk_method"] = "greedy";
+    c["n_group"] = 1;
+    c["topk_group"] = 1;
+    c["norm_topk_prob"] = false;
+    c["routed_scaling_factor"] = 1.0;
+    c["scoring_func"] = "softmax";
+    c["vocab_size"] = 102400;
+    c["max_position_embeddings"] = 163840;
+    c["rms_norm_eps"] = 1e-6;
+    c["attention_bias"] = false;
+    c["rope_parameters"] = {{"rope_theta", 10000.0}, {"rope_type", "default"}};
+    return c;
+  }
+  MOELORA_THROW("--shape: expected qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite or tiny, "
+                "found '{}'",
+                shape);
 }
 
 // Writes a PEFT adapter of rank `r` on every module the models take LoRA on: attention
@@ -256,7 +292,9 @@ CLI::App* add_bench_decode_command(CLI::App& bench, BenchDecodeOptions& o) {
       "decode",
       "time whole-model decode steps (random weights of a real shape) per batch size and LoRA "
       "setting");
-  d->add_option("--shape", o.shape, "model shape: qwen3-30b-a3b, mixtral-8x7b, tiny")
+  d->add_option("--shape", o.shape,
+                "model shape: qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite (LoRA none only so "
+                "far), tiny")
       ->capture_default_str();
   d->add_option("--dtype", o.dtype, "expert weights: bf16, int4, int8, fp8, nvfp4")
       ->capture_default_str();
@@ -303,6 +341,10 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     max_rank = std::max(max_rank, settings.back().rank);
     max_adapters = std::max(max_adapters, settings.back().adapters);
   }
+  MOELORA_CHECK(max_rank == 0 || o.shape != "deepseek-v2-lite",
+                "bench decode --shape {}: random adapters are written for Qwen3-MoE and Mixtral "
+                "module names only so far; use --lora none",
+                o.shape);
   const int max_batch = *std::max_element(batches.begin(), batches.end());
 
   // The random-weight model: config.json + random_weights.json, weights made on the device.
