@@ -26,6 +26,7 @@
 
 #include "model/expert_loader.h"
 #include "model/mla_dispatch.h"
+#include "model/moe_block.h"
 #include "model/weight_loader.h"
 
 namespace moelora {
@@ -164,15 +165,10 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
   }
   wl.check_all_used();
   if (num_moe_layers_ > 0) {
-    MoeRunnerConfig rc;
-    rc.shape = shape;
-    rc.router = c.router();
-    rc.device = device_;
-    rc.max_tokens = options_.max_step_tokens;
+    WeightFormat format = WeightFormat::bf16;
     for (const MlaLayer& Ly : layers_)
-      if (Ly.moe) rc.format = Ly.experts.format;
-    rc.backend = options_.moe_backend;
-    runner_ = std::make_unique<MoeRunner>(rc);
+      if (Ly.moe) format = Ly.experts.format;
+    runner_ = make_model_runner(c, options_, device_, format);
   }
   adapter_loaded_.assign(size_t(std::max(options_.lora_slots, 0)), false);
   reserve_workspace();

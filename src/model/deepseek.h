@@ -6,8 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "model/result_download.h"
-#include "model/moe_decoder_impl.h"  // StepBuffer (the per-step buffers both decoders reuse)
+#include "model/step_output.h"
 #include "moelora/core/stream.h"
 #include "moelora/lora/dense_lora.h"
 #include "moelora/lora/moe_lora.h"

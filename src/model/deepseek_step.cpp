@@ -190,17 +190,9 @@ StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCac
   StepCtx s;
   prepare_step(batch, cache, s);
   const int64_t M = s.ids.size(0), S = int64_t(batch.size());
-  const int64_t H = c.hidden_size, V = c.vocab_size, NM = num_moe_layers_;
+  const int64_t H = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
-  // What the step hands back, in one buffer (one download on CUDA): the logits of every new
-  // token (all_logits only), those of each sequence's last one, the router margins (every
-  // MoE layer writes its column for every token).
-  const int64_t all_n = all_logits ? M * V : 0, out_n = all_n + S * V + M * NM;
-  Tensor out = device_.is_cpu() ? Tensor::empty({out_n}, DType::f32)
-                                : ws_.out.get(1, out_n, DType::f32, device_).view({out_n});
-  Tensor all_lg = out.narrow(0, 0, all_n).view({all_logits ? M : 0, V});
-  Tensor last_lg = out.narrow(0, all_n, S * V).view({S, V});
-  Tensor margin = out.narrow(0, all_n + S * V, M * NM).view({M, NM});
+  StepOutput result(ws_.out, device_, M, S, c.vocab_size, num_moe_layers_, all_logits);
 
   Tensor h = ws_.h.get(M, H, DType::f32, device_), xn = ws_.xn.get(M, H, DType::f32, device_);
   Tensor delta = ws_.delta.get(M, H, DType::f32, device_);
@@ -212,30 +204,14 @@ StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCac
     attention(Ly, l, xn, s, cache, delta);
     ops::residual_add(h, delta, stream_);
     ops::rms_norm(h, Ly.post_norm, eps, xn, stream_);
-    mlp(Ly, xn, s, delta, margin, Ly.moe ? moe_index++ : -1);
+    mlp(Ly, xn, s, delta, result.margin(), Ly.moe ? moe_index++ : -1);
     ops::residual_add(h, delta, stream_);
   }
   for (const SeqInput& in : batch) cache.advance(in.seq, int64_t(in.tokens.size()));
 
-  if (all_logits) {
-    ops::rms_norm(h, final_norm_, eps, xn, stream_);
-    ops::linear(xn, lm_head_, all_lg, stream_);
-    ops::gather_rows(all_lg, s.last_row, last_lg, stream_);
-  } else {
-    Tensor hl = ws_.last_h.get(S, H, DType::f32, device_);
-    Tensor nl = ws_.last_n.get(S, H, DType::f32, device_);
-    ops::gather_rows(h, s.last_row, hl, stream_);
-    ops::rms_norm(hl, final_norm_, eps, nl, stream_);
-    ops::linear(nl, lm_head_, last_lg, stream_);
-  }
-  if (device_.is_cuda()) {
-    out = download_.fetch(out, stream_);
-  }
-  StepResult r;
-  if (all_logits) r.all_logits = out.narrow(0, 0, all_n).view({M, V});
-  r.last_logits = out.narrow(0, all_n, S * V).view({S, V});
-  r.router_margin = out.narrow(0, all_n + S * V, M * NM).view({M, NM});
-  return r;
+  result.compute_logits(h, s.last_row, final_norm_, lm_head_, eps, xn, ws_.last_h, ws_.last_n,
+                        stream_);
+  return result.finish(download_, stream_);
 }
 
 namespace {

@@ -2,12 +2,31 @@
 #pragma once
 
 #include <algorithm>
+#include <memory>
 
 #include "model/ops.h"
+#include "moelora/io/hf_config.h"
 #include "moelora/lora/moe_lora.h"
+#include "moelora/model/model.h"
 #include "moelora/moe/runner.h"
 
 namespace moelora {
+
+// The model's MoeRunner: its MoE shape and router from config.json, buffers for
+// max_step_tokens, the experts' weight format, the backend ModelOptions names ("" = by
+// capability).
+inline std::unique_ptr<MoeRunner> make_model_runner(const HfModelConfig& c,
+                                                    const ModelOptions& options, Device device,
+                                                    WeightFormat format) {
+  MoeRunnerConfig rc;
+  rc.shape = c.moe_shape();
+  rc.router = c.router();
+  rc.device = device;
+  rc.max_tokens = options.max_step_tokens;
+  rc.format = format;
+  rc.backend = options.moe_backend;
+  return std::make_unique<MoeRunner>(rc);
+}
 
 // Runs `runner` over the M rows of xb (bf16 [M, H]) with their router logits (f32 [M, E]) in
 // chunks of at most `chunk` tokens (the runner's buffers are sized for that), binding each

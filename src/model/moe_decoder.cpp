@@ -105,15 +105,10 @@ MoeDecoder::MoeDecoder(const std::string& dir, const HfModelConfig& config,
   }
   wl.check_all_used();
   if (num_moe_layers_ > 0) {
-    MoeRunnerConfig rc;
-    rc.shape = shape;
-    rc.router = c.router();
-    rc.device = device_;
-    rc.max_tokens = options_.max_step_tokens;
+    WeightFormat format = WeightFormat::bf16;
     for (const DecoderLayer& L : layers_)
-      if (L.moe) rc.format = L.experts.format;
-    rc.backend = options_.moe_backend;
-    runner_ = std::make_unique<MoeRunner>(rc);
+      if (L.moe) format = L.experts.format;
+    runner_ = make_model_runner(c, options_, device_, format);
   }
   adapter_loaded_.assign(size_t(slots), false);
   reserve_workspace();
@@ -240,16 +235,9 @@ StepResult MoeDecoder::forward(const std::vector<SeqInput>& batch, PagedKvCache&
   LoraBatchState lb;
   prepare_step(batch, cache, t, lb);
   const int64_t M = t.positions.size(0), S = int64_t(batch.size());
-  const int64_t H = c.hidden_size, V = c.vocab_size, NM = num_moe_layers_;
+  const int64_t H = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
-  // What the step hands back, in one buffer (one download on CUDA): the logits of every new
-  // token (all_logits only), those of each sequence's last one, the router margins.
-  const int64_t all_n = all_logits ? M * V : 0, out_n = all_n + S * V + M * NM;
-  Tensor out = device_.is_cpu() ? Tensor::empty({out_n}, DType::f32)
-                                : ws_.out.get(1, out_n, DType::f32, device_).view({out_n});
-  Tensor all_lg = out.narrow(0, 0, all_n).view({all_logits ? M : 0, V});
-  Tensor last_lg = out.narrow(0, all_n, S * V).view({S, V});
-  Tensor margin = out.narrow(0, all_n + S * V, M * NM).view({M, NM});
+  StepOutput result(ws_.out, device_, M, S, c.vocab_size, num_moe_layers_, all_logits);
 
   // The residual stream stays f32 on both backends (the closest agreement with the CPU path).
   Tensor h = ws_.h.get(M, H, DType::f32, device_), xn = ws_.xn.get(M, H, DType::f32, device_);
@@ -265,30 +253,15 @@ StepResult MoeDecoder::forward(const std::vector<SeqInput>& batch, PagedKvCache&
     ops::residual_add(h, delta, stream_);
     ops::rms_norm(h, L.post_norm, eps, xn, stream_);
     if (L.moe || lb.any) ops::cast(xn, xb, stream_);
-    mlp(L, xn, xb, lb, delta, margin, L.moe ? moe_index++ : -1);
+    mlp(L, xn, xb, lb, delta, result.margin(), L.moe ? moe_index++ : -1);
     ops::residual_add(h, delta, stream_);
   }
   for (const SeqInput& s : batch) cache.advance(s.seq, int64_t(s.tokens.size()));
 
-  if (all_logits) {
-    ops::rms_norm(h, final_norm_, eps, xn, stream_);
-    ops::linear(xn, lm_head_, all_lg, stream_);
-    ops::gather_rows(all_lg, t.last_row, last_lg, stream_);
-  } else {
-    Tensor hl = ws_.last_h.get(S, H, DType::f32, device_);
-    Tensor nl = ws_.last_n.get(S, H, DType::f32, device_);
-    ops::gather_rows(h, t.last_row, hl, stream_);
-    ops::rms_norm(hl, final_norm_, eps, nl, stream_);
-    ops::linear(nl, lm_head_, last_lg, stream_);
-  }
-  if (device_.is_cuda()) {
-    out = download_.fetch(out, stream_);
-    upload_pending_ = false;
-  }
-  StepResult r;
-  if (all_logits) r.all_logits = out.narrow(0, 0, all_n).view({M, V});
-  r.last_logits = out.narrow(0, all_n, S * V).view({S, V});
-  r.router_margin = out.narrow(0, all_n + S * V, M * NM).view({M, NM});
+  result.compute_logits(h, t.last_row, final_norm_, lm_head_, eps, xn, ws_.last_h, ws_.last_n,
+                        stream_);
+  StepResult r = result.finish(download_, stream_);
+  upload_pending_ = false;  // finish synchronized the stream: the staged tables are free
   return r;
 }
 

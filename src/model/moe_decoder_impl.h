@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "model/result_download.h"
+#include "model/step_output.h"
 #include "model/moe_decoder.h"
 #include "moelora/core/stream.h"
 #include "moelora/lora/dense_lora.h"
@@ -48,17 +48,6 @@ struct StepTables {
 struct LoraBatchState {
   bool any = false;   // some token has an adapter
   Tensor token_slot;  // i32 [M], -1 = base
-};
-
-// A buffer reused by every step: get() hands out a [rows, cols] view, reallocating only when
-// a step needs more than any before (the decoder sizes them for max_step_tokens at load), so
-// decode steps allocate nothing (issue 5 captures them in CUDA graphs).
-class StepBuffer {
- public:
-  Tensor get(int64_t rows, int64_t cols, DType dtype, Device device);
-
- private:
-  Tensor storage_;  // 1-d
 };
 
 struct StepWorkspace {

@@ -28,14 +28,6 @@ Tensor host_staging(int64_t n, Device model_device) {
 
 }  // namespace
 
-Tensor StepBuffer::get(int64_t rows, int64_t cols, DType dtype, Device device) {
-  const int64_t need = rows * cols;
-  if (!storage_.defined() || storage_.dtype() != dtype || storage_.device() != device ||
-      storage_.numel() < need)
-    storage_ = Tensor::empty({std::max<int64_t>(need, 1)}, dtype, device);
-  return storage_.narrow(0, 0, need).view({rows, cols});
-}
-
 void MoeDecoder::reserve_workspace() {
   const HfModelConfig& c = config_;
   const int64_t T = options_.max_step_tokens, H = c.hidden_size, D = c.head_dim;
