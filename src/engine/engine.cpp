@@ -9,7 +9,11 @@ namespace moelora {
 Engine::Engine(Model& model, const EngineConfig& config)
     : model_(model),
       config_(config),
-      cache_(model.kv_cache_config(config.num_pages, config.page_size, config.kv_dtype)) {}
+      cache_(model.kv_cache_config(config.num_pages, config.page_size, config.kv_dtype)) {
+  DecodeOptions d = model_.decode_options();
+  d.path = config_.decode_path;
+  model_.set_decode_options(d);
+}
 
 namespace {
 

@@ -106,26 +106,51 @@ void DenseLoraPool::unload(int slot) {
   for (int s = 0; s < slices_.count; ++s) ranks_host_[size_t(slot * slices_.count + s)] = 0;
 }
 
-void apply_dense_lora(const DenseLoraPool& pool, const Tensor& x, const Tensor& token_slot,
-                      Tensor& u, Tensor& y, const Stream& stream) {
+namespace {
+
+Tensor checked_u(const DenseLoraPool& pool, const Tensor& x, Tensor& u) {
   MOELORA_CHECK(x.defined() && x.dim() == 2 && u.defined() && u.dim() == 2,
-                "apply_dense_lora {}: expected x [M, K] and u [>= M, slices x r_max]", pool.name());
+                "dense LoRA {}: expected x [M, K] and u [>= M, slices x r_max]", pool.name());
   const int64_t m = x.size(0);
-  MOELORA_CHECK(u.size(0) >= m, "apply_dense_lora {}: workspace u has {} rows for {} tokens",
+  MOELORA_CHECK(u.size(0) >= m, "dense LoRA {}: workspace u has {} rows for {} tokens",
                 pool.name(), u.size(0), m);
-  Tensor um = u.first_rows(m);
-  if (pool.device().is_cpu()) {
-    cpu::dense_lora_shrink(x, token_slot, pool.a(), pool.ranks(), um, stream);
-    cpu::dense_lora_expand(um, token_slot, pool.b(), pool.ranks(), pool.slices(), y, stream);
-    return;
-  }
+  return u.first_rows(m);
+}
+
+}  // namespace
+
+void dense_lora_shrink(const DenseLoraPool& pool, const Tensor& x, const Tensor& token_slot,
+                       Tensor& u, const Stream& stream) {
+  Tensor um = checked_u(pool, x, u);
+  if (pool.device().is_cpu()) return cpu::dense_lora_shrink(x, token_slot, pool.a(), pool.ranks(), um, stream);
 #ifdef MOELORA_WITH_CUDA
   cuda::dense_lora_shrink(x, token_slot, pool.a(), pool.ranks(), um, stream);
-  cuda::dense_lora_expand(um, token_slot, pool.b(), pool.ranks(), pool.slices(), y, stream);
 #else
-  MOELORA_THROW("apply_dense_lora {}: pool on {} needs CUDA, but moelora was built without it",
+  MOELORA_THROW("dense LoRA {}: pool on {} needs CUDA, but moelora was built without it",
                 pool.name(), pool.device().str());
 #endif
+}
+
+void dense_lora_expand(const DenseLoraPool& pool, const Tensor& u, const Tensor& token_slot,
+                       Tensor& y, const Stream& stream) {
+  MOELORA_CHECK(y.defined() && y.dim() == 2 && u.defined() && u.dim() == 2 && u.size(0) >= y.size(0),
+                "dense LoRA {}: expected y [M, N] and u [>= M, slices x r_max], found {} and {}",
+                pool.name(), y.describe(), u.describe());
+  const Tensor um = u.first_rows(y.size(0));
+  if (pool.device().is_cpu())
+    return cpu::dense_lora_expand(um, token_slot, pool.b(), pool.ranks(), pool.slices(), y, stream);
+#ifdef MOELORA_WITH_CUDA
+  cuda::dense_lora_expand(um, token_slot, pool.b(), pool.ranks(), pool.slices(), y, stream);
+#else
+  MOELORA_THROW("dense LoRA {}: pool on {} needs CUDA, but moelora was built without it",
+                pool.name(), pool.device().str());
+#endif
+}
+
+void apply_dense_lora(const DenseLoraPool& pool, const Tensor& x, const Tensor& token_slot,
+                      Tensor& u, Tensor& y, const Stream& stream) {
+  dense_lora_shrink(pool, x, token_slot, u, stream);
+  dense_lora_expand(pool, u, token_slot, y, stream);
 }
 
 }  // namespace moelora

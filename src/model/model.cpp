@@ -76,3 +76,25 @@ bool Model::runs_on(const std::string& dir, Device device) {
 }
 
 }  // namespace moelora
+
+namespace moelora {
+
+const char* decode_path_name(DecodePath path) {
+  return path == DecodePath::fast ? "fast" : "hooks";
+}
+
+DecodePath parse_decode_path(const std::string& name) {
+  if (name == "hooks") return DecodePath::hooks;
+  if (name == "fast") return DecodePath::fast;
+  MOELORA_THROW("decode path '{}': expected 'hooks' or 'fast'", name);
+}
+
+void Model::set_decode_options(const DecodeOptions& options) {
+  MOELORA_CHECK(options.path == DecodePath::hooks,
+                "{}: no fast decode path for this model family yet (use DecodePath::hooks)",
+                config().model_type);
+  decode_options_ = options;
+  decode_stats_ = {};
+}
+
+}  // namespace moelora

@@ -164,8 +164,21 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
   const int64_t M = xn.size(0), D = c.head_dim;
   const int64_t nq = int64_t(c.num_attention_heads) * D, nkv = int64_t(c.num_key_value_heads) * D;
   Tensor qkv = ws_.qkv.get(M, nq + 2 * nkv, DType::f32, device_);
-  ops::linear(xn, L.qkv, qkv, stream_);
-  add_lora(L.qkv_lora.get(), xb, lb, qkv);
+  if (L.qkv_lora && lb.any && overlap_lora()) {
+    // The shrink on the side stream beside the base GEMM (both read xn / xb, written before
+    // the fork); the expand after the join.
+    Tensor u = ws_.lora_u.get(M, 3 * int64_t(options_.lora_r_max), DType::f32, device_);
+    fork_.record(stream_);
+    side_.wait(fork_);
+    dense_lora_shrink(*L.qkv_lora, xb, lb.token_slot, u, side_);
+    join_.record(side_);
+    ops::linear(xn, L.qkv, qkv, stream_);
+    stream_.wait(join_);
+    dense_lora_expand(*L.qkv_lora, u, lb.token_slot, qkv, stream_);
+  } else {
+    ops::linear(xn, L.qkv, qkv, stream_);
+    add_lora(L.qkv_lora.get(), xb, lb, qkv);
+  }
   Tensor q = ws_.q.get(M, nq, DType::f32, device_), k = ws_.k.get(M, nkv, DType::f32, device_);
   Tensor v = ws_.v.get(M, nkv, DType::f32, device_);
   Tensor a = ws_.attn.get(M, nq, DType::f32, device_);
@@ -183,6 +196,19 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
   const float scale = 1.0f / std::sqrt(float(D));
   ops::paged_attention(q, cache.k(layer), cache.v(layer), t.block_table, t.token_seq, t.positions,
                        scale, a, stream_);
+  if (L.o_lora && lb.any && overlap_lora()) {
+    Tensor ab = ws_.attn_b.get(M, nq, DType::bf16, device_);
+    Tensor u = ws_.lora_u.get(M, 3 * int64_t(options_.lora_r_max), DType::f32, device_);
+    fork_.record(stream_);
+    side_.wait(fork_);
+    ops::cast(a, ab, side_);
+    dense_lora_shrink(*L.o_lora, ab, lb.token_slot, u, side_);
+    join_.record(side_);
+    ops::linear(a, L.o_proj, out, stream_);
+    stream_.wait(join_);
+    dense_lora_expand(*L.o_lora, u, lb.token_slot, out, stream_);
+    return;
+  }
   ops::linear(a, L.o_proj, out, stream_);
   if (L.o_lora && lb.any) {
     Tensor ab = ws_.attn_b.get(M, nq, DType::bf16, device_);
@@ -228,17 +254,11 @@ void MoeDecoder::mlp(DecoderLayer& L, const Tensor& xn, const Tensor& xb, const 
                   y, out, stream_);
 }
 
-StepResult MoeDecoder::forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,
-                               bool all_logits) {
+void MoeDecoder::run_step(const StepTables& t, const LoraBatchState& lb, PagedKvCache& cache,
+                          StepOutput& result) {
   const HfModelConfig& c = config_;
-  StepTables t;
-  LoraBatchState lb;
-  prepare_step(batch, cache, t, lb);
-  const int64_t M = t.positions.size(0), S = int64_t(batch.size());
-  const int64_t H = c.hidden_size;
+  const int64_t M = t.positions.size(0), H = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
-  StepOutput result(ws_.out, device_, M, S, c.vocab_size, num_moe_layers_, all_logits);
-
   // The residual stream stays f32 on both backends (the closest agreement with the CPU path).
   Tensor h = ws_.h.get(M, H, DType::f32, device_), xn = ws_.xn.get(M, H, DType::f32, device_);
   Tensor delta = ws_.delta.get(M, H, DType::f32, device_);
@@ -256,13 +276,76 @@ StepResult MoeDecoder::forward(const std::vector<SeqInput>& batch, PagedKvCache&
     mlp(L, xn, xb, lb, delta, result.margin(), L.moe ? moe_index++ : -1);
     ops::residual_add(h, delta, stream_);
   }
-  for (const SeqInput& s : batch) cache.advance(s.seq, int64_t(s.tokens.size()));
-
   result.compute_logits(h, t.last_row, final_norm_, lm_head_, eps, xn, ws_.last_h, ws_.last_n,
                         stream_);
+}
+
+StepResult MoeDecoder::forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                               bool all_logits) {
+  const HfModelConfig& c = config_;
+  LoraBatchState lb;
+  const StepDims d = validate_step(batch, cache, lb);
+  // The fast path replays a graph for decode steps (one token per sequence) that fit a bucket.
+  if (graphs_.enabled() && !all_logits && d.m == d.s)
+    if (const int64_t bucket = graphs_.bucket(d.s); bucket > 0)
+      return forward_graph(batch, cache, d, bucket, lb);
+
+  StepTables t;
+  const int64_t n = 5 * d.m + d.s + d.s * d.p;
+  Tensor dst = device_.is_cuda() ? ws_.tables.get(1, n, DType::i32, device_).view({n}) : Tensor();
+  build_tables(batch, cache, d, d.m, d.p, dst, t, lb);
+  StepOutput result(ws_.out, device_, d.m, d.s, c.vocab_size, num_moe_layers_, all_logits);
+  run_step(t, lb, cache, result);
+  ++decode_stats_.eager;
+  for (const SeqInput& s : batch) cache.advance(s.seq, int64_t(s.tokens.size()));
   StepResult r = result.finish(download_, stream_);
   upload_pending_ = false;  // finish synchronized the stream: the staged tables are free
   return r;
+}
+
+StepResult MoeDecoder::forward_graph(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                                     const StepDims& d, int64_t bucket, LoraBatchState& lb) {
+  const HfModelConfig& c = config_;
+  const int64_t R = bucket, P = DecodeGraphs::page_bucket(d.p);
+  const DecodeGraphs::Key key{R, P, lb.any, cache.k(0).data()};
+  DecodeGraphs::Entry& e = graphs_.entry(key, 6 * R + R * P, device_);
+  StepTables t;
+  build_tables(batch, cache, d, R, P, e.tables, t, lb);
+  StepOutput result(ws_.out, device_, R, R, c.vocab_size, num_moe_layers_, false);
+  if (e.current()) {
+    e.graph.replay(stream_);
+    ++decode_stats_.replayed;
+  } else {
+    // First use (or a step buffer moved): this step runs eagerly, which also sizes every
+    // lazily grown buffer and loads every kernel, then the same work is captured for the
+    // next steps. Capturing enqueues nothing, so the eager results stand.
+    run_step(t, lb, cache, result);
+    stream_.synchronize();
+    e.graph = CudaGraph::capture(stream_, [&] { run_step(t, lb, cache, result); });
+    e.generation = StepBuffer::generation();
+    ++decode_stats_.captured;
+  }
+  for (const SeqInput& s : batch) cache.advance(s.seq, int64_t(s.tokens.size()));
+  StepResult r = result.finish(download_, stream_);
+  upload_pending_ = false;
+  // The padding rows' logits and margins are dropped (views of the one pinned buffer).
+  r.last_logits = r.last_logits.first_rows(d.s);
+  r.router_margin = r.router_margin.first_rows(d.m);
+  return r;
+}
+
+void MoeDecoder::set_decode_options(const DecodeOptions& options) {
+  MOELORA_CHECK(options.max_batch >= 1, "DecodeOptions: max_batch must be >= 1, found {}",
+                options.max_batch);
+  decode_options_ = options;
+  decode_stats_ = {};
+  const bool graphs = options.path == DecodePath::fast && device_.is_cuda();
+  graphs_.configure(graphs, options.max_batch, options_.max_step_tokens);
+  if (graphs && !side_.handle()) {
+    side_ = Stream::create(device_);
+    fork_ = Event::create(device_, false);
+    join_ = Event::create(device_, false);
+  }
 }
 
 std::unique_ptr<Model> make_moe_decoder(const std::string& dir, const HfModelConfig& config,

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "model/decode_graphs.h"
 #include "model/step_output.h"
 #include "model/moe_decoder.h"
 #include "moelora/core/stream.h"
@@ -50,6 +51,11 @@ struct LoraBatchState {
   Tensor token_slot;  // i32 [M], -1 = base
 };
 
+// A step's sizes once validated: M new tokens of S sequences, P pages per block-table row.
+struct StepDims {
+  int64_t m = 0, s = 0, p = 0;
+};
+
 struct StepWorkspace {
   StepBuffer h, xn, delta, xb;            // residual stream f32, its norm, a layer's output; bf16 xn
   StepBuffer qkv, q, k, v, attn, attn_b;  // attention (attn_b: bf16 input of o_proj's LoRA)
@@ -77,6 +83,7 @@ class MoeDecoder final : public Model {
     return slot >= 0 && slot < int(adapter_loaded_.size()) && adapter_loaded_[size_t(slot)];
   }
   int num_adapter_slots() const override { return int(adapter_loaded_.size()); }
+  void set_decode_options(const DecodeOptions& options) override;
 
  private:
   void check_slot(int slot) const;
@@ -87,10 +94,22 @@ class MoeDecoder final : public Model {
   MoeWeights load_experts(WeightLoader& wl, int layer) const;
   // Sizes the per-step buffers for max_step_tokens.
   void reserve_workspace();
-  // Validates the batch (before the cache changes), reserves pages, builds the tables (one
-  // upload on CUDA).
-  void prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& cache, StepTables& t,
-                    LoraBatchState& lb);
+  // Validates the batch (before the cache changes) and reserves its pages.
+  StepDims validate_step(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                         LoraBatchState& lb);
+  // Builds the step tables for `rows` token rows (= sequences when padded), `pages` block-
+  // table columns, and uploads them into `dst` (i32, on CUDA; the CPU uses the staging).
+  // Rows past the batch's are padding: token 0 at position 0 of its own sequence, reading
+  // page 0 and writing no KV (slot -1), base model.
+  void build_tables(const std::vector<SeqInput>& batch, PagedKvCache& cache, const StepDims& d,
+                    int64_t rows, int64_t pages, Tensor dst, StepTables& t, LoraBatchState& lb);
+  // Enqueues a whole step (embedding .. logits) on stream_: run eagerly or captured.
+  void run_step(const StepTables& t, const LoraBatchState& lb, PagedKvCache& cache,
+                StepOutput& result);
+  // The fast path: the step from its graph (captured on first use).
+  StepResult forward_graph(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                           const StepDims& d, int64_t bucket, LoraBatchState& lb);
+  bool overlap_lora() const { return decode_options_.path == DecodePath::fast && side_.handle(); }
   // y += the LoRA delta of each token's slot; a no-op without a pool or adapter tokens.
   void add_lora(const DenseLoraPool* pool, const Tensor& xb, const LoraBatchState& lb, Tensor& y);
   void attention(DecoderLayer& L, int layer, const Tensor& xn, const Tensor& xb,
@@ -111,6 +130,9 @@ class MoeDecoder final : public Model {
   StepWorkspace ws_;
   ResultDownload download_;  // logits + margins to the host (pinned staging on CUDA)
   Tensor staging_;              // host i32 tables (pinned on CUDA)
+  DecodeGraphs graphs_;         // the fast path's decode graphs
+  Stream side_;                 // CUDA: the fast path's dense LoRA shrinks
+  Event fork_, join_;
   bool upload_pending_ = false;  // staging_ may still be read by an enqueued copy
 };
 

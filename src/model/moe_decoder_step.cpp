@@ -57,8 +57,8 @@ void MoeDecoder::reserve_workspace() {
   // ws_.out (logits: V columns per row) grows on the first step, to what steps really use.
 }
 
-void MoeDecoder::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& cache,
-                              StepTables& t, LoraBatchState& lb) {
+StepDims MoeDecoder::validate_step(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                                   LoraBatchState& lb) {
   const HfModelConfig& c = config_;
   MOELORA_CHECK(!batch.empty(), "forward: empty batch");
   const KvCacheConfig& kc = cache.config();
@@ -73,7 +73,7 @@ void MoeDecoder::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& 
                 "Model::kv_cache_config)",
                 kc.device.str(), device_.str());
   // Validate everything before the cache changes.
-  int64_t M = 0;
+  StepDims d;
   std::vector<int> seen;
   for (size_t b = 0; b < batch.size(); ++b) {
     const SeqInput& s = batch[b];
@@ -99,28 +99,36 @@ void MoeDecoder::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& 
                     "forward: sequence {}: adapter slot {} (expected -1 or a slot)", s.seq,
                     s.adapter_slot);
     }
-    M += int64_t(s.tokens.size());
+    d.m += int64_t(s.tokens.size());
   }
-  const int64_t S = int64_t(batch.size());
-  int64_t P = 1;  // pages per block-table row
+  d.s = int64_t(batch.size());
+  d.p = 1;
   for (const SeqInput& s : batch) {
     cache.reserve(s.seq, cache.length(s.seq) + int64_t(s.tokens.size()));
-    P = std::max<int64_t>(P, int64_t(cache.pages(s.seq).size()));
+    d.p = std::max<int64_t>(d.p, int64_t(cache.pages(s.seq).size()));
   }
-  // One packed i32 table: ids, positions, token_seq, slots, token_slot [M each], last_row [S],
-  // block_table [S, P]; built in host staging, uploaded in one copy on CUDA.
-  const int64_t n = 5 * M + S + S * P;
+  return d;
+}
+
+void MoeDecoder::build_tables(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                              const StepDims& d, int64_t rows, int64_t pages, Tensor dst,
+                              StepTables& t, LoraBatchState& lb) {
+  // One packed i32 table: ids, positions, token_seq, slots, token_slot [R each], last_row
+  // [Sr], block_table [Sr, P]; built in host staging, uploaded in one copy on CUDA. Padded
+  // (rows > M: decode steps only, one token per sequence) rows are their own sequences.
+  const int64_t R = rows, Sr = rows > d.m ? rows : d.s, P = pages;
+  const int64_t n = 5 * R + Sr + Sr * P;
   if (upload_pending_) stream_.synchronize();  // a failed step may have left a copy in flight
   if (!staging_.defined() || staging_.numel() < n)
     staging_ = host_staging(std::max<int64_t>(n, 4096), device_);
   int32_t* base = staging_.data<int32_t>();
-  int32_t *ids = base, *pos = ids + M, *seq = pos + M, *slots = seq + M, *tslot = slots + M;
-  int32_t *last = tslot + M, *bt = last + S;
+  int32_t *ids = base, *pos = ids + R, *seq = pos + R, *slots = seq + R, *tslot = slots + R;
+  int32_t *last = tslot + R, *bt = last + Sr;
   int64_t m = 0;
-  for (int64_t b = 0; b < S; ++b) {
+  for (int64_t b = 0; b < d.s; ++b) {
     const SeqInput& s = batch[size_t(b)];
-    const std::vector<int32_t>& pages = cache.pages(s.seq);
-    for (int64_t j = 0; j < P; ++j) bt[b * P + j] = j < int64_t(pages.size()) ? pages[size_t(j)] : -1;
+    const std::vector<int32_t>& pg = cache.pages(s.seq);
+    for (int64_t j = 0; j < P; ++j) bt[b * P + j] = j < int64_t(pg.size()) ? pg[size_t(j)] : -1;
     const int64_t start = cache.length(s.seq);
     for (size_t i = 0; i < s.tokens.size(); ++i, ++m) {
       ids[m] = s.tokens[i];
@@ -131,20 +139,26 @@ void MoeDecoder::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& 
     }
     last[b] = int32_t(m - 1);
   }
+  for (int64_t r = d.m; r < R; ++r) {
+    ids[r] = 0, pos[r] = 0, seq[r] = int32_t(r), slots[r] = -1, tslot[r] = -1;
+    last[r] = int32_t(r);
+    bt[r * P] = 0;
+    for (int64_t j = 1; j < P; ++j) bt[r * P + j] = -1;
+  }
   Tensor packed = staging_.narrow(0, 0, n);
   if (device_.is_cuda()) {
-    Tensor dev = ws_.tables.get(1, n, DType::i32, device_).view({n});
+    Tensor dev = dst.narrow(0, 0, n);
     dev.copy_from(packed, &stream_);
     upload_pending_ = true;
     packed = dev;
   }
-  t.ids = packed.narrow(0, 0, M);
-  t.positions = packed.narrow(0, M, M);
-  t.token_seq = packed.narrow(0, 2 * M, M);
-  t.slots = packed.narrow(0, 3 * M, M);
-  lb.token_slot = packed.narrow(0, 4 * M, M);
-  t.last_row = packed.narrow(0, 5 * M, S);
-  t.block_table = packed.narrow(0, 5 * M + S, S * P).view({S, P});
+  t.ids = packed.narrow(0, 0, R);
+  t.positions = packed.narrow(0, R, R);
+  t.token_seq = packed.narrow(0, 2 * R, R);
+  t.slots = packed.narrow(0, 3 * R, R);
+  lb.token_slot = packed.narrow(0, 4 * R, R);
+  t.last_row = packed.narrow(0, 5 * R, Sr);
+  t.block_table = packed.narrow(0, 5 * R + Sr, Sr * P).view({Sr, P});
 }
 
 }  // namespace moelora

@@ -17,6 +17,9 @@ namespace moelora {
 class StepBuffer {
  public:
   Tensor get(int64_t rows, int64_t cols, DType dtype, Device device);
+  // Counts the reallocations of every StepBuffer in the process: a captured decode graph
+  // whose count moved may point at freed memory and is captured again (decode_graphs.h).
+  static uint64_t generation();
 
  private:
   Tensor storage_;  // 1-d

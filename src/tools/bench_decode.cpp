@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
+#include "model/random_adapter.h"
 #include "model/weight_loader.h"
 #include "moelora/core/graph.h"
 #include "moelora/core/random.h"
@@ -132,71 +133,6 @@ json shape_config(const std::string& shape) {
                 shape);
 }
 
-// Writes a PEFT adapter of rank `r` on every module the models take LoRA on: attention
-// q/k/v/o, dense MLP gate/up/down and every expert's three projections (per-expert layout).
-// One A/B pair per layer and kind is shared by all experts (same values, separate keys): the
-// bytes a step reads are those of distinct adapters, and the file is written in seconds.
-void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r, uint64_t seed) {
-  fs::create_directories(dir);
-  const bool mixtral = c.model_type == "mixtral";
-  const std::string experts = mixtral ? "block_sparse_moe.experts" : "mlp.experts";
-  const std::array<std::string, 3> proj = mixtral ? std::array<std::string, 3>{"w1", "w3", "w2"}
-                                                  : std::array<std::string, 3>{"gate_proj", "up_proj", "down_proj"};
-  const int64_t H = c.hidden_size, D = c.head_dim, I = c.moe_intermediate_size;
-  const int64_t nq = int64_t(c.num_attention_heads) * D, nkv = int64_t(c.num_key_value_heads) * D;
-  const Stream cpu;
-  uint64_t sd = seed;
-  auto make = [&](int64_t rows, int64_t cols, float a) {
-    Tensor t = Tensor::empty({rows, cols}, DType::bf16);
-    fill_uniform(t, sd++, -a, a, cpu);
-    return t;
-  };
-  std::map<std::string, Tensor> t;
-  // lora_A [r, in] ~ 1/sqrt(in), lora_B [out, r] small: deltas of a few percent.
-  auto add = [&](const std::string& module, int64_t out, int64_t in) {
-    const std::string k = "base_model.model." + module;
-    t[k + ".lora_A.weight"] = make(r, in, 1.0f / std::sqrt(float(in)));
-    t[k + ".lora_B.weight"] = make(out, r, 0.02f);
-  };
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = fmt::format("model.layers.{}.", l);
-    add(p + "self_attn.q_proj", nq, H);
-    add(p + "self_attn.k_proj", nkv, H);
-    add(p + "self_attn.v_proj", nkv, H);
-    add(p + "self_attn.o_proj", H, nq);
-    if (!c.is_moe_layer(l)) {
-      const int64_t Id = c.intermediate_size;
-      add(p + "mlp.gate_proj", Id, H);
-      add(p + "mlp.up_proj", Id, H);
-      add(p + "mlp.down_proj", H, Id);
-      continue;
-    }
-    const std::array<Tensor, 6> ab = {make(r, H, 1.0f / std::sqrt(float(H))), make(I, r, 0.02f),
-                                      make(r, H, 1.0f / std::sqrt(float(H))), make(I, r, 0.02f),
-                                      make(r, I, 1.0f / std::sqrt(float(I))), make(H, r, 0.02f)};
-    for (int e = 0; e < c.num_experts; ++e)
-      for (int j = 0; j < 3; ++j) {
-        const std::string k =
-            fmt::format("base_model.model.{}{}.{}.{}", p, experts, e, proj[size_t(j)]);
-        t[k + ".lora_A.weight"] = ab[size_t(2 * j)];
-        t[k + ".lora_B.weight"] = ab[size_t(2 * j + 1)];
-      }
-  }
-  save_safetensors(dir + "/adapter_model.safetensors", t);
-  json cfg;
-  cfg["peft_type"] = "LORA";
-  cfg["r"] = r;
-  cfg["lora_alpha"] = 2 * r;
-  cfg["use_rslora"] = false;
-  cfg["use_dora"] = false;
-  cfg["fan_in_fan_out"] = false;
-  cfg["bias"] = "none";
-  cfg["base_model_name_or_path"] = nullptr;
-  cfg["target_modules"] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                           "down_proj"};
-  if (mixtral) cfg["target_modules"] = {"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"};
-  std::ofstream(dir + "/adapter_config.json") << cfg.dump(2) << "\n";
-}
 
 std::string now_iso() {
   std::time_t t = std::time(nullptr);
@@ -226,9 +162,11 @@ struct ScratchDir {
 
 struct Row {
   int batch = 0;
+  std::string path;
   std::string lora;
   double ms = 0, min_ms = 0, max_ms = 0, tok_s = 0;
   double ratio = NAN;  // tok/s over LoRA none's (the mean of its two measurements)
+  double over_hooks = NAN;  // fast path: tok/s over the hooks path's at the same batch and LoRA
   bool repeat = false;  // the second measurement of `none` at this batch (drift check)
 };
 
@@ -305,6 +243,11 @@ CLI::App* add_bench_decode_command(CLI::App& bench, BenchDecodeOptions& o) {
   d->add_option("--lora", o.lora, "LoRA settings: none, r<rank>x<adapters>")
       ->delimiter(',')
       ->capture_default_str();
+  d->add_option("--path", o.path,
+                "decode paths: hooks (eager steps), fast (CUDA-graph steps, overlapped LoRA "
+                "shrinks); both: hooks,fast")
+      ->delimiter(',')
+      ->capture_default_str();
   d->add_option("--context", o.context, "KV length of every sequence before timing")
       ->capture_default_str();
   d->add_option("--steps", o.steps, "timed decode steps per point (default 20 on CUDA, 3 on CPU)");
@@ -346,6 +289,9 @@ int run_bench_decode(const BenchDecodeOptions& o) {
                 "module names only so far; use --lora none",
                 o.shape);
   const int max_batch = *std::max_element(batches.begin(), batches.end());
+  std::vector<DecodePath> paths;
+  for (const std::string& p : o.path) paths.push_back(parse_decode_path(p));
+  MOELORA_CHECK(!paths.empty(), "--path: give hooks, fast or both");
 
   // The random-weight model: config.json + random_weights.json, weights made on the device.
   ScratchDir scratch;
@@ -418,31 +364,46 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     download_ms[b] = logits_download_ms(device, b, config.vocab_size);
     std::vector<LoraSetting> order = settings;
     if (repeat_none) order.push_back(settings.front());
-    const size_t first = rows.size();
-    for (size_t i = 0; i < order.size(); ++i) {
-      const LoraSetting& ls = order[i];
-      const StepTimes t = time_decode(*model, cache, b, ls.adapters, o.context, warmup, steps,
-                                      o.seed + uint64_t(b));
-      Row r;
-      r.batch = b;
-      r.lora = ls.name;
-      r.ms = t.median, r.min_ms = t.min, r.max_ms = t.max;
-      r.tok_s = double(b) / (r.ms * 1e-3);
-      r.repeat = i == settings.size();
-      rows.push_back(r);
-    }
-    double none_ms = 0;
-    int n_none = 0;
-    for (size_t i = first; i < rows.size(); ++i)
-      if (rows[i].lora == "none") none_ms += rows[i].ms, ++n_none;
-    for (size_t i = first; i < rows.size(); ++i) {
-      Row& r = rows[i];
-      // Throughput with LoRA over without (as bench moe reports it): 1 = free.
-      if (r.lora != "none" && n_none > 0) r.ratio = (none_ms / n_none) / r.ms;
-      std::printf("  batch %4d  lora %-7s%s %9.3f ms/step (min %.3f max %.3f) %9.1f tok/s%s\n",
-                  b, r.lora.c_str(), r.repeat ? " again" : "      ", r.ms, r.min_ms, r.max_ms,
-                  r.tok_s,
-                  std::isnan(r.ratio) ? "" : fmt::format("  {:.3f} of none", r.ratio).c_str());
+    const size_t batch_first = rows.size();
+    for (DecodePath path : paths) {
+      DecodeOptions dopt = model->decode_options();
+      dopt.path = path;
+      dopt.max_batch = std::max<int64_t>(dopt.max_batch, max_batch);
+      model->set_decode_options(dopt);
+      const size_t first = rows.size();
+      for (size_t i = 0; i < order.size(); ++i) {
+        const LoraSetting& ls = order[i];
+        const StepTimes t = time_decode(*model, cache, b, ls.adapters, o.context, warmup, steps,
+                                        o.seed + uint64_t(b));
+        Row r;
+        r.batch = b;
+        r.path = decode_path_name(path);
+        r.lora = ls.name;
+        r.ms = t.median, r.min_ms = t.min, r.max_ms = t.max;
+        r.tok_s = double(b) / (r.ms * 1e-3);
+        r.repeat = i == settings.size();
+        rows.push_back(r);
+      }
+      double none_ms = 0;
+      int n_none = 0;
+      for (size_t i = first; i < rows.size(); ++i)
+        if (rows[i].lora == "none") none_ms += rows[i].ms, ++n_none;
+      for (size_t i = first; i < rows.size(); ++i) {
+        Row& r = rows[i];
+        // Throughput with LoRA over without (as bench moe reports it): 1 = free.
+        if (r.lora != "none" && n_none > 0) r.ratio = (none_ms / n_none) / r.ms;
+        if (path == DecodePath::fast)
+          for (size_t j = batch_first; j < first; ++j)
+            if (rows[j].path == "hooks" && rows[j].lora == r.lora && rows[j].repeat == r.repeat)
+              r.over_hooks = rows[j].ms / r.ms;
+        std::printf(
+            "  batch %4d  %-5s lora %-7s%s %9.3f ms/step (min %.3f max %.3f) %9.1f tok/s%s%s\n",
+            b, r.path.c_str(), r.lora.c_str(), r.repeat ? " again" : "      ", r.ms, r.min_ms,
+            r.max_ms, r.tok_s,
+            std::isnan(r.ratio) ? "" : fmt::format("  {:.3f} of none", r.ratio).c_str(),
+            std::isnan(r.over_hooks) ? ""
+                                     : fmt::format("  {:.2f}x hooks", r.over_hooks).c_str());
+      }
     }
     if (gpu)
       std::printf("  batch %4d  logits download alone (f32 [%d, %d] to a new host tensor): "
@@ -471,6 +432,7 @@ int run_bench_decode(const BenchDecodeOptions& o) {
         "logits download), one new token per sequence";
     for (const Row& r : rows)
       j["results"].push_back({{"batch", r.batch},
+                              {"path", r.path},
                               {"lora", r.lora},
                               {"repeat", r.repeat},
                               {"ms_per_step", r.ms},
@@ -478,6 +440,8 @@ int run_bench_decode(const BenchDecodeOptions& o) {
                               {"max_ms", r.max_ms},
                               {"tok_per_s", r.tok_s},
                               {"tok_s_lora_over_none", std::isnan(r.ratio) ? json() : json(r.ratio)},
+                              {"tok_s_fast_over_hooks",
+                               std::isnan(r.over_hooks) ? json() : json(r.over_hooks)},
                               {"logits_download_ms", download_ms[r.batch]}});
     std::ofstream out(o.json);
     MOELORA_CHECK(out.good(), "--json: cannot write {}", o.json);

@@ -57,6 +57,10 @@ struct EngineConfig {
   int64_t num_pages = 256;  // KV budget shared by the batch
   DType kv_dtype = DType::bf16;
   bool record_logits = false;
+  // The decode path (model.h's DecodePath), handed to the model once when the engine is
+  // built: `hooks` (eager steps) or `fast` (CUDA-graph decode steps and overlapped dense
+  // LoRA shrinks on CUDA; as `hooks` on the CPU).
+  DecodePath decode_path = DecodePath::hooks;
 };
 
 class Engine {

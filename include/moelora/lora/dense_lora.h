@@ -82,4 +82,11 @@ class DenseLoraPool {
 void apply_dense_lora(const DenseLoraPool& pool, const Tensor& x, const Tensor& token_slot,
                       Tensor& u, Tensor& y, const Stream& stream);
 
+// apply_dense_lora's two halves, for running the shrink on a side stream beside the base
+// projection (the fast decode path): u[:M] = x . A_slot^T, then y += u[:M] . B_slot^T.
+void dense_lora_shrink(const DenseLoraPool& pool, const Tensor& x, const Tensor& token_slot,
+                       Tensor& u, const Stream& stream);
+void dense_lora_expand(const DenseLoraPool& pool, const Tensor& u, const Tensor& token_slot,
+                       Tensor& y, const Stream& stream);
+
 }  // namespace moelora

@@ -17,6 +17,29 @@ namespace moelora {
 
 class PeftAdapter;
 
+// How a model runs decode steps (EngineConfig::decode_path, read once by the Engine; or
+// Model::set_decode_path).
+//   hooks: every step eager, LoRA through the MoE runner's hooks and the dense LoRA kernels
+//          on the model's stream (the path every step took before issue 5).
+//   fast:  on CUDA, decode steps (one new token per sequence, last-token logits) of up to
+//          DecodeOptions::max_batch sequences replay a CUDA graph captured once per batch
+//          bucket (batch padded up to it), block-table width and LoRA on/off, and the dense
+//          LoRA shrinks (q/k/v, o_proj) run on a side stream beside the base projections.
+//          Prefill and larger steps run as on `hooks`. On the CPU there are no graphs or
+//          side streams: `fast` runs as `hooks`.
+enum class DecodePath { hooks, fast };
+const char* decode_path_name(DecodePath path);
+// "hooks" or "fast"; anything else is an error naming the accepted values.
+DecodePath parse_decode_path(const std::string& name);
+
+struct DecodeOptions {
+  DecodePath path = DecodePath::hooks;
+  // The largest decode batch the fast path captures graphs for (buckets 1, 2, 4, 8, then
+  // multiples of 16 up to this, and at most ModelOptions::max_step_tokens); larger batches
+  // run eagerly.
+  int64_t max_batch = 256;
+};
+
 struct ModelOptions {
   // Where the weights, the LoRA pools, the KV cache (kv_cache_config) and every activation of
   // a step live: the CPU or a CUDA device, for every supported model_type (Model::runs_on
@@ -87,9 +110,26 @@ class Model {
   // lora_r_max is an error naming it (the slot stays empty); embedding / lm_head LoRA is not
   // applied and printed as a WARNING to stderr: nothing is silently dropped.
   virtual void load_adapter(int slot, const PeftAdapter& adapter) = 0;
+  // Loading or unloading an adapter needs no graph re-capture: the graphs read the slots'
+  // device buffers, which keep their addresses.
   virtual void unload_adapter(int slot) = 0;
   virtual bool adapter_loaded(int slot) const = 0;
   virtual int num_adapter_slots() const = 0;
+
+  // Selects the decode path (see DecodePath). Drops any captured graphs. A model family
+  // without a fast path refuses DecodePath::fast with an error naming it.
+  virtual void set_decode_options(const DecodeOptions& options);
+  virtual const DecodeOptions& decode_options() const { return decode_options_; }
+  // How the steps since set_decode_options ran: replayed from a graph, captured (run eagerly,
+  // then captured), or eager (hooks path, prefill, larger than every bucket, CPU).
+  struct DecodeStats {
+    int64_t replayed = 0, captured = 0, eager = 0;
+  };
+  virtual DecodeStats decode_stats() const { return decode_stats_; }
+
+ protected:
+  DecodeOptions decode_options_;
+  DecodeStats decode_stats_;
 };
 
 }  // namespace moelora

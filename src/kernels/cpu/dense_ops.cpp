@@ -181,6 +181,7 @@ void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slot_mapping
   std::vector<float> buf(static_cast<size_t>(row));
   Tensor kc = k_cache.view({num_slots, row}), vc = v_cache.view({num_slots, row});
   for (int64_t t = 0; t < m; ++t) {
+    if (sm[t] == -1) continue;  // a padding row
     MOELORA_CHECK(sm[t] >= 0 && sm[t] < num_slots,
                   "kv_cache_write: slot_mapping[{}]={} outside "
                   "the cache's {} slots",

@@ -2,7 +2,9 @@
 
 #include <cublas_v2.h>
 
+#include <algorithm>
 #include <unordered_map>
+#include <vector>
 
 #include "core/cuda_check.h"
 #include "kernels/cuda/dense_ops_launch.h"
@@ -25,6 +27,9 @@ struct Handle {
   void* workspace = nullptr;
   void* split = nullptr;  // bf16 hi then lo for cublas_linear_f32
   int64_t split_elems = 0;
+  // Outgrown split buffers, never freed: a captured CUDA graph (a decode step) may still
+  // write to the address it was captured with. They total less than twice the largest.
+  std::vector<void*> retired;
 };
 
 // Handles are kept for the life of the process on purpose: destroying them from thread-exit
@@ -69,12 +74,13 @@ void cublas_linear_f32(const float* x, const void* w, float* y, int64_t m, int64
   if (m == 0 || n == 0) return;
   Handle& hd = bind(m, n, k, stream);
   if (hd.split_elems < m * k) {
-    // Growing: the old buffer may still be read by queued work on another stream.
-    MOELORA_CUDA_CHECK(cudaDeviceSynchronize());
-    if (hd.split) MOELORA_CUDA_CHECK(cudaFree(hd.split));
+    // Growing (never inside a graph capture: the models run a step eagerly before capturing
+    // it). Doubling keeps the retired buffers few.
+    if (hd.split) hd.retired.push_back(hd.split);
     hd.split = nullptr;
-    MOELORA_CUDA_CHECK(cudaMalloc(&hd.split, size_t(2 * m * k) * 2));
-    hd.split_elems = m * k;
+    const int64_t elems = std::max(m * k, 2 * hd.split_elems);
+    MOELORA_CUDA_CHECK(cudaMalloc(&hd.split, size_t(2 * elems) * 2));
+    hd.split_elems = elems;
   }
   char* hi = static_cast<char*>(hd.split);
   char* lo = hi + size_t(hd.split_elems) * 2;

@@ -156,6 +156,7 @@ __global__ void kv_write_kernel(const void* k, const void* v, const int32_t* slo
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * row;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / row, c = i % row;
+    if (slot_mapping[t] < 0) continue;  // a padding row
     const int64_t dst = int64_t(slot_mapping[t]) * row + c;
     store<kCache>(kc, dst, load<kIn>(k, i));
     store<kCache>(vc, dst, load<kIn>(v, i));
