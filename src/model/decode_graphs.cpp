@@ -2,13 +2,8 @@
 
 #include <algorithm>
 
-#include "model/step_output.h"
 
 namespace moelora {
-
-bool DecodeGraphs::Entry::current() const {
-  return graph.valid() && generation == StepBuffer::generation();
-}
 
 void DecodeGraphs::configure(bool enabled, int64_t max_batch, int64_t max_tokens) {
   graphs_.clear();

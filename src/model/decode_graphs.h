@@ -5,9 +5,9 @@
 // one upload before the replay. Adapter slots, token -> slot maps and routing are device data,
 // so a different adapter mix, or a new adapter in a slot, needs no re-capture.
 //
-// What invalidates a graph: a step buffer reallocated since the capture (StepBuffer::
-// generation: a longer prefill grew one), or set_decode_options. The entry is then captured
-// again on its next use.
+// What invalidates a graph: one of the model's step buffers reallocated since the capture (the
+// workspace's `moves` count: a longer prefill grew one), or set_decode_options. The entry is
+// then captured again on its next use.
 #pragma once
 
 #include <cstdint>
@@ -35,8 +35,9 @@ class DecodeGraphs {
   struct Entry {
     CudaGraph graph;
     Tensor tables;            // i32 on the device, the step tables the graph reads
-    uint64_t generation = 0;  // StepBuffer::generation() at capture
-    bool current() const;     // captured and no step buffer moved since
+    uint64_t moves = 0;  // the workspace's buffer reallocations at capture
+    // Captured, and no step buffer moved since (`moves`: the workspace's count now).
+    bool current(uint64_t moves_now) const { return graph.valid() && moves == moves_now; }
   };
 
   // Drops every graph; `enabled` with the bucket bound (max_batch, at most max_tokens).

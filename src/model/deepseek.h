@@ -34,16 +34,23 @@ struct MlaLayer {
 
 // The buffers every step reuses (sized for max_step_tokens at load; see StepBuffer).
 struct MlaWorkspace {
-  StepBuffer h, xn, delta, xb;          // residual stream f32, its norm, a layer's output; bf16 xn
-  StepBuffer q, qa, kv, attn;           // f32 projections: q, q_a (q_lora_rank), kv_a, attention
-  StepBuffer q_lat, lat;                // absorbed path: f32 [M, heads x (L + rope)], [M, heads x L]
-  StepBuffer e_lat, e_ckv, e_kvb;       // expanded path: gathered rows, their kv part, kv_b_proj
-  StepBuffer lora_x, lora_u;            // dense LoRA: bf16 input, f32 shrink output
-  StepBuffer router_logits, moe_y;      // f32 [M, E], bf16 [M, H]
-  StepBuffer gate_up, act;              // dense MLP layers
-  StepBuffer last_h, last_n;            // f32 [S, H]: last rows, normed
-  StepBuffer out;                       // f32 logits + router margins (what is downloaded)
-  StepBuffer tables;                    // i32 device copy of the packed step tables
+  // Reallocations of the buffers below: a decode graph captured before one may hold a freed
+  // address and is captured again (decode_graphs.h). The eager path's step tables count apart
+  // (graphs keep their own).
+  uint64_t moves = 0, tables_moves = 0;
+  MlaWorkspace() = default;
+  MlaWorkspace(const MlaWorkspace&) = delete;
+  MlaWorkspace& operator=(const MlaWorkspace&) = delete;
+  StepBuffer h{moves}, xn{moves}, delta{moves}, xb{moves};          // residual stream f32, its norm, a layer's output; bf16 xn
+  StepBuffer q{moves}, qa{moves}, kv{moves}, attn{moves};           // f32 projections: q, q_a (q_lora_rank), kv_a, attention
+  StepBuffer q_lat{moves}, lat{moves};                // absorbed path: f32 [M, heads x (L + rope)], [M, heads x L]
+  StepBuffer e_lat{moves}, e_ckv{moves}, e_kvb{moves};       // expanded path: gathered rows, their kv part, kv_b_proj
+  StepBuffer lora_x{moves}, lora_u{moves};            // dense LoRA: bf16 input, f32 shrink output
+  StepBuffer router_logits{moves}, moe_y{moves};      // f32 [M, E], bf16 [M, H]
+  StepBuffer gate_up{moves}, act{moves};              // dense MLP layers
+  StepBuffer last_h{moves}, last_n{moves};            // f32 [S, H]: last rows, normed
+  StepBuffer out{moves};                       // f32 logits + router margins (what is downloaded)
+  StepBuffer tables{tables_moves};                    // i32 device copy of the packed step tables
 };
 
 // Which attention path a step takes: automatic = expanded K/V for prefill chunks (a sequence

@@ -149,11 +149,14 @@ void MoeDecoder::check_slot(int slot) const {
                 slot, adapter_loaded_.size());
 }
 
+Tensor MoeDecoder::lora_u(const DenseLoraPool& pool, int64_t rows) {
+  return ws_.lora_u.get(rows, int64_t(pool.slices().count) * pool.r_max(), DType::f32, device_);
+}
+
 void MoeDecoder::add_lora(const DenseLoraPool* pool, const Tensor& xb, const LoraBatchState& lb,
                           Tensor& y) {
   if (pool == nullptr || !lb.any) return;
-  Tensor u = ws_.lora_u.get(xb.size(0), int64_t(pool->slices().count) * pool->r_max(),
-                            DType::f32, device_);
+  Tensor u = lora_u(*pool, xb.size(0));
   apply_dense_lora(*pool, xb, lb.token_slot, u, y, stream_);
 }
 
@@ -167,7 +170,7 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
   if (L.qkv_lora && lb.any && overlap_lora()) {
     // The shrink on the side stream beside the base GEMM (both read xn / xb, written before
     // the fork); the expand after the join.
-    Tensor u = ws_.lora_u.get(M, 3 * int64_t(options_.lora_r_max), DType::f32, device_);
+    Tensor u = lora_u(*L.qkv_lora, M);
     fork_.record(stream_);
     side_.wait(fork_);
     dense_lora_shrink(*L.qkv_lora, xb, lb.token_slot, u, side_);
@@ -198,7 +201,7 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
                        scale, a, stream_);
   if (L.o_lora && lb.any && overlap_lora()) {
     Tensor ab = ws_.attn_b.get(M, nq, DType::bf16, device_);
-    Tensor u = ws_.lora_u.get(M, 3 * int64_t(options_.lora_r_max), DType::f32, device_);
+    Tensor u = lora_u(*L.o_lora, M);
     fork_.record(stream_);
     side_.wait(fork_);
     ops::cast(a, ab, side_);
@@ -312,7 +315,7 @@ StepResult MoeDecoder::forward_graph(const std::vector<SeqInput>& batch, PagedKv
   StepTables t;
   build_tables(batch, cache, d, R, P, e.tables, t, lb);
   StepOutput result(ws_.out, device_, R, R, c.vocab_size, num_moe_layers_, false);
-  if (e.current()) {
+  if (e.current(ws_.moves)) {
     e.graph.replay(stream_);
     ++decode_stats_.replayed;
   } else {
@@ -322,7 +325,7 @@ StepResult MoeDecoder::forward_graph(const std::vector<SeqInput>& batch, PagedKv
     run_step(t, lb, cache, result);
     stream_.synchronize();
     e.graph = CudaGraph::capture(stream_, [&] { run_step(t, lb, cache, result); });
-    e.generation = StepBuffer::generation();
+    e.moves = ws_.moves;
     ++decode_stats_.captured;
   }
   for (const SeqInput& s : batch) cache.advance(s.seq, int64_t(s.tokens.size()));

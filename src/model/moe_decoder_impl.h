@@ -57,14 +57,21 @@ struct StepDims {
 };
 
 struct StepWorkspace {
-  StepBuffer h, xn, delta, xb;            // residual stream f32, its norm, a layer's output; bf16 xn
-  StepBuffer qkv, q, k, v, attn, attn_b;  // attention (attn_b: bf16 input of o_proj's LoRA)
-  StepBuffer router_logits, moe_y;        // f32 [M, E], bf16 [M, H]
-  StepBuffer gate_up, act, act_b;         // dense MLP layers
-  StepBuffer lora_u;                      // dense LoRA shrink output f32 [M, slices * r_max]
-  StepBuffer last_h, last_n;              // f32 [S, H]: last rows, normed
-  StepBuffer out;                         // f32 logits + router margins (what is downloaded)
-  StepBuffer tables;                      // i32 device copy of the packed step tables
+  // Reallocations of the buffers below: a decode graph captured before one may hold a freed
+  // address and is captured again (decode_graphs.h). The eager path's step tables count apart
+  // (graphs keep their own).
+  uint64_t moves = 0, tables_moves = 0;
+  StepWorkspace() = default;
+  StepWorkspace(const StepWorkspace&) = delete;
+  StepWorkspace& operator=(const StepWorkspace&) = delete;
+  StepBuffer h{moves}, xn{moves}, delta{moves}, xb{moves};            // residual stream f32, its norm, a layer's output; bf16 xn
+  StepBuffer qkv{moves}, q{moves}, k{moves}, v{moves}, attn{moves}, attn_b{moves};  // attention (attn_b: bf16 input of o_proj's LoRA)
+  StepBuffer router_logits{moves}, moe_y{moves};        // f32 [M, E], bf16 [M, H]
+  StepBuffer gate_up{moves}, act{moves}, act_b{moves};         // dense MLP layers
+  StepBuffer lora_u{moves};                      // dense LoRA shrink output f32 [M, slices * r_max]
+  StepBuffer last_h{moves}, last_n{moves};              // f32 [S, H]: last rows, normed
+  StepBuffer out{moves};                         // f32 logits + router margins (what is downloaded)
+  StepBuffer tables{tables_moves};                      // i32 device copy of the packed step tables
 };
 
 class MoeDecoder final : public Model {
@@ -110,6 +117,8 @@ class MoeDecoder final : public Model {
   StepResult forward_graph(const std::vector<SeqInput>& batch, PagedKvCache& cache,
                            const StepDims& d, int64_t bucket, LoraBatchState& lb);
   bool overlap_lora() const { return decode_options_.path == DecodePath::fast && side_.handle(); }
+  // The dense LoRA shrink output for `rows` tokens of `pool` (f32 [rows, slices x r_max]).
+  Tensor lora_u(const DenseLoraPool& pool, int64_t rows);
   // y += the LoRA delta of each token's slot; a no-op without a pool or adapter tokens.
   void add_lora(const DenseLoraPool* pool, const Tensor& xb, const LoraBatchState& lb, Tensor& y);
   void attention(DecoderLayer& L, int layer, const Tensor& xn, const Tensor& xb,

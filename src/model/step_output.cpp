@@ -1,7 +1,6 @@
 #include "model/step_output.h"
 
 #include <algorithm>
-#include <atomic>
 
 #include "model/ops.h"
 
@@ -13,20 +12,12 @@
 
 namespace moelora {
 
-namespace {
-std::atomic<uint64_t> g_step_buffer_generation{0};
-}  // namespace
-
-uint64_t StepBuffer::generation() {
-  return g_step_buffer_generation.load();
-}
-
 Tensor StepBuffer::get(int64_t rows, int64_t cols, DType dtype, Device device) {
   const int64_t need = rows * cols;
   if (!storage_.defined() || storage_.dtype() != dtype || storage_.device() != device ||
       storage_.numel() < need) {
     storage_ = Tensor::empty({std::max<int64_t>(need, 1)}, dtype, device);
-    ++g_step_buffer_generation;
+    ++*moves_;
   }
   return storage_.narrow(0, 0, need).view({rows, cols});
 }

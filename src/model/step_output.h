@@ -16,13 +16,15 @@ namespace moelora {
 // decode steps allocate nothing (issue 5 captures them in CUDA graphs).
 class StepBuffer {
  public:
+  // `moves` counts this buffer's reallocations (with its workspace's other buffers).
+  explicit StepBuffer(uint64_t& moves) : moves_(&moves) {}
+  StepBuffer(const StepBuffer&) = delete;
+  StepBuffer& operator=(const StepBuffer&) = delete;
   Tensor get(int64_t rows, int64_t cols, DType dtype, Device device);
-  // Counts the reallocations of every StepBuffer in the process: a captured decode graph
-  // whose count moved may point at freed memory and is captured again (decode_graphs.h).
-  static uint64_t generation();
 
  private:
   Tensor storage_;  // 1-d
+  uint64_t* moves_;
 };
 
 // Device -> host into pinned memory the model recycles: the returned tensor lives in a pinned
