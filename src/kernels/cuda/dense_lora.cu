@@ -1,8 +1,11 @@
 // Device code and launchers of the dense LoRA ops (kernels/dense_lora_ops.inc). Decode-sized
-// batches: one CTA per (token, slice) for the shrink (a warp per rank row, 16-byte loads along
-// K), one CTA per (token, 128 output columns) for the expand (the token's u row staged in
-// shared memory). Tokens of the same adapter re-read A and B from L2. Base tokens (slot -1)
-// and slices a slot does not target exit at once.
+// batches: one CTA per (token, slice) for the shrink, its 8 warps splitting K and every thread
+// keeping 16 rank rows' loads in flight (the shrink reads 16 x K bf16 of A per token: a warp
+// per row, one row after the other, left it latency-bound at 15-25 us for K = 2048-4096; the
+// partial sums are reduced in a fixed order, so results are deterministic); one CTA per
+// (token, 128 output columns) for the expand (the token's u row staged in shared memory, B
+// read 8 ranks per 16-byte load). Tokens of the same adapter re-read A and B from L2. Base
+// tokens (slot -1) and slices a slot does not target exit at once.
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/dense_lora_launch.h"
@@ -10,7 +13,7 @@
 namespace moelora::cuda {
 namespace {
 
-constexpr int kShrinkThreads = 128;
+constexpr int kShrinkThreads = 256, kShrinkRows = 16;
 constexpr int kExpandThreads = 128;
 
 __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
@@ -27,6 +30,7 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 }
 
 __global__ void __launch_bounds__(kShrinkThreads) dense_lora_shrink_kernel(const DenseLoraArgs p) {
+  __shared__ float part[kShrinkThreads / 32][kShrinkRows];
   const int64_t t = blockIdx.x;
   const int s = blockIdx.y;
   const int slot = p.token_slot[t];
@@ -34,15 +38,37 @@ __global__ void __launch_bounds__(kShrinkThreads) dense_lora_shrink_kernel(const
   const int rank = p.ranks[slot * p.slices + s];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint4* x = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.x) + t * p.k);
+  const __nv_bfloat16* a0 =
+      static_cast<const __nv_bfloat16*>(p.a) + (int64_t(slot) * p.slices + s) * p.r * p.k;
   const int64_t chunks = p.k / 8;
-  for (int r = warp; r < rank; r += kShrinkThreads / 32) {
-    const uint4* a = reinterpret_cast<const uint4*>(
-        static_cast<const __nv_bfloat16*>(p.a) + ((int64_t(slot) * p.slices + s) * p.r + r) * p.k);
-    float acc = 0.f;
-    for (int64_t c = lane; c < chunks; c += 32) acc += dot8(__ldg(x + c), __ldg(a + c));
+  for (int r0 = 0; r0 < rank; r0 += kShrinkRows) {
+    const int rows = min(kShrinkRows, rank - r0);
+    float acc[kShrinkRows] = {};
+    for (int64_t c = threadIdx.x; c < chunks; c += kShrinkThreads) {
+      const uint4 xv = __ldg(x + c);
+      uint4 av[kShrinkRows];
 #pragma unroll
-    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) p.u[t * p.slices * p.r + s * p.r + r] = acc;
+      for (int j = 0; j < kShrinkRows; ++j)
+        if (j < rows) av[j] = __ldg(reinterpret_cast<const uint4*>(a0 + (r0 + j) * p.k) + c);
+#pragma unroll
+      for (int j = 0; j < kShrinkRows; ++j)
+        if (j < rows) acc[j] += dot8(xv, av[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kShrinkRows; ++j) {
+      float v = acc[j];
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) part[warp][j] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < rows) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kShrinkThreads / 32; ++w) v += part[w][threadIdx.x];
+      p.u[t * p.slices * p.r + s * p.r + r0 + threadIdx.x] = v;
+    }
+    __syncthreads();
   }
 }
 
@@ -53,7 +79,8 @@ __global__ void __launch_bounds__(kExpandThreads) dense_lora_expand_kernel(const
   if (slot < 0) return;
   const int width = p.slices * p.r;
   for (int i = threadIdx.x; i < width; i += kExpandThreads) {
-    // Only the columns below each slice's rank were written by the shrink.
+    // Only the columns below each slice's rank were written by the shrink; the zeros above
+    // make the 8-wide steps past the rank add exact zeros.
     const int s = i / p.r;
     u_row[i] = (i % p.r) < p.ranks[slot * p.slices + s] ? p.u[t * width + i] : 0.f;
   }
@@ -67,7 +94,20 @@ __global__ void __launch_bounds__(kExpandThreads) dense_lora_expand_kernel(const
   const __nv_bfloat16* b = static_cast<const __nv_bfloat16*>(p.b) + (int64_t(slot) * p.n + n) * p.r;
   const float* u = u_row + s * p.r;
   float acc = 0.f;
-  for (int r = 0; r < rank; ++r) acc = fmaf(__bfloat162float(b[r]), u[r], acc);
+  if (p.r % 8 == 0) {
+    for (int r0 = 0; r0 < rank; r0 += 8) {
+      const uint4 bv = __ldg(reinterpret_cast<const uint4*>(b + r0));
+      const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&bv);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(pb[i]);
+        acc = fmaf(f.x, u[r0 + 2 * i], acc);
+        acc = fmaf(f.y, u[r0 + 2 * i + 1], acc);
+      }
+    }
+  } else {
+    for (int r = 0; r < rank; ++r) acc = fmaf(__bfloat162float(b[r]), u[r], acc);
+  }
   if (p.y_bf16) {
     __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y) + t * p.n + n;
     *y = __float2bfloat16_rn(__bfloat162float(*y) + acc);
