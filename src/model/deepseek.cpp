@@ -210,9 +210,10 @@ void DeepseekModel::unload_adapter(int slot) {
 }
 
 // y (f32) += the LoRA of `name` for the tokens with an adapter (x f32 or bf16: apply_dense_lora
-// reads a bf16 copy).
+// reads a bf16 copy, made in x_buf; the shrink output goes to u_buf).
 void DeepseekModel::add_lora(MlaLayer& Ly, const char* name, const Tensor& x,
-                             const Tensor& token_slot, bool lora, Tensor& y) {
+                             const Tensor& token_slot, bool lora, Tensor& y, StepBuffer& x_buf,
+                             StepBuffer& u_buf) {
   if (!lora) return;
   auto it = Ly.attn_lora.find(name);
   if (it == Ly.attn_lora.end()) return;
@@ -220,10 +221,10 @@ void DeepseekModel::add_lora(MlaLayer& Ly, const char* name, const Tensor& x,
   const int64_t M = x.size(0), K = x.size(1);
   Tensor xb = x;
   if (x.dtype() != DType::bf16) {
-    xb = ws_.lora_x.get(M, K, DType::bf16, device_);
+    xb = x_buf.get(M, K, DType::bf16, device_);
     ops::cast(x, xb, stream_);
   }
-  Tensor u = ws_.lora_u.get(M, int64_t(pool.slices().count) * pool.r_max(), DType::f32, device_);
+  Tensor u = u_buf.get(M, int64_t(pool.slices().count) * pool.r_max(), DType::f32, device_);
   apply_dense_lora(pool, xb, token_slot, u, y, stream_);
 }
 
@@ -238,17 +239,17 @@ void DeepseekModel::attention(MlaLayer& Ly, int layer, const Tensor& xn, const S
   if (c.q_lora_rank > 0) {
     Tensor qa = ws_.qa.get(M, c.q_lora_rank, DType::f32, device_);
     ops::linear(xn, Ly.q_a_proj, qa, stream_);
-    add_lora(Ly, "q_a_proj", xn, s.token_slot, s.lora, qa);
+    add_lora(Ly, "q_a_proj", xn, s.token_slot, s.lora, qa, ws_.lora_x, ws_.lora_u);
     ops::rms_norm(qa, Ly.q_a_norm, eps, qa, stream_);
     ops::linear(qa, Ly.q_b_proj, q, stream_);
-    add_lora(Ly, "q_b_proj", qa, s.token_slot, s.lora, q);
+    add_lora(Ly, "q_b_proj", qa, s.token_slot, s.lora, q, ws_.lora_x, ws_.lora_u);
   } else {
     ops::linear(xn, Ly.q_proj, q, stream_);
-    add_lora(Ly, "q_proj", xn, s.token_slot, s.lora, q);
+    add_lora(Ly, "q_proj", xn, s.token_slot, s.lora, q, ws_.lora_x, ws_.lora_u);
   }
   Tensor kv = ws_.kv.get(M, L + rope, DType::f32, device_);
   ops::linear(xn, Ly.kv_a_proj, kv, stream_);
-  add_lora(Ly, "kv_a_proj_with_mqa", xn, s.token_slot, s.lora, kv);
+  add_lora(Ly, "kv_a_proj_with_mqa", xn, s.token_slot, s.lora, kv, ws_.lora_x, ws_.lora_u);
   ops::mla_kv_norm(kv, Ly.kv_a_norm, eps, stream_);  // kv_a_layernorm; k_pe stays as is
   ops::mla_rope(q, int(qk), nope, rope, s.positions, c.rope_theta, rope_interleave_, stream_);
   ops::mla_rope(kv, int(L + rope), int(L), rope, s.positions, c.rope_theta, rope_interleave_,
@@ -273,7 +274,7 @@ void DeepseekModel::attention(MlaLayer& Ly, int layer, const Tensor& xn, const S
     g = e;
   }
   ops::linear(a, Ly.o_proj, out, stream_);
-  add_lora(Ly, "o_proj", a, s.token_slot, s.lora, out);
+  add_lora(Ly, "o_proj", a, s.token_slot, s.lora, out, ws_.lora_x, ws_.lora_u);
 }
 
 // Decode: kv_b_proj folded into the query and the output; attention over the latent rows.
@@ -322,7 +323,8 @@ void DeepseekModel::expanded_rows(MlaLayer& Ly, int layer, const Tensor& q, cons
   ops::copy_columns(lat, 0, ckv, stream_);
   Tensor kvb = ws_.e_kvb.get(len, nh * (nope + vd), DType::f32, device_);
   ops::linear(ckv, Ly.kv_b_proj, kvb, stream_);
-  if (g.kv_b_slot.defined()) add_lora(Ly, "kv_b_proj", ckv, g.kv_b_slot, true, kvb);
+  if (g.kv_b_slot.defined())
+    add_lora(Ly, "kv_b_proj", ckv, g.kv_b_slot, true, kvb, ws_.e_lora_x, ws_.e_lora_u);
   const float scale = 1.0f / std::sqrt(float(nope + rope));
   ops::mla_expanded_attention(q, kvb, lat, s.positions.narrow(0, g.row0, n), int(nh), nope, rope,
                               vd, scale, out, stream_);

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "model/decode_graphs.h"
 #include "model/step_output.h"
 #include "moelora/core/stream.h"
 #include "moelora/lora/dense_lora.h"
@@ -35,22 +36,28 @@ struct MlaLayer {
 // The buffers every step reuses (sized for max_step_tokens at load; see StepBuffer).
 struct MlaWorkspace {
   // Reallocations of the buffers below: a decode graph captured before one may hold a freed
-  // address and is captured again (decode_graphs.h). The eager path's step tables count apart
-  // (graphs keep their own).
-  uint64_t moves = 0, tables_moves = 0;
+  // address and is captured again (decode_graphs.h). Decode graphs read none of the eager
+  // step tables nor the expanded (prefill) path's buffers, which grow with the context of the
+  // prefill chunks seen: those count apart, so a longer prompt does not invalidate them.
+  uint64_t moves = 0, tables_moves = 0, expanded_moves = 0;
   MlaWorkspace() = default;
   MlaWorkspace(const MlaWorkspace&) = delete;
   MlaWorkspace& operator=(const MlaWorkspace&) = delete;
-  StepBuffer h{moves}, xn{moves}, delta{moves}, xb{moves};          // residual stream f32, its norm, a layer's output; bf16 xn
-  StepBuffer q{moves}, qa{moves}, kv{moves}, attn{moves};           // f32 projections: q, q_a (q_lora_rank), kv_a, attention
-  StepBuffer q_lat{moves}, lat{moves};                // absorbed path: f32 [M, heads x (L + rope)], [M, heads x L]
-  StepBuffer e_lat{moves}, e_ckv{moves}, e_kvb{moves};       // expanded path: gathered rows, their kv part, kv_b_proj
-  StepBuffer lora_x{moves}, lora_u{moves};            // dense LoRA: bf16 input, f32 shrink output
-  StepBuffer router_logits{moves}, moe_y{moves};      // f32 [M, E], bf16 [M, H]
-  StepBuffer gate_up{moves}, act{moves};              // dense MLP layers
-  StepBuffer last_h{moves}, last_n{moves};            // f32 [S, H]: last rows, normed
-  StepBuffer out{moves};                       // f32 logits + router margins (what is downloaded)
-  StepBuffer tables{tables_moves};                    // i32 device copy of the packed step tables
+  StepBuffer h{moves}, xn{moves}, delta{moves}, xb{moves};  // residual stream f32, its norm, a layer's output; bf16 xn
+  StepBuffer q{moves}, qa{moves}, kv{moves}, attn{moves};   // f32 projections: q, q_a (q_lora_rank), kv_a, attention
+  StepBuffer q_lat{moves}, lat{moves};  // absorbed path: f32 [M, heads x (L + rope)], [M, heads x L]
+  StepBuffer lora_x{moves}, lora_u{moves};  // dense LoRA (hooks): bf16 input, f32 shrink output
+  // The fast path's side stream: the bf16 LoRA input, the shrink outputs of q / q_a / q_b /
+  // o_proj and of kv_a_proj_with_mqa (live at the same time).
+  StepBuffer side_x{moves}, side_u{moves}, side_u_kv{moves};
+  StepBuffer router_logits{moves}, moe_y{moves};  // f32 [M, E], bf16 [M, H]
+  StepBuffer gate_up{moves}, act{moves};          // dense MLP layers
+  StepBuffer last_h{moves}, last_n{moves};        // f32 [S, H]: last rows, normed
+  StepBuffer out{moves};  // f32 logits + router margins (what is downloaded)
+  // Expanded path: gathered latent rows, their kv part, kv_b_proj's output, its LoRA buffers.
+  StepBuffer e_lat{expanded_moves}, e_ckv{expanded_moves}, e_kvb{expanded_moves};
+  StepBuffer e_lora_x{expanded_moves}, e_lora_u{expanded_moves};
+  StepBuffer tables{tables_moves};  // i32 device copy of the packed step tables (eager steps)
 };
 
 // Which attention path a step takes: automatic = expanded K/V for prefill chunks (a sequence
@@ -75,6 +82,10 @@ class DeepseekModel final : public Model {
   }
   int num_adapter_slots() const override { return int(adapter_loaded_.size()); }
   void set_attention_path(MlaPath path) { path_ = path; }
+  // DecodePath::fast on CUDA: decode steps (every sequence one new token on the absorbed
+  // path, last-token logits, at most max_batch sequences) replay a CUDA graph per batch
+  // bucket, and the attention LoRA shrinks run on a side stream (see deepseek_fast.cpp).
+  void set_decode_options(const DecodeOptions& options) override;
 
  private:
   // Per-step tables shared by the layers: i32 tensors on the model's device (views of one
@@ -82,6 +93,7 @@ class DeepseekModel final : public Model {
   struct StepCtx {
     Tensor ids, positions, token_seq, slots, block_table, token_slot, last_row;
     bool lora = false;
+    int64_t m = 0, p = 0;  // new tokens, block-table width the sequences need
     struct Segment {
       int64_t row0 = 0, n = 0;  // the sequence's new tokens: rows [row0, row0 + n)
       int64_t start = 0;        // cached positions before this step
@@ -90,17 +102,40 @@ class DeepseekModel final : public Model {
       Tensor kv_b_slot;         // expanded with an adapter: i32 [start + n] = adapter_slot
     };
     std::vector<Segment> segments;  // in batch order (block_table row = index)
+    // Every row on the absorbed path (decode steps): the fast path may overlap its LoRA.
+    bool all_absorbed() const {
+      for (const Segment& g : segments)
+        if (g.expand) return false;
+      return true;
+    }
   };
   void check_slot(int slot) const;
   // A host tensor as the model keeps it: itself on the CPU, a device copy on CUDA.
   Tensor place(const Tensor& host) const;
   void reserve_workspace();
-  // Validates the batch (before the cache changes), reserves pages, builds the tables.
-  void prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& cache, StepCtx& s);
+  // Validates the batch (before the cache changes), reserves its pages, fills the segments.
+  void validate_step(const std::vector<SeqInput>& batch, PagedKvCache& cache, StepCtx& s);
+  // Builds the step tables for `rows` token rows and `pages` block-table columns into `dst`
+  // (i32 on the model's device). Rows past the batch's (decode steps padded to a graph's
+  // bucket) are padding: token 0 at position 0 of their own sequence, reading page 0, writing
+  // no latent row (slot -1), base model; they get segments of their own.
+  void build_tables(const std::vector<SeqInput>& batch, PagedKvCache& cache, int64_t rows,
+                    int64_t pages, Tensor dst, StepCtx& s);
+  // Enqueues a whole step (embedding .. logits) on stream_: run eagerly or captured.
+  void run_step(const StepCtx& s, PagedKvCache& cache, StepOutput& result);
+  // The fast path: the step from its graph (captured on first use).
+  StepResult forward_graph(const std::vector<SeqInput>& batch, PagedKvCache& cache, StepCtx& s,
+                           int64_t bucket);
+  bool overlap_lora() const { return decode_options_.path == DecodePath::fast && side_.handle(); }
+  // y (f32) += the LoRA of `name` through the bf16 input / shrink output buffers given.
   void add_lora(MlaLayer& Ly, const char* name, const Tensor& x, const Tensor& token_slot,
-                bool lora, Tensor& y);
+                bool lora, Tensor& y, StepBuffer& x_buf, StepBuffer& u_buf);
   void attention(MlaLayer& Ly, int layer, const Tensor& xn, const StepCtx& s, PagedKvCache& cache,
                  Tensor& out);
+  // The fast path's attention with LoRA (every row absorbed): the same ops and results as
+  // attention(), with the LoRA shrinks and the q side of kv_b_proj's correction on side_.
+  void attention_overlapped(MlaLayer& Ly, int layer, const Tensor& xn, const StepCtx& s,
+                            PagedKvCache& cache, Tensor& out);
   // Attention of rows [row0, row0 + n) (q roped, the step's latent rows already cached) into
   // out f32 [n, heads * v_head_dim]: any tokens of any sequences on the absorbed path, one
   // sequence's on the expanded path.
@@ -125,6 +160,11 @@ class DeepseekModel final : public Model {
   MlaWorkspace ws_;
   ResultDownload download_;  // logits + margins to the host (pinned staging on CUDA)
   Tensor staging_;  // host i32 step tables (pageable: reusable once the upload call returns)
+  DecodeGraphs graphs_;  // the fast path's decode graphs
+  // CUDA, fast path: the side stream of the LoRA shrinks, and its fork / join events (one per
+  // hand-over in a layer: kEvents), created before any capture.
+  Stream side_;
+  std::vector<Event> events_;
 };
 
 }  // namespace moelora

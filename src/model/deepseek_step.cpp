@@ -37,12 +37,23 @@ void DeepseekModel::reserve_workspace() {
     ws_.gate_up.get(T, 2 * c.intermediate_size, DType::f32, d);
     ws_.act.get(T, c.intermediate_size, DType::f32, d);
   }
-  // The expanded path's buffers grow with the context of the prefill chunks seen; the LoRA
-  // input and shrink buffers with the widest LoRA input.
+  if (options_.lora_slots > 0) {
+    // The widest LoRA input of a decode step: x (H), q_a's output or the attention output.
+    const int64_t K = std::max({H, int64_t(c.q_lora_rank), nh * vd});
+    const int64_t r = options_.lora_r_max;
+    ws_.lora_x.get(T, K, DType::bf16, d);
+    ws_.lora_u.get(T, r, DType::f32, d);
+    if (d.is_cuda()) {  // the fast path's side stream (set_decode_options may enable it)
+      ws_.side_x.get(T, K, DType::bf16, d);
+      for (StepBuffer* b : {&ws_.side_u, &ws_.side_u_kv}) b->get(T, r, DType::f32, d);
+    }
+  }
+  // The expanded path's buffers grow with the context of the prefill chunks seen (they count
+  // apart: decode graphs never read them).
 }
 
-void DeepseekModel::prepare_step(const std::vector<SeqInput>& batch, PagedKvCache& cache,
-                                 StepCtx& s) {
+void DeepseekModel::validate_step(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                                  StepCtx& s) {
   const HfModelConfig& c = config_;
   MOELORA_CHECK(!batch.empty(), "forward: empty batch");
   const KvCacheConfig& kc = cache.config();
@@ -85,36 +96,45 @@ void DeepseekModel::prepare_step(const std::vector<SeqInput>& batch, PagedKvCach
     }
     M += int64_t(in.tokens.size());
   }
-  const int64_t S = int64_t(batch.size());
-  int64_t P = 1;  // pages per block-table row
-  int64_t kvb_rows = 0;  // expanded sequences with an adapter: a kv_b_proj slot per position
+  s.m = M;
+  s.p = 1;  // pages per block-table row
   for (const SeqInput& in : batch) {
     const int64_t start = cache.length(in.seq), n = int64_t(in.tokens.size());
     cache.reserve(in.seq, start + n);
-    P = std::max<int64_t>(P, int64_t(cache.pages(in.seq).size()));
+    s.p = std::max<int64_t>(s.p, int64_t(cache.pages(in.seq).size()));
     StepCtx::Segment g;
     g.row0 = s.segments.empty() ? 0 : s.segments.back().row0 + s.segments.back().n;
     g.n = n;
     g.start = start;
     g.adapter_slot = in.adapter_slot;
     g.expand = path_ == MlaPath::expanded || (path_ == MlaPath::automatic && n > 1);
-    if (g.expand && s.lora && g.adapter_slot >= 0) kvb_rows += start + n;
     s.segments.push_back(g);
   }
-  // One packed i32 table: ids, positions, token_seq, slots, token_slot [M each], last_row [S],
-  // block_table [S, P], the expanded sequences' kv_b_proj slots; one upload on CUDA.
-  const int64_t n_all = 5 * M + S + S * P + kvb_rows;
+}
+
+void DeepseekModel::build_tables(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                                 int64_t rows, int64_t pages, Tensor dst, StepCtx& s) {
+  // One packed i32 table: ids, positions, token_seq, slots, token_slot [R each], last_row [Sr],
+  // block_table [Sr, P], the expanded sequences' kv_b_proj slots; one upload on CUDA. Padded
+  // rows (rows > M: decode steps only, one token per sequence) are their own sequences.
+  const int64_t M = s.m, S = int64_t(batch.size()), R = rows, P = pages;
+  const int64_t Sr = R > M ? R : S;
+  int64_t kvb_rows = 0;  // expanded sequences with an adapter: a kv_b_proj slot per position
+  for (const StepCtx::Segment& g : s.segments)
+    if (g.expand && s.lora && g.adapter_slot >= 0) kvb_rows += g.start + g.n;
+  const int64_t n_all = 5 * R + Sr + Sr * P + kvb_rows;
+  MOELORA_CHECK(dst.numel() >= n_all, "DeepSeek step tables: {} i32 needed, the buffer has {}",
+                n_all, dst.numel());
   if (!staging_.defined() || staging_.numel() < n_all)
     staging_ = Tensor::empty({std::max<int64_t>(n_all, 4096)}, DType::i32);
   int32_t* base = staging_.data<int32_t>();
-  int32_t *ids = base, *pos = ids + M, *seq = pos + M, *slots = seq + M, *tslot = slots + M;
-  int32_t *last = tslot + M, *bt = last + S, *kvb = bt + S * P;
+  int32_t *ids = base, *pos = ids + R, *seq = pos + R, *slots = seq + R, *tslot = slots + R;
+  int32_t *last = tslot + R, *bt = last + Sr, *kvb = bt + Sr * P;
   for (int64_t b = 0; b < S; ++b) {
     const SeqInput& in = batch[size_t(b)];
     const StepCtx::Segment& g = s.segments[size_t(b)];
-    const std::vector<int32_t>& pages = cache.pages(in.seq);
-    for (int64_t j = 0; j < P; ++j)
-      bt[b * P + j] = j < int64_t(pages.size()) ? pages[size_t(j)] : -1;
+    const std::vector<int32_t>& pg = cache.pages(in.seq);
+    for (int64_t j = 0; j < P; ++j) bt[b * P + j] = j < int64_t(pg.size()) ? pg[size_t(j)] : -1;
     for (int64_t i = 0; i < g.n; ++i) {
       const int64_t m = g.row0 + i;
       ids[m] = in.tokens[size_t(i)];
@@ -125,6 +145,16 @@ void DeepseekModel::prepare_step(const std::vector<SeqInput>& batch, PagedKvCach
     }
     last[b] = int32_t(g.row0 + g.n - 1);
   }
+  for (int64_t r = M; r < R; ++r) {
+    ids[r] = 0, pos[r] = 0, seq[r] = int32_t(r), slots[r] = -1, tslot[r] = -1;
+    last[r] = int32_t(r);
+    bt[r * P] = 0;
+    for (int64_t j = 1; j < P; ++j) bt[r * P + j] = -1;
+    StepCtx::Segment g;
+    g.row0 = r;
+    g.n = 1;
+    s.segments.push_back(g);  // absorbed, base model
+  }
   int32_t* k = kvb;
   for (const StepCtx::Segment& g : s.segments)
     if (g.expand && s.lora && g.adapter_slot >= 0)
@@ -132,16 +162,16 @@ void DeepseekModel::prepare_step(const std::vector<SeqInput>& batch, PagedKvCach
   // The layers read a copy of the staging on either backend (the upload on CUDA; pageable
   // staging is reusable once the call returns), so the CPU tests also catch a table written
   // after this point.
-  Tensor packed = ws_.tables.get(1, n_all, DType::i32, device_).view({n_all});
+  Tensor packed = dst.narrow(0, 0, n_all);
   packed.copy_from(staging_.narrow(0, 0, n_all), device_.is_cuda() ? &stream_ : nullptr);
-  s.ids = packed.narrow(0, 0, M);
-  s.positions = packed.narrow(0, M, M);
-  s.token_seq = packed.narrow(0, 2 * M, M);
-  s.slots = packed.narrow(0, 3 * M, M);
-  s.token_slot = packed.narrow(0, 4 * M, M);
-  s.last_row = packed.narrow(0, 5 * M, S);
-  s.block_table = packed.narrow(0, 5 * M + S, S * P).view({S, P});
-  int64_t off = 5 * M + S + S * P;
+  s.ids = packed.narrow(0, 0, R);
+  s.positions = packed.narrow(0, R, R);
+  s.token_seq = packed.narrow(0, 2 * R, R);
+  s.slots = packed.narrow(0, 3 * R, R);
+  s.token_slot = packed.narrow(0, 4 * R, R);
+  s.last_row = packed.narrow(0, 5 * R, Sr);
+  s.block_table = packed.narrow(0, 5 * R + Sr, Sr * P).view({Sr, P});
+  int64_t off = 5 * R + Sr + Sr * P;
   for (StepCtx::Segment& g : s.segments) {
     if (!(g.expand && s.lora && g.adapter_slot >= 0)) continue;
     g.kv_b_slot = packed.narrow(0, off, g.start + g.n);
@@ -184,33 +214,52 @@ void DeepseekModel::mlp(MlaLayer& Ly, const Tensor& xn, const StepCtx& s, Tensor
                   y, out, stream_);
 }
 
-StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,
-                                  bool all_logits) {
+void DeepseekModel::run_step(const StepCtx& s, PagedKvCache& cache, StepOutput& result) {
   const HfModelConfig& c = config_;
-  StepCtx s;
-  prepare_step(batch, cache, s);
-  const int64_t M = s.ids.size(0), S = int64_t(batch.size());
-  const int64_t H = c.hidden_size;
+  const int64_t M = s.ids.size(0), H = c.hidden_size;
   const float eps = float(c.rms_norm_eps);
-  StepOutput result(ws_.out, device_, M, S, c.vocab_size, num_moe_layers_, all_logits);
-
   Tensor h = ws_.h.get(M, H, DType::f32, device_), xn = ws_.xn.get(M, H, DType::f32, device_);
   Tensor delta = ws_.delta.get(M, H, DType::f32, device_);
+  // The fast path overlaps the attention LoRA on decode steps (deepseek_fast.cpp).
+  const bool overlap = overlap_lora() && s.lora && s.all_absorbed();
   ops::embedding(s.ids, embed_, h, stream_);
   int moe_index = 0;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     MlaLayer& Ly = layers_[size_t(l)];
     ops::rms_norm(h, Ly.input_norm, eps, xn, stream_);
-    attention(Ly, l, xn, s, cache, delta);
+    if (overlap)
+      attention_overlapped(Ly, l, xn, s, cache, delta);
+    else
+      attention(Ly, l, xn, s, cache, delta);
     ops::residual_add(h, delta, stream_);
     ops::rms_norm(h, Ly.post_norm, eps, xn, stream_);
     mlp(Ly, xn, s, delta, result.margin(), Ly.moe ? moe_index++ : -1);
     ops::residual_add(h, delta, stream_);
   }
-  for (const SeqInput& in : batch) cache.advance(in.seq, int64_t(in.tokens.size()));
-
   result.compute_logits(h, s.last_row, final_norm_, lm_head_, eps, xn, ws_.last_h, ws_.last_n,
                         stream_);
+}
+
+StepResult DeepseekModel::forward(const std::vector<SeqInput>& batch, PagedKvCache& cache,
+                                  bool all_logits) {
+  const HfModelConfig& c = config_;
+  StepCtx s;
+  validate_step(batch, cache, s);
+  const int64_t S = int64_t(batch.size());
+  // The fast path replays a graph for decode steps (one absorbed token per sequence) that fit
+  // a bucket.
+  if (graphs_.enabled() && !all_logits && s.m == S && s.all_absorbed())
+    if (const int64_t bucket = graphs_.bucket(S); bucket > 0)
+      return forward_graph(batch, cache, s, bucket);
+
+  int64_t n = 5 * s.m + S + S * s.p;
+  for (const StepCtx::Segment& g : s.segments)
+    if (g.expand && s.lora && g.adapter_slot >= 0) n += g.start + g.n;
+  build_tables(batch, cache, s.m, s.p, ws_.tables.get(1, n, DType::i32, device_).view({n}), s);
+  StepOutput result(ws_.out, device_, s.m, S, c.vocab_size, num_moe_layers_, all_logits);
+  run_step(s, cache, result);
+  ++decode_stats_.eager;
+  for (const SeqInput& in : batch) cache.advance(in.seq, int64_t(in.tokens.size()));
   return result.finish(download_, stream_);
 }
 

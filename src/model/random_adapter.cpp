@@ -16,9 +16,19 @@ namespace moelora {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
+namespace {
+
+bool is_deepseek(const std::string& model_type) {
+  return model_type == "deepseek_v2" || model_type == "deepseek_v3" || model_type == "kimi_k2";
+}
+
+}  // namespace
+
 void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r, uint64_t seed) {
-  MOELORA_CHECK(c.model_type == "qwen3_moe" || c.model_type == "mixtral",
-                "write_random_adapter: knows Qwen3-MoE and Mixtral module names, not '{}'",
+  const bool deepseek = is_deepseek(c.model_type);
+  MOELORA_CHECK(c.model_type == "qwen3_moe" || c.model_type == "mixtral" || deepseek,
+                "write_random_adapter: knows Qwen3-MoE, Mixtral and DeepSeek-V2/V3/Kimi-K2 "
+                "module names, not '{}'",
                 c.model_type);
   MOELORA_CHECK(r >= 1, "write_random_adapter: rank must be >= 1, found {}", r);
   fs::create_directories(dir);
@@ -42,12 +52,32 @@ void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r,
     t[k + ".lora_A.weight"] = make(r, in, 1.0f / std::sqrt(float(in)));
     t[k + ".lora_B.weight"] = make(out, r, 0.02f);
   };
+  // DeepSeek's MLA projections (what deepseek.cpp takes LoRA on besides the routed experts;
+  // it refuses dense MLP and shared-expert LoRA, so none is written for them).
+  auto add_mla = [&](const std::string& p) {
+    const int64_t nh = c.num_attention_heads, qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+    const int64_t L = c.kv_lora_rank;
+    if (c.q_lora_rank > 0) {
+      add(p + "self_attn.q_a_proj", c.q_lora_rank, H);
+      add(p + "self_attn.q_b_proj", nh * qk, c.q_lora_rank);
+    } else {
+      add(p + "self_attn.q_proj", nh * qk, H);
+    }
+    add(p + "self_attn.kv_a_proj_with_mqa", L + c.qk_rope_head_dim, H);
+    add(p + "self_attn.kv_b_proj", nh * (c.qk_nope_head_dim + c.v_head_dim), L);
+    add(p + "self_attn.o_proj", H, nh * c.v_head_dim);
+  };
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = fmt::format("model.layers.{}.", l);
-    add(p + "self_attn.q_proj", nq, H);
-    add(p + "self_attn.k_proj", nkv, H);
-    add(p + "self_attn.v_proj", nkv, H);
-    add(p + "self_attn.o_proj", H, nq);
+    if (deepseek) {
+      add_mla(p);
+      if (!c.is_moe_layer(l)) continue;
+    } else {
+      add(p + "self_attn.q_proj", nq, H);
+      add(p + "self_attn.k_proj", nkv, H);
+      add(p + "self_attn.v_proj", nkv, H);
+      add(p + "self_attn.o_proj", H, nq);
+    }
     if (!c.is_moe_layer(l)) {
       const int64_t Id = c.intermediate_size;
       add(p + "mlp.gate_proj", Id, H);
@@ -79,6 +109,16 @@ void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r,
   cfg["target_modules"] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                            "down_proj"};
   if (mixtral) cfg["target_modules"] = {"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"};
+  if (deepseek) {
+    cfg["target_modules"] = {"kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+                             "down_proj"};
+    if (c.q_lora_rank > 0) {
+      cfg["target_modules"].push_back("q_a_proj");
+      cfg["target_modules"].push_back("q_b_proj");
+    } else {
+      cfg["target_modules"].push_back("q_proj");
+    }
+  }
   std::ofstream(dir + "/adapter_config.json") << cfg.dump(2) << "\n";
 }
 

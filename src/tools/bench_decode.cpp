@@ -231,8 +231,7 @@ CLI::App* add_bench_decode_command(CLI::App& bench, BenchDecodeOptions& o) {
       "time whole-model decode steps (random weights of a real shape) per batch size and LoRA "
       "setting");
   d->add_option("--shape", o.shape,
-                "model shape: qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite (LoRA none only so "
-                "far), tiny")
+                "model shape: qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, tiny")
       ->capture_default_str();
   d->add_option("--dtype", o.dtype, "expert weights: bf16, int4, int8, fp8, nvfp4")
       ->capture_default_str();
@@ -284,10 +283,6 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     max_rank = std::max(max_rank, settings.back().rank);
     max_adapters = std::max(max_adapters, settings.back().adapters);
   }
-  MOELORA_CHECK(max_rank == 0 || o.shape != "deepseek-v2-lite",
-                "bench decode --shape {}: random adapters are written for Qwen3-MoE and Mixtral "
-                "module names only so far; use --lora none",
-                o.shape);
   const int max_batch = *std::max_element(batches.begin(), batches.end());
   std::vector<DecodePath> paths;
   for (const std::string& p : o.path) paths.push_back(parse_decode_path(p));
@@ -426,7 +421,10 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     j["context"] = o.context;
     j["steps"] = steps;
     j["warmup"] = warmup;
-    j["lora_targets"] = "attention q/k/v/o, dense MLP, every expert's gate/up/down";
+    j["lora_targets"] = config.model_type.rfind("deepseek", 0) == 0
+                            ? "MLA q_proj, kv_a_proj_with_mqa, kv_b_proj (absorbed-path "
+                              "correction), o_proj, every routed expert's gate/up/down"
+                            : "attention q/k/v/o, dense MLP, every expert's gate/up/down";
     j["timing"] =
         "median host wall time of one Model::forward (host tables + uploads + GPU work + "
         "logits download), one new token per sequence";

@@ -83,6 +83,7 @@ void mla_cache_write(const Tensor& kv, const Tensor& slot_mapping, Tensor& cache
   Tensor c = cache.view({slots, row});
   std::vector<float> buf(static_cast<size_t>(row));
   for (int64_t t = 0; t < m; ++t) {
+    if (sm[t] == -1) continue;  // a padding row
     MOELORA_CHECK(sm[t] >= 0 && sm[t] < slots,
                   "mla_cache_write: slot_mapping[{}]={} outside the cache's {} slots", t, sm[t],
                   slots);

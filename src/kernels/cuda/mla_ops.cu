@@ -77,6 +77,7 @@ __global__ void mla_cache_write_kernel(const TI* kv, const int32_t* slot_mapping
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * row;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / row, c = i % row;
+    if (slot_mapping[t] < 0) continue;  // a padding row (slot -1) writes nothing
     cache[int64_t(slot_mapping[t]) * row + c] = from_f32<TC>(to_f32(kv[i]));
   }
 }

@@ -1,0 +1,322 @@
+// The fast decode path (DecodePath::fast: CUDA-graph decode steps per batch bucket, attention
+// LoRA shrinks and kv_b_proj's q-side correction on a side stream) of the DeepSeek model
+// family against the hooks path (eager), on random-weight configs: V2-style (q_lora_rank
+// null, group-limited greedy routing, 2 shared experts) and V3-style (q_lora_rank set,
+// noaux_tc sigmoid routing, 1 shared expert), both with a dense first layer
+// (first_k_dense_replace = 1); a mixed batch of base requests and four adapters of ranks
+// 8/16/32/64 written by write_random_adapter (every MLA projection incl. kv_b_proj, every
+// routed expert). Both models get the same tokens every step (teacher forcing from the hooks
+// model's greedy choice), so any difference is the path's.
+#include <array>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include "model/random_adapter.h"
+#include "model/weight_loader.h"
+#include "moelora/engine/engine.h"
+#include "moelora/lora/peft_adapter.h"
+#include "moelora/model/model.h"
+#include "test_util.h"
+
+namespace moelora {
+namespace {
+
+namespace fs = std::filesystem;
+constexpr std::array<int, 4> kRanks = {8, 16, 32, 64};
+
+enum class Style { v2, v3 };
+const char* style_name(Style s) { return s == Style::v2 ? "V2" : "V3"; }
+
+struct Rig {
+  std::string model_dir;
+  std::vector<std::string> adapter_dirs;  // ranks 8, 16, 32, 64
+  std::string swap_dir;                   // another rank-16 adapter (different values)
+};
+
+const Rig& rig(Style style) {
+  static std::map<Style, Rig> rigs;
+  Rig& r = rigs[style];
+  if (!r.model_dir.empty()) return r;
+  const std::string root = (fs::temp_directory_path() /
+                            fmt::format("moelora_deepseek_graph_{}_{}", getpid(), style_name(style)))
+                               .string();
+  fs::remove_all(root);
+  r.model_dir = root + "/model";
+  fs::create_directories(r.model_dir);
+  const bool v3 = style == Style::v3;
+  nlohmann::json c;
+  c["model_type"] = v3 ? "deepseek_v3" : "deepseek_v2";
+  c["hidden_size"] = 256;
+  c["num_hidden_layers"] = 3;
+  c["num_attention_heads"] = 8;
+  c["num_key_value_heads"] = 8;
+  c["q_lora_rank"] = v3 ? nlohmann::json(96) : nlohmann::json(nullptr);
+  c["kv_lora_rank"] = 128;
+  c["qk_nope_head_dim"] = 32;
+  c["qk_rope_head_dim"] = 16;
+  c["v_head_dim"] = 32;
+  c["n_routed_experts"] = 16;
+  c["n_shared_experts"] = v3 ? 1 : 2;
+  c["num_experts_per_tok"] = 4;
+  c["moe_intermediate_size"] = 128;
+  c["intermediate_size"] = 384;
+  c["first_k_dense_replace"] = 1;
+  c["moe_layer_freq"] = 1;
+  c["n_group"] = 4;
+  c["topk_group"] = 2;
+  c["topk_method"] = v3 ? "noaux_tc" : "group_limited_greedy";
+  c["scoring_func"] = v3 ? "sigmoid" : "softmax";
+  c["norm_topk_prob"] = v3;
+  c["routed_scaling_factor"] = v3 ? 2.5 : 1.5;
+  c["vocab_size"] = 512;
+  c["max_position_embeddings"] = 2048;
+  c["rms_norm_eps"] = 1e-6;
+  c["hidden_act"] = "silu";
+  c["attention_bias"] = false;
+  c["tie_word_embeddings"] = false;
+  if (v3) c["rope_interleave"] = true;
+  c["rope_parameters"] = {{"rope_theta", 10000.0}, {"rope_type", "default"}};
+  std::ofstream(r.model_dir + "/config.json") << c.dump(2) << "\n";
+  RandomWeights rw;
+  rw.seed = v3 ? 23 : 13;
+  rw.device = Device::cuda();
+  write_random_weights(r.model_dir, rw);
+  const HfModelConfig config = HfModelConfig::load(r.model_dir);
+  for (size_t i = 0; i < kRanks.size(); ++i) {
+    r.adapter_dirs.push_back(fmt::format("{}/adapter_r{}", root, kRanks[i]));
+    write_random_adapter(r.adapter_dirs.back(), config, kRanks[i], 100 + i);
+  }
+  r.swap_dir = root + "/adapter_swap";
+  write_random_adapter(r.swap_dir, config, 16, 999);
+  return r;
+}
+
+std::unique_ptr<Model> load(Style style, DecodePath path, int64_t max_batch = 256) {
+  ModelOptions o;
+  o.device = Device::cuda();
+  o.lora_slots = 4;
+  o.lora_r_max = 64;
+  o.max_step_tokens = 64;
+  auto m = Model::load(rig(style).model_dir, o);
+  for (int s = 0; s < 4; ++s)
+    m->load_adapter(s, PeftAdapter::load(rig(style).adapter_dirs[size_t(s)]));
+  DecodeOptions d;
+  d.path = path;
+  d.max_batch = max_batch;
+  m->set_decode_options(d);
+  return m;
+}
+
+// One model, its latent cache and its sequences.
+struct Runner {
+  std::unique_ptr<Model> model;
+  std::unique_ptr<PagedKvCache> cache;
+  std::vector<SeqInput> seqs;
+
+  Runner(std::unique_ptr<Model> m, const std::vector<int>& slots) : model(std::move(m)) {
+    KvCacheConfig kc = model->kv_cache_config(1024, 16, DType::bf16);
+    kc.max_seqs = 64;
+    cache = std::make_unique<PagedKvCache>(kc);
+    for (size_t i = 0; i < slots.size(); ++i) {
+      SeqInput s;
+      s.seq = cache->add_sequence();
+      s.adapter_slot = slots[i];
+      for (size_t t = 0; t < 3 + i % 7; ++t) s.tokens.push_back(int32_t((37 * i + 11 * t) % 500));
+      seqs.push_back(s);
+    }
+  }
+  StepResult step(const std::vector<int32_t>* next) {
+    if (next)
+      for (size_t i = 0; i < seqs.size(); ++i) seqs[i].tokens = {(*next)[i]};
+    return model->forward(seqs, *cache);
+  }
+};
+
+std::vector<int32_t> greedy(const StepResult& r) {
+  std::vector<int32_t> out;
+  const int64_t V = r.last_logits.size(1);
+  for (int64_t i = 0; i < r.last_logits.size(0); ++i)
+    out.push_back(sample_greedy(r.last_logits.data<float>() + i * V, V));
+  return out;
+}
+
+bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+}
+
+float min_margin(const StepResult& r) {
+  float m = INFINITY;
+  for (float v : test::to_floats(r.router_margin)) m = std::min(m, v);
+  return m;
+}
+
+// Runs `steps` decode steps (after the prefill) on the hooks and fast models; every step's
+// logits (and router margins) bit-identical (exact) or within 2e-2. Inexact mode excuses at
+// most 3 steps whose hooks run had a router near-tie (bf16-level differences may route a token
+// differently there).
+void compare_paths(Runner& hooks, Runner& fast, int steps, bool exact, const std::string& what) {
+  StepResult rh = hooks.step(nullptr), rf = fast.step(nullptr);  // prefill: eager on both
+  int excused = 0;
+  for (int s = 0; s <= steps; ++s) {
+    SCOPED_TRACE(fmt::format("{}: step {}", what, s));
+    ASSERT_EQ(rf.last_logits.shape(), rh.last_logits.shape());
+    ASSERT_EQ(rf.router_margin.shape(), rh.router_margin.shape());
+    if (exact) {
+      ASSERT_TRUE(same_bits(rf.last_logits, rh.last_logits));
+      ASSERT_TRUE(same_bits(rf.router_margin, rh.router_margin));
+    } else {
+      const auto close =
+          test::allclose(test::to_floats(rf.last_logits), test::to_floats(rh.last_logits), 2e-2);
+      if (!close) {
+        ASSERT_LT(min_margin(rh), 1e-2f) << close.message();
+        ASSERT_LE(++excused, 3) << close.message();
+      }
+    }
+    if (s == steps) break;
+    const std::vector<int32_t> next = greedy(rh);
+    rh = hooks.step(&next);
+    rf = fast.step(&next);
+  }
+}
+
+class DeepSeekDecodeGraphTest : public ::testing::TestWithParam<Style> {};
+
+// A full bucket (8 sequences: no padding) for 500 steps: the graph replays (and the graphs
+// captured as the block table widens from 8 to 64 pages) give the eager steps' bits.
+TEST_P(DeepSeekDecodeGraphTest, GraphReplayMatchesEagerFor500Steps) {
+  MOELORA_REQUIRE_GPU();
+  const std::vector<int> slots = {-1, 0, 1, 2, 3, -1, 1, 3};
+  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
+  Runner fast(load(GetParam(), DecodePath::fast), slots);
+  compare_paths(hooks, fast, 500, true, "bucket 8");
+  const Model::DecodeStats st = fast.model->decode_stats();
+  EXPECT_EQ(st.eager, 1);  // the prefill
+  EXPECT_GE(st.captured, 3);
+  EXPECT_LE(st.captured, 4);  // one per block-table width: 8, 16, 32 (+64) pages
+  EXPECT_EQ(st.replayed, 500 - st.captured);
+  EXPECT_EQ(hooks.model->decode_stats().replayed, 0);
+  EXPECT_EQ(hooks.model->decode_stats().eager, 501);
+}
+
+// 5 sequences pad to the bucket of 8: the padding rows (position 0 reading page 0, writing no
+// latent row) change nothing of the real rows beyond kernel tile choices, hence a tolerance.
+TEST_P(DeepSeekDecodeGraphTest, PaddedBucketMatchesEager) {
+  MOELORA_REQUIRE_GPU();
+  const std::vector<int> slots = {3, -1, 2, 0, 1};
+  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
+  Runner fast(load(GetParam(), DecodePath::fast), slots);
+  compare_paths(hooks, fast, 40, false, "5 in bucket 8");
+  EXPECT_GT(fast.model->decode_stats().replayed, 30);
+}
+
+// A new adapter in a slot between two replays: the graph reads the slot's buffers, so the next
+// replay follows the new adapter (matching the eager model given the same swap), and nothing
+// is captured again.
+TEST_P(DeepSeekDecodeGraphTest, AdapterSwappedIntoSlotBetweenReplays) {
+  MOELORA_REQUIRE_GPU();
+  const std::vector<int> slots = {2, -1, 0, 2, 1, 3, -1, 2};
+  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
+  Runner fast(load(GetParam(), DecodePath::fast), slots);
+  compare_paths(hooks, fast, 12, true, "before the swap");
+  const int64_t captured = fast.model->decode_stats().captured;
+  std::vector<int32_t> next(slots.size(), 7);
+  const PeftAdapter swap = PeftAdapter::load(rig(GetParam()).swap_dir);
+  hooks.model->load_adapter(2, swap);
+  fast.model->load_adapter(2, swap);
+  StepResult rh = hooks.step(&next), rf = fast.step(&next);
+  for (int s = 0; s < 12; ++s) {
+    SCOPED_TRACE(fmt::format("after the swap, step {}", s));
+    ASSERT_TRUE(same_bits(rf.last_logits, rh.last_logits));
+    next = greedy(rh);
+    rh = hooks.step(&next);
+    rf = fast.step(&next);
+  }
+  EXPECT_EQ(fast.model->decode_stats().captured, captured);
+  EXPECT_GT(fast.model->decode_stats().replayed, 12);
+}
+
+// Base requests in a batch with adapters give the bits of the same batch with no adapter
+// (that step replays the LoRA-off graph).
+TEST_P(DeepSeekDecodeGraphTest, BaseRowsUnaffectedByAdapters) {
+  MOELORA_REQUIRE_GPU();
+  const std::vector<int> mixed = {-1, 0, -1, 3, 2, -1, 1, -1};
+  const std::vector<int> base(mixed.size(), -1);
+  Runner with(load(GetParam(), DecodePath::fast), mixed);
+  Runner without(load(GetParam(), DecodePath::fast), base);
+  StepResult rw = with.step(nullptr), rb = without.step(nullptr);
+  const int64_t V = rw.last_logits.size(1);
+  bool adapters_differ = false;
+  for (int s = 0; s < 30; ++s) {
+    std::vector<int32_t> next = greedy(rb);
+    for (size_t i = 0; i < mixed.size(); ++i) {
+      const int cmp = std::memcmp(rw.last_logits.data<float>() + int64_t(i) * V,
+                                  rb.last_logits.data<float>() + int64_t(i) * V, size_t(V) * 4);
+      if (mixed[i] >= 0) {
+        adapters_differ = adapters_differ || cmp != 0;
+        continue;
+      }
+      SCOPED_TRACE(fmt::format("step {} row {}", s, i));
+      ASSERT_EQ(cmp, 0);
+    }
+    rw = with.step(&next);
+    rb = without.step(&next);
+  }
+  EXPECT_TRUE(adapters_differ);  // the adapters do change their rows
+  EXPECT_GT(with.model->decode_stats().replayed, 20);
+  EXPECT_GT(without.model->decode_stats().replayed, 20);
+}
+
+// A batch over the largest bucket runs eagerly (the overlapped attention outside a graph: the
+// same bits as the hooks path), never wrong.
+TEST_P(DeepSeekDecodeGraphTest, BatchOverTheLargestBucketRunsEagerly) {
+  MOELORA_REQUIRE_GPU();
+  const std::vector<int> slots = {0, 1, 2, 3, -1, 0};
+  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
+  Runner fast(load(GetParam(), DecodePath::fast, /*max_batch=*/4), slots);
+  compare_paths(hooks, fast, 6, true, "6 over bucket 4");
+  EXPECT_EQ(fast.model->decode_stats().replayed, 0);
+  EXPECT_EQ(fast.model->decode_stats().captured, 0);
+  EXPECT_EQ(fast.model->decode_stats().eager, 7);
+}
+
+INSTANTIATE_TEST_SUITE_P(Styles, DeepSeekDecodeGraphTest,
+                         ::testing::Values(Style::v2, Style::v3),
+                         [](const auto& info) { return std::string(style_name(info.param)); });
+
+// The Engine hands EngineConfig::decode_path to the model once; generation on the fast path
+// gives the hooks path's tokens (a full bucket: the same bits as eager).
+TEST(DeepSeekDecodeGraphEngine, FastPathGeneratesTheHooksTokens) {
+  MOELORA_REQUIRE_GPU();
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 8; ++i) {
+    GenerationRequest r;
+    for (int t = 0; t < 4 + i; ++t) r.prompt.push_back((13 * i + 5 * t) % 500);
+    r.max_new_tokens = 24;
+    r.adapter_slot = i % 5 - 1;
+    reqs.push_back(r);
+  }
+  std::vector<std::vector<int32_t>> tokens[2];
+  for (int p = 0; p < 2; ++p) {
+    auto model = load(Style::v3, DecodePath::hooks);
+    EngineConfig ec;
+    ec.num_pages = 512;
+    ec.decode_path = p == 0 ? DecodePath::hooks : DecodePath::fast;
+    Engine engine(*model, ec);
+    EXPECT_EQ(model->decode_options().path, ec.decode_path);
+    for (const GenerationResult& g : engine.generate(reqs)) {
+      ASSERT_TRUE(g.ok) << g.error;
+      tokens[p].push_back(g.tokens);
+    }
+    if (p == 1) EXPECT_GT(model->decode_stats().replayed, 0);
+  }
+  EXPECT_EQ(tokens[0], tokens[1]);
+}
+
+}  // namespace
+}  // namespace moelora
