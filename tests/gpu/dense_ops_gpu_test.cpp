@@ -98,7 +98,9 @@ TEST_P(DenseOpsGpu, PagedAttention) {
   // (heads, kv heads, head_dim): the grouped-query cluster kernel's shapes (groups of 1..8,
   // head_dim 32..128), then ones only the plain kernel takes (head_dim 40, groups of 16).
   const int shapes[][3] = {{8, 2, 64}, {32, 4, 128}, {4, 4, 32}, {6, 3, 40}, {16, 1, 64}};
-  const int page = 16, seqs = 3, max_pages = 12;
+  // Up to 1152 positions: a cluster CTA's share (144) spans every warp and gives warp 0 a
+  // second 32-position block.
+  const int page = 16, seqs = 3, max_pages = 72;
   const int64_t pages = seqs * max_pages;
   int kvh = 0, d = 0;
   Tensor kc, vc;
