@@ -173,6 +173,8 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
     Tensor u = lora_u(*L.qkv_lora, M);
     fork_.record(stream_);
     side_.wait(fork_);
+    Tensor xbw = xb;  // the buffer run_step left for the side stream to fill
+    ops::cast(xn, xbw, side_);
     dense_lora_shrink(*L.qkv_lora, xb, lb.token_slot, u, side_);
     join_.record(side_);
     ops::linear(xn, L.qkv, qkv, stream_);
@@ -271,7 +273,8 @@ void MoeDecoder::run_step(const StepTables& t, const LoraBatchState& lb, PagedKv
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     DecoderLayer& L = layers_[size_t(l)];
     ops::rms_norm(h, L.input_norm, eps, xn, stream_);
-    if (lb.any) ops::cast(xn, xb, stream_);
+    // xb here feeds only the q/k/v LoRA shrink: on the fast path the side stream casts it.
+    if (lb.any && !overlap_lora()) ops::cast(xn, xb, stream_);
     attention(L, l, xn, xb, t, lb, cache, delta);
     ops::residual_add(h, delta, stream_);
     ops::rms_norm(h, L.post_norm, eps, xn, stream_);
