@@ -29,6 +29,12 @@ int64_t DecodeGraphs::page_bucket(int64_t pages) {
 }
 
 DecodeGraphs::Entry& DecodeGraphs::entry(const Key& key, int64_t table_elems, Device device) {
+  // Graphs of one cache at a time: a model moved to another cache drops the old one's (they
+  // hold its buffers' addresses and device memory of their own).
+  if (key.cache != cache_) {
+    graphs_.clear();
+    cache_ = key.cache;
+  }
   Entry& e = graphs_[key];
   if (!e.tables.defined() || e.tables.numel() != table_elems)
     e.tables = Tensor::empty({table_elems}, DType::i32, device);

@@ -1,6 +1,7 @@
 // CUDA graphs for decode steps (the fast decode path, issue 5; internal). A model keeps one
 // DecodeGraphs: a graph per (batch bucket, block-table width bucket, LoRA on/off, KV cache),
-// captured the first time a decode step meets that key and replayed after. The step's tables
+// captured the first time a decode step meets that key and replayed after (graphs of one KV
+// cache are kept at a time). The step's tables
 // live in a device buffer owned by the graph's entry (fixed address): a step writes them with
 // one upload before the replay. Adapter slots, token -> slot maps and routing are device data,
 // so a different adapter mix, or a new adapter in a slot, needs no re-capture.
@@ -27,7 +28,7 @@ class DecodeGraphs {
     int64_t rows = 0;   // the batch bucket: sequences padded up to it
     int64_t pages = 0;  // block-table width (a power of two)
     bool lora = false;  // the graph runs the LoRA kernels
-    const void* cache = nullptr;  // the KV cache's first buffer: a graph is bound to one cache
+    uint64_t cache = 0;  // PagedKvCache::id(): a graph is bound to one cache's buffers
     bool operator<(const Key& o) const {
       return std::tie(rows, pages, lora, cache) < std::tie(o.rows, o.pages, o.lora, o.cache);
     }
@@ -56,6 +57,7 @@ class DecodeGraphs {
  private:
   std::vector<int64_t> buckets_;
   std::map<Key, Entry> graphs_;
+  uint64_t cache_ = 0;  // the cache the graphs are bound to
 };
 
 }  // namespace moelora

@@ -52,7 +52,7 @@ StepResult DeepseekModel::forward_graph(const std::vector<SeqInput>& batch, Page
                                         StepCtx& s, int64_t bucket) {
   const HfModelConfig& c = config_;
   const int64_t R = bucket, P = DecodeGraphs::page_bucket(s.p);
-  const DecodeGraphs::Key key{R, P, s.lora, cache.k(0).data()};
+  const DecodeGraphs::Key key{R, P, s.lora, cache.id()};
   DecodeGraphs::Entry& e = graphs_.entry(key, 6 * R + R * P, device_);
   build_tables(batch, cache, R, P, e.tables, s);
   StepOutput result(ws_.out, device_, R, R, c.vocab_size, num_moe_layers_, false);

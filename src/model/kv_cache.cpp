@@ -1,8 +1,14 @@
 #include "moelora/model/kv_cache.h"
 
+#include <atomic>
+
 namespace moelora {
 
-PagedKvCache::PagedKvCache(const KvCacheConfig& c) : config_(c) {
+namespace {
+std::atomic<uint64_t> g_next_cache_id{1};
+}  // namespace
+
+PagedKvCache::PagedKvCache(const KvCacheConfig& c) : config_(c), id_(g_next_cache_id++) {
   MOELORA_CHECK(c.num_layers > 0 && c.num_kv_heads > 0 && c.head_dim > 0,
                 "KV cache: num_layers, num_kv_heads and head_dim must be > 0, found {}, {}, {}",
                 c.num_layers, c.num_kv_heads, c.head_dim);

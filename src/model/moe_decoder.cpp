@@ -313,7 +313,7 @@ StepResult MoeDecoder::forward_graph(const std::vector<SeqInput>& batch, PagedKv
                                      const StepDims& d, int64_t bucket, LoraBatchState& lb) {
   const HfModelConfig& c = config_;
   const int64_t R = bucket, P = DecodeGraphs::page_bucket(d.p);
-  const DecodeGraphs::Key key{R, P, lb.any, cache.k(0).data()};
+  const DecodeGraphs::Key key{R, P, lb.any, cache.id()};
   DecodeGraphs::Entry& e = graphs_.entry(key, 6 * R + R * P, device_);
   StepTables t;
   build_tables(batch, cache, d, R, P, e.tables, t, lb);

@@ -30,6 +30,9 @@ class PagedKvCache {
   explicit PagedKvCache(const KvCacheConfig& config);
 
   const KvCacheConfig& config() const { return config_; }
+  // Unique in the process, never reused: what a captured decode graph (which holds this cache's
+  // buffer addresses) is bound to.
+  uint64_t id() const { return id_; }
   // A new, empty sequence; returns its id (reused after free_sequence). Throws when max_seqs
   // sequences are alive.
   int add_sequence();
@@ -67,6 +70,7 @@ class PagedKvCache {
   const Seq& seq_ref(int seq) const;
 
   KvCacheConfig config_;
+  uint64_t id_ = 0;
   std::vector<Tensor> k_, v_;
   std::vector<int32_t> free_;  // free page ids (a stack)
   std::vector<Seq> seqs_;

@@ -9,9 +9,13 @@
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/dense_lora_launch.h"
+#include "kernels/cuda/pdl_launch.cuh"
 
 namespace moelora::cuda {
 namespace {
+
+using detail::pdl_trigger;
+using detail::pdl_wait;
 
 constexpr int kShrinkThreads = 256, kShrinkRows = 16;
 constexpr int kExpandThreads = 128;
@@ -30,6 +34,8 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b) {
 }
 
 __global__ void __launch_bounds__(kShrinkThreads) dense_lora_shrink_kernel(const DenseLoraArgs p) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   __shared__ float part[kShrinkThreads / 32][kShrinkRows];
   const int64_t t = blockIdx.x;
   const int s = blockIdx.y;
@@ -73,6 +79,8 @@ __global__ void __launch_bounds__(kShrinkThreads) dense_lora_shrink_kernel(const
 }
 
 __global__ void __launch_bounds__(kExpandThreads) dense_lora_expand_kernel(const DenseLoraArgs p) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   extern __shared__ float u_row[];  // [slices * R]
   const int64_t t = blockIdx.x;
   const int slot = p.token_slot[t];
@@ -121,8 +129,8 @@ __global__ void __launch_bounds__(kExpandThreads) dense_lora_expand_kernel(const
 cudaError_t launch_dense_lora_shrink(const DenseLoraArgs& p, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
   if (p.k % 8 != 0 || p.m > 0x7fffffff || p.slices > 65535) return cudaErrorInvalidValue;
-  dense_lora_shrink_kernel<<<dim3(unsigned(p.m), unsigned(p.slices)), kShrinkThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return detail::launch_pdl(dense_lora_shrink_kernel, dim3(dim3(unsigned(p.m), unsigned(p.slices))),
+                            dim3(kShrinkThreads), 0, stream, p);
 }
 
 cudaError_t launch_dense_lora_expand(const DenseLoraArgs& p, cudaStream_t stream) {
@@ -130,9 +138,9 @@ cudaError_t launch_dense_lora_expand(const DenseLoraArgs& p, cudaStream_t stream
   const int64_t col_tiles = (p.n + kExpandThreads - 1) / kExpandThreads;
   if (col_tiles > 65535 || p.m > 0x7fffffff) return cudaErrorInvalidValue;
   const size_t smem = size_t(p.slices) * p.r * sizeof(float);
-  dense_lora_expand_kernel<<<dim3(unsigned(p.m), unsigned(col_tiles)), kExpandThreads, smem,
-                             stream>>>(p);
-  return cudaGetLastError();
+  return detail::launch_pdl(dense_lora_expand_kernel,
+                            dim3(dim3(unsigned(p.m), unsigned(col_tiles))), dim3(kExpandThreads),
+                            smem, stream, p);
 }
 
 }  // namespace moelora::cuda

@@ -11,9 +11,13 @@
 
 #include "kernels/cuda/act_io.cuh"
 #include "kernels/cuda/dense_ops_launch.h"
+#include "kernels/cuda/pdl_launch.cuh"
 
 namespace moelora::cuda {
 namespace {
+
+using detail::pdl_trigger;
+using detail::pdl_wait;
 
 using act_io::load;
 using act_io::store;
@@ -34,6 +38,8 @@ unsigned grid_for(int64_t n, int threads) {
 template <bool kOut>
 __global__ void embedding_kernel(const int32_t* ids, const __nv_bfloat16* table, void* out,
                                  int64_t m, int64_t h) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * h;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / h, c = i % h;
@@ -45,6 +51,8 @@ __global__ void embedding_kernel(const int32_t* ids, const __nv_bfloat16* table,
 template <bool kX, bool kOut>
 __global__ void rms_norm_kernel(const void* x, const __nv_bfloat16* w, float eps, void* out,
                                 int64_t d) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   const int64_t r = blockIdx.x;
   float ss = 0.f;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
@@ -93,6 +101,14 @@ __global__ void __launch_bounds__(kLinWarps * 32)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = (int64_t(blockIdx.x) * kLinWarps + warp) * kLinRows;
   const int64_t t0 = int64_t(blockIdx.y) * kLinTok;
+  // The weights do not depend on the previous kernel: start pulling this warp's rows into L2
+  // while it still runs (programmatic dependent launch, pdl_launch.cuh), then wait for x.
+  for (int r = 0; r < kLinRows; ++r)
+    if (n0 + r < n)
+      for (int64_t c = int64_t(lane) * 64; c < k; c += 32 * 64)  // one 128-byte line per lane
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(w + (n0 + r) * k + c));
+  pdl_wait();
+  pdl_trigger();
   if (n0 >= n) return;
   float acc[kLinRows][kLinTok] = {};
   for (int64_t c = int64_t(lane) * 8; c < k; c += 32 * 8) {
@@ -131,6 +147,8 @@ __global__ void __launch_bounds__(kLinWarps * 32)
 template <bool kX>
 __global__ void rope_kernel(void* x, int64_t m, int64_t cols, int head_dim,
                             const int32_t* positions, float theta) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   const int half = head_dim / 2;
   const int64_t per_token = cols / 2;  // (head, i) pairs
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < m * per_token;
@@ -151,8 +169,10 @@ __global__ void rope_kernel(void* x, int64_t m, int64_t cols, int head_dim,
 
 // ---- kv cache write --------------------------------------------------------------------------
 template <bool kIn, bool kCache>
-__global__ void kv_write_kernel(const void* k, const void* v, const int32_t* slot_mapping,
-                                void* kc, void* vc, int64_t m, int64_t row) {
+__global__ void kv_write_kernel(const void* k, const void* v, const int32_t* slot_mapping, void* kc,
+                                void* vc, int64_t m, int64_t row) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * row;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / row, c = i % row;
@@ -171,7 +191,10 @@ __global__ void kv_write_kernel(const void* k, const void* v, const int32_t* slo
 constexpr int kAttnWarps = 16, kMaxHeadDim = 256, kPerLane = kMaxHeadDim / 32;
 
 template <bool kQ, bool kCache, bool kOut>
-__global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const PagedAttentionArgs a) {
+__global__ void __launch_bounds__(kAttnWarps * 32)
+    paged_attention_kernel(const PagedAttentionArgs a) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   const int64_t t = blockIdx.x;
   const int h = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -182,7 +205,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int c = lane + 32 * j;
-    q[j] = (j < per_lane && c < d) ? load<kQ>(a.q, t * int64_t(a.heads) * d + int64_t(h) * d + c) : 0.f;
+    q[j] = (j < per_lane && c < d) ? load<kQ>(a.q, t * int64_t(a.heads) * d + int64_t(h) * d + c)
+                                   : 0.f;
     acc[j] = 0.f;
   }
   float mx = -FLT_MAX, sum = 0.f;
@@ -235,6 +259,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
 // ---- elementwise ------------------------------------------------------------------------------
 template <bool kOut>
 __global__ void silu_mul_kernel(const float* gu, void* out, int64_t m, int64_t inter) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * inter;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / inter, c = i % inter;
@@ -245,6 +271,8 @@ __global__ void silu_mul_kernel(const float* gu, void* out, int64_t m, int64_t i
 
 template <bool kX, bool kY>
 __global__ void residual_add_kernel(void* x, const void* y, int64_t n) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     store<kX>(x, i, load<kX>(x, i) + load<kY>(y, i));
@@ -254,6 +282,8 @@ __global__ void residual_add_kernel(void* x, const void* y, int64_t n) {
 template <bool kS, bool kD>
 __global__ void copy_rows_kernel(const void* src, int64_t src_cols, int64_t col,
                                  const int32_t* rows, void* dst, int64_t m, int64_t width) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * width;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / width, c = i % width;
@@ -268,8 +298,10 @@ constexpr int kMarginWarps = 4, kMarginMaxE = 32 * 32;
 // logits not taken yet, so equal logits count separately as in the CPU's sort. Each lane owns
 // elements lane + 32 j and marks the taken ones in a 32-bit mask (hence E <= 1024).
 __global__ void __launch_bounds__(kMarginWarps * 32)
-    router_margin_kernel(const float* logits, int64_t m, int e, int k, float* margin,
-                         int64_t cols, int64_t col) {
+    router_margin_kernel(const float* logits, int64_t m, int e, int k, float* margin, int64_t cols,
+                         int64_t col) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   const int lane = threadIdx.x % 32;
   const int64_t t = int64_t(blockIdx.x) * kMarginWarps + threadIdx.x / 32;
   if (t >= m) return;
@@ -308,10 +340,10 @@ cudaError_t launch_embedding(const int32_t* ids, const void* table, void* out, b
   if (m * h == 0) return cudaSuccess;
   const auto* tb = static_cast<const __nv_bfloat16*>(table);
   if (out_bf16)
-    embedding_kernel<true><<<grid_for(m * h, 256), 256, 0, s>>>(ids, tb, out, m, h);
-  else
-    embedding_kernel<false><<<grid_for(m * h, 256), 256, 0, s>>>(ids, tb, out, m, h);
-  return cudaGetLastError();
+    return detail::launch_pdl(embedding_kernel<true>, dim3(grid_for(m * h, 256)), dim3(256), 0, s,
+                              ids, tb, out, m, h);
+  return detail::launch_pdl(embedding_kernel<false>, dim3(grid_for(m * h, 256)), dim3(256), 0, s,
+                            ids, tb, out, m, h);
 }
 
 cudaError_t launch_rms_norm(const void* x, bool x_bf16, const void* weight, float eps, void* out,
@@ -321,8 +353,8 @@ cudaError_t launch_rms_norm(const void* x, bool x_bf16, const void* weight, floa
   const auto* w = static_cast<const __nv_bfloat16*>(weight);
   const int threads = d >= 1024 ? 512 : 128;
   return dispatch2(x_bf16, out_bf16, [&]<bool kX, bool kO>() {
-    rms_norm_kernel<kX, kO><<<unsigned(rows), threads, 0, s>>>(x, w, eps, out, d);
-    return cudaGetLastError();
+    return detail::launch_pdl(rms_norm_kernel<kX, kO>, dim3(unsigned(rows)), dim3(threads), 0, s, x,
+                              w, eps, out, d);
   });
 }
 
@@ -335,14 +367,14 @@ cudaError_t launch_linear(const void* x, bool x_bf16, const void* w, void* y, bo
   if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidValue;
   const auto* wb = static_cast<const __nv_bfloat16*>(w);
   return dispatch2(x_bf16, y_bf16, [&]<bool kX, bool kY>() {
-    linear_kernel<kX, kY><<<dim3(unsigned(gx), unsigned(gy)), kLinWarps * 32, 0, s>>>(x, wb, y, m,
-                                                                                      n, k);
-    return cudaGetLastError();
+    return detail::launch_pdl(linear_kernel<kX, kY>, dim3(dim3(unsigned(gx), unsigned(gy))),
+                              dim3(kLinWarps * 32), 0, s, x, wb, y, m, n, k);
   });
 }
 
-__global__ void split_bf16_kernel(const float* x, __nv_bfloat16* hi, __nv_bfloat16* lo,
-                                  int64_t n) {
+__global__ void split_bf16_kernel(const float* x, __nv_bfloat16* hi, __nv_bfloat16* lo, int64_t n) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const float v = x[i];
@@ -354,9 +386,8 @@ __global__ void split_bf16_kernel(const float* x, __nv_bfloat16* hi, __nv_bfloat
 
 cudaError_t launch_split_bf16(const float* x, void* hi, void* lo, int64_t n, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  split_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(x, static_cast<__nv_bfloat16*>(hi),
-                                                     static_cast<__nv_bfloat16*>(lo), n);
-  return cudaGetLastError();
+  return detail::launch_pdl(split_bf16_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, x,
+                            static_cast<__nv_bfloat16*>(hi), static_cast<__nv_bfloat16*>(lo), n);
 }
 
 cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_dim,
@@ -364,10 +395,10 @@ cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_
   if (m * cols == 0) return cudaSuccess;
   const unsigned g = grid_for(m * cols / 2, 256);
   if (x_bf16)
-    rope_kernel<true><<<g, 256, 0, s>>>(x, m, cols, head_dim, positions, theta);
-  else
-    rope_kernel<false><<<g, 256, 0, s>>>(x, m, cols, head_dim, positions, theta);
-  return cudaGetLastError();
+    return detail::launch_pdl(rope_kernel<true>, dim3(g), dim3(256), 0, s, x, m, cols, head_dim,
+                              positions, theta);
+  return detail::launch_pdl(rope_kernel<false>, dim3(g), dim3(256), 0, s, x, m, cols, head_dim,
+                            positions, theta);
 }
 
 cudaError_t launch_kv_cache_write(const void* k, bool k_bf16, const void* v, bool v_bf16,
@@ -376,9 +407,8 @@ cudaError_t launch_kv_cache_write(const void* k, bool k_bf16, const void* v, boo
   if (m * row == 0) return cudaSuccess;
   if (k_bf16 != v_bf16) return cudaErrorInvalidValue;
   return dispatch2(k_bf16, cache_bf16, [&]<bool kI, bool kC>() {
-    kv_write_kernel<kI, kC><<<grid_for(m * row, 256), 256, 0, s>>>(k, v, slot_mapping, k_cache,
-                                                                   v_cache, m, row);
-    return cudaGetLastError();
+    return detail::launch_pdl(kv_write_kernel<kI, kC>, dim3(grid_for(m * row, 256)), dim3(256), 0,
+                              s, k, v, slot_mapping, k_cache, v_cache, m, row);
   });
 }
 
@@ -389,10 +419,10 @@ cudaError_t launch_paged_attention(const PagedAttentionArgs& a, cudaStream_t s) 
   const dim3 grid(unsigned(a.m), unsigned(a.heads));
   auto go = [&]<bool kQ, bool kC>() {
     if (a.out_bf16)
-      paged_attention_kernel<kQ, kC, true><<<grid, kAttnWarps * 32, 0, s>>>(a);
-    else
-      paged_attention_kernel<kQ, kC, false><<<grid, kAttnWarps * 32, 0, s>>>(a);
-    return cudaGetLastError();
+      return detail::launch_pdl(paged_attention_kernel<kQ, kC, true>, dim3(grid),
+                                dim3(kAttnWarps * 32), 0, s, a);
+    return detail::launch_pdl(paged_attention_kernel<kQ, kC, false>, dim3(grid),
+                              dim3(kAttnWarps * 32), 0, s, a);
   };
   return dispatch2(a.q_bf16, a.cache_bf16, go);
 }
@@ -401,18 +431,18 @@ cudaError_t launch_silu_mul(const float* gate_up, void* out, bool out_bf16, int6
                             int64_t inter, cudaStream_t s) {
   if (m * inter == 0) return cudaSuccess;
   if (out_bf16)
-    silu_mul_kernel<true><<<grid_for(m * inter, 256), 256, 0, s>>>(gate_up, out, m, inter);
-  else
-    silu_mul_kernel<false><<<grid_for(m * inter, 256), 256, 0, s>>>(gate_up, out, m, inter);
-  return cudaGetLastError();
+    return detail::launch_pdl(silu_mul_kernel<true>, dim3(grid_for(m * inter, 256)), dim3(256), 0,
+                              s, gate_up, out, m, inter);
+  return detail::launch_pdl(silu_mul_kernel<false>, dim3(grid_for(m * inter, 256)), dim3(256), 0, s,
+                            gate_up, out, m, inter);
 }
 
 cudaError_t launch_residual_add(void* x, bool x_bf16, const void* y, bool y_bf16, int64_t n,
                                 cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   return dispatch2(x_bf16, y_bf16, [&]<bool kX, bool kY>() {
-    residual_add_kernel<kX, kY><<<grid_for(n, 256), 256, 0, s>>>(x, y, n);
-    return cudaGetLastError();
+    return detail::launch_pdl(residual_add_kernel<kX, kY>, dim3(grid_for(n, 256)), dim3(256), 0, s,
+                              x, y, n);
   });
 }
 
@@ -421,9 +451,8 @@ cudaError_t launch_copy_rows(const void* src, bool src_bf16, int64_t src_cols, i
                              int64_t width, cudaStream_t s) {
   if (m * width == 0) return cudaSuccess;
   return dispatch2(src_bf16, dst_bf16, [&]<bool kS, bool kD>() {
-    copy_rows_kernel<kS, kD><<<grid_for(m * width, 256), 256, 0, s>>>(src, src_cols, col, rows,
-                                                                      dst, m, width);
-    return cudaGetLastError();
+    return detail::launch_pdl(copy_rows_kernel<kS, kD>, dim3(grid_for(m * width, 256)), dim3(256),
+                              0, s, src, src_cols, col, rows, dst, m, width);
   });
 }
 
@@ -433,9 +462,8 @@ cudaError_t launch_router_margin(const float* logits, int64_t m, int e, int k, f
   if (e > kMarginMaxE || e < 1 || k < 1) return cudaErrorInvalidValue;
   const int64_t blocks = (m + kMarginWarps - 1) / kMarginWarps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  router_margin_kernel<<<unsigned(blocks), kMarginWarps * 32, 0, s>>>(logits, m, e, k, margin,
-                                                                      cols, col);
-  return cudaGetLastError();
+  return detail::launch_pdl(router_margin_kernel, dim3(unsigned(blocks)), dim3(kMarginWarps * 32),
+                            0, s, logits, m, e, k, margin, cols, col);
 }
 
 }  // namespace moelora::cuda
