@@ -296,6 +296,11 @@ CLI::App* add_generate_command(CLI::App& app, GenerateOptions& o) {
                 "backend, else cpu")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
       ->capture_default_str();
+  g->add_option("--path", o.path,
+                "decode path: hooks (eager steps) or fast (CUDA-graph decode steps, LoRA shrinks "
+                "overlapped; as hooks on the CPU)")
+      ->check(CLI::IsMember({"hooks", "fast"}))
+      ->capture_default_str();
   g->add_option("--moe-backend", o.moe_backend,
                 "MoE expert backend (reference, cuda_bf16, ...); default: picked for the "
                 "device by capability");
@@ -407,6 +412,7 @@ int run_generate(const GenerateOptions& o) {
   ec.num_pages = o.kv_pages;
   ec.kv_dtype = o.kv_dtype == "f32" ? DType::f32 : DType::bf16;
   ec.record_logits = !o.logits_out.empty();
+  ec.decode_path = parse_decode_path(o.path);
   Engine engine(*model, ec);
   std::vector<GenerationResult> results;
   if (!run.empty()) results = engine.generate(run);

@@ -34,6 +34,7 @@ struct GenerateOptions {
   std::string kv_dtype = "bf16";
   std::string device = "auto";  // auto (cuda when a GPU is present and the model runs there), cpu, cuda
   std::string moe_backend;      // "" = the model's pick for the device
+  std::string path = "hooks";   // decode path (DecodePath): hooks or fast
 };
 
 CLI::App* add_generate_command(CLI::App& app, GenerateOptions& o);
