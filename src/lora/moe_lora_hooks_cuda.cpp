@@ -9,6 +9,10 @@
 //    side stream also expands into a buffer and the main stream only adds its rows, measured
 //    slower at every batch on the H100 (bench/NOTES.md); it stays selectable for up to
 //    MoeLoraHooksOptions::delta_max_slots token-slots, default 0 = off, to re-measure.)
+//  - MoeLoraHooksOptions::overlap_max_tokens (the fast decode path's candidate): the side
+//    stream also expands both deltas into buffers, beside the expert GEMMs, and the main stream
+//    adds them inside the activation and the top-k reduction (no LoRA kernel on the critical
+//    path, unlike the delta variant's separate adds).
 //  - the shrink splits K over several CTAs when few (adapter, expert) blocks exist; the expand
 //    adds the partial sums while staging them.
 //  - every kernel uses programmatic dependent launch (kernels/cuda/pdl_launch.cuh).
@@ -28,7 +32,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
  public:
   CudaLoraHooks(const MoeLoraPool& pool, int64_t max_tokens, const MoeLoraHooksOptions& options)
       : MoeLoraHooks(pool, max_tokens),
-        fused_max_tokens_(std::max<int64_t>(0, options.fused_max_tokens)) {
+        fused_max_tokens_(std::max<int64_t>(0, options.fused_max_tokens)),
+        overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)) {
     MOELORA_CHECK(fused_max_tokens_ == 0 || (pool.r_max() % 8 == 0 && pool.r_max() <= 256),
                   "MoE LoRA hooks: the fused path needs r_max a multiple of 8 and <= 256, the "
                   "pool has r_max {}", pool.r_max());
@@ -38,11 +43,18 @@ class CudaLoraHooks final : public MoeLoraHooks {
     vplan_ = MoeAlignment::allocate(slots, pool.num_slots() * s.num_experts, kMaxBlockM, d);
     u13_ = Tensor::empty({rows, 2 * int64_t(pool.r_max())}, DType::f32, d);
     u2_ = Tensor::empty({rows, int64_t(pool.r_max())}, DType::f32, d);
-    if (cuda::moe_lora_delta_supported(s.hidden, s.inter, pool.r_max())) {
+    const bool delta_ok = cuda::moe_lora_delta_supported(s.hidden, s.inter, pool.r_max());
+    MOELORA_CHECK(overlap_max_tokens_ == 0 || delta_ok,
+                  "MoE LoRA hooks: the overlap path needs hidden and intermediate sizes that are "
+                  "multiples of 4 and r_max a multiple of 8, found H {}, I {}, r_max {}",
+                  s.hidden, s.inter, pool.r_max());
+    if (delta_ok) {
       delta_rows_ = std::min(slots, std::max<int64_t>(0, options.delta_max_slots));
-      if (delta_rows_ > 0) {
-        d13_ = Tensor::empty({delta_rows_, 2 * s.inter}, DType::f32, d);
-        d2_ = Tensor::empty({delta_rows_, s.hidden}, DType::f32, d);
+      const int64_t rows =
+          std::max(delta_rows_, std::min(max_tokens, overlap_max_tokens_) * s.top_k);
+      if (rows > 0) {
+        d13_ = Tensor::empty({rows, 2 * s.inter}, DType::f32, d);
+        d2_ = Tensor::empty({rows, s.hidden}, DType::f32, d);
       }
     }
     side_ = Stream::create(d);
@@ -75,7 +87,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     Tensor u = u13_.first_rows(splits * n);
     cuda::moe_lora_shrink_split(x, k, vplan_, pool_.a13(), pool_.slot_meta(), LoraSeam::gate_up,
                                 splits, u, side_);
-    if (use_delta(n)) {
+    if (use_delta(n) || overlaps(m_)) {
       Tensor d = d13_.first_rows(n);
       cuda::moe_lora_expand_delta_split(u, splits, vplan_, pool_.b13(), pool_.slot_meta(),
                                         LoraSeam::gate_up, Tensor(), d, side_);
@@ -109,7 +121,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     Tensor u = u2_.first_rows(splits * n);
     cuda::moe_lora_shrink_split(a, 1, vplan_, pool_.a2(), pool_.slot_meta(), LoraSeam::down,
                                 splits, u, side_);
-    if (use_delta(n)) {
+    if (use_delta(n) || overlaps(m_)) {
       Tensor d = d2_.first_rows(n);
       cuda::moe_lora_expand_delta_split(u, splits, vplan_, pool_.b2(), pool_.slot_meta(),
                                         LoraSeam::down, topk.weights.view({n}), d, side_);
@@ -119,8 +131,12 @@ class CudaLoraHooks final : public MoeLoraHooks {
   }
 
   // The fast path: the expands folded into the activation / reduction (moe_lora_fused.cu).
-  bool fuses_activation(int64_t m) const override { return m <= fused_max_tokens_; }
-  bool fuses_reduce(int64_t m) const override { return m <= fused_max_tokens_; }
+  // The overlap path (deltas beside the GEMMs, added in the activation / reduction) or the
+  // fused path (expands folded into them).
+  bool fuses_activation(int64_t m) const override {
+    return overlaps(m) || m <= fused_max_tokens_;
+  }
+  bool fuses_reduce(int64_t m) const override { return overlaps(m) || m <= fused_max_tokens_; }
 
   void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
                           const Stream& stream) override {
@@ -129,6 +145,11 @@ class CudaLoraHooks final : public MoeLoraHooks {
     stream.wait(gu_done_);
     gu_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
+    if (overlaps(m_)) {
+      cuda::moe_activation_lora_delta(h, topk.ids, bound_slots(m_), pool_.num_slots(),
+                                      pool_.shape().num_experts, d13_.first_rows(n), a, stream);
+      return;
+    }
     const int splits = cuda::moe_lora_shrink_splits(n);
     cuda::moe_lora_activation(h, topk.ids, bound_slots(m_), u13_.first_rows(splits * n), splits,
                               pool_.b13(), pool_.slot_meta(), a, stream);
@@ -141,6 +162,12 @@ class CudaLoraHooks final : public MoeLoraHooks {
     stream.wait(down_done_);
     down_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
+    if (overlaps(m_)) {
+      cuda::moe_reduce_lora_delta(o, topk.ids, bound_slots(m_), pool_.num_slots(),
+                                  pool_.shape().num_experts, d2_.first_rows(n), shared_o,
+                                  shared_gate_logits, y, stream);
+      return;
+    }
     const int splits = cuda::moe_lora_shrink_splits(n);
     cuda::moe_lora_reduce(o, topk.ids, bound_slots(m_), topk.weights.view({n}),
                           u2_.first_rows(splits * n), splits, pool_.b2(), pool_.slot_meta(),
@@ -168,9 +195,11 @@ class CudaLoraHooks final : public MoeLoraHooks {
   bool use_delta(int64_t n) const {
     return n <= delta_rows_ && n / pool_.shape().top_k > fused_max_tokens_;
   }
+  bool overlaps(int64_t m) const { return m <= overlap_max_tokens_; }
 
   int64_t m_ = 0;
   int64_t fused_max_tokens_ = 0;
+  int64_t overlap_max_tokens_ = 0;
   int64_t delta_rows_ = 0;  // slots the delta buffers hold (0: delta path off)
   Tensor u13_, u2_, d13_, d2_;
   MoeAlignment vplan_;

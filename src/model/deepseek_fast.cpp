@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "model/deepseek.h"
+#include "model/moe_block.h"
 #include "model/mla_dispatch.h"
 
 namespace moelora {
@@ -38,10 +39,16 @@ void DeepseekModel::set_decode_options(const DecodeOptions& options) {
                 options.max_batch);
   decode_options_ = options;
   decode_stats_ = {};
+  // The MoE LoRA variant for this path and the experts' format (re-created: new buffers).
+  for (MlaLayer& L : layers_)
+    if (L.lora_pool)
+      L.lora_hooks = MoeLoraHooks::create(
+          *L.lora_pool, options_.max_step_tokens,
+          decode_hook_options(options.path, L.experts.format, device_));
   // Graphs and the side stream on CUDA only; on the CPU `fast` runs as `hooks`.
-  const bool graphs = options.path == DecodePath::fast && device_.is_cuda();
-  graphs_.configure(graphs, options.max_batch, options_.max_step_tokens);
-  if (graphs && !side_.handle()) {
+  const bool fast = options.path == DecodePath::fast && device_.is_cuda();
+  graphs_.configure(fast && options.graphs, options.max_batch, options_.max_step_tokens);
+  if (fast && !side_.handle()) {
     side_ = Stream::create(device_);
     events_.clear();
     for (size_t i = 0; i < kEvents; ++i) events_.push_back(Event::create(device_, false));

@@ -28,6 +28,21 @@ inline std::unique_ptr<MoeRunner> make_model_runner(const HfModelConfig& c,
   return std::make_unique<MoeRunner>(rc);
 }
 
+// The MoE LoRA hooks' settings on a decode path, per expert weight format: the variant that
+// measured fastest in `bench moe --path hooks|fast|overlap` (H100, 2026-11-23, BENCHMARKS.md
+// "MoE LoRA variants"). fp8 block-scale: deltas beside the GEMMs added in the activation /
+// reduction (overlap) up to 128 tokens (2-15 % less LoRA time at r16x1 and r64x1, within
+// 1 % at r16x4); int4 (wna16): the staged hooks everywhere (overlap measured slower);
+// formats not measured yet keep the staged hooks. On the hooks path: the default options, so
+// that path stays byte for byte what it was.
+inline MoeLoraHooksOptions decode_hook_options(DecodePath path, WeightFormat format,
+                                               Device device) {
+  MoeLoraHooksOptions o;
+  if (path == DecodePath::fast && device.is_cuda() && format == WeightFormat::fp8_block)
+    o.overlap_max_tokens = 128;
+  return o;
+}
+
 // Runs `runner` over the M rows of xb (bf16 [M, H]) with their router logits (f32 [M, E]) in
 // chunks of at most `chunk` tokens (the runner's buffers are sized for that), binding each
 // chunk's slice of token_slot when `hooks` is set (null: no LoRA); then out (f32 [M, H]) = y

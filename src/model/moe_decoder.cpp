@@ -345,9 +345,15 @@ void MoeDecoder::set_decode_options(const DecodeOptions& options) {
                 options.max_batch);
   decode_options_ = options;
   decode_stats_ = {};
-  const bool graphs = options.path == DecodePath::fast && device_.is_cuda();
-  graphs_.configure(graphs, options.max_batch, options_.max_step_tokens);
-  if (graphs && !side_.handle()) {
+  // The MoE LoRA variant for this path and the experts' format (re-created: new buffers).
+  for (DecoderLayer& L : layers_)
+    if (L.lora_pool)
+      L.lora_hooks = MoeLoraHooks::create(
+          *L.lora_pool, options_.max_step_tokens,
+          decode_hook_options(options.path, L.experts.format, device_));
+  const bool fast = options.path == DecodePath::fast && device_.is_cuda();
+  graphs_.configure(fast && options.graphs, options.max_batch, options_.max_step_tokens);
+  if (fast && !side_.handle()) {
     side_ = Stream::create(device_);
     fork_ = Event::create(device_, false);
     join_ = Event::create(device_, false);

@@ -165,8 +165,8 @@ struct Row {
 
 int run_bench_moe(const BenchMoeOptions& opt) {
   const WeightFormat format = parse_weight_format(opt.dtype);
-  MOELORA_CHECK(opt.path == "hooks" || opt.path == "fast",
-                "--path: expected hooks or fast, found '{}'", opt.path);
+  MOELORA_CHECK(opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap",
+                "--path: expected hooks, fast or overlap, found '{}'", opt.path);
   int64_t group_size = opt.group_size;
   if (group_size == 0)
     group_size = format == WeightFormat::nvfp4 ? 16 : 128;
@@ -235,6 +235,8 @@ int run_bench_moe(const BenchMoeOptions& opt) {
       MoeLoraHooksOptions hook_options;
       // --path fast: LoRA expands folded into the activation / reduction at every batch here.
       if (opt.path == "fast") hook_options.fused_max_tokens = max_batch;
+      // --path overlap: both deltas on the side stream, added in the activation / reduction.
+      if (opt.path == "overlap") hook_options.overlap_max_tokens = max_batch;
       L.hooks = MoeLoraHooks::create(*L.pool, max_batch, hook_options);
     }
     for (int B : batches) {

@@ -25,8 +25,9 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--dtype", moe.dtype, "expert weight format: bf16, int4, int8, fp8, nvfp4")
       ->capture_default_str();
   bench_moe->add_option("--path", moe.path,
-                        "LoRA path: hooks (staged expand kernels) or fast (expands folded into "
-                        "the activation and the top-k reduction)")
+                        "LoRA path: hooks (staged expand kernels), fast (expands folded into "
+                        "the activation and the top-k reduction) or overlap (both deltas on the "
+                        "side stream beside the GEMMs, added in the activation and reduction)")
       ->capture_default_str();
   bench_moe->add_option("--group-size", moe.group_size,
                         "quantization group along K (0: 128; nvfp4 16; fp8 = square block)");

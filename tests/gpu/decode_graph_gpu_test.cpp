@@ -1,9 +1,11 @@
 // The fast decode path (DecodePath::fast: CUDA-graph decode steps per batch bucket, dense LoRA
-// shrinks on a side stream) against the hooks path (eager) on the same random-weight
-// Qwen3-MoE model (head_dim 32: the grouped-query attention kernel; one dense MLP layer),
-// bf16 and fp8 experts, a mixed batch of base requests and four adapters of ranks 8/16/32/64.
-// Both models get the same tokens every step (teacher forcing from the hooks model's greedy
-// choice), so any difference is the path's.
+// shrinks on a side stream, for fp8 experts the MoE LoRA deltas beside the GEMMs) on a
+// random-weight Qwen3-MoE model (head_dim 32: the grouped-query attention kernel; one dense
+// MLP layer), bf16 and fp8 experts, a mixed batch of base requests and four adapters of ranks
+// 8/16/32/64: graph replay against the same path run eagerly (DecodeOptions::graphs = false:
+// bit for bit), and against the hooks path (within bf16 tolerance; bit for bit where the
+// fast path runs the hooks' MoE LoRA kernels). The models get the same tokens every step
+// (teacher forcing from the reference model's greedy choice).
 #include <array>
 #include <cstring>
 #include <filesystem>
@@ -79,7 +81,8 @@ const Rig& rig(WeightFormat format) {
   return r;
 }
 
-std::unique_ptr<Model> load(WeightFormat format, DecodePath path, int64_t max_batch = 256) {
+std::unique_ptr<Model> load(WeightFormat format, DecodePath path, int64_t max_batch = 256,
+                            bool graphs = true) {
   ModelOptions o;
   o.device = Device::cuda();
   o.lora_slots = 4;
@@ -91,6 +94,7 @@ std::unique_ptr<Model> load(WeightFormat format, DecodePath path, int64_t max_ba
   DecodeOptions d;
   d.path = path;
   d.max_batch = max_batch;
+  d.graphs = graphs;
   m->set_decode_options(d);
   return m;
 }
@@ -156,20 +160,30 @@ void compare_paths(Runner& hooks, Runner& fast, int steps, bool exact, const std
 
 class DecodeGraphTest : public ::testing::TestWithParam<WeightFormat> {};
 
+// The fast path's MoE LoRA for these experts is the hooks' kernels (bit for bit the hooks
+// path) unless decode_hook_options picks another variant (fp8: the overlap deltas).
+bool fast_is_hooks_bits(WeightFormat f) { return f != WeightFormat::fp8_block; }
+
 // A full bucket (8 sequences: no padding) for 500 steps: the graph replays (and the graphs
-// captured as the block table widens from 8 to 64 pages) give the eager steps' bits.
+// captured as the block table widens from 8 to 64 pages) give the eager steps' bits; and
+// match the hooks path.
 TEST_P(DecodeGraphTest, GraphReplayMatchesEagerFor500Steps) {
   MOELORA_REQUIRE_GPU();
   const std::vector<int> slots = {-1, 0, 1, 2, 3, -1, 1, 3};
-  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
+  {
+    Runner hooks(load(GetParam(), DecodePath::hooks), slots);
+    Runner fast(load(GetParam(), DecodePath::fast), slots);
+    compare_paths(hooks, fast, 40, fast_is_hooks_bits(GetParam()), "fast vs hooks");
+  }
+  Runner eager(load(GetParam(), DecodePath::fast, 256, /*graphs=*/false), slots);
   Runner fast(load(GetParam(), DecodePath::fast), slots);
-  compare_paths(hooks, fast, 500, true, "bucket 8");
+  compare_paths(eager, fast, 500, true, "bucket 8, graphs vs eager");
   const Model::DecodeStats st = fast.model->decode_stats();
   EXPECT_EQ(st.eager, 1);  // the prefill
   EXPECT_GE(st.captured, 3);
   EXPECT_LE(st.captured, 4);  // one per block-table width: 8, 16, 32 (+64) pages
   EXPECT_EQ(st.replayed, 500 - st.captured);
-  EXPECT_EQ(hooks.model->decode_stats().replayed, 0);
+  EXPECT_EQ(eager.model->decode_stats().replayed, 0);
 }
 
 // 5 sequences pad to the bucket of 8: the padding rows change nothing of the real rows
@@ -189,21 +203,21 @@ TEST_P(DecodeGraphTest, PaddedBucketMatchesEager) {
 TEST_P(DecodeGraphTest, AdapterSwappedIntoSlotBetweenReplays) {
   MOELORA_REQUIRE_GPU();
   const std::vector<int> slots = {2, -1, 0, 2, 1, 3, -1, 2};
-  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
+  Runner eager(load(GetParam(), DecodePath::fast, 256, /*graphs=*/false), slots);  // eager
   Runner fast(load(GetParam(), DecodePath::fast), slots);
-  compare_paths(hooks, fast, 12, true, "before the swap");
+  compare_paths(eager, fast, 12, true, "before the swap");
   const int64_t captured = fast.model->decode_stats().captured;
   const PeftAdapter swap = PeftAdapter::load(rig(GetParam()).swap_dir);
-  hooks.model->load_adapter(2, swap);
+  eager.model->load_adapter(2, swap);
   fast.model->load_adapter(2, swap);
-  // The same continuation as before, tokens from the hooks model.
+  // The same continuation as before, tokens from the eager model.
   std::vector<int32_t> next(slots.size(), 7);
-  StepResult rh = hooks.step(&next), rf = fast.step(&next);
+  StepResult rh = eager.step(&next), rf = fast.step(&next);
   for (int s = 0; s < 12; ++s) {
     SCOPED_TRACE(fmt::format("after the swap, step {}", s));
     ASSERT_TRUE(same_bits(rf.last_logits, rh.last_logits));
     next = greedy(rh);
-    rh = hooks.step(&next);
+    rh = eager.step(&next);
     rf = fast.step(&next);
   }
   EXPECT_EQ(fast.model->decode_stats().captured, captured);
@@ -239,9 +253,9 @@ TEST_P(DecodeGraphTest, BaseRowsUnaffectedByAdapters) {
 TEST_P(DecodeGraphTest, BatchOverTheLargestBucketRunsEagerly) {
   MOELORA_REQUIRE_GPU();
   const std::vector<int> slots = {0, 1, 2, 3, -1, 0};
-  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
+  Runner eager(load(GetParam(), DecodePath::fast, 256, /*graphs=*/false), slots);  // eager
   Runner fast(load(GetParam(), DecodePath::fast, /*max_batch=*/4), slots);
-  compare_paths(hooks, fast, 6, true, "6 over bucket 4");
+  compare_paths(eager, fast, 6, true, "6 over bucket 4");
   EXPECT_EQ(fast.model->decode_stats().replayed, 0);
   EXPECT_EQ(fast.model->decode_stats().eager, 7);
 }

@@ -185,15 +185,17 @@ TEST(CudaMoeLayer, GraphReplayWithNewInputs) {
 }
 
 // The fast LoRA path (expands folded into the activation and the reduction,
-// MoeLoraHooksOptions::fused_max_tokens): against the CPU reference, eager and under graph
-// replay with new inputs and a new adapter mix each time; base tokens bit-identical to a
-// LoRA-off run of the same GPU runner.
-void fused_lora_layer(bool graph) {
+// MoeLoraHooksOptions::fused_max_tokens) and the overlap path (deltas computed on the side
+// stream, added in the activation and the reduction, overlap_max_tokens): against the CPU
+// reference, eager and under graph replay with new inputs and a new adapter mix each time;
+// base tokens bit-identical to a LoRA-off run of the same GPU runner.
+void fused_lora_layer(bool graph, bool overlap = false) {
   std::mt19937_64 rng(test::fresh_seed());
   Stream s = Stream::create(Device::cuda());
   for (const LayerCase& c : layer_cases()) {
     for (int64_t m : {1, 7, 64, 257}) {
-      SCOPED_TRACE(::testing::Message() << c.name << " M=" << m << " graph=" << graph);
+      SCOPED_TRACE(::testing::Message() << c.name << " M=" << m << " graph=" << graph
+                                        << " overlap=" << overlap);
       MoeRunner ref(runner_config(c, Device::cpu(), m));
       MoeRunner gpu(runner_config(c, Device::cuda(), m));
       const MoeWeights w = random_weights(c.shape, c.router, rng);
@@ -202,7 +204,7 @@ void fused_lora_layer(bool graph) {
       load_adapters(c.shape, rng, pool_cpu, pool_gpu);
       auto hooks_cpu = MoeLoraHooks::create(pool_cpu, m);
       MoeLoraHooksOptions fast;
-      fast.fused_max_tokens = m;
+      (overlap ? fast.overlap_max_tokens : fast.fused_max_tokens) = m;
       auto hooks_gpu = MoeLoraHooks::create(pool_gpu, m, fast);
       ASSERT_TRUE(hooks_gpu->fuses_activation(m) && hooks_gpu->fuses_reduce(m));
 
@@ -255,6 +257,16 @@ TEST(CudaMoeLayer, FusedLoraPathMatchesReference) {
 TEST(CudaMoeLayer, FusedLoraPathInGraphMatchesReference) {
   MOELORA_REQUIRE_GPU();
   fused_lora_layer(true);
+}
+
+TEST(CudaMoeLayer, OverlapLoraPathMatchesReference) {
+  MOELORA_REQUIRE_GPU();
+  fused_lora_layer(false, true);
+}
+
+TEST(CudaMoeLayer, OverlapLoraPathInGraphMatchesReference) {
+  MOELORA_REQUIRE_GPU();
+  fused_lora_layer(true, true);
 }
 
 }  // namespace

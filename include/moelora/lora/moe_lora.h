@@ -143,6 +143,12 @@ struct MoeLoraHooksOptions {
   // kernels. 0 = off: the staged hook path, byte for byte as before. Needs r_max % 8 == 0 and
   // r_max <= 256.
   int64_t fused_max_tokens = 0;
+  // CUDA: batches of up to this many tokens compute both LoRA deltas on the side stream beside
+  // the expert GEMMs (shrink + expand into delta buffers) and add them inside the activation
+  // and the top-k reduction, so no LoRA kernel runs on the critical path. Takes precedence
+  // over fused_max_tokens. 0 = off. Needs the delta expand's shapes
+  // (cuda::moe_lora_delta_supported: H and I multiples of 4, r_max % 8 == 0).
+  int64_t overlap_max_tokens = 0;
 };
 
 // LoRA hooks over `pool` for batches of up to `max_tokens`, on the pool's device.

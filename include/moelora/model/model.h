@@ -38,6 +38,9 @@ struct DecodeOptions {
   // multiples of 16 up to this, and at most ModelOptions::max_step_tokens); larger batches
   // run eagerly.
   int64_t max_batch = 256;
+  // fast only: capture decode steps into CUDA graphs (false: the fast path's kernels and side
+  // streams, run eagerly; what tests compare graph replay against).
+  bool graphs = true;
 };
 
 struct ModelOptions {

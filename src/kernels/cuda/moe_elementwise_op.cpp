@@ -1,12 +1,71 @@
 // Ops (layer 3) for the CUDA activation and top-k reduction.
 #include "core/cuda_check.h"
+#include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_op_checks.h"
 #include "kernels/cuda/moe_ops.h"
 #include "kernels/cuda/moe_ops_launch.h"
 
 namespace moelora::cuda {
+namespace {
+
+// The delta view of moe_activation_lora_delta / moe_reduce_lora_delta: d [M*k, N] f32.
+detail::LoraDeltaView delta_view(const Tensor& d, int64_t n, const Tensor& ids,
+                                 const Tensor& token_slot, int num_lora_slots, int num_experts,
+                                 const char* what) {
+  check_cuda_tensor(d, DType::f32, what);
+  check_cuda_tensor(token_slot, DType::i32, "LoRA delta token_slot");
+  MOELORA_CHECK(ids.dim() == 2, "{}: ids expected [M, k], found {}", what, ids.describe());
+  check_shape(token_slot, {ids.size(0)}, "LoRA delta token_slot");
+  check_shape(d, {ids.numel(), n}, what);
+  MOELORA_CHECK(reinterpret_cast<uintptr_t>(d.data()) % 16 == 0, "{}: must be 16-byte aligned",
+                what);
+  detail::LoraDeltaView v;
+  v.d = d.data<float>();
+  v.token_slot = token_slot.data<int32_t>();
+  v.top_k = int(ids.size(1));
+  v.num_lora_slots = num_lora_slots;
+  v.num_experts = num_experts;
+  return v;
+}
+
+void activation(const Tensor& h, const Tensor& ids, Tensor& a, const Stream& stream,
+                detail::LoraDeltaView delta);
+void reduce(const Tensor& o, const Tensor& ids, const Tensor& shared_o,
+            const Tensor& shared_gate_logits, Tensor& y, const Stream& stream,
+            detail::LoraDeltaView delta);
+
+}  // namespace
 
 void moe_activation(const Tensor& h, const Tensor& ids, Tensor& a, const Stream& stream) {
+  activation(h, ids, a, stream, {});
+}
+
+void moe_reduce(const Tensor& o, const Tensor& ids, const Tensor& shared_o,
+                const Tensor& shared_gate_logits, Tensor& y, const Stream& stream) {
+  reduce(o, ids, shared_o, shared_gate_logits, y, stream, {});
+}
+
+void moe_activation_lora_delta(const Tensor& h, const Tensor& ids, const Tensor& token_slot,
+                               int num_lora_slots, int num_experts, const Tensor& d13, Tensor& a,
+                               const Stream& stream) {
+  activation(h, ids, a, stream,
+             delta_view(d13, h.dim() == 2 ? h.size(1) : 0, ids, token_slot, num_lora_slots,
+                        num_experts, "moe_activation_lora_delta d13"));
+}
+
+void moe_reduce_lora_delta(const Tensor& o, const Tensor& ids, const Tensor& token_slot,
+                           int num_lora_slots, int num_experts, const Tensor& d2,
+                           const Tensor& shared_o, const Tensor& shared_gate_logits, Tensor& y,
+                           const Stream& stream) {
+  reduce(o, ids, shared_o, shared_gate_logits, y, stream,
+         delta_view(d2, o.dim() == 2 ? o.size(1) : 0, ids, token_slot, num_lora_slots,
+                    num_experts, "moe_reduce_lora_delta d2"));
+}
+
+namespace {
+
+void activation(const Tensor& h, const Tensor& ids, Tensor& a, const Stream& stream,
+                detail::LoraDeltaView delta) {
   check_cuda_tensor(h, DType::f32, "moe_activation h");
   check_cuda_tensor(ids, DType::i32, "moe_activation ids");
   check_cuda_tensor(a, DType::bf16, "moe_activation a");
@@ -20,11 +79,13 @@ void moe_activation(const Tensor& h, const Tensor& ids, Tensor& a, const Stream&
                 "moe_activation: h, ids and a must share a device, found {}, {}, {}",
                 h.device().str(), ids.device().str(), a.device().str());
   MOELORA_CUDA_CHECK(detail::launch_moe_activation(h.data<float>(), ids.data<int32_t>(), slots,
-                                                   int(inter), a.data(), raw_stream(stream)));
+                                                   int(inter), a.data(), raw_stream(stream),
+                                                   delta));
 }
 
-void moe_reduce(const Tensor& o, const Tensor& ids, const Tensor& shared_o,
-                const Tensor& shared_gate_logits, Tensor& y, const Stream& stream) {
+void reduce(const Tensor& o, const Tensor& ids, const Tensor& shared_o,
+            const Tensor& shared_gate_logits, Tensor& y, const Stream& stream,
+            detail::LoraDeltaView delta) {
   check_cuda_tensor(o, DType::f32, "moe_reduce o");
   check_cuda_tensor(ids, DType::i32, "moe_reduce ids");
   check_cuda_tensor(y, DType::bf16, "moe_reduce y");
@@ -56,7 +117,8 @@ void moe_reduce(const Tensor& o, const Tensor& ids, const Tensor& shared_o,
   }
   MOELORA_CUDA_CHECK(detail::launch_moe_reduce(o.data<float>(), ids.data<int32_t>(), m, int(k),
                                                int(hidden), shared, gate, y.data(),
-                                               raw_stream(stream)));
+                                               raw_stream(stream), delta));
 }
 
+}  // namespace
 }  // namespace moelora::cuda

@@ -61,6 +61,19 @@ void moe_lora_reduce(const Tensor& o, const Tensor& ids, const Tensor& token_slo
                      const Tensor& meta, const Tensor& shared_o, const Tensor& shared_gate_logits,
                      Tensor& y, const Stream& stream);
 
+// The hooks' overlap variant: both LoRA deltas are computed on the side stream beside the
+// expert GEMMs (moe_lora_expand_delta_split into d13 / d2) and added here, inside passes that
+// run anyway. Rows of slots whose token has an adapter (token_slot[s / k] in
+// [0, num_lora_slots)) and a valid expert get d added: to h before SiLU * up, and to o before
+// the top-k sum; every other slot gets exactly moe_activation / moe_reduce.
+void moe_activation_lora_delta(const Tensor& h, const Tensor& ids, const Tensor& token_slot,
+                               int num_lora_slots, int num_experts, const Tensor& d13, Tensor& a,
+                               const Stream& stream);
+void moe_reduce_lora_delta(const Tensor& o, const Tensor& ids, const Tensor& token_slot,
+                           int num_lora_slots, int num_experts, const Tensor& d2,
+                           const Tensor& shared_o, const Tensor& shared_gate_logits, Tensor& y,
+                           const Stream& stream);
+
 // Argument checks of moe_route (shared with the fused op).
 void check_route_args(const Tensor& logits, const Tensor& correction_bias,
                       const RouterConfig& cfg, const TopK& topk);

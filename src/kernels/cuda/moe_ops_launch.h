@@ -82,11 +82,19 @@ cudaError_t launch_moe_route_align(const float* logits, const float* bias, const
                                    cudaStream_t stream);
 
 // --- activation and top-k reduction ---
+// LoRA deltas added inside the activation / reduction (the hooks' overlap variant): row s of d
+// is added for slots whose token has an adapter (token_slot[s / top_k] in [0, num_lora_slots))
+// and whose expert is valid; other rows of d are never read. d == nullptr: no LoRA.
+struct LoraDeltaView {
+  const float* d = nullptr;
+  const int32_t* token_slot = nullptr;
+  int top_k = 1, num_lora_slots = 0, num_experts = 0;
+};
 cudaError_t launch_moe_activation(const float* h, const int32_t* ids, int64_t slots, int inter,
-                                  void* a, cudaStream_t stream);
+                                  void* a, cudaStream_t stream, LoraDeltaView delta = {});
 cudaError_t launch_moe_reduce(const float* o, const int32_t* ids, int64_t m, int top_k,
                               int hidden, const float* shared_o, const float* gate_logits,
-                              void* y, cudaStream_t stream);
+                              void* y, cudaStream_t stream, LoraDeltaView delta = {});
 
 // --- LoRA on experts ---
 struct LoraPlanView {

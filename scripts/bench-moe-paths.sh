@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# bench moe, hooks vs fast LoRA path, for the given expert formats (device).
+# Usage: scripts/bench-moe-paths.sh BIN OUT_DIR dtype [dtype ...]
+set -uo pipefail
+BIN=$1; OUT=$2; shift 2
+mkdir -p "$OUT"
+for dt in "$@"; do
+  for path in ${PATHS:-hooks fast}; do
+    timeout 200 "$BIN" bench moe --dtype "$dt" --path "$path" --lora none,r16x1,r16x4,r64x1 \
+      --json "$OUT/moe_${dt}_${path}.json" > "$OUT/moe_${dt}_${path}.log" 2>&1
+    echo "== $dt $path rc=$?"
+  done
+  python3 - $(for p in ${PATHS:-hooks fast}; do echo "$OUT/moe_${dt}_$p.json"; done) <<'PY'
+import json, sys
+rows = {}
+for f in sys.argv[1:]:
+    j = json.load(open(f))
+    path = f.rsplit("_", 1)[1][:-5]
+    for r in j["results"]:
+        rows.setdefault((r["batch"], r["lora"]), {})[path] = r["us_per_layer"]
+paths = sorted({p for v in rows.values() for p in v})
+print(f"{'batch':>5} {'lora':>6} " + " ".join(f"{p:>9}" for p in paths))
+for (b, l), v in sorted(rows.items()):
+    print(f"{b:5d} {l:>6} " + " ".join(f"{v.get(p, float('nan')):9.1f}" for p in paths))
+PY
+done
