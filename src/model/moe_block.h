@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <memory>
+#include <vector>
 
+#include "model/decode_graphs.h"
 #include "model/ops.h"
 #include "moelora/io/hf_config.h"
 #include "moelora/lora/moe_lora.h"
@@ -41,6 +43,24 @@ inline MoeLoraHooksOptions decode_hook_options(DecodePath path, WeightFormat for
   if (path == DecodePath::fast && device.is_cuda() && format == WeightFormat::fp8_block)
     o.overlap_max_tokens = 128;
   return o;
+}
+
+// The part of Model::set_decode_options every family shares: checks the options, re-creates
+// each MoE layer's LoRA hooks for the path and format (decode_hook_options) and configures the
+// graphs. Returns whether the fast path's side stream is needed (fast, on CUDA).
+template <class Layer>
+bool apply_decode_options(const DecodeOptions& options, std::vector<Layer>& layers,
+                          const ModelOptions& model_options, Device device, DecodeGraphs& graphs) {
+  MOELORA_CHECK(options.max_batch >= 1, "DecodeOptions: max_batch must be >= 1, found {}",
+                options.max_batch);
+  for (Layer& L : layers)
+    if (L.lora_pool)
+      L.lora_hooks = MoeLoraHooks::create(*L.lora_pool, model_options.max_step_tokens,
+                                          decode_hook_options(options.path, L.experts.format,
+                                                              device));
+  const bool fast = options.path == DecodePath::fast && device.is_cuda();
+  graphs.configure(fast && options.graphs, options.max_batch, model_options.max_step_tokens);
+  return fast;
 }
 
 // Runs `runner` over the M rows of xb (bf16 [M, H]) with their router logits (f32 [M, E]) in

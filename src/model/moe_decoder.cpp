@@ -341,18 +341,9 @@ StepResult MoeDecoder::forward_graph(const std::vector<SeqInput>& batch, PagedKv
 }
 
 void MoeDecoder::set_decode_options(const DecodeOptions& options) {
-  MOELORA_CHECK(options.max_batch >= 1, "DecodeOptions: max_batch must be >= 1, found {}",
-                options.max_batch);
+  const bool fast = apply_decode_options(options, layers_, options_, device_, graphs_);
   decode_options_ = options;
   decode_stats_ = {};
-  // The MoE LoRA variant for this path and the experts' format (re-created: new buffers).
-  for (DecoderLayer& L : layers_)
-    if (L.lora_pool)
-      L.lora_hooks = MoeLoraHooks::create(
-          *L.lora_pool, options_.max_step_tokens,
-          decode_hook_options(options.path, L.experts.format, device_));
-  const bool fast = options.path == DecodePath::fast && device_.is_cuda();
-  graphs_.configure(fast && options.graphs, options.max_batch, options_.max_step_tokens);
   if (fast && !side_.handle()) {
     side_ = Stream::create(device_);
     fork_ = Event::create(device_, false);

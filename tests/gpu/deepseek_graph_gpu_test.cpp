@@ -22,10 +22,15 @@
 #include "moelora/engine/engine.h"
 #include "moelora/lora/peft_adapter.h"
 #include "moelora/model/model.h"
+#include "decode_graph_util.h"
 #include "test_util.h"
 
 namespace moelora {
 namespace {
+
+using test::DecodeRunner;
+using test::greedy;
+using test::same_bits;
 
 namespace fs = std::filesystem;
 constexpr std::array<int, 4> kRanks = {8, 16, 32, 64};
@@ -98,56 +103,7 @@ const Rig& rig(Style style) {
 }
 
 std::unique_ptr<Model> load(Style style, DecodePath path, int64_t max_batch = 256) {
-  ModelOptions o;
-  o.device = Device::cuda();
-  o.lora_slots = 4;
-  o.lora_r_max = 64;
-  o.max_step_tokens = 64;
-  auto m = Model::load(rig(style).model_dir, o);
-  for (int s = 0; s < 4; ++s)
-    m->load_adapter(s, PeftAdapter::load(rig(style).adapter_dirs[size_t(s)]));
-  DecodeOptions d;
-  d.path = path;
-  d.max_batch = max_batch;
-  m->set_decode_options(d);
-  return m;
-}
-
-// One model, its latent cache and its sequences.
-struct Runner {
-  std::unique_ptr<Model> model;
-  std::unique_ptr<PagedKvCache> cache;
-  std::vector<SeqInput> seqs;
-
-  Runner(std::unique_ptr<Model> m, const std::vector<int>& slots) : model(std::move(m)) {
-    KvCacheConfig kc = model->kv_cache_config(1024, 16, DType::bf16);
-    kc.max_seqs = 64;
-    cache = std::make_unique<PagedKvCache>(kc);
-    for (size_t i = 0; i < slots.size(); ++i) {
-      SeqInput s;
-      s.seq = cache->add_sequence();
-      s.adapter_slot = slots[i];
-      for (size_t t = 0; t < 3 + i % 7; ++t) s.tokens.push_back(int32_t((37 * i + 11 * t) % 500));
-      seqs.push_back(s);
-    }
-  }
-  StepResult step(const std::vector<int32_t>* next) {
-    if (next)
-      for (size_t i = 0; i < seqs.size(); ++i) seqs[i].tokens = {(*next)[i]};
-    return model->forward(seqs, *cache);
-  }
-};
-
-std::vector<int32_t> greedy(const StepResult& r) {
-  std::vector<int32_t> out;
-  const int64_t V = r.last_logits.size(1);
-  for (int64_t i = 0; i < r.last_logits.size(0); ++i)
-    out.push_back(sample_greedy(r.last_logits.data<float>() + i * V, V));
-  return out;
-}
-
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+  return test::load_decode_model(rig(style).model_dir, rig(style).adapter_dirs, path, max_batch);
 }
 
 float min_margin(const StepResult& r) {
@@ -160,7 +116,7 @@ float min_margin(const StepResult& r) {
 // logits (and router margins) bit-identical (exact) or within 2e-2. Inexact mode excuses at
 // most 3 steps whose hooks run had a router near-tie (bf16-level differences may route a token
 // differently there).
-void compare_paths(Runner& hooks, Runner& fast, int steps, bool exact, const std::string& what) {
+void compare_paths(DecodeRunner& hooks, DecodeRunner& fast, int steps, bool exact, const std::string& what) {
   StepResult rh = hooks.step(nullptr), rf = fast.step(nullptr);  // prefill: eager on both
   int excused = 0;
   for (int s = 0; s <= steps; ++s) {
@@ -192,8 +148,8 @@ class DeepSeekDecodeGraphTest : public ::testing::TestWithParam<Style> {};
 TEST_P(DeepSeekDecodeGraphTest, GraphReplayMatchesEagerFor500Steps) {
   MOELORA_REQUIRE_GPU();
   const std::vector<int> slots = {-1, 0, 1, 2, 3, -1, 1, 3};
-  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
-  Runner fast(load(GetParam(), DecodePath::fast), slots);
+  DecodeRunner hooks(load(GetParam(), DecodePath::hooks), slots);
+  DecodeRunner fast(load(GetParam(), DecodePath::fast), slots);
   compare_paths(hooks, fast, 500, true, "bucket 8");
   const Model::DecodeStats st = fast.model->decode_stats();
   EXPECT_EQ(st.eager, 1);  // the prefill
@@ -209,8 +165,8 @@ TEST_P(DeepSeekDecodeGraphTest, GraphReplayMatchesEagerFor500Steps) {
 TEST_P(DeepSeekDecodeGraphTest, PaddedBucketMatchesEager) {
   MOELORA_REQUIRE_GPU();
   const std::vector<int> slots = {3, -1, 2, 0, 1};
-  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
-  Runner fast(load(GetParam(), DecodePath::fast), slots);
+  DecodeRunner hooks(load(GetParam(), DecodePath::hooks), slots);
+  DecodeRunner fast(load(GetParam(), DecodePath::fast), slots);
   compare_paths(hooks, fast, 40, false, "5 in bucket 8");
   EXPECT_GT(fast.model->decode_stats().replayed, 30);
 }
@@ -221,8 +177,8 @@ TEST_P(DeepSeekDecodeGraphTest, PaddedBucketMatchesEager) {
 TEST_P(DeepSeekDecodeGraphTest, AdapterSwappedIntoSlotBetweenReplays) {
   MOELORA_REQUIRE_GPU();
   const std::vector<int> slots = {2, -1, 0, 2, 1, 3, -1, 2};
-  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
-  Runner fast(load(GetParam(), DecodePath::fast), slots);
+  DecodeRunner hooks(load(GetParam(), DecodePath::hooks), slots);
+  DecodeRunner fast(load(GetParam(), DecodePath::fast), slots);
   compare_paths(hooks, fast, 12, true, "before the swap");
   const int64_t captured = fast.model->decode_stats().captured;
   std::vector<int32_t> next(slots.size(), 7);
@@ -247,8 +203,8 @@ TEST_P(DeepSeekDecodeGraphTest, BaseRowsUnaffectedByAdapters) {
   MOELORA_REQUIRE_GPU();
   const std::vector<int> mixed = {-1, 0, -1, 3, 2, -1, 1, -1};
   const std::vector<int> base(mixed.size(), -1);
-  Runner with(load(GetParam(), DecodePath::fast), mixed);
-  Runner without(load(GetParam(), DecodePath::fast), base);
+  DecodeRunner with(load(GetParam(), DecodePath::fast), mixed);
+  DecodeRunner without(load(GetParam(), DecodePath::fast), base);
   StepResult rw = with.step(nullptr), rb = without.step(nullptr);
   const int64_t V = rw.last_logits.size(1);
   bool adapters_differ = false;
@@ -277,8 +233,8 @@ TEST_P(DeepSeekDecodeGraphTest, BaseRowsUnaffectedByAdapters) {
 TEST_P(DeepSeekDecodeGraphTest, BatchOverTheLargestBucketRunsEagerly) {
   MOELORA_REQUIRE_GPU();
   const std::vector<int> slots = {0, 1, 2, 3, -1, 0};
-  Runner hooks(load(GetParam(), DecodePath::hooks), slots);
-  Runner fast(load(GetParam(), DecodePath::fast, /*max_batch=*/4), slots);
+  DecodeRunner hooks(load(GetParam(), DecodePath::hooks), slots);
+  DecodeRunner fast(load(GetParam(), DecodePath::fast, /*max_batch=*/4), slots);
   compare_paths(hooks, fast, 6, true, "6 over bucket 4");
   EXPECT_EQ(fast.model->decode_stats().replayed, 0);
   EXPECT_EQ(fast.model->decode_stats().captured, 0);
