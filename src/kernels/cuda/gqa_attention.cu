@@ -22,7 +22,14 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kWarps = 4, kSplit = 8;
+constexpr int kSplit = 8;
+// Warps per CTA: 16 when the clusters' CTAs fit on the H100's 132 SMs one CTA each (at most
+// 16 clusters: decode batches of up to 4 tokens at 4 KV heads), where each warp's chain of
+// positions (one at a time: load, a dot product per query head, online softmax) is what the
+// kernel's time is (64 positions per CTA at context 512: 16 per warp with 4 warps, 4 with 16);
+// 4 otherwise (batch 16 with 16 warps, 512 CTAs of 512 threads, took 18.4 ms per step instead
+// of 14.4: one CTA per SM at a time).
+constexpr int kFewClusters = 16;
 constexpr int kMaxG = 8;    // query heads per KV head
 constexpr int kMaxPer = 4;  // head_dim / 32 (head_dim <= 128)
 
@@ -34,7 +41,7 @@ __device__ __forceinline__ float reduce_warp(float v) {
   return v;
 }
 
-template <bool kQ, bool kCache, bool kOut>
+template <int kWarps, bool kQ, bool kCache, bool kOut>
 __global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kWarps * 32)
     gqa_paged_attention_kernel(const PagedAttentionArgs a) {
   constexpr int kCols = kMaxPer * 32;
@@ -94,14 +101,20 @@ __global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kWarps * 32)
   });
 }
 
-template <bool kQ, bool kC>
-cudaError_t launch_typed(const PagedAttentionArgs& a, cudaStream_t s) {
+template <int kW, bool kQ, bool kC>
+cudaError_t launch_warps(const PagedAttentionArgs& a, cudaStream_t s) {
   const dim3 grid(unsigned(a.m), unsigned(a.kv_heads), kSplit);
   if (a.out_bf16)
-    gqa_paged_attention_kernel<kQ, kC, true><<<grid, kWarps * 32, 0, s>>>(a);
+    gqa_paged_attention_kernel<kW, kQ, kC, true><<<grid, kW * 32, 0, s>>>(a);
   else
-    gqa_paged_attention_kernel<kQ, kC, false><<<grid, kWarps * 32, 0, s>>>(a);
+    gqa_paged_attention_kernel<kW, kQ, kC, false><<<grid, kW * 32, 0, s>>>(a);
   return cudaGetLastError();
+}
+
+template <bool kQ, bool kC>
+cudaError_t launch_typed(const PagedAttentionArgs& a, cudaStream_t s) {
+  return a.m * a.kv_heads <= kFewClusters ? launch_warps<16, kQ, kC>(a, s)
+                                          : launch_warps<4, kQ, kC>(a, s);
 }
 
 }  // namespace
