@@ -114,7 +114,8 @@ std::vector<GenerationResult> Engine::generate(const std::vector<GenerationReque
             SeqInput{a.seq, requests[a.request].prompt, requests[a.request].adapter_slot});
       const auto t0 = std::chrono::steady_clock::now();
       StepResult s = model_.forward(step, cache_, config_.record_logits);
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double dt =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       for (const Active& a : active) results[a.request].prefill_seconds = dt;
       if (config_.record_logits) {
         int64_t row = 0;
@@ -139,7 +140,8 @@ std::vector<GenerationResult> Engine::generate(const std::vector<GenerationReque
       if (step.empty()) break;
       const auto t0 = std::chrono::steady_clock::now();
       StepResult s = model_.forward(step, cache_, false);
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double dt =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       for (const Active& a : active)
         if (!a.done) results[a.request].decode_seconds += dt;
       consume(s);

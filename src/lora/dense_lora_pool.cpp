@@ -24,8 +24,12 @@ DenseLoraSlices DenseLoraSlices::from_sizes(const std::vector<int64_t>& sizes) {
 
 DenseLoraPool::DenseLoraPool(std::string name, int64_t in_features, DenseLoraSlices slices,
                              int num_slots, int r_max, Device device)
-    : name_(std::move(name)), k_(in_features), slices_(slices), num_slots_(num_slots),
-      r_max_(r_max), device_(device) {
+    : name_(std::move(name)),
+      k_(in_features),
+      slices_(slices),
+      num_slots_(num_slots),
+      r_max_(r_max),
+      device_(device) {
   MOELORA_CHECK(in_features > 0 && slices.count >= 1 && slices.count <= kMaxDenseLoraSlices &&
                     slices.total() > 0,
                 "dense LoRA pool {}: bad sizes (in {}, {} slices, out {})", name_, in_features,
@@ -62,18 +66,20 @@ void DenseLoraPool::load(int slot, const std::vector<DenseLoraSlice>& in, const 
     if (!l.defined()) continue;
     const int64_t width = slices_.offset[size_t(s) + 1] - slices_.offset[size_t(s)];
     for (const Tensor* t : {&l.a, &l.b}) {
-      MOELORA_CHECK(t->defined() && t->device().is_cpu() && t->dim() == 2 && t->is_contiguous() &&
-                        (t->dtype() == DType::f32 || t->dtype() == DType::bf16 ||
-                         t->dtype() == DType::f16),
-                    "dense LoRA {} slice {}: expected contiguous host f32/bf16/f16 2-d A and B, "
-                    "found {}",
-                    name_, s, t->defined() ? t->describe() : std::string("undefined"));
+      MOELORA_CHECK(
+          t->defined() && t->device().is_cpu() && t->dim() == 2 && t->is_contiguous() &&
+              (t->dtype() == DType::f32 || t->dtype() == DType::bf16 || t->dtype() == DType::f16),
+          "dense LoRA {} slice {}: expected contiguous host f32/bf16/f16 2-d A and B, "
+          "found {}",
+          name_, s, t->defined() ? t->describe() : std::string("undefined"));
     }
     const int64_t r = l.a.size(0);
     MOELORA_CHECK(r >= 1 && r <= R, "dense LoRA {} slice {}: rank {} is outside the pool's 1..{}",
                   name_, s, r, R);
-    MOELORA_CHECK(l.a.size(1) == k_, "dense LoRA {} slice {}: A expected [{}, {}] (rank, in), "
-                  "found {}", name_, s, r, k_, l.a.describe());
+    MOELORA_CHECK(l.a.size(1) == k_,
+                  "dense LoRA {} slice {}: A expected [{}, {}] (rank, in), "
+                  "found {}",
+                  name_, s, r, k_, l.a.describe());
     MOELORA_CHECK(l.b.size(0) == width && l.b.size(1) == r,
                   "dense LoRA {} slice {}: B expected [{}, {}] (out, rank), found {}", name_, s,
                   width, r, l.b.describe());
@@ -112,8 +118,8 @@ Tensor checked_u(const DenseLoraPool& pool, const Tensor& x, Tensor& u) {
   MOELORA_CHECK(x.defined() && x.dim() == 2 && u.defined() && u.dim() == 2,
                 "dense LoRA {}: expected x [M, K] and u [>= M, slices x r_max]", pool.name());
   const int64_t m = x.size(0);
-  MOELORA_CHECK(u.size(0) >= m, "dense LoRA {}: workspace u has {} rows for {} tokens",
-                pool.name(), u.size(0), m);
+  MOELORA_CHECK(u.size(0) >= m, "dense LoRA {}: workspace u has {} rows for {} tokens", pool.name(),
+                u.size(0), m);
   return u.first_rows(m);
 }
 
@@ -122,7 +128,8 @@ Tensor checked_u(const DenseLoraPool& pool, const Tensor& x, Tensor& u) {
 void dense_lora_shrink(const DenseLoraPool& pool, const Tensor& x, const Tensor& token_slot,
                        Tensor& u, const Stream& stream) {
   Tensor um = checked_u(pool, x, u);
-  if (pool.device().is_cpu()) return cpu::dense_lora_shrink(x, token_slot, pool.a(), pool.ranks(), um, stream);
+  if (pool.device().is_cpu())
+    return cpu::dense_lora_shrink(x, token_slot, pool.a(), pool.ranks(), um, stream);
 #ifdef MOELORA_WITH_CUDA
   cuda::dense_lora_shrink(x, token_slot, pool.a(), pool.ranks(), um, stream);
 #else
@@ -133,9 +140,10 @@ void dense_lora_shrink(const DenseLoraPool& pool, const Tensor& x, const Tensor&
 
 void dense_lora_expand(const DenseLoraPool& pool, const Tensor& u, const Tensor& token_slot,
                        Tensor& y, const Stream& stream) {
-  MOELORA_CHECK(y.defined() && y.dim() == 2 && u.defined() && u.dim() == 2 && u.size(0) >= y.size(0),
-                "dense LoRA {}: expected y [M, N] and u [>= M, slices x r_max], found {} and {}",
-                pool.name(), y.describe(), u.describe());
+  MOELORA_CHECK(
+      y.defined() && y.dim() == 2 && u.defined() && u.dim() == 2 && u.size(0) >= y.size(0),
+      "dense LoRA {}: expected y [M, N] and u [>= M, slices x r_max], found {} and {}", pool.name(),
+      y.describe(), u.describe());
   const Tensor um = u.first_rows(y.size(0));
   if (pool.device().is_cpu())
     return cpu::dense_lora_expand(um, token_slot, pool.b(), pool.ranks(), pool.slices(), y, stream);

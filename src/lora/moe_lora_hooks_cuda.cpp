@@ -36,7 +36,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
         overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)) {
     MOELORA_CHECK(fused_max_tokens_ == 0 || (pool.r_max() % 8 == 0 && pool.r_max() <= 256),
                   "MoE LoRA hooks: the fused path needs r_max a multiple of 8 and <= 256, the "
-                  "pool has r_max {}", pool.r_max());
+                  "pool has r_max {}",
+                  pool.r_max());
     const MoeShape& s = pool.shape();
     const Device d = pool.device();
     const int64_t slots = max_tokens * s.top_k, rows = cuda::moe_lora_split_rows(slots);
@@ -103,8 +104,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
     gu_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
     if (use_delta(n)) {
-      cuda::moe_lora_add_delta(d13_.first_rows(n), topk.ids, bound_slots(m_),
-                               pool_.num_slots(), pool_.shape().num_experts, h, stream);
+      cuda::moe_lora_add_delta(d13_.first_rows(n), topk.ids, bound_slots(m_), pool_.num_slots(),
+                               pool_.shape().num_experts, h, stream);
     } else {
       const int splits = cuda::moe_lora_shrink_splits(n);
       cuda::moe_lora_expand_split(u13_.first_rows(splits * n), splits, vplan_, pool_.b13(),
@@ -119,8 +120,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
     side_.wait(down_fork_);
     const int splits = cuda::moe_lora_shrink_splits(n);
     Tensor u = u2_.first_rows(splits * n);
-    cuda::moe_lora_shrink_split(a, 1, vplan_, pool_.a2(), pool_.slot_meta(), LoraSeam::down,
-                                splits, u, side_);
+    cuda::moe_lora_shrink_split(a, 1, vplan_, pool_.a2(), pool_.slot_meta(), LoraSeam::down, splits,
+                                u, side_);
     if (use_delta(n) || overlaps(m_)) {
       Tensor d = d2_.first_rows(n);
       cuda::moe_lora_expand_delta_split(u, splits, vplan_, pool_.b2(), pool_.slot_meta(),
@@ -133,9 +134,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
   // The fast path: the expands folded into the activation / reduction (moe_lora_fused.cu).
   // The overlap path (deltas beside the GEMMs, added in the activation / reduction) or the
   // fused path (expands folded into them).
-  bool fuses_activation(int64_t m) const override {
-    return overlaps(m) || m <= fused_max_tokens_;
-  }
+  bool fuses_activation(int64_t m) const override { return overlaps(m) || m <= fused_max_tokens_; }
   bool fuses_reduce(int64_t m) const override { return overlaps(m) || m <= fused_max_tokens_; }
 
   void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
@@ -181,8 +180,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
     down_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
     if (use_delta(n)) {
-      cuda::moe_lora_add_delta(d2_.first_rows(n), topk.ids, bound_slots(m_),
-                               pool_.num_slots(), pool_.shape().num_experts, o, stream);
+      cuda::moe_lora_add_delta(d2_.first_rows(n), topk.ids, bound_slots(m_), pool_.num_slots(),
+                               pool_.shape().num_experts, o, stream);
     } else {
       const int splits = cuda::moe_lora_shrink_splits(n);
       cuda::moe_lora_expand_split(u2_.first_rows(splits * n), splits, vplan_, pool_.b2(),
@@ -210,8 +209,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
 
 }  // namespace
 
-std::unique_ptr<MoeLoraHooks> make_cuda_moe_lora_hooks(const MoeLoraPool& pool,
-                                                       int64_t max_tokens,
+std::unique_ptr<MoeLoraHooks> make_cuda_moe_lora_hooks(const MoeLoraPool& pool, int64_t max_tokens,
                                                        const MoeLoraHooksOptions& options) {
   return std::make_unique<CudaLoraHooks>(pool, max_tokens, options);
 }

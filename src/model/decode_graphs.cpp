@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-
 namespace moelora {
 
 void DecodeGraphs::configure(bool enabled, int64_t max_batch, int64_t max_tokens) {

@@ -25,9 +25,9 @@ namespace moelora {
 class DecodeGraphs {
  public:
   struct Key {
-    int64_t rows = 0;   // the batch bucket: sequences padded up to it
-    int64_t pages = 0;  // block-table width (a power of two)
-    bool lora = false;  // the graph runs the LoRA kernels
+    int64_t rows = 0;    // the batch bucket: sequences padded up to it
+    int64_t pages = 0;   // block-table width (a power of two)
+    bool lora = false;   // the graph runs the LoRA kernels
     uint64_t cache = 0;  // PagedKvCache::id(): a graph is bound to one cache's buffers
     bool operator<(const Key& o) const {
       return std::tie(rows, pages, lora, cache) < std::tie(o.rows, o.pages, o.lora, o.cache);
@@ -35,7 +35,7 @@ class DecodeGraphs {
   };
   struct Entry {
     CudaGraph graph;
-    Tensor tables;            // i32 on the device, the step tables the graph reads
+    Tensor tables;       // i32 on the device, the step tables the graph reads
     uint64_t moves = 0;  // the workspace's buffer reallocations at capture
     // Captured, and no step buffer moved since (`moves`: the workspace's count now).
     bool current(uint64_t moves_now) const { return graph.valid() && moves == moves_now; }

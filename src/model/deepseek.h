@@ -43,9 +43,12 @@ struct MlaWorkspace {
   MlaWorkspace() = default;
   MlaWorkspace(const MlaWorkspace&) = delete;
   MlaWorkspace& operator=(const MlaWorkspace&) = delete;
-  StepBuffer h{moves}, xn{moves}, delta{moves}, xb{moves};  // residual stream f32, its norm, a layer's output; bf16 xn
-  StepBuffer q{moves}, qa{moves}, kv{moves}, attn{moves};   // f32 projections: q, q_a (q_lora_rank), kv_a, attention
-  StepBuffer q_lat{moves}, lat{moves};  // absorbed path: f32 [M, heads x (L + rope)], [M, heads x L]
+  // Residual stream f32, its norm, a layer's output; the bf16 norm.
+  StepBuffer h{moves}, xn{moves}, delta{moves}, xb{moves};
+  // f32 projections: q, q_a (q_lora_rank), kv_a, attention.
+  StepBuffer q{moves}, qa{moves}, kv{moves}, attn{moves};
+  // Absorbed path: f32 [M, heads x (L + rope)], [M, heads x L].
+  StepBuffer q_lat{moves}, lat{moves};
   StepBuffer lora_x{moves}, lora_u{moves};  // dense LoRA (hooks): bf16 input, f32 shrink output
   // The fast path's side stream: the bf16 LoRA input, the shrink outputs of q / q_a / q_b /
   // o_proj and of kv_a_proj_with_mqa (live at the same time).
@@ -98,8 +101,8 @@ class DeepseekModel final : public Model {
       int64_t row0 = 0, n = 0;  // the sequence's new tokens: rows [row0, row0 + n)
       int64_t start = 0;        // cached positions before this step
       int adapter_slot = -1;
-      bool expand = false;      // the expanded attention path (else absorbed)
-      Tensor kv_b_slot;         // expanded with an adapter: i32 [start + n] = adapter_slot
+      bool expand = false;  // the expanded attention path (else absorbed)
+      Tensor kv_b_slot;     // expanded with an adapter: i32 [start + n] = adapter_slot
     };
     std::vector<Segment> segments;  // in batch order (block_table row = index)
     // Every row on the absorbed path (decode steps): the fast path may overlap its LoRA.
@@ -159,7 +162,7 @@ class DeepseekModel final : public Model {
   int num_moe_layers_ = 0;
   MlaWorkspace ws_;
   ResultDownload download_;  // logits + margins to the host (pinned staging on CUDA)
-  Tensor staging_;  // host i32 step tables (pageable: reusable once the upload call returns)
+  Tensor staging_;       // host i32 step tables (pageable: reusable once the upload call returns)
   DecodeGraphs graphs_;  // the fast path's decode graphs
   // CUDA, fast path: the side stream of the LoRA shrinks, and its fork / join events (one per
   // hand-over in a layer: kEvents), created before any capture.

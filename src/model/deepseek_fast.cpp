@@ -11,8 +11,8 @@
 #include <cmath>
 
 #include "model/deepseek.h"
-#include "model/moe_block.h"
 #include "model/mla_dispatch.h"
+#include "model/moe_block.h"
 
 namespace moelora {
 namespace {
@@ -20,15 +20,15 @@ namespace {
 // The hand-overs between the model's stream and the side stream in one layer's attention:
 // fork = the side waits for the main stream, join = the main stream waits for the side.
 enum EventIndex : size_t {
-  kForkX,      // xn ready: cast to bf16, shrink q (or q_a) and kv_a
-  kJoinQ,      // q / q_a shrink done
-  kJoinKv,     // kv_a shrink done
-  kForkQb,     // q_a normed: its bf16 copy and the q_b shrink
-  kJoinQb,     // q_b shrink done
-  kForkKvb,    // q roped and absorbed: kv_b_proj's q-side correction into q_latent
-  kJoinKvb,    // that correction done
-  kForkO,      // attention output ready: its bf16 copy and the o_proj shrink
-  kJoinO,      // o_proj shrink done
+  kForkX,    // xn ready: cast to bf16, shrink q (or q_a) and kv_a
+  kJoinQ,    // q / q_a shrink done
+  kJoinKv,   // kv_a shrink done
+  kForkQb,   // q_a normed: its bf16 copy and the q_b shrink
+  kJoinQb,   // q_b shrink done
+  kForkKvb,  // q roped and absorbed: kv_b_proj's q-side correction into q_latent
+  kJoinKvb,  // that correction done
+  kForkO,    // attention output ready: its bf16 copy and the o_proj shrink
+  kJoinO,    // o_proj shrink done
   kEvents
 };
 
@@ -141,8 +141,8 @@ void DeepseekModel::attention_overlapped(MlaLayer& Ly, int layer, const Tensor& 
   // Side: kv_b_proj's q-side correction (reads q's nope part, adds into q_latent), beside the
   // kv_a branch below, which touches neither.
   fork(kForkKvb);
-  ops::mla_lora_absorb_q(q, ts, p_kvb.a(), p_kvb.b(), p_kvb.ranks(), int(nh), nope, rope, vd,
-                         q_lat, side_);
+  ops::mla_lora_absorb_q(q, ts, p_kvb.a(), p_kvb.b(), p_kvb.ranks(), int(nh), nope, rope, vd, q_lat,
+                         side_);
   events_[kJoinKvb].record(side_);
 
   Tensor kv = ws_.kv.get(M, L + rope, DType::f32, device_);
@@ -157,8 +157,8 @@ void DeepseekModel::attention_overlapped(MlaLayer& Ly, int layer, const Tensor& 
 
   Tensor lat = ws_.lat.get(M, nh * L, DType::f32, device_);
   const float scale = 1.0f / std::sqrt(float(nope + rope));
-  ops::mla_paged_attention(q_lat, cache.k(layer), s.block_table, s.token_seq, s.positions,
-                           int(nh), scale, lat, stream_);
+  ops::mla_paged_attention(q_lat, cache.k(layer), s.block_table, s.token_seq, s.positions, int(nh),
+                           scale, lat, stream_);
   Tensor a = ws_.attn.get(M, nh * vd, DType::f32, device_);
   // The v side of the correction adds into what absorb_v writes: it stays behind it.
   ops::mla_absorb_v(lat, Ly.kv_b_proj, int(nh), nope, vd, a, stream_);

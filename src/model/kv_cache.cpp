@@ -24,8 +24,8 @@ PagedKvCache::PagedKvCache(const KvCacheConfig& c) : config_(c), id_(g_next_cach
     k_.push_back(
         Tensor::zeros({c.num_pages, c.page_size, c.num_kv_heads, c.head_dim}, c.dtype, c.device));
     if (!c.key_only)
-      v_.push_back(Tensor::zeros({c.num_pages, c.page_size, c.num_kv_heads, c.head_dim}, c.dtype,
-                                 c.device));
+      v_.push_back(
+          Tensor::zeros({c.num_pages, c.page_size, c.num_kv_heads, c.head_dim}, c.dtype, c.device));
   }
   // Stack: page 0 is handed out first.
   for (int64_t p = c.num_pages - 1; p >= 0; --p) free_.push_back(int32_t(p));

@@ -55,9 +55,9 @@ bool apply_decode_options(const DecodeOptions& options, std::vector<Layer>& laye
                 options.max_batch);
   for (Layer& L : layers)
     if (L.lora_pool)
-      L.lora_hooks = MoeLoraHooks::create(*L.lora_pool, model_options.max_step_tokens,
-                                          decode_hook_options(options.path, L.experts.format,
-                                                              device));
+      L.lora_hooks =
+          MoeLoraHooks::create(*L.lora_pool, model_options.max_step_tokens,
+                               decode_hook_options(options.path, L.experts.format, device));
   const bool fast = options.path == DecodePath::fast && device.is_cuda();
   graphs.configure(fast && options.graphs, options.max_batch, model_options.max_step_tokens);
   return fast;

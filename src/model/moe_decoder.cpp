@@ -5,9 +5,9 @@
 #include <fstream>
 #include <sstream>
 
-#include "model/moe_decoder_impl.h"
 #include "model/expert_loader.h"
 #include "model/moe_block.h"
+#include "model/moe_decoder_impl.h"
 #include "model/ops.h"
 #include "model/weight_loader.h"
 

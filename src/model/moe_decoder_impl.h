@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "model/decode_graphs.h"
-#include "model/step_output.h"
 #include "model/moe_decoder.h"
+#include "model/step_output.h"
 #include "moelora/core/stream.h"
 #include "moelora/lora/dense_lora.h"
 #include "moelora/lora/moe_lora.h"
@@ -64,14 +64,16 @@ struct StepWorkspace {
   StepWorkspace() = default;
   StepWorkspace(const StepWorkspace&) = delete;
   StepWorkspace& operator=(const StepWorkspace&) = delete;
-  StepBuffer h{moves}, xn{moves}, delta{moves}, xb{moves};            // residual stream f32, its norm, a layer's output; bf16 xn
-  StepBuffer qkv{moves}, q{moves}, k{moves}, v{moves}, attn{moves}, attn_b{moves};  // attention (attn_b: bf16 input of o_proj's LoRA)
+  // Residual stream f32, its norm, a layer's output; the bf16 norm.
+  StepBuffer h{moves}, xn{moves}, delta{moves}, xb{moves};
+  // Attention (attn_b: the bf16 input of o_proj's LoRA).
+  StepBuffer qkv{moves}, q{moves}, k{moves}, v{moves}, attn{moves}, attn_b{moves};
   StepBuffer router_logits{moves}, moe_y{moves};        // f32 [M, E], bf16 [M, H]
-  StepBuffer gate_up{moves}, act{moves}, act_b{moves};         // dense MLP layers
-  StepBuffer lora_u{moves};                      // dense LoRA shrink output f32 [M, slices * r_max]
-  StepBuffer last_h{moves}, last_n{moves};              // f32 [S, H]: last rows, normed
-  StepBuffer out{moves};                         // f32 logits + router margins (what is downloaded)
-  StepBuffer tables{tables_moves};                      // i32 device copy of the packed step tables
+  StepBuffer gate_up{moves}, act{moves}, act_b{moves};  // dense MLP layers
+  StepBuffer lora_u{moves};                 // dense LoRA shrink output f32 [M, slices * r_max]
+  StepBuffer last_h{moves}, last_n{moves};  // f32 [S, H]: last rows, normed
+  StepBuffer out{moves};                    // f32 logits + router margins (what is downloaded)
+  StepBuffer tables{tables_moves};          // i32 device copy of the packed step tables
 };
 
 class MoeDecoder final : public Model {
@@ -138,9 +140,9 @@ class MoeDecoder final : public Model {
   std::vector<bool> adapter_loaded_;
   StepWorkspace ws_;
   ResultDownload download_;  // logits + margins to the host (pinned staging on CUDA)
-  Tensor staging_;              // host i32 tables (pinned on CUDA)
-  DecodeGraphs graphs_;         // the fast path's decode graphs
-  Stream side_;                 // CUDA: the fast path's dense LoRA shrinks
+  Tensor staging_;           // host i32 tables (pinned on CUDA)
+  DecodeGraphs graphs_;      // the fast path's decode graphs
+  Stream side_;              // CUDA: the fast path's dense LoRA shrinks
   Event fork_, join_;
   bool upload_pending_ = false;  // staging_ may still be read by an enqueued copy
 };

@@ -34,8 +34,9 @@ void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r,
   fs::create_directories(dir);
   const bool mixtral = c.model_type == "mixtral";
   const std::string experts = mixtral ? "block_sparse_moe.experts" : "mlp.experts";
-  const std::array<std::string, 3> proj = mixtral ? std::array<std::string, 3>{"w1", "w3", "w2"}
-                                                  : std::array<std::string, 3>{"gate_proj", "up_proj", "down_proj"};
+  const std::array<std::string, 3> proj =
+      mixtral ? std::array<std::string, 3>{"w1", "w3", "w2"}
+              : std::array<std::string, 3>{"gate_proj", "up_proj", "down_proj"};
   const int64_t H = c.hidden_size, D = c.head_dim, I = c.moe_intermediate_size;
   const int64_t nq = int64_t(c.num_attention_heads) * D, nkv = int64_t(c.num_key_value_heads) * D;
   const Stream cpu;
@@ -106,12 +107,12 @@ void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r,
   cfg["fan_in_fan_out"] = false;
   cfg["bias"] = "none";
   cfg["base_model_name_or_path"] = nullptr;
-  cfg["target_modules"] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                           "down_proj"};
+  cfg["target_modules"] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                           "gate_proj", "up_proj", "down_proj"};
   if (mixtral) cfg["target_modules"] = {"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"};
   if (deepseek) {
-    cfg["target_modules"] = {"kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
-                             "down_proj"};
+    cfg["target_modules"] = {"kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                             "gate_proj",          "up_proj",   "down_proj"};
     if (c.q_lora_rank > 0) {
       cfg["target_modules"].push_back("q_a_proj");
       cfg["target_modules"].push_back("q_b_proj");

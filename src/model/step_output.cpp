@@ -58,8 +58,8 @@ StepOutput::StepOutput(StepBuffer& buffer, Device device, int64_t tokens, int64_
 }
 
 void StepOutput::compute_logits(const Tensor& h, const Tensor& last_row, const Tensor& final_norm,
-                                const Tensor& lm_head, float eps, Tensor& xn,
-                                StepBuffer& last_h, StepBuffer& last_n, const Stream& stream) {
+                                const Tensor& lm_head, float eps, Tensor& xn, StepBuffer& last_h,
+                                StepBuffer& last_n, const Stream& stream) {
   if (all_) {
     ops::rms_norm(h, final_norm, eps, xn, stream);
     ops::linear(xn, lm_head, all_lg_, stream);

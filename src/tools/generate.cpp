@@ -329,8 +329,7 @@ int run_generate(const GenerateOptions& o) {
   Device device = Device::cpu();
   if (o.device == "cuda") {
     MOELORA_CHECK(cuda_available(), "--device cuda: {}",
-                  built_with_cuda() ? "no usable CUDA device"
-                                    : "moelora was built without CUDA");
+                  built_with_cuda() ? "no usable CUDA device" : "moelora was built without CUDA");
     device = Device::cuda();
   } else if (o.device == "auto" && cuda_available() && Model::runs_on(model_dir, Device::cuda())) {
     device = Device::cuda();

@@ -32,9 +32,10 @@ struct GenerateOptions {
   int64_t kv_pages = 1024;
   int page_size = 16;
   std::string kv_dtype = "bf16";
-  std::string device = "auto";  // auto (cuda when a GPU is present and the model runs there), cpu, cuda
-  std::string moe_backend;      // "" = the model's pick for the device
-  std::string path = "hooks";   // decode path (DecodePath): hooks or fast
+  std::string device =
+      "auto";               // auto (cuda when a GPU is present and the model runs there), cpu, cuda
+  std::string moe_backend;  // "" = the model's pick for the device
+  std::string path = "hooks";  // decode path (DecodePath): hooks or fast
 };
 
 CLI::App* add_generate_command(CLI::App& app, GenerateOptions& o);

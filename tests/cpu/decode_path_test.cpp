@@ -20,8 +20,7 @@ TEST(DecodePath, ParsesTheTwoNamesAndRefusesOthers) {
     parse_decode_path("graphs");
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("'graphs': expected 'hooks' or 'fast'"),
-              std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("'graphs': expected 'hooks' or 'fast'"), std::string::npos)
         << e.what();
   }
 }
@@ -60,7 +59,8 @@ TEST(DecodePath, FastOnTheCpuGivesTheHooksResults) {
 
 TEST(DecodePath, KvWriteSkipsPaddingRows) {
   const int64_t row = 4;
-  Tensor kc = Tensor::zeros({2, 2, 1, row}, DType::f32), vc = Tensor::zeros({2, 2, 1, row}, DType::f32);
+  Tensor kc = Tensor::zeros({2, 2, 1, row}, DType::f32),
+         vc = Tensor::zeros({2, 2, 1, row}, DType::f32);
   Tensor k = test::from_floats({1, 2, 3, 4, 5, 6, 7, 8}, {2, row}, DType::f32);
   Tensor v = test::from_floats({9, 9, 9, 9, 8, 8, 8, 8}, {2, row}, DType::f32);
   cpu::kv_cache_write(k, v, test::from_ints({-1, 2}, {2}), kc, vc, Stream());

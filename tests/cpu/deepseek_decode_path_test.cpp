@@ -82,9 +82,9 @@ TEST_P(DeepseekDecodePath, RandomAdapterLoadsIntoTheModel) {
   EXPECT_TRUE(kv_b && q && expert);
   PagedKvCache cache(m->kv_cache_config(16, 16, DType::f32));
   const std::vector<int32_t> prompt = {5, 9, 33, 2, 70};
-  const StepResult r = m->forward({SeqInput{cache.add_sequence(), prompt, -1},
-                                   SeqInput{cache.add_sequence(), prompt, 0}},
-                                  cache, false);
+  const StepResult r = m->forward(
+      {SeqInput{cache.add_sequence(), prompt, -1}, SeqInput{cache.add_sequence(), prompt, 0}},
+      cache, false);
   const std::vector<float> lg = test::to_floats(r.last_logits);
   const size_t V = size_t(r.last_logits.size(1));
   EXPECT_NE(std::vector<float>(lg.begin(), lg.begin() + V),

@@ -13,16 +13,16 @@
 #include <map>
 #include <memory>
 
-#include <nlohmann/json.hpp>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
+#include "decode_graph_util.h"
 #include "model/random_adapter.h"
 #include "model/weight_loader.h"
 #include "moelora/core/random.h"
 #include "moelora/engine/engine.h"
 #include "moelora/lora/peft_adapter.h"
 #include "moelora/model/model.h"
-#include "decode_graph_util.h"
 #include "test_util.h"
 
 namespace moelora {
@@ -45,10 +45,9 @@ const Rig& rig(WeightFormat format) {
   static std::map<WeightFormat, Rig> rigs;
   Rig& r = rigs[format];
   if (!r.model_dir.empty()) return r;
-  const std::string root =
-      (fs::temp_directory_path() /
-       fmt::format("moelora_decode_graph_{}_{}", getpid(), format_name(format)))
-          .string();
+  const std::string root = (fs::temp_directory_path() / fmt::format("moelora_decode_graph_{}_{}",
+                                                                    getpid(), format_name(format)))
+                               .string();
   fs::remove_all(root);
   r.model_dir = root + "/model";
   fs::create_directories(r.model_dir);
@@ -94,7 +93,8 @@ std::unique_ptr<Model> load(WeightFormat format, DecodePath path, int64_t max_ba
 
 // Runs `steps` decode steps (after the prefill) on the hooks and fast models; every step's
 // logits bit-identical (exact) or within kRelTol.
-void compare_paths(DecodeRunner& hooks, DecodeRunner& fast, int steps, bool exact, const std::string& what) {
+void compare_paths(DecodeRunner& hooks, DecodeRunner& fast, int steps, bool exact,
+                   const std::string& what) {
   StepResult rh = hooks.step(nullptr), rf = fast.step(nullptr);  // prefill: eager on both
   for (int s = 0; s <= steps; ++s) {
     SCOPED_TRACE(fmt::format("{}: step {}", what, s));
@@ -104,8 +104,8 @@ void compare_paths(DecodeRunner& hooks, DecodeRunner& fast, int steps, bool exac
       ASSERT_TRUE(same_bits(rf.last_logits, rh.last_logits));
       ASSERT_TRUE(same_bits(rf.router_margin, rh.router_margin));
     } else {
-      ASSERT_TRUE(test::allclose(test::to_floats(rf.last_logits), test::to_floats(rh.last_logits),
-                                 2e-2));
+      ASSERT_TRUE(
+          test::allclose(test::to_floats(rf.last_logits), test::to_floats(rh.last_logits), 2e-2));
     }
     if (s == steps) break;
     const std::vector<int32_t> next = greedy(rh);
@@ -118,7 +118,9 @@ class DecodeGraphTest : public ::testing::TestWithParam<WeightFormat> {};
 
 // The fast path's MoE LoRA for these experts is the hooks' kernels (bit for bit the hooks
 // path) unless decode_hook_options picks another variant (fp8: the overlap deltas).
-bool fast_is_hooks_bits(WeightFormat f) { return f != WeightFormat::fp8_block; }
+bool fast_is_hooks_bits(WeightFormat f) {
+  return f != WeightFormat::fp8_block;
+}
 
 // A full bucket (8 sequences: no padding) for 500 steps: the graph replays (and the graphs
 // captured as the block table widens from 8 to 64 pages) give the eager steps' bits; and

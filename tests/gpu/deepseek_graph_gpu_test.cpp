@@ -14,15 +14,15 @@
 #include <map>
 #include <memory>
 
-#include <nlohmann/json.hpp>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
+#include "decode_graph_util.h"
 #include "model/random_adapter.h"
 #include "model/weight_loader.h"
 #include "moelora/engine/engine.h"
 #include "moelora/lora/peft_adapter.h"
 #include "moelora/model/model.h"
-#include "decode_graph_util.h"
 #include "test_util.h"
 
 namespace moelora {
@@ -36,7 +36,9 @@ namespace fs = std::filesystem;
 constexpr std::array<int, 4> kRanks = {8, 16, 32, 64};
 
 enum class Style { v2, v3 };
-const char* style_name(Style s) { return s == Style::v2 ? "V2" : "V3"; }
+const char* style_name(Style s) {
+  return s == Style::v2 ? "V2" : "V3";
+}
 
 struct Rig {
   std::string model_dir;
@@ -48,8 +50,8 @@ const Rig& rig(Style style) {
   static std::map<Style, Rig> rigs;
   Rig& r = rigs[style];
   if (!r.model_dir.empty()) return r;
-  const std::string root = (fs::temp_directory_path() /
-                            fmt::format("moelora_deepseek_graph_{}_{}", getpid(), style_name(style)))
+  const std::string root = (fs::temp_directory_path() / fmt::format("moelora_deepseek_graph_{}_{}",
+                                                                    getpid(), style_name(style)))
                                .string();
   fs::remove_all(root);
   r.model_dir = root + "/model";
@@ -116,7 +118,8 @@ float min_margin(const StepResult& r) {
 // logits (and router margins) bit-identical (exact) or within 2e-2. Inexact mode excuses at
 // most 3 steps whose hooks run had a router near-tie (bf16-level differences may route a token
 // differently there).
-void compare_paths(DecodeRunner& hooks, DecodeRunner& fast, int steps, bool exact, const std::string& what) {
+void compare_paths(DecodeRunner& hooks, DecodeRunner& fast, int steps, bool exact,
+                   const std::string& what) {
   StepResult rh = hooks.step(nullptr), rf = fast.step(nullptr);  // prefill: eager on both
   int excused = 0;
   for (int s = 0; s <= steps; ++s) {
@@ -241,8 +244,7 @@ TEST_P(DeepSeekDecodeGraphTest, BatchOverTheLargestBucketRunsEagerly) {
   EXPECT_EQ(fast.model->decode_stats().eager, 7);
 }
 
-INSTANTIATE_TEST_SUITE_P(Styles, DeepSeekDecodeGraphTest,
-                         ::testing::Values(Style::v2, Style::v3),
+INSTANTIATE_TEST_SUITE_P(Styles, DeepSeekDecodeGraphTest, ::testing::Values(Style::v2, Style::v3),
                          [](const auto& info) { return std::string(style_name(info.param)); });
 
 // The Engine hands EngineConfig::decode_path to the model once; generation on the fast path

@@ -13,9 +13,9 @@
 
 #include <cmath>
 
+#include "kernels/cuda/act_io.cuh"
 #include "kernels/cuda/dense_ops_launch.h"
 #include "kernels/cuda/softmax_merge.cuh"
-#include "kernels/cuda/act_io.cuh"
 
 namespace moelora::cuda {
 namespace {

@@ -115,18 +115,18 @@ cudaError_t launch_moe_activation(const float* h, const int32_t* ids, int64_t sl
   auto* a = static_cast<__nv_bfloat16*>(out);
   if (inter % 4 == 0) {
     const dim3 grid(unsigned(slots), unsigned((inter / 4 + kActThreads - 1) / kActThreads));
-    return launch_pdl(moe_activation_kernel<4>, grid, dim3(kActThreads), 0, stream, h, ids, inter, a,
-                      delta);
+    return launch_pdl(moe_activation_kernel<4>, grid, dim3(kActThreads), 0, stream, h, ids, inter,
+                      a, delta);
   } else {
     const dim3 grid(unsigned(slots), unsigned((inter + kActThreads - 1) / kActThreads));
-    return launch_pdl(moe_activation_kernel<1>, grid, dim3(kActThreads), 0, stream, h, ids, inter, a,
-                      delta);
+    return launch_pdl(moe_activation_kernel<1>, grid, dim3(kActThreads), 0, stream, h, ids, inter,
+                      a, delta);
   }
 }
 
-cudaError_t launch_moe_reduce(const float* o, const int32_t* ids, int64_t m, int top_k,
-                              int hidden, const float* shared_o, const float* gate_logits,
-                              void* out, cudaStream_t stream, LoraDeltaView delta) {
+cudaError_t launch_moe_reduce(const float* o, const int32_t* ids, int64_t m, int top_k, int hidden,
+                              const float* shared_o, const float* gate_logits, void* out,
+                              cudaStream_t stream, LoraDeltaView delta) {
   auto* y = static_cast<__nv_bfloat16*>(out);
   if (hidden % 4 == 0) {
     const dim3 grid(unsigned(m), unsigned((hidden / 4 + kReduceThreads - 1) / kReduceThreads));

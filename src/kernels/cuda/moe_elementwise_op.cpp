@@ -58,8 +58,8 @@ void moe_reduce_lora_delta(const Tensor& o, const Tensor& ids, const Tensor& tok
                            const Tensor& shared_o, const Tensor& shared_gate_logits, Tensor& y,
                            const Stream& stream) {
   reduce(o, ids, shared_o, shared_gate_logits, y, stream,
-         delta_view(d2, o.dim() == 2 ? o.size(1) : 0, ids, token_slot, num_lora_slots,
-                    num_experts, "moe_reduce_lora_delta d2"));
+         delta_view(d2, o.dim() == 2 ? o.size(1) : 0, ids, token_slot, num_lora_slots, num_experts,
+                    "moe_reduce_lora_delta d2"));
 }
 
 namespace {
@@ -96,8 +96,8 @@ void reduce(const Tensor& o, const Tensor& ids, const Tensor& shared_o,
   const int64_t hidden = y.size(1);
   check_shape(o, {m * k, hidden}, "moe_reduce o");
   MOELORA_CHECK(o.device() == y.device() && ids.device() == y.device(),
-                "moe_reduce: o, ids and y must share a device, found {}, {}, {}",
-                o.device().str(), ids.device().str(), y.device().str());
+                "moe_reduce: o, ids and y must share a device, found {}, {}, {}", o.device().str(),
+                ids.device().str(), y.device().str());
   const float* shared = nullptr;
   const float* gate = nullptr;
   if (shared_o.defined()) {
