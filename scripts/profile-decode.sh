@@ -12,7 +12,7 @@ for args in "$@"; do
   # shellcheck disable=SC2086
   timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
     --kernel-name regex:'^(?!fill)' --launch-count "$COUNT" \
-    "$BIN" bench decode --steps 1 --warmup 1 --path hooks $args > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.err"
+    "$BIN" bench decode --steps 1 --warmup 1 --path ${DECODE_PATH:-hooks} $args > "$OUT/ncu_$i.csv" 2> "$OUT/ncu_$i.err"
   echo "== $args (rc $?)"
   python3 - "$OUT/ncu_$i.csv" <<'PY'
 import csv, sys, collections

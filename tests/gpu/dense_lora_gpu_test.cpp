@@ -11,8 +11,8 @@ namespace {
 class DenseLoraGpu : public ::testing::TestWithParam<int64_t> {};
 
 // Both expand variants: r_max a multiple of 8 (B read 8 ranks per load; ranks that are not
-// multiples of 8 or 16 included) and not (one rank at a time); K from 256 to 4096 (the shrink's
-// threads stride K).
+// multiples of 8 or 16 included) and not (one rank at a time); slices of any width; K from 256
+// to 4096 (the shrink's threads stride K).
 struct Config {
   int64_t k;
   std::vector<int64_t> widths;
@@ -23,6 +23,7 @@ const Config kConfigs[] = {
     {256, {128, 64, 64}, {{16, 16, 16}, {8, 0, 64}, {0, 32, 0}, {64, 64, 64}}, 64},
     {4096, {96, 40, 40}, {{12, 24, 5}, {0, 17, 24}, {24, 24, 24}}, 24},
     {1024, {64}, {{20}, {3}, {0}}, 20},
+    {512, {6, 10}, {{8, 16}, {16, 0}}, 16},  // slices narrower than a warp, odd offsets
 };
 
 TEST_P(DenseLoraGpu, MatchesCpu) {
