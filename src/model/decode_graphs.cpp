@@ -40,4 +40,18 @@ DecodeGraphs::Entry& DecodeGraphs::entry(const Key& key, int64_t table_elems, De
   return e;
 }
 
+void DecodeGraphs::run(Entry& e, uint64_t moves, const Stream& stream,
+                       const std::function<void()>& step, Model::DecodeStats& stats) {
+  if (e.current(moves)) {
+    e.graph.replay(stream);
+    ++stats.replayed;
+    return;
+  }
+  step();
+  stream.synchronize();
+  e.graph = CudaGraph::capture(stream, step);
+  e.moves = moves;
+  ++stats.captured;
+}
+
 }  // namespace moelora

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -51,6 +52,12 @@ class DecodeGraphs {
   // The entry for `key`, with its table buffer of `table_elems` i32 on `device` (new: no
   // graph yet).
   Entry& entry(const Key& key, int64_t table_elems, Device device);
+  // One decode step through `e`: a replay when its graph is current (`moves`: the workspace's
+  // count now), else `step` run eagerly (this step's results; it also sizes every lazily grown
+  // buffer and loads every kernel), `stream` synchronized, and the same work captured for the
+  // next steps (capturing enqueues nothing, so the eager results stand). Counted in `stats`.
+  static void run(Entry& e, uint64_t moves, const Stream& stream, const std::function<void()>& step,
+                  Model::DecodeStats& stats);
   const std::vector<int64_t>& buckets() const { return buckets_; }
   size_t size() const { return graphs_.size(); }
 

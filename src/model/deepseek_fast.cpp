@@ -54,19 +54,8 @@ StepResult DeepseekModel::forward_graph(const std::vector<SeqInput>& batch, Page
   DecodeGraphs::Entry& e = graphs_.entry(key, 6 * R + R * P, device_);
   build_tables(batch, cache, R, P, e.tables, s);
   StepOutput result(ws_.out, device_, R, R, c.vocab_size, num_moe_layers_, false);
-  if (e.current(ws_.moves)) {
-    e.graph.replay(stream_);
-    ++decode_stats_.replayed;
-  } else {
-    // First use (or a step buffer moved): this step runs eagerly, which also sizes every
-    // lazily grown buffer and loads every kernel, then the same work is captured for the
-    // next steps. Capturing enqueues nothing, so the eager results stand.
-    run_step(s, cache, result);
-    stream_.synchronize();
-    e.graph = CudaGraph::capture(stream_, [&] { run_step(s, cache, result); });
-    e.moves = ws_.moves;
-    ++decode_stats_.captured;
-  }
+  DecodeGraphs::run(
+      e, ws_.moves, stream_, [&] { run_step(s, cache, result); }, decode_stats_);
   for (const SeqInput& in : batch) cache.advance(in.seq, int64_t(in.tokens.size()));
   StepResult r = result.finish(download_, stream_);
   // The padding rows' logits and margins are dropped (views of the one pinned buffer).

@@ -318,19 +318,8 @@ StepResult MoeDecoder::forward_graph(const std::vector<SeqInput>& batch, PagedKv
   StepTables t;
   build_tables(batch, cache, d, R, P, e.tables, t, lb);
   StepOutput result(ws_.out, device_, R, R, c.vocab_size, num_moe_layers_, false);
-  if (e.current(ws_.moves)) {
-    e.graph.replay(stream_);
-    ++decode_stats_.replayed;
-  } else {
-    // First use (or a step buffer moved): this step runs eagerly, which also sizes every
-    // lazily grown buffer and loads every kernel, then the same work is captured for the
-    // next steps. Capturing enqueues nothing, so the eager results stand.
-    run_step(t, lb, cache, result);
-    stream_.synchronize();
-    e.graph = CudaGraph::capture(stream_, [&] { run_step(t, lb, cache, result); });
-    e.moves = ws_.moves;
-    ++decode_stats_.captured;
-  }
+  DecodeGraphs::run(
+      e, ws_.moves, stream_, [&] { run_step(t, lb, cache, result); }, decode_stats_);
   for (const SeqInput& s : batch) cache.advance(s.seq, int64_t(s.tokens.size()));
   StepResult r = result.finish(download_, stream_);
   upload_pending_ = false;
