@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # bench moe, hooks vs fast LoRA path, for the given expert formats (device).
 # Usage: scripts/bench-moe-paths.sh BIN OUT_DIR dtype [dtype ...]
+# PATHS: LoRA paths (default "hooks fast"); "inlineN" = --path inline --inline-splits N.
+# LORAS, BATCHES: override the settings and batch sizes.
 set -uo pipefail
 BIN=$1; OUT=$2; shift 2
 mkdir -p "$OUT"
 for dt in "$@"; do
   for path in ${PATHS:-hooks fast}; do
-    timeout 200 "$BIN" bench moe --dtype "$dt" --path "$path" --lora none,r16x1,r16x4,r64x1 \
-      --json "$OUT/moe_${dt}_${path}.json" > "$OUT/moe_${dt}_${path}.log" 2>&1
+    args=(--path "$path")
+    case $path in inline[0-9]*) args=(--path inline --inline-splits "${path#inline}");; esac
+    timeout 200 "$BIN" bench moe --dtype "$dt" "${args[@]}" --lora "${LORAS:-none,r16x1,r16x4,r64x1}" \
+      ${BATCHES:+--batches $BATCHES} --json "$OUT/moe_${dt}_${path}.json" > "$OUT/moe_${dt}_${path}.log" 2>&1
     echo "== $dt $path rc=$?"
   done
   python3 - $(for p in ${PATHS:-hooks fast}; do echo "$OUT/moe_${dt}_$p.json"; done) <<'PY'

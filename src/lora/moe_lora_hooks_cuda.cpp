@@ -13,6 +13,10 @@
 //    stream also expands both deltas into buffers, beside the expert GEMMs, and the main stream
 //    adds them inside the activation and the top-k reduction (no LoRA kernel on the critical
 //    path, unlike the delta variant's separate adds).
+//  - MoeLoraHooksOptions::inline_max_tokens (on backends that run inline LoRA): no side stream
+//    and no LoRA alignment at all; the backend's expert GEMM grids carry extra CTAs that
+//    compute both deltas from the base plan (moelora/moe/lora_inline.h), added inside the
+//    activation and the reduction as in the overlap variant.
 //  - the shrink splits K over several CTAs when few (adapter, expert) blocks exist; the expand
 //    adds the partial sums while staging them.
 //  - every kernel uses programmatic dependent launch (kernels/cuda/pdl_launch.cuh).
@@ -33,7 +37,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
   CudaLoraHooks(const MoeLoraPool& pool, int64_t max_tokens, const MoeLoraHooksOptions& options)
       : MoeLoraHooks(pool, max_tokens),
         fused_max_tokens_(std::max<int64_t>(0, options.fused_max_tokens)),
-        overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)) {
+        overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)),
+        inline_max_tokens_(std::max<int64_t>(0, options.inline_max_tokens)) {
     MOELORA_CHECK(fused_max_tokens_ == 0 || (pool.r_max() % 8 == 0 && pool.r_max() <= 256),
                   "MoE LoRA hooks: the fused path needs r_max a multiple of 8 and <= 256, the "
                   "pool has r_max {}",
@@ -45,14 +50,19 @@ class CudaLoraHooks final : public MoeLoraHooks {
     u13_ = Tensor::empty({rows, 2 * int64_t(pool.r_max())}, DType::f32, d);
     u2_ = Tensor::empty({rows, int64_t(pool.r_max())}, DType::f32, d);
     const bool delta_ok = cuda::moe_lora_delta_supported(s.hidden, s.inter, pool.r_max());
-    MOELORA_CHECK(overlap_max_tokens_ == 0 || delta_ok,
-                  "MoE LoRA hooks: the overlap path needs hidden and intermediate sizes that are "
-                  "multiples of 4 and r_max a multiple of 8, found H {}, I {}, r_max {}",
+    MOELORA_CHECK((overlap_max_tokens_ == 0 && inline_max_tokens_ == 0) || delta_ok,
+                  "MoE LoRA hooks: the overlap and inline paths need hidden and intermediate "
+                  "sizes that are multiples of 4 and r_max a multiple of 8, found H {}, I {}, "
+                  "r_max {}",
                   s.hidden, s.inter, pool.r_max());
+    MOELORA_CHECK(options.inline_column_splits >= 1 && options.inline_column_splits <= 64,
+                  "MoE LoRA hooks: inline_column_splits must be in [1, 64], found {}",
+                  options.inline_column_splits);
     if (delta_ok) {
       delta_rows_ = std::min(slots, std::max<int64_t>(0, options.delta_max_slots));
-      const int64_t rows =
-          std::max(delta_rows_, std::min(max_tokens, overlap_max_tokens_) * s.top_k);
+      const int64_t rows = std::max(
+          delta_rows_,
+          std::min(max_tokens, std::max(overlap_max_tokens_, inline_max_tokens_)) * s.top_k);
       if (rows > 0) {
         d13_ = Tensor::empty({rows, 2 * s.inter}, DType::f32, d);
         d2_ = Tensor::empty({rows, s.hidden}, DType::f32, d);
@@ -63,9 +73,35 @@ class CudaLoraHooks final : public MoeLoraHooks {
     gu_done_ = Event::create(d, /*timing=*/false);
     down_fork_ = Event::create(d, /*timing=*/false);
     down_done_ = Event::create(d, /*timing=*/false);
+    for (MoeLoraInline* l : {&inline_.gate_up, &inline_.down}) {
+      l->meta = pool.slot_meta();
+      l->top_k = s.top_k;
+      l->column_splits = options.inline_column_splits;
+    }
+    inline_.gate_up.a = pool.a13();
+    inline_.gate_up.b = pool.b13();
+    inline_.down.a = pool.a2();
+    inline_.down.b = pool.b2();
+  }
+
+  const MoeLoraInlineSeams* inline_lora(const TopK& topk, int64_t m) override {
+    inline_on_ = false;
+    if (m > inline_max_tokens_) return nullptr;
+    const int64_t n = m * pool_.shape().top_k;
+    const Tensor token_slot = bound_slots(m);
+    inline_.gate_up.token_slot = inline_.down.token_slot = token_slot;
+    inline_.gate_up.delta = d13_.first_rows(n);
+    inline_.down.delta = d2_.first_rows(n);
+    inline_.down.slot_weights = topk.weights.view({n});
+    m_ = m;
+    routed_ = true;
+    inline_on_ = true;
+    gu_queued_ = down_queued_ = false;
+    return &inline_;
   }
 
   void after_route(const TopK& topk, int64_t m, const Stream& stream) override {
+    inline_on_ = false;
     const Tensor token_slot = bound_slots(m);
     const MoeShape& s = pool_.shape();
     m_ = m;
@@ -134,12 +170,23 @@ class CudaLoraHooks final : public MoeLoraHooks {
   // The fast path: the expands folded into the activation / reduction (moe_lora_fused.cu).
   // The overlap path (deltas beside the GEMMs, added in the activation / reduction) or the
   // fused path (expands folded into them).
-  bool fuses_activation(int64_t m) const override { return overlaps(m) || m <= fused_max_tokens_; }
-  bool fuses_reduce(int64_t m) const override { return overlaps(m) || m <= fused_max_tokens_; }
+  bool fuses_activation(int64_t m) const override {
+    return inlined(m) || overlaps(m) || m <= fused_max_tokens_;
+  }
+  bool fuses_reduce(int64_t m) const override {
+    return inlined(m) || overlaps(m) || m <= fused_max_tokens_;
+  }
 
   void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
                           const Stream& stream) override {
     MOELORA_CHECK(routed_, "MoE LoRA hooks: gate_up_activation before after_route");
+    const int64_t slots = topk.ids.size(0) * pool_.shape().top_k;
+    if (inline_on_) {  // the delta came from the gate_up GEMM's own grid, just before
+      cuda::moe_activation_lora_delta(h, topk.ids, bound_slots(m_), pool_.num_slots(),
+                                      pool_.shape().num_experts, d13_.first_rows(slots), a,
+                                      stream);
+      return;
+    }
     if (!gu_queued_) before_gate_up(x, topk, stream);
     stream.wait(gu_done_);
     gu_queued_ = false;
@@ -157,6 +204,13 @@ class CudaLoraHooks final : public MoeLoraHooks {
   void down_reduce(const Tensor& a, const TopK& topk, const Tensor& o, const Tensor& shared_o,
                    const Tensor& shared_gate_logits, Tensor& y, const Stream& stream) override {
     MOELORA_CHECK(routed_, "MoE LoRA hooks: down_reduce before after_route");
+    if (inline_on_) {
+      const int64_t slots = topk.ids.size(0) * pool_.shape().top_k;
+      cuda::moe_reduce_lora_delta(o, topk.ids, bound_slots(m_), pool_.num_slots(),
+                                  pool_.shape().num_experts, d2_.first_rows(slots), shared_o,
+                                  shared_gate_logits, y, stream);
+      return;
+    }
     if (!down_queued_) before_down(a, topk, stream);
     stream.wait(down_done_);
     down_queued_ = false;
@@ -195,10 +249,15 @@ class CudaLoraHooks final : public MoeLoraHooks {
     return n <= delta_rows_ && n / pool_.shape().top_k > fused_max_tokens_;
   }
   bool overlaps(int64_t m) const { return m <= overlap_max_tokens_; }
+  // This layer call took the inline seams (inline_lora(), asked only of backends that run them).
+  bool inlined(int64_t m) const { return inline_on_ && m == m_; }
 
   int64_t m_ = 0;
   int64_t fused_max_tokens_ = 0;
   int64_t overlap_max_tokens_ = 0;
+  int64_t inline_max_tokens_ = 0;
+  MoeLoraInlineSeams inline_;
+  bool inline_on_ = false;  // this layer call runs the inline seams
   int64_t delta_rows_ = 0;  // slots the delta buffers hold (0: delta path off)
   Tensor u13_, u2_, d13_, d2_;
   MoeAlignment vplan_;

@@ -89,6 +89,22 @@ DecodePath parse_decode_path(const std::string& name) {
   MOELORA_THROW("decode path '{}': expected 'hooks' or 'fast'", name);
 }
 
+const char* moe_lora_variant_name(MoeLoraVariant v) {
+  switch (v) {
+    case MoeLoraVariant::staged: return "staged";
+    case MoeLoraVariant::overlap: return "overlap";
+    case MoeLoraVariant::inline_ctas: return "inline";
+    default: return "best";
+  }
+}
+
+MoeLoraVariant parse_moe_lora_variant(const std::string& name) {
+  for (MoeLoraVariant v : {MoeLoraVariant::best, MoeLoraVariant::staged, MoeLoraVariant::overlap,
+                           MoeLoraVariant::inline_ctas})
+    if (name == moe_lora_variant_name(v)) return v;
+  MOELORA_THROW("MoE LoRA variant '{}': expected best, staged, overlap or inline", name);
+}
+
 void Model::set_decode_options(const DecodeOptions& options) {
   MOELORA_CHECK(options.path == DecodePath::hooks,
                 "{}: no fast decode path for this model family yet (use DecodePath::hooks)",

@@ -37,11 +37,19 @@ inline std::unique_ptr<MoeRunner> make_model_runner(const HfModelConfig& c,
 // 1 % at r16x4); int4 (wna16): the staged hooks everywhere (overlap measured slower);
 // formats not measured yet keep the staged hooks. On the hooks path: the default options, so
 // that path stays byte for byte what it was.
-inline MoeLoraHooksOptions decode_hook_options(DecodePath path, WeightFormat format,
+// DecodeOptions::moe_lora other than `best` forces a variant up to max_batch tokens.
+inline MoeLoraHooksOptions decode_hook_options(const DecodeOptions& d, WeightFormat format,
                                                Device device) {
   MoeLoraHooksOptions o;
-  if (path == DecodePath::fast && device.is_cuda() && format == WeightFormat::fp8_block)
-    o.overlap_max_tokens = 128;
+  if (d.path != DecodePath::fast || !device.is_cuda()) return o;
+  switch (d.moe_lora) {
+    case MoeLoraVariant::best:
+      if (format == WeightFormat::fp8_block) o.overlap_max_tokens = 128;
+      break;
+    case MoeLoraVariant::overlap: o.overlap_max_tokens = d.max_batch; break;
+    case MoeLoraVariant::inline_ctas: o.inline_max_tokens = d.max_batch; break;
+    case MoeLoraVariant::staged: break;
+  }
   return o;
 }
 
@@ -57,7 +65,7 @@ bool apply_decode_options(const DecodeOptions& options, std::vector<Layer>& laye
     if (L.lora_pool)
       L.lora_hooks =
           MoeLoraHooks::create(*L.lora_pool, model_options.max_step_tokens,
-                               decode_hook_options(options.path, L.experts.format, device));
+                               decode_hook_options(options, L.experts.format, device));
   const bool fast = options.path == DecodePath::fast && device.is_cuda();
   graphs.configure(fast && options.graphs, options.max_batch, model_options.max_step_tokens);
   return fast;

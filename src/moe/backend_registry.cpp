@@ -38,6 +38,16 @@ std::string names_of(const std::vector<Entry>& all) {
 
 }  // namespace
 
+void MoeBackend::gemm1_lora(const Tensor&, int, const MoeAlignment&, const ExpertMatrices&,
+                            const MoeLoraInline&, Tensor&, const Stream&) {
+  MOELORA_THROW("MoE backend '{}' does not run inline LoRA (runs_inline_lora() is false)", name());
+}
+
+void MoeBackend::gemm2_lora(const Tensor&, const MoeAlignment&, const ExpertMatrices&,
+                            const Tensor&, const MoeLoraInline&, Tensor&, const Stream&) {
+  MOELORA_THROW("MoE backend '{}' does not run inline LoRA (runs_inline_lora() is false)", name());
+}
+
 void register_moe_backend(MoeBackendInfo info, MoeBackendFactory factory) {
   Registry& reg = storage();
   std::lock_guard<std::mutex> lock(reg.mutex);

@@ -45,6 +45,17 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
              const Tensor& sw, Tensor& o, const Stream& s) override {
     cuda::moe_gemm2_fp8(a, plan, w2, sw, o, buffer(a_buf_, a, w2.k), s);
   }
+  // The inline LoRA CTAs ride in the same grids (kernels/cuda/moe_lora_inline.cuh).
+  bool runs_inline_lora() const override { return true; }
+  void gemm1_lora(const Tensor& x, int top_k, const MoeAlignment& plan, const ExpertMatrices& w13,
+                  const MoeLoraInline& lora, Tensor& h, const Stream& s) override {
+    cuda::moe_gemm1_fp8(x, top_k, plan, w13, h, buffer(x_buf_, x, w13.k), s, &lora);
+  }
+  void gemm2_lora(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
+                  const Tensor& sw, const MoeLoraInline& lora, Tensor& o,
+                  const Stream& s) override {
+    cuda::moe_gemm2_fp8(a, plan, w2, sw, o, buffer(a_buf_, a, w2.k), s, &lora);
+  }
   // As cuda_bf16: gemm1 with the activation fused, then gemm2 (each op quantizes its input
   // first; both GEMMs stream weights before waiting on that).
   void expert_mlp(const Tensor& x, int top_k, const Tensor& /*ids*/, const MoeAlignment& plan,

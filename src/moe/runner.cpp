@@ -75,7 +75,11 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
       backend_->small_batch_layer(in, w, s, config_.router, topk_view_, y, stream))
     return;
   plan_.block_m = backend_->block_m(m, s);
-  if (hooks) {
+  // Inline LoRA (the hooks' deltas computed inside the expert GEMM grids): no seam needs the
+  // routing before the alignment, so route and align may fuse as without hooks.
+  const MoeLoraInlineSeams* inline_lora =
+      hooks && backend_->runs_inline_lora() ? hooks->inline_lora(topk_view_, m) : nullptr;
+  if (hooks && !inline_lora) {
     // The hooks fork their side stream (LoRA grouping) right after routing, before the
     // alignment: moving the fork past a fused route+align measured 1-2 % slower with LoRA.
     backend_->route(in.router_logits, w.correction_bias, config_.router, topk_view_, stream);
@@ -88,8 +92,15 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
 
   Tensor h = h_.first_rows(slots), a = a_.first_rows(slots), o = o_.first_rows(slots);
   const Tensor slot_weights = topk_view_.weights.view({slots});
-  const bool fused_reduce = hooks && hooks->fuses_reduce(m);
-  if (hooks) {
+  const bool fused_reduce = hooks && (inline_lora || hooks->fuses_reduce(m));
+  if (inline_lora) {
+    MOELORA_CHECK(hooks->fuses_activation(m) && hooks->fuses_reduce(m),
+                  "MoE hooks: inline LoRA for {} tokens needs the fused activation and "
+                  "reduction seams (fuses_activation / fuses_reduce)", m);
+    backend_->gemm1_lora(in.x, s.top_k, plan_, w.w13, inline_lora->gate_up, h, stream);
+    hooks->gate_up_activation(in.x, topk_view_, h, a, stream);
+    backend_->gemm2_lora(a, plan_, w.w2, slot_weights, inline_lora->down, o, stream);
+  } else if (hooks) {
     hooks->before_gate_up(in.x, topk_view_, stream);
     backend_->gemm1(in.x, s.top_k, plan_, w.w13, h, stream);
     if (hooks->fuses_activation(m)) {

@@ -247,6 +247,9 @@ CLI::App* add_bench_decode_command(CLI::App& bench, BenchDecodeOptions& o) {
                 "shrinks); both: hooks,fast")
       ->delimiter(',')
       ->capture_default_str();
+  d->add_option("--moe-lora", o.moe_lora,
+                "fast path's MoE LoRA variant: best (per weight format), staged, overlap, inline")
+      ->capture_default_str();
   d->add_option("--context", o.context, "KV length of every sequence before timing")
       ->capture_default_str();
   d->add_option("--steps", o.steps, "timed decode steps per point (default 20 on CUDA, 3 on CPU)");
@@ -363,6 +366,7 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     for (DecodePath path : paths) {
       DecodeOptions dopt = model->decode_options();
       dopt.path = path;
+      dopt.moe_lora = parse_moe_lora_variant(o.moe_lora);
       dopt.max_batch = std::max<int64_t>(dopt.max_batch, max_batch);
       model->set_decode_options(dopt);
       const size_t first = rows.size();
@@ -419,6 +423,7 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     j["dense_dtype"] = "bf16";
     j["kv_dtype"] = "bf16";
     j["context"] = o.context;
+    j["moe_lora_variant"] = o.moe_lora;
     j["steps"] = steps;
     j["warmup"] = warmup;
     j["lora_targets"] = config.model_type.rfind("deepseek", 0) == 0

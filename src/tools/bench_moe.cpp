@@ -165,8 +165,9 @@ struct Row {
 
 int run_bench_moe(const BenchMoeOptions& opt) {
   const WeightFormat format = parse_weight_format(opt.dtype);
-  MOELORA_CHECK(opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap",
-                "--path: expected hooks, fast or overlap, found '{}'", opt.path);
+  MOELORA_CHECK(opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap" ||
+                    opt.path == "inline",
+                "--path: expected hooks, fast, overlap or inline, found '{}'", opt.path);
   int64_t group_size = opt.group_size;
   if (group_size == 0)
     group_size = format == WeightFormat::nvfp4 ? 16 : 128;
@@ -237,6 +238,12 @@ int run_bench_moe(const BenchMoeOptions& opt) {
       if (opt.path == "fast") hook_options.fused_max_tokens = max_batch;
       // --path overlap: both deltas on the side stream, added in the activation / reduction.
       if (opt.path == "overlap") hook_options.overlap_max_tokens = max_batch;
+      // --path inline: both deltas in extra CTAs of the expert GEMM grids (backends that run
+      // them; the others take the staged hooks).
+      if (opt.path == "inline") {
+        hook_options.inline_max_tokens = max_batch;
+        hook_options.inline_column_splits = opt.inline_column_splits;
+      }
       L.hooks = MoeLoraHooks::create(*L.pool, max_batch, hook_options);
     }
     for (int B : batches) {
@@ -319,6 +326,7 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     j["shape"] = shape.name;
     j["dtype"] = format_name(format);
     j["lora_path"] = opt.path;
+    if (opt.path == "inline") j["inline_column_splits"] = opt.inline_column_splits;
     if (format != WeightFormat::bf16) j["group_size"] = group_size;
     j["bytes_per_expert"] = expert_bytes;
     j["backend"] = std::string(runner.backend().name());

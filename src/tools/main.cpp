@@ -26,8 +26,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_moe->add_option("--path", moe.path,
                         "LoRA path: hooks (staged expand kernels), fast (expands folded into "
-                        "the activation and the top-k reduction) or overlap (both deltas on the "
-                        "side stream beside the GEMMs, added in the activation and reduction)")
+                        "the activation and the top-k reduction), overlap (both deltas on the "
+                        "side stream beside the GEMMs, added in the activation and reduction) or "
+                        "inline (both deltas in extra CTAs of the expert GEMM grids; backends "
+                        "that run it: cuda_fp8_block)")
+      ->capture_default_str();
+  bench_moe->add_option("--inline-splits", moe.inline_column_splits,
+                        "--path inline: CTAs per (plan block, half) along the output columns")
       ->capture_default_str();
   bench_moe->add_option("--group-size", moe.group_size,
                         "quantization group along K (0: 128; nvfp4 16; fp8 = square block)");

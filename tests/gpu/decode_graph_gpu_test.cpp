@@ -86,9 +86,9 @@ const Rig& rig(WeightFormat format) {
 }
 
 std::unique_ptr<Model> load(WeightFormat format, DecodePath path, int64_t max_batch = 256,
-                            bool graphs = true) {
+                            bool graphs = true, MoeLoraVariant moe_lora = MoeLoraVariant::best) {
   return test::load_decode_model(rig(format).model_dir, rig(format).adapter_dirs, path, max_batch,
-                                 graphs);
+                                 graphs, moe_lora);
 }
 
 // Runs `steps` decode steps (after the prefill) on the hooks and fast models; every step's
@@ -216,6 +216,44 @@ TEST_P(DecodeGraphTest, BatchOverTheLargestBucketRunsEagerly) {
   compare_paths(eager, fast, 6, true, "6 over bucket 4");
   EXPECT_EQ(fast.model->decode_stats().replayed, 0);
   EXPECT_EQ(fast.model->decode_stats().eager, 7);
+}
+
+// The inline MoE LoRA (deltas in extra CTAs of the fp8 expert GEMM grids) on the fast path:
+// graph replay gives the eager steps' bits for 200 steps (across block-table captures), the
+// hooks path within tolerance, and base rows the bits of an all-base batch.
+TEST(DecodeGraphInline, Fp8ReplayMatchesEagerHooksAndBase) {
+  MOELORA_REQUIRE_GPU();
+  const WeightFormat f = WeightFormat::fp8_block;
+  const MoeLoraVariant v = MoeLoraVariant::inline_ctas;
+  const std::vector<int> slots = {-1, 0, 1, 2, 3, -1, 1, 3};
+  {
+    DecodeRunner hooks(load(f, DecodePath::hooks), slots);
+    DecodeRunner fast(load(f, DecodePath::fast, 256, true, v), slots);
+    compare_paths(hooks, fast, 40, false, "inline vs hooks");
+  }
+  {
+    DecodeRunner eager(load(f, DecodePath::fast, 256, false, v), slots);
+    DecodeRunner fast(load(f, DecodePath::fast, 256, true, v), slots);
+    compare_paths(eager, fast, 200, true, "inline, graphs vs eager");
+    EXPECT_GE(fast.model->decode_stats().replayed, 190);
+  }
+  const std::vector<int> base(slots.size(), -1);
+  DecodeRunner with(load(f, DecodePath::fast, 256, true, v), slots);
+  DecodeRunner without(load(f, DecodePath::fast, 256, true, v), base);
+  StepResult rw = with.step(nullptr), rb = without.step(nullptr);
+  const int64_t V = rw.last_logits.size(1);
+  for (int s = 0; s < 20; ++s) {
+    std::vector<int32_t> next = greedy(rb);
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (slots[i] >= 0) continue;
+      SCOPED_TRACE(fmt::format("step {} row {}", s, i));
+      ASSERT_EQ(std::memcmp(rw.last_logits.data<float>() + int64_t(i) * V,
+                            rb.last_logits.data<float>() + int64_t(i) * V, size_t(V) * 4),
+                0);
+    }
+    rw = with.step(&next);
+    rb = without.step(&next);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, DecodeGraphTest,

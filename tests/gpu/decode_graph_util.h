@@ -19,7 +19,8 @@ namespace moelora::test {
 inline std::unique_ptr<Model> load_decode_model(const std::string& model_dir,
                                                 const std::vector<std::string>& adapter_dirs,
                                                 DecodePath path, int64_t max_batch = 256,
-                                                bool graphs = true) {
+                                                bool graphs = true,
+                                                MoeLoraVariant moe_lora = MoeLoraVariant::best) {
   ModelOptions o;
   o.device = Device::cuda();
   o.lora_slots = 4;
@@ -32,6 +33,7 @@ inline std::unique_ptr<Model> load_decode_model(const std::string& model_dir,
   d.path = path;
   d.max_batch = max_batch;
   d.graphs = graphs;
+  d.moe_lora = moe_lora;
   m->set_decode_options(d);
   return m;
 }

@@ -9,6 +9,7 @@
 
 #include "moelora/core/stream.h"
 #include "moelora/core/tensor.h"
+#include "moelora/moe/lora_inline.h"
 #include "moelora/moe/types.h"
 
 namespace moelora {
@@ -124,6 +125,17 @@ class MoeHooks {
   // o + w * delta, plus the shared expert). Base tokens must come out bit-identical to the
   // staged seams. Defaults: not fused.
   virtual bool fuses_activation(int64_t m) const { (void)m; return false; }
+  // Optional inline seams (the fast decode path on backends that run LoRA CTAs inside their
+  // expert GEMM grids, MoeBackend::runs_inline_lora). Asked once per layer call, before
+  // routing; a non-null result means the runner, for this call, skips after_route and the
+  // before_* / after_* seams, runs gemm1_lora / gemm2_lora with these seams (the hooks fill
+  // the deltas' inputs, token map and routed weights from `topk`, the call's routing views),
+  // then gate_up_activation and down_reduce, which must add the deltas (so fuses_activation(m)
+  // and fuses_reduce(m) must be true). Default: never.
+  virtual const MoeLoraInlineSeams* inline_lora(const TopK& topk, int64_t m) {
+    (void)topk, (void)m;
+    return nullptr;
+  }
   virtual bool fuses_reduce(int64_t m) const { (void)m; return false; }
   virtual void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
                                   const Stream& stream);
@@ -149,6 +161,15 @@ struct MoeLoraHooksOptions {
   // over fused_max_tokens. 0 = off. Needs the delta expand's shapes
   // (cuda::moe_lora_delta_supported: H and I multiples of 4, r_max % 8 == 0).
   int64_t overlap_max_tokens = 0;
+  // CUDA, on backends that run inline LoRA (MoeBackend::runs_inline_lora): batches of up to
+  // this many tokens compute both deltas in extra CTAs of the expert GEMM grids themselves
+  // (no side stream, no LoRA alignment) and add them inside the activation and the reduction
+  // as the overlap variant does. Takes precedence over the two above. 0 = off. Same shape
+  // needs as overlap_max_tokens.
+  int64_t inline_max_tokens = 0;
+  // Column slices per (plan block, half) the inline LoRA CTAs split a seam's outputs into
+  // (each slice recomputes the block's shrink; more CTAs in flight at tiny batches).
+  int inline_column_splits = 1;
 };
 
 // LoRA hooks over `pool` for batches of up to `max_tokens`, on the pool's device.

@@ -32,8 +32,20 @@ const char* decode_path_name(DecodePath path);
 // "hooks" or "fast"; anything else is an error naming the accepted values.
 DecodePath parse_decode_path(const std::string& name);
 
+// Which MoE LoRA variant the fast path's hooks use (MoeLoraHooksOptions): `best` is the one
+// measured fastest for the experts' weight format (decode_hook_options, src/model/moe_block.h);
+// the others force one (benchmarks and tests): staged hooks, overlap (deltas on a side stream)
+// or inline (deltas in extra CTAs of the expert GEMM grids; backends that run it, the staged
+// hooks elsewhere).
+enum class MoeLoraVariant { best, staged, overlap, inline_ctas };
+const char* moe_lora_variant_name(MoeLoraVariant v);
+// "best", "staged", "overlap" or "inline"; anything else is an error naming them.
+MoeLoraVariant parse_moe_lora_variant(const std::string& name);
+
 struct DecodeOptions {
   DecodePath path = DecodePath::hooks;
+  // fast only: the MoE LoRA variant (hooks always runs the staged one).
+  MoeLoraVariant moe_lora = MoeLoraVariant::best;
   // The largest decode batch the fast path captures graphs for (buckets 1, 2, 4, 8, then
   // multiples of 16 up to this, and at most ModelOptions::max_step_tokens); larger batches
   // run eagerly.

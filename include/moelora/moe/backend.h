@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "moelora/core/stream.h"
+#include "moelora/moe/lora_inline.h"
 #include "moelora/moe/types.h"
 
 namespace moelora {
@@ -57,6 +58,16 @@ class MoeBackend {
   // Weight stacks are in the backend's format (see MoeProblem::format).
   virtual void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan,
                      const ExpertMatrices& w13, Tensor& h, const Stream& stream) = 0;
+  // Optional capability (the fast decode path's inline LoRA, moelora/moe/lora_inline.h):
+  // gemm1 / gemm2 whose grid also computes `lora`'s delta into lora.delta, with h / o exactly
+  // as gemm1 / gemm2 write them. The runner calls them only when runs_inline_lora() is true.
+  virtual bool runs_inline_lora() const { return false; }
+  virtual void gemm1_lora(const Tensor& x, int top_k, const MoeAlignment& plan,
+                          const ExpertMatrices& w13, const MoeLoraInline& lora, Tensor& h,
+                          const Stream& stream);
+  virtual void gemm2_lora(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
+                          const Tensor& slot_weights, const MoeLoraInline& lora, Tensor& o,
+                          const Stream& stream);
   // a bf16 [M*k, I] = silu(h[:, :I]) * h[:, I:] for slots with ids >= 0.
   virtual void activation(const Tensor& h, const Tensor& ids, Tensor& a,
                           const Stream& stream) = 0;

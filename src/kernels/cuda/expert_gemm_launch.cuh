@@ -3,12 +3,14 @@
 // blocks with programmatic dependent launch.
 #pragma once
 
+#include <algorithm>
 #include <bitset>
 #include <cstddef>
 #include <mutex>
 
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/moe_lora_inline_launch.h"
 #include "kernels/cuda/pdl_launch.cuh"
 
 namespace moelora::cuda::detail {
@@ -35,13 +37,31 @@ cudaError_t allow_smem(int bytes) {
 // x (every CTA of a block dispatched together, the worst case's empty blocks last), else the
 // blocks. With p.pdl the kernel may be scheduled while its predecessor drains (it waits with
 // griddepcontrol.wait before reading anything the predecessor writes).
+// Params with inline LoRA (p.inline_lora.parts > 0, moe_lora_inline_launch.h): kKernel must be the
+// instantiation that carries LoRA CTAs; they are prepended on the block axis (lora_blocks
+// entries covering max_blocks * parts units) and the shared memory raised to what they need.
 template <auto kKernel, int kRows, class Params>
-cudaError_t launch_expert_gemm(const Params& p, int max_blocks, int threads, int smem_bytes,
+cudaError_t launch_expert_gemm(Params p, int max_blocks, int threads, int smem_bytes,
                                cudaStream_t stream) {
-  if (cudaError_t e = allow_smem<kKernel>(smem_bytes); e != cudaSuccess) return e;
   const int tiles =
       p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
-  const dim3 grid = p.row_tiles_fastest ? dim3(tiles, max_blocks) : dim3(max_blocks, tiles);
+  int axis = max_blocks;  // entries on the block axis
+  if constexpr (requires { p.inline_lora; }) {
+    if (p.inline_lora.parts > 0) {
+      const int64_t units = moe_lora_inline_units(p.inline_lora, max_blocks);
+      const int64_t lb = (units + tiles - 1) / tiles;
+      if (units > 0x7fffffff || (p.row_tiles_fastest && lb + max_blocks > 65535) ||
+          threads > 32 * kInlineMaxWarps || p.block_m > kInlineMaxBlockM)
+        return cudaErrorInvalidValue;
+      p.lora_units = int(units);
+      p.lora_blocks = int(lb);
+      axis += int(lb);
+      // One size per instantiation (allow_smem raises the limit once).
+      smem_bytes = std::max(smem_bytes, moe_lora_inline_smem(threads, kInlineMaxBlockM));
+    }
+  }
+  if (cudaError_t e = allow_smem<kKernel>(smem_bytes); e != cudaSuccess) return e;
+  const dim3 grid = p.row_tiles_fastest ? dim3(tiles, axis) : dim3(axis, tiles);
   if (!p.pdl) {
     kKernel<<<grid, threads, smem_bytes, stream>>>(p);
     return cudaGetLastError();

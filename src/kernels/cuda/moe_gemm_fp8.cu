@@ -18,6 +18,11 @@ cudaError_t launch_tile(const MoeGemmFp8Args& p, int max_blocks, cudaStream_t st
   // (kKt 128 there): a deeper ring keeps as many weight bytes in flight per CTA.
   constexpr int kStages = kNt <= 2 ? 6 : 4;
   using Tile = sm90::MoeGemmFp8Tile<kNt, kMt, kRows, kStages>;
+  if (p.inline_lora.parts > 0) {
+    constexpr auto kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages, true>;
+    return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads,
+                                                   Tile::kSmemBytes, stream);
+  }
   constexpr auto kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages>;
   return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads, Tile::kSmemBytes,
                                                  stream);

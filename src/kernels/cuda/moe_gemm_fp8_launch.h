@@ -6,6 +6,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/cuda/moe_lora_inline_launch.h"
+
 namespace moelora::cuda {
 
 // out[s, n] = scale(s) * sum_kb w_scale(g, n, kb) * act_scale(r, kb) *
@@ -36,6 +38,11 @@ struct MoeGemmFp8Args {
   bool plan_ready = false;
   void* act_out = nullptr;  // fused SiLU(gate) * up, bf16 [num_slots, n / 2]
   bool row_tiles_fastest = false;
+  // LoRA CTAs prepended to the grid (inline_lora.parts > 0; moe_lora_inline_launch.h). The launcher
+  // sets lora_blocks (extra entries on the block axis) and lora_units.
+  MoeLoraInlineArgs inline_lora{};
+  int lora_blocks = 0;
+  int lora_units = 0;
 };
 
 inline constexpr int kFp8BlockK = 128;  // the only K block the kernels run (= their K tile)

@@ -10,6 +10,7 @@
 #include "core/cuda_check.h"
 #include "kernels/cuda/moe_fp8_ops.h"
 #include "kernels/cuda/moe_gemm_fp8_launch.h"
+#include "kernels/cuda/moe_lora_inline_ops.h"
 #include "kernels/cuda/moe_op_checks.h"
 
 namespace moelora::cuda {
@@ -197,8 +198,11 @@ bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::s
 
 void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
                          const ExpertMatrices& w13, Tensor& out, bool fused,
-                         Fp8ActBuffer& act_buf, const Stream& stream, const MoeGemmConfig& cfg) {
+                         Fp8ActBuffer& act_buf, const Stream& stream, const MoeGemmConfig& cfg,
+                         const MoeLoraInline* lora) {
   const char* op = fused ? "moe_gemm1_fp8_activation" : "moe_gemm1_fp8";
+  MOELORA_CHECK(!(fused && lora), "{}: inline LoRA needs the unfused h (the delta is added "
+                "before SiLU by the activation)", op);
   MOELORA_CHECK(top_k >= 1, "{}: top_k must be >= 1, found {}", op, top_k);
   MoeGemmFp8Args p{};
   check_cuda_tensor(x, DType::bf16, "moe_gemm1_fp8 x");
@@ -225,12 +229,14 @@ void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
   p.slot_scale = nullptr;
   p.num_slots = int(num_slots);
   p.rows_div = top_k;
+  if (lora) p.inline_lora = inline_lora_args(*lora, true, x, top_k, num_slots, w13.groups, w13.n, op);
   run(p, x, plan, blocks, cfg, stream);
 }
 
 void moe_gemm2_fp8_tiled(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                          const Tensor& slot_weights, Tensor& o, Fp8ActBuffer& act_buf,
-                         const Stream& stream, const MoeGemmConfig& cfg) {
+                         const Stream& stream, const MoeGemmConfig& cfg,
+                         const MoeLoraInline* lora) {
   constexpr const char* op = "moe_gemm2_fp8";
   MoeGemmFp8Args p{};
   check_cuda_tensor(a, DType::bf16, "moe_gemm2_fp8 a");
@@ -254,15 +260,16 @@ void moe_gemm2_fp8_tiled(const Tensor& a, const MoeAlignment& plan, const Expert
   p.slot_scale = slot_weights.defined() ? slot_weights.data<float>() : nullptr;
   p.num_slots = int(num_slots);
   p.rows_div = 1;
+  if (lora) p.inline_lora = inline_lora_args(*lora, false, a, 1, num_slots, w2.groups, w2.n, op);
   run(p, a, plan, blocks, cfg, stream);
 }
 
 void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan,
                    const ExpertMatrices& w13, Tensor& h, Fp8ActBuffer& act_buf,
-                   const Stream& stream) {
+                   const Stream& stream, const MoeLoraInline* lora) {
   const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
   moe_gemm1_fp8_tiled(x, top_k, plan, w13, h, false, act_buf, stream,
-                      heuristic(w13, plan, slots));
+                      heuristic(w13, plan, slots), lora);
 }
 
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
@@ -275,9 +282,10 @@ void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& pl
 
 void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                    const Tensor& slot_weights, Tensor& o, Fp8ActBuffer& act_buf,
-                   const Stream& stream) {
+                   const Stream& stream, const MoeLoraInline* lora) {
   const int64_t slots = a.dim() == 2 ? a.size(0) : 0;
-  moe_gemm2_fp8_tiled(a, plan, w2, slot_weights, o, act_buf, stream, heuristic(w2, plan, slots));
+  moe_gemm2_fp8_tiled(a, plan, w2, slot_weights, o, act_buf, stream, heuristic(w2, plan, slots),
+                      lora);
 }
 
 }  // namespace moelora::cuda

@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/moe_gemm_fp8_launch.h"
+#include "kernels/cuda/moe_lora_inline.cuh"
 #include "kernels/cuda/sm90_moe_gemm.cuh"
 
 namespace moelora::cuda::sm90 {
@@ -122,7 +123,8 @@ struct MoeGemmFp8Tile {
   static_assert(kNt == 1 || kNt % 2 == 0, "token columns come in pairs past the first");
 };
 
-template <int kNt, int kMt, int kRows, int kStages>
+// kLora: the grid also carries p.lora's inline LoRA CTAs, first on the block axis.
+template <int kNt, int kMt, int kRows, int kStages, bool kLora = false>
 __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThreads)
     moe_gemm_fp8_kernel(const MoeGemmFp8Args p) {
   using Tile = MoeGemmFp8Tile<kNt, kMt, kRows, kStages>;
@@ -131,10 +133,15 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
   constexpr int kKt = Tile::kKt;
   constexpr int kChunks = 8;  // 16-byte chunks per code row
 
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   if (!p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-  const int block = p.row_tiles_fastest ? blockIdx.y : blockIdx.x;
-  const int tile = p.row_tiles_fastest ? blockIdx.x : blockIdx.y;
+  int bx = blockIdx.x, by = blockIdx.y;
+  if constexpr (kLora) {
+    if (inline_lora_cta(p, bx, by, smem_raw)) return;
+  }
+  const int block = p.row_tiles_fastest ? by : bx;
+  const int tile = p.row_tiles_fastest ? bx : by;
   const int num_padded = __ldcg(p.num_padded);
   const int group = __ldcg(p.block_group + block);
   if (block * p.block_m >= num_padded || group < 0) {
@@ -152,7 +159,6 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
     return min(col0 + r - (up ? kRows / 2 : 0), half_n - 1) + (up ? half_n : 0);
   };
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
   float* x_scales = reinterpret_cast<float*>(smem_raw + Tile::kRingBytes);  // [kStages][kTokens]
   int* tok_row = reinterpret_cast<int*>(x_scales + kStages * kTokens);
   int* tok_slot = tok_row + kTokens;

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session 5's device calls. Usage (device): scripts/gpu-session5.sh BIN_DIR OUT_DIR MODE
+#   inline: the inline MoE LoRA's GPU tests (+ the layer / decode-graph suites it touches),
+#           memcheck and racecheck on it, bench moe fp8 overlap vs inline, bench decode fp8
+#           fast path with the overlap vs the inline MoE LoRA.
+set -uo pipefail
+B=$1; OUT=$2; MODE=$3; mkdir -p "$OUT"
+export MOELORA_FIXTURES=$PWD/tests/fixtures
+if [ "$MODE" = inline ]; then
+  timeout 240 "$B/moelora_gpu_tests" \
+    --gtest_filter='CudaFp8Block.*:DecodeGraphInline.*:CudaMoeLayer.*:*DecodeGraphTest*fp8*:CudaWna16*Layer*' \
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"
+  grep -E "^\[  FAILED|^\[  PASSED|tests ran|Failure|error" "$OUT/gpu_tests.log" | head -20
+  timeout 150 compute-sanitizer --tool memcheck "$B/moelora_gpu_tests" \
+    --gtest_filter='CudaFp8Block.InlineLoraRejectsBadSeams:CudaFp8Block.InlineLoraInGraphMatchesReference' \
+    > "$OUT/san_memcheck.log" 2>&1
+  echo "memcheck rc=$?"; tail -1 "$OUT/san_memcheck.log"
+  PATHS="overlap inline1 inline2" LORAS=none,r16x1,r16x4,r64x1 \
+    bash scripts/bench-moe-paths.sh "$B/moelora" "$OUT" fp8
+  for v in overlap inline; do
+    timeout 150 "$B/moelora" bench decode --batches 1,16,64,128 --lora none,r16x1 --path fast \
+      --moe-lora $v --steps 10 --json "$OUT/bench_decode_fp8_$v.json" > "$OUT/bench_decode_fp8_$v.log" 2>&1
+    echo "bench decode fp8 $v rc=$?"
+    grep -E "batch +[0-9]+ +fast" "$OUT/bench_decode_fp8_$v.log" | head -12
+  done
+  timeout 100 compute-sanitizer --tool racecheck "$B/moelora_gpu_tests" \
+    --gtest_filter='CudaFp8Block.InlineLoraRejectsBadSeams' > "$OUT/san_racecheck.log" 2>&1
+  echo "racecheck rc=$?"; tail -1 "$OUT/san_racecheck.log"
+fi
