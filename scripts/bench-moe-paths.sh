@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench moe, hooks vs fast LoRA path, for the given expert formats (device).
 # Usage: scripts/bench-moe-paths.sh BIN OUT_DIR dtype [dtype ...]
-# PATHS: LoRA paths (default "hooks fast"); "inlineN" = --path inline --inline-splits N.
+# PATHS: LoRA paths (default "hooks fast"); "inlineCkS" = --path inline --inline-splits C
+# --inline-k-splits S (S 0: by batch size).
 # LORAS, BATCHES: override the settings and batch sizes.
 set -uo pipefail
 BIN=$1; OUT=$2; shift 2
@@ -9,7 +10,10 @@ mkdir -p "$OUT"
 for dt in "$@"; do
   for path in ${PATHS:-hooks fast}; do
     args=(--path "$path")
-    case $path in inline[0-9]*) args=(--path inline --inline-splits "${path#inline}");; esac
+    case $path in
+      inline*k*) c=${path#inline}; args=(--path inline --inline-splits "${c%k*}" --inline-k-splits "${path##*k}");;
+      inline[0-9]*) args=(--path inline --inline-splits "${path#inline}");;
+    esac
     timeout 200 "$BIN" bench moe --dtype "$dt" "${args[@]}" --lora "${LORAS:-none,r16x1,r16x4,r64x1}" \
       ${BATCHES:+--batches $BATCHES} --json "$OUT/moe_${dt}_${path}.json" > "$OUT/moe_${dt}_${path}.log" 2>&1
     echo "== $dt $path rc=$?"

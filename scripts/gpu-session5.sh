@@ -16,7 +16,7 @@ if [ "$MODE" = inline ]; then
     --gtest_filter='CudaFp8Block.InlineLoraRejectsBadSeams:CudaFp8Block.InlineLoraInGraphMatchesReference' \
     > "$OUT/san_memcheck.log" 2>&1
   echo "memcheck rc=$?"; tail -1 "$OUT/san_memcheck.log"
-  PATHS="overlap inline1 inline2" LORAS=none,r16x1,r16x4,r64x1 \
+  PATHS="${INLINE_PATHS:-overlap inline1 inline2}" LORAS=none,r16x1,r16x4,r64x1 \
     bash scripts/bench-moe-paths.sh "$B/moelora" "$OUT" fp8
   for v in overlap inline; do
     timeout 150 "$B/moelora" bench decode --batches 1,16,64,128 --lora none,r16x1 --path fast \

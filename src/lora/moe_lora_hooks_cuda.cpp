@@ -26,6 +26,7 @@
 #include <algorithm>
 
 #include "kernels/cuda/moe_fused_ops.h"
+#include "kernels/cuda/moe_lora_inline_ops.h"
 #include "kernels/cuda/moe_ops.h"
 #include "moelora/lora/moe_lora.h"
 
@@ -38,7 +39,9 @@ class CudaLoraHooks final : public MoeLoraHooks {
       : MoeLoraHooks(pool, max_tokens),
         fused_max_tokens_(std::max<int64_t>(0, options.fused_max_tokens)),
         overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)),
-        inline_max_tokens_(std::max<int64_t>(0, options.inline_max_tokens)) {
+        inline_max_tokens_(std::max<int64_t>(0, options.inline_max_tokens)),
+        inline_k_splits_(options.inline_k_splits),
+        inline_column_splits_(options.inline_column_splits) {
     MOELORA_CHECK(fused_max_tokens_ == 0 || (pool.r_max() % 8 == 0 && pool.r_max() <= 256),
                   "MoE LoRA hooks: the fused path needs r_max a multiple of 8 and <= 256, the "
                   "pool has r_max {}",
@@ -58,14 +61,23 @@ class CudaLoraHooks final : public MoeLoraHooks {
     MOELORA_CHECK(options.inline_column_splits >= 1 && options.inline_column_splits <= 64,
                   "MoE LoRA hooks: inline_column_splits must be in [1, 64], found {}",
                   options.inline_column_splits);
+    MOELORA_CHECK(options.inline_k_splits >= 0 && options.inline_k_splits <= 16,
+                  "MoE LoRA hooks: inline_k_splits must be in [0, 16] (0 = by batch size), "
+                  "found {}",
+                  options.inline_k_splits);
+    if (inline_max_tokens_ > 0 && d.is_cuda()) sms_ = cuda::current_sm_count();
     if (delta_ok) {
       delta_rows_ = std::min(slots, std::max<int64_t>(0, options.delta_max_slots));
-      const int64_t rows = std::max(
-          delta_rows_,
-          std::min(max_tokens, std::max(overlap_max_tokens_, inline_max_tokens_)) * s.top_k);
-      if (rows > 0) {
-        d13_ = Tensor::empty({rows, 2 * s.inter}, DType::f32, d);
-        d2_ = Tensor::empty({rows, s.hidden}, DType::f32, d);
+      int64_t rows13 = std::max(delta_rows_, std::min(max_tokens, overlap_max_tokens_) * s.top_k);
+      int64_t rows2 = rows13;
+      // The inline variant's K-split partial deltas: the most rows any batch size needs.
+      for (int64_t m = 1; m <= std::min(max_tokens, inline_max_tokens_); ++m) {
+        rows13 = std::max(rows13, k_splits(m, true) * m * s.top_k);
+        rows2 = std::max(rows2, k_splits(m, false) * m * s.top_k);
+      }
+      if (rows13 > 0) {
+        d13_ = Tensor::empty({rows13, 2 * s.inter}, DType::f32, d);
+        d2_ = Tensor::empty({rows2, s.hidden}, DType::f32, d);
       }
     }
     side_ = Stream::create(d);
@@ -90,8 +102,12 @@ class CudaLoraHooks final : public MoeLoraHooks {
     const int64_t n = m * pool_.shape().top_k;
     const Tensor token_slot = bound_slots(m);
     inline_.gate_up.token_slot = inline_.down.token_slot = token_slot;
-    inline_.gate_up.delta = d13_.first_rows(n);
-    inline_.down.delta = d2_.first_rows(n);
+    auto partials = [&](const Tensor& d, int64_t splits) {
+      Tensor rows = d.first_rows(splits * n);
+      return splits == 1 ? rows : rows.view({splits, n, d.size(1)});
+    };
+    inline_.gate_up.delta = partials(d13_, k_splits(m, true));
+    inline_.down.delta = partials(d2_, k_splits(m, false));
     inline_.down.slot_weights = topk.weights.view({n});
     m_ = m;
     routed_ = true;
@@ -180,10 +196,9 @@ class CudaLoraHooks final : public MoeLoraHooks {
   void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
                           const Stream& stream) override {
     MOELORA_CHECK(routed_, "MoE LoRA hooks: gate_up_activation before after_route");
-    const int64_t slots = topk.ids.size(0) * pool_.shape().top_k;
     if (inline_on_) {  // the delta came from the gate_up GEMM's own grid, just before
       cuda::moe_activation_lora_delta(h, topk.ids, bound_slots(m_), pool_.num_slots(),
-                                      pool_.shape().num_experts, d13_.first_rows(slots), a,
+                                      pool_.shape().num_experts, inline_.gate_up.delta, a,
                                       stream);
       return;
     }
@@ -205,9 +220,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
                    const Tensor& shared_gate_logits, Tensor& y, const Stream& stream) override {
     MOELORA_CHECK(routed_, "MoE LoRA hooks: down_reduce before after_route");
     if (inline_on_) {
-      const int64_t slots = topk.ids.size(0) * pool_.shape().top_k;
       cuda::moe_reduce_lora_delta(o, topk.ids, bound_slots(m_), pool_.num_slots(),
-                                  pool_.shape().num_experts, d2_.first_rows(slots), shared_o,
+                                  pool_.shape().num_experts, inline_.down.delta, shared_o,
                                   shared_gate_logits, y, stream);
       return;
     }
@@ -249,6 +263,13 @@ class CudaLoraHooks final : public MoeLoraHooks {
     return n <= delta_rows_ && n / pool_.shape().top_k > fused_max_tokens_;
   }
   bool overlaps(int64_t m) const { return m <= overlap_max_tokens_; }
+  // K slices of an inline seam for a batch of m tokens (MoeLoraHooksOptions::inline_k_splits).
+  int64_t k_splits(int64_t m, bool gate_up) const {
+    if (inline_k_splits_ > 0) return inline_k_splits_;
+    const MoeShape& s = pool_.shape();
+    return cuda::inline_lora_k_splits(m * s.top_k, s.num_experts, gate_up ? s.hidden : s.inter,
+                                      (gate_up ? 2 : 1) * inline_column_splits_, sms_);
+  }
   // This layer call took the inline seams (inline_lora(), asked only of backends that run them).
   bool inlined(int64_t m) const { return inline_on_ && m == m_; }
 
@@ -256,6 +277,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
   int64_t fused_max_tokens_ = 0;
   int64_t overlap_max_tokens_ = 0;
   int64_t inline_max_tokens_ = 0;
+  int inline_k_splits_ = 0, inline_column_splits_ = 1, sms_ = 132;
   MoeLoraInlineSeams inline_;
   bool inline_on_ = false;  // this layer call runs the inline seams
   int64_t delta_rows_ = 0;  // slots the delta buffers hold (0: delta path off)

@@ -243,6 +243,7 @@ int run_bench_moe(const BenchMoeOptions& opt) {
       if (opt.path == "inline") {
         hook_options.inline_max_tokens = max_batch;
         hook_options.inline_column_splits = opt.inline_column_splits;
+        hook_options.inline_k_splits = opt.inline_k_splits;
       }
       L.hooks = MoeLoraHooks::create(*L.pool, max_batch, hook_options);
     }
@@ -326,7 +327,10 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     j["shape"] = shape.name;
     j["dtype"] = format_name(format);
     j["lora_path"] = opt.path;
-    if (opt.path == "inline") j["inline_column_splits"] = opt.inline_column_splits;
+    if (opt.path == "inline") {
+      j["inline_column_splits"] = opt.inline_column_splits;
+      j["inline_k_splits"] = opt.inline_k_splits;
+    }
     if (format != WeightFormat::bf16) j["group_size"] = group_size;
     j["bytes_per_expert"] = expert_bytes;
     j["backend"] = std::string(runner.backend().name());

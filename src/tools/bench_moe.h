@@ -14,6 +14,7 @@ struct BenchMoeOptions {
   int64_t group_size = 0;      // quantized formats: 0 = 128 (16 for nvfp4)
   std::string path = "hooks";  // LoRA: hooks (staged expands) | fast | overlap | inline
   int inline_column_splits = 1;  // --path inline: MoeLoraHooksOptions::inline_column_splits
+  int inline_k_splits = 0;       // --path inline: MoeLoraHooksOptions::inline_k_splits
   std::vector<int> batches;  // empty: 1,4,16,64,128,256 on CUDA; 1,4,16 on the CPU
   std::vector<std::string> lora = {"none", "r16x1", "r16x4", "r64x1"};
   std::string device = "auto";  // auto | cpu | cuda

@@ -34,6 +34,9 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--inline-splits", moe.inline_column_splits,
                         "--path inline: CTAs per (plan block, half) along the output columns")
       ->capture_default_str();
+  bench_moe->add_option("--inline-k-splits", moe.inline_k_splits,
+                        "--path inline: K slices of the shrink (0: by batch size)")
+      ->capture_default_str();
   bench_moe->add_option("--group-size", moe.group_size,
                         "quantization group along K (0: 128; nvfp4 16; fp8 = square block)");
   bench_moe->add_option("--batches", moe.batches, "batch sizes (default 1,4,16,64,128,256; CPU 1,4,16)")

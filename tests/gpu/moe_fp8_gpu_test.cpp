@@ -353,7 +353,8 @@ TEST(CudaFp8Block, LayerMatchesReferenceBackend) {
 // reference backend, against the staged hooks on the same GPU runner, eager and replayed from a
 // graph with new inputs and a new adapter mix; base tokens bit-identical to a LoRA-off run.
 // Four adapters of ranks 8 / 16 / 32 / 64 (separate and fused gate_up, one without down, one
-// rank 64 past one 32-rank pass), r_max 64, base rows mixed in; 1 and 3 column splits.
+// rank 64 past one 32-rank pass), r_max 64, base rows mixed in; column splits 1-3 and K
+// splits (partial deltas) 1 (by batch size here), 2 and 4.
 void load_four_adapters(const MoeShape& s, std::mt19937_64& rng, MoeLoraPool& cpu_pool,
                         MoeLoraPool& gpu_pool) {
   const int64_t E = s.num_experts, H = s.hidden, I = s.inter;
@@ -393,9 +394,9 @@ void inline_lora_layer(bool graph) {
                              LayerCase{v3, RouterConfig::deepseek_v3(32, 4, 4, 2, 2.5f)},
                              LayerCase{q2, RouterConfig::softmax_topk(12, 3, false)}}) {
     for (int64_t m : {1, 7, 64, 257}) {
-      for (int splits : {1, 3}) {
+      for (const auto& [splits, k_splits] : {std::pair{1, 0}, std::pair{3, 4}, std::pair{2, 2}}) {
         SCOPED_TRACE(::testing::Message() << c.shape.name << " M=" << m << " splits=" << splits
-                                          << " graph=" << graph);
+                                          << " k_splits=" << k_splits << " graph=" << graph);
         const int64_t H = c.shape.hidden;
         MoeRunnerConfig rc;
         rc.shape = c.shape, rc.router = c.router, rc.max_tokens = m;
@@ -414,6 +415,7 @@ void inline_lora_layer(bool graph) {
         MoeLoraHooksOptions opt;
         opt.inline_max_tokens = m;
         opt.inline_column_splits = splits;
+        opt.inline_k_splits = k_splits;
         auto inl = MoeLoraHooks::create(pool_gpu, m, opt);
 
         auto draw = [&](Tensor& x, Tensor& logits, Tensor& gate, Tensor& slots) {

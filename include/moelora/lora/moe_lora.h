@@ -170,6 +170,10 @@ struct MoeLoraHooksOptions {
   // Column slices per (plan block, half) the inline LoRA CTAs split a seam's outputs into
   // (each slice recomputes the block's shrink; more CTAs in flight at tiny batches).
   int inline_column_splits = 1;
+  // K slices of the inline shrink (each CTA's partial delta in its own buffer, summed in order
+  // by the activation / reduction). 0 = by batch size: enough CTAs for ~2 per SM while the
+  // batch touches few experts, 1 once it touches many (moe_lora_hooks_cuda.cpp).
+  int inline_k_splits = 0;
 };
 
 // LoRA hooks over `pool` for batches of up to `max_tokens`, on the pool's device.

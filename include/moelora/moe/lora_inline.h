@@ -18,7 +18,10 @@ struct MoeLoraInline {
   Tensor b;               // bf16 [S, E, N, r_max]: the pool's b13 or b2
   Tensor meta;            // i32 [S, 6]: MoeLoraSlotMeta per slot
   Tensor slot_weights;    // f32 [M*k]: routed weights (down) or undefined (weight 1)
-  Tensor delta;           // f32 [>= M*k, N]: rows of slots with an adapter written, others not
+  // f32 [>= M*k, N], or [k_splits, >= M*k, N] to split the shrink's K over k_splits CTAs per
+  // part, each writing its partial delta (their sum, in split order, is the delta). Rows of
+  // slots with an adapter are written, the others not.
+  Tensor delta;
   int column_splits = 1;  // CTAs per (plan block, half) along the seam's output columns
 };
 

@@ -17,6 +17,11 @@ __device__ __forceinline__ bool has_delta(const LoraDeltaView& dl, int64_t slot,
   return ts >= 0 && ts < dl.num_lora_slots && expert >= 0 && expert < dl.num_experts;
 }
 
+// v += the delta at element offset `at` (its partials summed in order first; one partial:
+// exactly v += d[at]).
+template <int kVec>
+__device__ __forceinline__ void add_delta(const LoraDeltaView& dl, int64_t at, float (&v)[kVec]);
+
 template <int kVec>
 __device__ __forceinline__ void add_row(const float* d, float (&v)[kVec]) {
   if constexpr (kVec == 4) {
@@ -25,6 +30,19 @@ __device__ __forceinline__ void add_row(const float* d, float (&v)[kVec]) {
   } else {
     v[0] += *d;
   }
+}
+
+template <int kVec>
+__device__ __forceinline__ void add_delta(const LoraDeltaView& dl, int64_t at, float (&v)[kVec]) {
+  if (dl.splits <= 1) {
+    add_row<kVec>(dl.d + at, v);
+    return;
+  }
+  float t[kVec] = {};
+  add_row<kVec>(dl.d + at, t);
+  for (int sp = 1; sp < dl.splits; ++sp) add_row<kVec>(dl.d + sp * dl.split_stride + at, t);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) v[i] += t[i];
 }
 
 // One CTA row per (slot, chunk of kVec * kActThreads columns); slots routed nowhere are skipped.
@@ -52,9 +70,8 @@ __global__ void __launch_bounds__(kActThreads)
     g[0] = *hg, u[0] = *hu;
   }
   if (has_delta(dl, s, e)) {
-    const float* dg = dl.d + s * 2 * inter + col;
-    add_row<kVec>(dg, g);
-    add_row<kVec>(dg + inter, u);
+    add_delta<kVec>(dl, s * 2 * inter + col, g);
+    add_delta<kVec>(dl, s * 2 * inter + inter + col, u);
   }
   if constexpr (kVec == 4) {
     __nv_bfloat162 lo = __floats2bfloat162_rn(silu_mul(g[0], u[0]), silu_mul(g[1], u[1]));
@@ -87,7 +104,7 @@ __global__ void __launch_bounds__(kReduceThreads)
     float v[kVec] = {};
     add_row<kVec>(o + slot * hidden + col, v);
     // The slot's LoRA delta joins its row before the sum (as the hooks' expand into o does).
-    if (has_delta(dl, slot, e)) add_row<kVec>(dl.d + slot * hidden + col, v);
+    if (has_delta(dl, slot, e)) add_delta<kVec>(dl, slot * hidden + col, v);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[i] += v[i];
   }

@@ -8,7 +8,8 @@
 namespace moelora::cuda {
 namespace {
 
-// The delta view of moe_activation_lora_delta / moe_reduce_lora_delta: d [M*k, N] f32.
+// The delta view of moe_activation_lora_delta / moe_reduce_lora_delta: d f32 [M*k, N], or
+// [splits, M*k, N] partial deltas added in order.
 detail::LoraDeltaView delta_view(const Tensor& d, int64_t n, const Tensor& ids,
                                  const Tensor& token_slot, int num_lora_slots, int num_experts,
                                  const char* what) {
@@ -16,11 +17,20 @@ detail::LoraDeltaView delta_view(const Tensor& d, int64_t n, const Tensor& ids,
   check_cuda_tensor(token_slot, DType::i32, "LoRA delta token_slot");
   MOELORA_CHECK(ids.dim() == 2, "{}: ids expected [M, k], found {}", what, ids.describe());
   check_shape(token_slot, {ids.size(0)}, "LoRA delta token_slot");
-  check_shape(d, {ids.numel(), n}, what);
+  if (d.dim() == 3) {
+    MOELORA_CHECK(d.size(0) >= 1 && d.size(0) <= 16 && d.size(1) == ids.numel() &&
+                      d.size(2) == n,
+                  "{}: expected [splits in 1..16, {}, {}], found {}", what, ids.numel(), n,
+                  d.describe());
+  } else {
+    check_shape(d, {ids.numel(), n}, what);
+  }
   MOELORA_CHECK(reinterpret_cast<uintptr_t>(d.data()) % 16 == 0, "{}: must be 16-byte aligned",
                 what);
   detail::LoraDeltaView v;
   v.d = d.data<float>();
+  v.splits = d.dim() == 3 ? int(d.size(0)) : 1;
+  v.split_stride = ids.numel() * n;
   v.token_slot = token_slot.data<int32_t>();
   v.top_k = int(ids.size(1));
   v.num_lora_slots = num_lora_slots;

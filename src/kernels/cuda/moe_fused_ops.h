@@ -65,7 +65,8 @@ void moe_lora_reduce(const Tensor& o, const Tensor& ids, const Tensor& token_slo
 // expert GEMMs (moe_lora_expand_delta_split into d13 / d2) and added here, inside passes that
 // run anyway. Rows of slots whose token has an adapter (token_slot[s / k] in
 // [0, num_lora_slots)) and a valid expert get d added: to h before SiLU * up, and to o before
-// the top-k sum; every other slot gets exactly moe_activation / moe_reduce.
+// the top-k sum; every other slot gets exactly moe_activation / moe_reduce. d is f32 [M*k, N],
+// or [splits, M*k, N] partial deltas (the inline variant's K slices) summed in order first.
 void moe_activation_lora_delta(const Tensor& h, const Tensor& ids, const Tensor& token_slot,
                                int num_lora_slots, int num_experts, const Tensor& d13, Tensor& a,
                                const Stream& stream);

@@ -1,7 +1,9 @@
 // Device code of the inline LoRA CTAs an expert GEMM grid may carry (moe_lora_inline_launch.h).
 //
 // One CTA handles one part of one plan block of the GEMM it rides with: the gate or up half
-// (gate_up) or the whole down seam, and one slice of that seam's output columns. For each
+// (gate_up) or the whole down seam, one slice of the shrink's K (its partial delta, by
+// linearity B . (A . in) summed over K slices, goes to its own buffer; the consumer adds the
+// slices in order: deterministic) and one slice of the seam's output columns. For each
 // adapter present among the block's slots (ascending slot id, so the result does not depend
 // on scheduling), 16 slots and 32 ranks at a time:
 //  - shrink u = A . in on tensor cores (mma m16n8k16, ranks in M, slots in N), warps splitting
@@ -54,7 +56,8 @@ __device__ __forceinline__ void moe_lora_inline_unit(const MoeLoraInlineArgs& L,
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const int halves = L.gate_up ? 2 : 1;
   const int b = unit / L.parts, part = unit % L.parts;
-  const int half = part % halves, chunk = part / halves, nsplit = L.parts / halves;
+  const int half = part % halves, ks = (part / halves) % L.k_splits;
+  const int chunk = part / (halves * L.k_splits), nsplit = L.parts / (halves * L.k_splits);
   if (b * plan.block_m >= __ldcg(plan.num_padded)) return;
   const int e = __ldcg(plan.block_group + b);
   if (e < 0) return;
@@ -84,7 +87,10 @@ __device__ __forceinline__ void moe_lora_inline_unit(const MoeLoraInlineArgs& L,
   const int n_lo = chunk * per, n_hi = min(nh, n_lo + per);
   const int out_off = half * nh;
   const int chunks = (L.K + 31) / 32;
+  const int per_split = (chunks + L.k_splits - 1) / L.k_splits;
+  const int c_lo = ks * per_split, c_hi = min(chunks, c_lo + per_split);
   const __nv_bfloat16* in = static_cast<const __nv_bfloat16*>(L.in);
+  float* delta = L.delta + ks * L.split_stride;
 
   for (int prev = -1;;) {
     int a = INT_MAX;  // the next adapter (every thread finds the same)
@@ -139,7 +145,7 @@ __device__ __forceinline__ void moe_lora_inline_unit(const MoeLoraInlineArgs& L,
             xr[n] = in + int64_t(hx[n] ? list[i] / L.rows_div : 0) * L.K;
           }
 #pragma unroll 2
-          for (int c = warp; c < chunks; c += warps) {
+          for (int c = c_lo + warp; c < c_hi; c += warps) {
             const int k = c * 32 + tig * 8;
             const bool k_ok = k < L.K;
             uint32_t f0[2][4], f1[2][4];
@@ -184,27 +190,44 @@ __device__ __forceinline__ void moe_lora_inline_unit(const MoeLoraInlineArgs& L,
           us[i] = sum;
         }
         __syncthreads();
-        // Expand this CTA's columns; B is zero past the rank inside r_max (the pool pads it),
+        // Expand this CTA's columns, two per thread at a time with every B load of both
+        // issued before the FMAs; B is zero past the rank inside r_max (the pool pads it),
         // and rank <= r_max with r_max % 8 == 0, so 8-rank loads stay inside the row.
-        for (int n = n_lo + tid; n < n_hi; n += nthreads) {
-          float o[kRw] = {};
-          const __nv_bfloat16* brow = B + int64_t(n) * L.r_max + r0;
-          for (int q = 0; q < rk; q += 8) {
-            float bv[8];
-            ::moelora::cuda::detail::bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(brow + q)), bv);
+        for (int n0 = n_lo + tid; n0 < n_hi; n0 += 2 * nthreads) {
+          const int n1 = n0 + nthreads;
+          const bool has1 = n1 < n_hi;
+          float o0[kRw] = {}, o1[kRw] = {};
+          const __nv_bfloat16* b0 = B + int64_t(n0) * L.r_max + r0;
+          const __nv_bfloat16* b1 = B + int64_t(has1 ? n1 : n0) * L.r_max + r0;
+          uint4 bq0[kRk / 8], bq1[kRk / 8];
+#pragma unroll
+          for (int q = 0; q < kRk / 8; ++q) {
+            bq0[q] = q * 8 < rk ? __ldg(reinterpret_cast<const uint4*>(b0 + q * 8)) : make_uint4(0, 0, 0, 0);
+            bq1[q] = q * 8 < rk ? __ldg(reinterpret_cast<const uint4*>(b1 + q * 8)) : make_uint4(0, 0, 0, 0);
+          }
+#pragma unroll
+          for (int q = 0; q < kRk / 8; ++q) {
+            if (q * 8 >= rk) break;
+            float bv0[8], bv1[8];
+            ::moelora::cuda::detail::bf16x8_to_float(bq0[q], bv0);
+            ::moelora::cuda::detail::bf16x8_to_float(bq1[q], bv1);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-              const float* ur = us + (q + i) * kRw;
+              const float* ur = us + (q * 8 + i) * kRw;
 #pragma unroll
-              for (int r = 0; r < kRw; ++r) o[r] = fmaf(bv[i], ur[r], o[r]);
+              for (int r = 0; r < kRw; ++r) {
+                o0[r] = fmaf(bv0[i], ur[r], o0[r]);
+                o1[r] = fmaf(bv1[i], ur[r], o1[r]);
+              }
             }
           }
 #pragma unroll
           for (int r = 0; r < kRw; ++r) {
             if (r >= nrows) break;
-            float* dst = L.delta + int64_t(list[r]) * L.N + out_off + n;
-            const float v = list_w[r] * o[r];
-            *dst = p == 0 ? v : *dst + v;
+            float* dst = delta + int64_t(list[r]) * L.N + out_off;
+            const float v0 = list_w[r] * o0[r], v1 = list_w[r] * o1[r];
+            dst[n0] = p == 0 ? v0 : dst[n0] + v0;
+            if (has1) dst[n1] = p == 0 ? v1 : dst[n1] + v1;
           }
         }
       }

@@ -26,9 +26,13 @@ struct MoeLoraInlineArgs {
   int num_lora_slots = 0;
   bool gate_up = false;
   const float* slot_weights = nullptr;  // [n] routed weights (down) or null (1)
-  float* delta = nullptr;               // f32 [n, N]: rows of slots with an adapter written
-  // CTAs per plan block: gate_up 2 * column splits (gate, up halves), down the column splits.
-  // 0 = no LoRA CTAs (the GEMM alone).
+  // f32 [k_splits][rows >= n][N]: partial deltas (one per K slice of the shrink; their sum in
+  // split order is the delta); rows of slots with an adapter written.
+  float* delta = nullptr;
+  int k_splits = 1;
+  int64_t split_stride = 0;  // elements between partial deltas
+  // CTAs per plan block: halves (2 for gate_up: gate, up; 1 for down) * k_splits * column
+  // splits. 0 = no LoRA CTAs (the GEMM alone).
   int parts = 0;
 };
 

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "kernels/cuda/moe_lora_inline_ops.h"
+#include "core/cuda_check.h"
 #include "kernels/cuda/moe_op_checks.h"
 
 namespace moelora::cuda {
@@ -57,8 +58,13 @@ MoeLoraInlineArgs inline_lora_args(const MoeLoraInline& l, bool gate_up, const T
                   "{}: expected at least {} weights, found {}", wn, num_slots,
                   l.slot_weights.describe());
   }
-  MOELORA_CHECK(l.delta.dim() == 2 && l.delta.size(0) >= num_slots && l.delta.size(1) == n_out,
-                "{}: expected [>= {}, {}], found {}", dn, num_slots, n_out, l.delta.describe());
+  // [rows, N] or [k_splits, rows, N]: one partial delta per K slice of the shrink.
+  const bool split = l.delta.dim() == 3;
+  const int64_t ksplits = split ? l.delta.size(0) : 1, drows = l.delta.size(split ? 1 : 0);
+  MOELORA_CHECK((l.delta.dim() == 2 || split) && ksplits >= 1 && ksplits <= 16 &&
+                    drows >= num_slots && l.delta.size(l.delta.dim() - 1) == n_out,
+                "{}: expected [>= {} slots, N = {}] or [k_splits in 1..16, >= {}, {}], found {}",
+                dn, num_slots, n_out, num_slots, n_out, l.delta.describe());
   MOELORA_CHECK(l.column_splits >= 1 && l.column_splits <= 64,
                 "{}: column_splits must be in [1, 64], found {}", p, l.column_splits);
   MOELORA_CHECK(S <= std::numeric_limits<int32_t>::max() / 6 &&
@@ -82,8 +88,24 @@ MoeLoraInlineArgs inline_lora_args(const MoeLoraInline& l, bool gate_up, const T
   a.gate_up = gate_up;
   a.slot_weights = l.slot_weights.defined() ? l.slot_weights.data<float>() : nullptr;
   a.delta = l.delta.data<float>();
-  a.parts = (gate_up ? 2 : 1) * l.column_splits;
+  a.k_splits = int(ksplits);
+  a.split_stride = drows * n_out;
+  a.parts = (gate_up ? 2 : 1) * int(ksplits) * l.column_splits;
   return a;
+}
+
+int inline_lora_k_splits(int64_t num_slots, int64_t num_experts, int64_t K, int parts, int sms) {
+  const int64_t blocks = std::max<int64_t>(1, std::min(num_slots, num_experts));
+  const int64_t units = blocks * std::max(parts, 1);
+  const int64_t cap = std::clamp<int64_t>(K / 256, 1, 8);
+  return int(std::clamp<int64_t>(2 * int64_t(sms) / units, 1, cap));
+}
+
+int current_sm_count() {
+  int device = 0, sms = 0;
+  MOELORA_CUDA_CHECK(cudaGetDevice(&device));
+  MOELORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
 }
 
 }  // namespace moelora::cuda

@@ -17,4 +17,14 @@ MoeLoraInlineArgs inline_lora_args(const MoeLoraInline& l, bool gate_up, const T
                                    int rows_div, int64_t num_slots, int64_t num_experts,
                                    int64_t n_out, const char* op);
 
+// K slices for an inline seam of `num_slots` slots over `num_experts` experts, reduction
+// length K, `parts` CTAs per plan block before the K split (halves x column splits): enough
+// CTAs for about two per SM while the batch touches few experts (batch 1-8: each LoRA CTA is
+// a chain of round trips that must end within the GEMM), 1 once the blocks alone fill the
+// GPU; at most 8, and at least 8 chunks of 32 of K per slice.
+int inline_lora_k_splits(int64_t num_slots, int64_t num_experts, int64_t K, int parts, int sms);
+
+// Streaming multiprocessors of the current CUDA device.
+int current_sm_count();
+
 }  // namespace moelora::cuda

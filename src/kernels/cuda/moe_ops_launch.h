@@ -85,8 +85,11 @@ cudaError_t launch_moe_route_align(const float* logits, const float* bias, const
 // LoRA deltas added inside the activation / reduction (the hooks' overlap variant): row s of d
 // is added for slots whose token has an adapter (token_slot[s / top_k] in [0, num_lora_slots))
 // and whose expert is valid; other rows of d are never read. d == nullptr: no LoRA.
+// d may hold `splits` partial deltas split_stride elements apart, added in order.
 struct LoraDeltaView {
   const float* d = nullptr;
+  int splits = 1;
+  int64_t split_stride = 0;
   const int32_t* token_slot = nullptr;
   int top_k = 1, num_lora_slots = 0, num_experts = 0;
 };
