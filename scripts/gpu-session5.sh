@@ -28,3 +28,14 @@ if [ "$MODE" = inline ]; then
     --gtest_filter='CudaFp8Block.InlineLoraRejectsBadSeams' > "$OUT/san_racecheck.log" 2>&1
   echo "racecheck rc=$?"; tail -1 "$OUT/san_racecheck.log"
 fi
+if [ "$MODE" = split ]; then
+  # Where the whole-model LoRA overhead goes: adapters on the attention projections only, on the
+  # routed experts only, and on both (fast path, fp8 experts).
+  for spec in ${SPLIT_SPECS:-all:overlap attention:overlap experts:overlap experts:inline}; do
+    t=${spec%%:*}; v=${spec##*:}
+    timeout 150 "$B/moelora" bench decode --batches ${SPLIT_BATCHES:-16,64,128} --lora none,r16x1 --path fast \
+      --moe-lora $v --lora-targets $t --steps 10 --json "$OUT/decode_${t}_$v.json" > "$OUT/decode_${t}_$v.log" 2>&1
+    echo "== targets $t, MoE LoRA $v rc=$?"
+    grep -E "batch +[0-9]+ +fast +lora r" "$OUT/decode_${t}_$v.log"
+  done
+fi

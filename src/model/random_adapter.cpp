@@ -24,7 +24,12 @@ bool is_deepseek(const std::string& model_type) {
 
 }  // namespace
 
-void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r, uint64_t seed) {
+void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r, uint64_t seed,
+                          const std::string& targets) {
+  MOELORA_CHECK(targets == "all" || targets == "attention" || targets == "experts",
+                "write_random_adapter: targets must be all, attention or experts, found '{}'",
+                targets);
+  const bool attention = targets != "experts", experts_on = targets != "attention";
   const bool deepseek = is_deepseek(c.model_type);
   MOELORA_CHECK(c.model_type == "qwen3_moe" || c.model_type == "mixtral" || deepseek,
                 "write_random_adapter: knows Qwen3-MoE, Mixtral and DeepSeek-V2/V3/Kimi-K2 "
@@ -71,21 +76,23 @@ void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r,
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = fmt::format("model.layers.{}.", l);
     if (deepseek) {
-      add_mla(p);
+      if (attention) add_mla(p);
       if (!c.is_moe_layer(l)) continue;
-    } else {
+    } else if (attention) {
       add(p + "self_attn.q_proj", nq, H);
       add(p + "self_attn.k_proj", nkv, H);
       add(p + "self_attn.v_proj", nkv, H);
       add(p + "self_attn.o_proj", H, nq);
     }
     if (!c.is_moe_layer(l)) {
+      if (targets != "all") continue;  // dense MLP LoRA only in "all" adapters
       const int64_t Id = c.intermediate_size;
       add(p + "mlp.gate_proj", Id, H);
       add(p + "mlp.up_proj", Id, H);
       add(p + "mlp.down_proj", H, Id);
       continue;
     }
+    if (!experts_on) continue;
     const std::array<Tensor, 6> ab = {make(r, H, 1.0f / std::sqrt(float(H))), make(I, r, 0.02f),
                                       make(r, H, 1.0f / std::sqrt(float(H))), make(I, r, 0.02f),
                                       make(r, I, 1.0f / std::sqrt(float(I))), make(H, r, 0.02f)};
@@ -120,6 +127,16 @@ void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r,
       cfg["target_modules"].push_back("q_proj");
     }
   }
+  // Only the modules written (an "attention" adapter lists no expert projections, and the
+  // reverse), so the loader's target check sees what the file holds.
+  json kept = json::array();
+  for (const auto& m : cfg["target_modules"]) {
+    const std::string name = m.get<std::string>();
+    const bool expert = name == "gate_proj" || name == "up_proj" || name == "down_proj" ||
+                        name == "w1" || name == "w2" || name == "w3";
+    if (expert ? experts_on : attention) kept.push_back(name);
+  }
+  cfg["target_modules"] = kept;
   std::ofstream(dir + "/adapter_config.json") << cfg.dump(2) << "\n";
 }
 

@@ -17,6 +17,9 @@ namespace moelora {
 // pair per layer and kind is shared by all experts (same values, separate keys): the bytes a
 // step reads are those of distinct adapters, and the file is written in seconds. lora_A is
 // uniform in +-1/sqrt(in), lora_B in +-0.02, alpha = 2r: deltas of a few percent.
-void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r, uint64_t seed);
+// `targets`: "all", "attention" (the attention projections only) or "experts" (the routed
+// experts only); benchmarks split the LoRA cost with them.
+void write_random_adapter(const std::string& dir, const HfModelConfig& c, int r, uint64_t seed,
+                          const std::string& targets = "all");
 
 }  // namespace moelora

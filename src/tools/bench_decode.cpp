@@ -247,6 +247,10 @@ CLI::App* add_bench_decode_command(CLI::App& bench, BenchDecodeOptions& o) {
                 "shrinks); both: hooks,fast")
       ->delimiter(',')
       ->capture_default_str();
+  d->add_option("--lora-targets", o.lora_targets,
+                "modules the random adapters cover: all, attention (projections only) or "
+                "experts (routed experts only)")
+      ->capture_default_str();
   d->add_option("--moe-lora", o.moe_lora,
                 "fast path's MoE LoRA variant: best (per weight format), staged, overlap, inline")
       ->capture_default_str();
@@ -348,7 +352,7 @@ int run_bench_decode(const BenchDecodeOptions& o) {
   if (max_rank > 0) {
     t0 = std::chrono::steady_clock::now();
     const std::string adir = fmt::format("{}/adapter_r{}", scratch.path, max_rank);
-    write_random_adapter(adir, config, max_rank, o.seed + 7);
+    write_random_adapter(adir, config, max_rank, o.seed + 7, o.lora_targets);
     const PeftAdapter adapter = PeftAdapter::load(adir);
     for (int s = 0; s < max_adapters; ++s) model->load_adapter(s, adapter);
     std::printf("random rank-%d adapter written and loaded into %d slot(s) in %.1f s\n",
@@ -424,6 +428,7 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     j["kv_dtype"] = "bf16";
     j["context"] = o.context;
     j["moe_lora_variant"] = o.moe_lora;
+    j["lora_targets"] = o.lora_targets;
     j["steps"] = steps;
     j["warmup"] = warmup;
     j["lora_targets"] = config.model_type.rfind("deepseek", 0) == 0
