@@ -15,8 +15,8 @@
 //    path, unlike the delta variant's separate adds).
 //  - MoeLoraHooksOptions::inline_max_tokens (on backends that run inline LoRA): no side stream
 //    and no LoRA alignment at all; the backend's expert GEMM grids carry extra CTAs that
-//    compute both deltas from the base plan (moelora/moe/lora_inline.h); the gate_up GEMM's
-//    tiles add theirs before the fused SiLU, the reduction adds the down delta.
+//    compute both deltas from the base plan (moelora/moe/lora_inline.h), added inside the
+//    activation and the reduction as in the overlap variant.
 //  - the shrink splits K over several CTAs when few (adapter, expert) blocks exist; the expand
 //    adds the partial sums while staging them.
 //  - every kernel uses programmatic dependent launch (kernels/cuda/pdl_launch.cuh).
@@ -89,12 +89,6 @@ class CudaLoraHooks final : public MoeLoraHooks {
       l->meta = pool.slot_meta();
       l->top_k = s.top_k;
       l->column_splits = options.inline_column_splits;
-    }
-    if (inline_max_tokens_ > 0) {
-      // The gate_up GEMM's in-grid hand-off: a ticket and two counters per plan block (at most
-      // slots + E blocks for any block_m), zero at rest.
-      const int64_t blocks = std::min(max_tokens, inline_max_tokens_) * s.top_k + s.num_experts;
-      inline_.gate_up.sync = Tensor::zeros({1 + 2 * blocks}, DType::i32, d);
     }
     inline_.gate_up.a = pool.a13();
     inline_.gate_up.b = pool.b13();

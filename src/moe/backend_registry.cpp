@@ -38,9 +38,8 @@ std::string names_of(const std::vector<Entry>& all) {
 
 }  // namespace
 
-void MoeBackend::gemm1_activation_lora(const Tensor&, int, const MoeAlignment&,
-                                       const ExpertMatrices&, const MoeLoraInline&, Tensor&,
-                                       const Stream&) {
+void MoeBackend::gemm1_lora(const Tensor&, int, const MoeAlignment&, const ExpertMatrices&,
+                            const MoeLoraInline&, Tensor&, const Stream&) {
   MOELORA_THROW("MoE backend '{}' does not run inline LoRA (runs_inline_lora() is false)", name());
 }
 

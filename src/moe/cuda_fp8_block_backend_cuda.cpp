@@ -47,10 +47,9 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
   }
   // The inline LoRA CTAs ride in the same grids (kernels/cuda/moe_lora_inline.cuh).
   bool runs_inline_lora() const override { return true; }
-  void gemm1_activation_lora(const Tensor& x, int top_k, const MoeAlignment& plan,
-                             const ExpertMatrices& w13, const MoeLoraInline& lora, Tensor& a,
-                             const Stream& s) override {
-    cuda::moe_gemm1_fp8_activation(x, top_k, plan, w13, a, buffer(x_buf_, x, w13.k), s, &lora);
+  void gemm1_lora(const Tensor& x, int top_k, const MoeAlignment& plan, const ExpertMatrices& w13,
+                  const MoeLoraInline& lora, Tensor& h, const Stream& s) override {
+    cuda::moe_gemm1_fp8(x, top_k, plan, w13, h, buffer(x_buf_, x, w13.k), s, &lora);
   }
   void gemm2_lora(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                   const Tensor& sw, const MoeLoraInline& lora, Tensor& o,

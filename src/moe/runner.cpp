@@ -94,11 +94,11 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
   const Tensor slot_weights = topk_view_.weights.view({slots});
   const bool fused_reduce = hooks && (inline_lora || hooks->fuses_reduce(m));
   if (inline_lora) {
-    MOELORA_CHECK(hooks->fuses_reduce(m),
-                  "MoE hooks: inline LoRA for {} tokens needs the fused reduction seam "
-                  "(fuses_reduce)", m);
-    backend_->gemm1_activation_lora(in.x, s.top_k, plan_, w.w13, inline_lora->gate_up, a,
-                                    stream);
+    MOELORA_CHECK(hooks->fuses_activation(m) && hooks->fuses_reduce(m),
+                  "MoE hooks: inline LoRA for {} tokens needs the fused activation and "
+                  "reduction seams (fuses_activation / fuses_reduce)", m);
+    backend_->gemm1_lora(in.x, s.top_k, plan_, w.w13, inline_lora->gate_up, h, stream);
+    hooks->gate_up_activation(in.x, topk_view_, h, a, stream);
     backend_->gemm2_lora(a, plan_, w.w2, slot_weights, inline_lora->down, o, stream);
   } else if (hooks) {
     hooks->before_gate_up(in.x, topk_view_, stream);

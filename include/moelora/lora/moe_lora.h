@@ -128,10 +128,10 @@ class MoeHooks {
   // Optional inline seams (the fast decode path on backends that run LoRA CTAs inside their
   // expert GEMM grids, MoeBackend::runs_inline_lora). Asked once per layer call, before
   // routing; a non-null result means the runner, for this call, skips after_route and the
-  // before_* / after_* seams, runs gemm1_activation_lora (the gate_up delta added before SiLU
-  // inside the GEMM) and gemm2_lora with these seams (the hooks fill the token map and routed
-  // weights from `topk`, the call's routing views), then down_reduce, which must add the down
-  // delta (so fuses_reduce(m) must be true). Default: never.
+  // before_* / after_* seams, runs gemm1_lora / gemm2_lora with these seams (the hooks fill
+  // the deltas' inputs, token map and routed weights from `topk`, the call's routing views),
+  // then gate_up_activation and down_reduce, which must add the deltas (so fuses_activation(m)
+  // and fuses_reduce(m) must be true). Default: never.
   virtual const MoeLoraInlineSeams* inline_lora(const TopK& topk, int64_t m) {
     (void)topk, (void)m;
     return nullptr;
@@ -163,9 +163,9 @@ struct MoeLoraHooksOptions {
   int64_t overlap_max_tokens = 0;
   // CUDA, on backends that run inline LoRA (MoeBackend::runs_inline_lora): batches of up to
   // this many tokens compute both deltas in extra CTAs of the expert GEMM grids themselves
-  // (no side stream, no LoRA alignment); the gate_up GEMM's tiles add theirs before the fused
-  // SiLU, the reduction adds the down delta. Takes precedence over the two above. 0 = off.
-  // Same shape needs as overlap_max_tokens.
+  // (no side stream, no LoRA alignment) and add them inside the activation and the reduction
+  // as the overlap variant does. Takes precedence over the two above. 0 = off. Same shape
+  // needs as overlap_max_tokens.
   int64_t inline_max_tokens = 0;
   // Column slices per (plan block, half) the inline LoRA CTAs split a seam's outputs into
   // (each slice recomputes the block's shrink; more CTAs in flight at tiny batches).

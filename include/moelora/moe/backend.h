@@ -58,17 +58,13 @@ class MoeBackend {
   // Weight stacks are in the backend's format (see MoeProblem::format).
   virtual void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan,
                      const ExpertMatrices& w13, Tensor& h, const Stream& stream) = 0;
-  // Optional capability (the fast decode path's inline LoRA, moelora/moe/lora_inline.h): the
-  // expert GEMMs whose grids also compute a seam's delta (extra CTAs). gemm1_activation_lora:
-  // a bf16 [M*k, I] = silu(h_gate + d_gate) * (h_up + d_up), h = gemm1's, d = the gate_up
-  // delta for slots with an adapter (added as moe_activation_lora_delta adds it; other slots
-  // get exactly the LoRA-off activation); lora.sync required. gemm2_lora: o exactly as gemm2
-  // writes it, plus lora.delta (the down seam's, routed weight included) for the reduction to
-  // add. The runner calls them only when runs_inline_lora() is true.
+  // Optional capability (the fast decode path's inline LoRA, moelora/moe/lora_inline.h):
+  // gemm1 / gemm2 whose grid also computes `lora`'s delta into lora.delta, with h / o exactly
+  // as gemm1 / gemm2 write them. The runner calls them only when runs_inline_lora() is true.
   virtual bool runs_inline_lora() const { return false; }
-  virtual void gemm1_activation_lora(const Tensor& x, int top_k, const MoeAlignment& plan,
-                                     const ExpertMatrices& w13, const MoeLoraInline& lora,
-                                     Tensor& a, const Stream& stream);
+  virtual void gemm1_lora(const Tensor& x, int top_k, const MoeAlignment& plan,
+                          const ExpertMatrices& w13, const MoeLoraInline& lora, Tensor& h,
+                          const Stream& stream);
   virtual void gemm2_lora(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                           const Tensor& slot_weights, const MoeLoraInline& lora, Tensor& o,
                           const Stream& stream);

@@ -23,9 +23,6 @@ struct MoeLoraInline {
   // slots with an adapter are written, the others not.
   Tensor delta;
   int column_splits = 1;  // CTAs per (plan block, half) along the seam's output columns
-  // i32 [>= 1 + 2 * plan blocks], zero at rest (and left zero): the in-grid hand-off when the
-  // gate_up delta is added inside the GEMM's fused activation (gemm1_activation_lora).
-  Tensor sync;
 };
 
 // Both seams of one layer call.

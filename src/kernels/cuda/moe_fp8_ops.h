@@ -39,12 +39,10 @@ bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::s
 void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan,
                    const ExpertMatrices& w13, Tensor& h, Fp8ActBuffer& act_buf,
                    const Stream& stream, const MoeLoraInline* lora = nullptr);
-// moe_gemm1_fp8 then moe_activation without materializing h: a bf16 [M*k, I]. With `lora`
-// (its sync buffer required), the gate_up delta joins h before SiLU for slots with an
-// adapter, as moe_activation_lora_delta adds it; other slots get exactly the LoRA-off a.
+// moe_gemm1_fp8 then moe_activation without materializing h: a bf16 [M*k, I].
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
                               const ExpertMatrices& w13, Tensor& a, Fp8ActBuffer& act_buf,
-                              const Stream& stream, const MoeLoraInline* lora = nullptr);
+                              const Stream& stream);
 // o f32 [M*k, H] = slot_weights[s] * (a[s] . w2[g]^T) (w2 logical [G, H, I]).
 // The GEMMs always stream weights before waiting on their predecessor (MoeGemmArgs::plan_ready):
 // that predecessor is the op's own quantization kernel, which lets them start only once it has

@@ -201,9 +201,8 @@ void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
                          Fp8ActBuffer& act_buf, const Stream& stream, const MoeGemmConfig& cfg,
                          const MoeLoraInline* lora) {
   const char* op = fused ? "moe_gemm1_fp8_activation" : "moe_gemm1_fp8";
-  MOELORA_CHECK(!(fused && lora && !lora->sync.defined()),
-                "{}: inline LoRA with the fused activation needs the seam's sync buffer (the "
-                "GEMM tiles wait in the grid for the delta they add before SiLU)", op);
+  MOELORA_CHECK(!(fused && lora), "{}: inline LoRA needs the unfused h (the delta is added "
+                "before SiLU by the activation)", op);
   MOELORA_CHECK(top_k >= 1, "{}: top_k must be >= 1, found {}", op, top_k);
   MoeGemmFp8Args p{};
   check_cuda_tensor(x, DType::bf16, "moe_gemm1_fp8 x");
@@ -230,13 +229,7 @@ void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
   p.slot_scale = nullptr;
   p.num_slots = int(num_slots);
   p.rows_div = top_k;
-  if (lora) {
-    p.inline_lora = inline_lora_args(*lora, true, x, top_k, num_slots, w13.groups, w13.n, op);
-    if (!fused) p.inline_lora.sync = nullptr;  // h is written; a later kernel adds the delta
-    MOELORA_CHECK(!p.inline_lora.sync || p.inline_lora.sync_blocks >= blocks,
-                  "{}: the inline LoRA sync buffer holds {} plan blocks, the plan up to {}", op,
-                  p.inline_lora.sync_blocks, blocks);
-  }
+  if (lora) p.inline_lora = inline_lora_args(*lora, true, x, top_k, num_slots, w13.groups, w13.n, op);
   run(p, x, plan, blocks, cfg, stream);
 }
 
@@ -281,10 +274,10 @@ void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan,
 
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
                               const ExpertMatrices& w13, Tensor& a, Fp8ActBuffer& act_buf,
-                              const Stream& stream, const MoeLoraInline* lora) {
+                              const Stream& stream) {
   const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
   moe_gemm1_fp8_tiled(x, top_k, plan, w13, a, true, act_buf, stream,
-                      heuristic(w13, plan, slots), lora);
+                      heuristic(w13, plan, slots));
 }
 
 void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,

@@ -48,8 +48,7 @@ __device__ __forceinline__ uint4 inline_load16(const __nv_bfloat16* p, bool ok) 
 }  // namespace detail
 
 // Inlined: a call (noinline) made ptxas spill 600-800 bytes in the wide-tile GEMMs.
-// Returns whether the unit's plan block is live (then its delta rows are written).
-__device__ __forceinline__ bool moe_lora_inline_unit(const MoeLoraInlineArgs& L,
+__device__ __forceinline__ void moe_lora_inline_unit(const MoeLoraInlineArgs& L,
                                                      const InlinePlan& plan, int unit,
                                                      unsigned char* smem) {
   constexpr int kRk = kInlineRanks, kRw = kInlineRows;
@@ -59,9 +58,9 @@ __device__ __forceinline__ bool moe_lora_inline_unit(const MoeLoraInlineArgs& L,
   const int b = unit / L.parts, part = unit % L.parts;
   const int half = part % halves, ks = (part / halves) % L.k_splits;
   const int chunk = part / (halves * L.k_splits), nsplit = L.parts / (halves * L.k_splits);
-  if (b * plan.block_m >= __ldcg(plan.num_padded)) return false;
+  if (b * plan.block_m >= __ldcg(plan.num_padded)) return;
   const int e = __ldcg(plan.block_group + b);
-  if (e < 0) return false;
+  if (e < 0) return;
 
   float* red = reinterpret_cast<float*>(smem);  // [warps][kRk][kRw]
   float* us = red + warps * kRk * kRw;          // [kRk][kRw]
@@ -234,110 +233,29 @@ __device__ __forceinline__ bool moe_lora_inline_unit(const MoeLoraInlineArgs& L,
       }
     }
   }
-  return true;
 }
 
-// For a GEMM kernel whose grid carries inline LoRA CTAs (p.lora_blocks entries of its block
-// axis): decides what this CTA does. Without p.inline_lora.sync the first p.lora_blocks
-// entries are the LoRA CTAs; with it CTAs take tickets in the order they start (tickets below
-// the LoRA CTA count run LoRA units, in that order), so no GEMM tile can wait on a LoRA CTA
-// that has not started. Runs this CTA's LoRA unit and returns true when it is one; otherwise
-// sets (bx, by) to the GEMM tile's grid coordinates and returns false.
+// For a GEMM kernel whose grid carries inline LoRA CTAs (the first p.lora_blocks entries of its
+// block axis): runs this CTA's LoRA unit and returns true when it is one of them; otherwise
+// shifts the CTA's block coordinate past them and returns false.
 template <class Params>
 __device__ __forceinline__ bool inline_lora_cta(const Params& p, int& bx, int& by,
                                                 unsigned char* smem) {
-  const MoeLoraInlineArgs& L = p.inline_lora;
   const int lb = p.lora_blocks;
-  const int tiles = p.row_tiles_fastest ? int(gridDim.x) : int(gridDim.y);
-  const int blocks = (p.row_tiles_fastest ? int(gridDim.y) : int(gridDim.x)) - lb;
-  int unit = -1;
-  if (L.sync) {
-    __shared__ int ticket;
-    if (threadIdx.x == 0) {
-      ticket = atomicAdd(L.sync, 1);
-      // Every ticket is taken once this one is: ready the counter for the next launch.
-      if (ticket == int(gridDim.x * gridDim.y) - 1) atomicExch(L.sync, 0);
-    }
-    __syncthreads();
-    const int t = ticket;
-    if (t >= lb * tiles) {
-      const int g = t - lb * tiles;  // GEMM tiles in the grid's own order
-      if (p.row_tiles_fastest) {
-        bx = g % tiles, by = g / tiles;
-      } else {
-        bx = g % blocks, by = g / blocks;
-      }
-      return false;
-    }
-    unit = t;
-  } else {
-    int& block = p.row_tiles_fastest ? by : bx;
-    if (block >= lb) {
-      block -= lb;
-      return false;
-    }
-    unit = p.row_tiles_fastest ? by * tiles + bx : by * lb + bx;
+  int& block = p.row_tiles_fastest ? by : bx;
+  if (block >= lb) {
+    block -= lb;
+    return false;
   }
-  if (unit < p.lora_units) {
-    const bool live = moe_lora_inline_unit(
-        L, InlinePlan{p.sorted_slots, p.block_group, p.num_padded, p.block_m, p.num_slots}, unit,
-        smem);
-    if (live && L.sync) {
-      __syncthreads();  // every thread's delta stores issued
-      if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(L.sync + 1 + unit / L.parts, 1);
-      }
-    }
-  }
+  const int unit = p.row_tiles_fastest ? by * int(gridDim.x) + bx : by * lb + bx;
+  if (unit < p.lora_units)
+    moe_lora_inline_unit(
+        p.inline_lora, InlinePlan{p.sorted_slots, p.block_group, p.num_padded, p.block_m, p.num_slots},
+        unit, smem);
   // Finish only after the predecessor, as the GEMM CTAs do: a successor's plan_ready relies
   // on this grid's completion implying its predecessor's.
   if (p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
   return true;
-}
-
-// In a GEMM tile of plan block `block` whose epilogue adds the gate_up delta (L.sync set):
-// waits until the block's LoRA CTAs are done, so their delta rows are visible (read them with
-// __ldcg). Call from every thread.
-__device__ __forceinline__ void inline_lora_wait(const MoeLoraInlineArgs& L, int block) {
-  if (threadIdx.x == 0) {
-    const int* ready = L.sync + 1 + block;
-    int seen;
-    for (;;) {
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(ready) : "memory");
-      if (seen >= L.parts) break;
-      __nanosleep(64);
-    }
-  }
-  __syncthreads();
-}
-
-// After the epilogue's delta reads of a tile of `block` (`tiles` tiles per block): the last
-// tile re-zeroes the block's counters for the next launch.
-__device__ __forceinline__ void inline_lora_release(const MoeLoraInlineArgs& L, int block,
-                                                    int tiles) {
-  if (threadIdx.x != 0) return;
-  int* done = L.sync + 1 + L.sync_blocks + block;
-  if (atomicAdd(done, 1) == tiles - 1) {
-    atomicExch(done, 0);
-    atomicExch(L.sync + 1 + block, 0);
-  }
-}
-
-// The delta of one gate_up element (column `col` of 2I) of slot `slot`: its K-split
-// partials summed in order (as the activation kernel's LoraDeltaView does).
-__device__ __forceinline__ float inline_lora_delta(const MoeLoraInlineArgs& L, int slot,
-                                                   int col) {
-  const float* d = L.delta + int64_t(slot) * L.N + col;
-  float t = __ldcg(d);
-  for (int s = 1; s < L.k_splits; ++s) t += __ldcg(d + s * L.split_stride);
-  return t;
-}
-
-// Whether slot `slot`'s token carries an adapter (its delta row was written).
-__device__ __forceinline__ bool inline_lora_has(const MoeLoraInlineArgs& L, int slot) {
-  const int t = L.token_slot[slot / L.top_k];
-  return t >= 0 && t < L.num_lora_slots;
 }
 
 }  // namespace moelora::cuda::sm90

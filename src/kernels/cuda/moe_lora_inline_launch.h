@@ -34,14 +34,6 @@ struct MoeLoraInlineArgs {
   // CTAs per plan block: halves (2 for gate_up: gate, up; 1 for down) * k_splits * column
   // splits. 0 = no LoRA CTAs (the GEMM alone).
   int parts = 0;
-  // gate_up with the activation fused into the GEMM: the GEMM tiles add the delta before
-  // SiLU, so they wait for their block's LoRA CTAs inside the grid. i32, zero at rest:
-  // [0] a ticket counter (CTAs take work in the order they start, so every LoRA CTA has
-  // started before any GEMM tile can wait on one: no deadlock), then per plan block the LoRA
-  // CTAs done and the GEMM tiles past their wait (the last tile re-zeroes both). Null: no
-  // in-grid wait (h is written and the delta added by a later kernel).
-  int* sync = nullptr;
-  int sync_blocks = 0;  // plan blocks `sync` has room for
 };
 
 // Warps per CTA the inline LoRA body can run with (the GEMM tiles' block sizes).

@@ -91,16 +91,6 @@ MoeLoraInlineArgs inline_lora_args(const MoeLoraInline& l, bool gate_up, const T
   a.k_splits = int(ksplits);
   a.split_stride = drows * n_out;
   a.parts = (gate_up ? 2 : 1) * int(ksplits) * l.column_splits;
-  if (l.sync.defined()) {
-    const std::string sn = p + " sync";
-    check_cuda_tensor(l.sync, DType::i32, sn.c_str());
-    check_device(l.sync, d, sn.c_str());
-    MOELORA_CHECK(l.sync.dim() == 1 && l.sync.size(0) >= 3 &&
-                      (l.sync.size(0) - 1) / 2 <= std::numeric_limits<int32_t>::max(),
-                  "{}: expected 1-D [1 + 2 * plan blocks], found {}", sn, l.sync.describe());
-    a.sync = l.sync.data<int32_t>();
-    a.sync_blocks = int((l.sync.size(0) - 1) / 2);
-  }
   return a;
 }
 

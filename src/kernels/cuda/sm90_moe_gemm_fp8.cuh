@@ -385,32 +385,15 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
               acc[m][t][e];
     }
     __syncthreads();
-    // Inline LoRA: the gate_up delta joins the tile before SiLU once this block's LoRA CTAs
-    // (same grid, started first) are done.
-    [[maybe_unused]] const bool lora_add = kLora && p.inline_lora.sync != nullptr;
-    if constexpr (kLora) {
-      if (lora_add) sm90::inline_lora_wait(p.inline_lora, block);
-    }
     constexpr int kHalf = kRows / 2;
     __nv_bfloat16* act_out = static_cast<__nv_bfloat16*>(p.act_out);
     for (int i = tid; i < kHalf * kTokens; i += kThreads) {
       const int j = i / kHalf, c = i % kHalf;
       const int slot = tok_slot[j];
       if (slot < 0 || col0 + c >= half_n) continue;
-      float g = acc_tile[c * kLd + j], u = acc_tile[(kHalf + c) * kLd + j];
-      if constexpr (kLora) {
-        if (lora_add && sm90::inline_lora_has(p.inline_lora, slot)) {
-          g += sm90::inline_lora_delta(p.inline_lora, slot, col0 + c);
-          u += sm90::inline_lora_delta(p.inline_lora, slot, half_n + col0 + c);
-        }
-      }
+      const float g = acc_tile[c * kLd + j], u = acc_tile[(kHalf + c) * kLd + j];
       act_out[static_cast<int64_t>(slot) * half_n + col0 + c] =
           __float2bfloat16_rn(::moelora::cuda::detail::silu_mul(g, u));
-    }
-    if constexpr (kLora) {
-      if (lora_add)
-        sm90::inline_lora_release(p.inline_lora, block,
-                                  p.row_tiles_fastest ? int(gridDim.x) : int(gridDim.y));
     }
     return;
   }
