@@ -39,3 +39,19 @@ if [ "$MODE" = split ]; then
     grep -E "batch +[0-9]+ +fast +lora r" "$OUT/decode_${t}_$v.log"
   done
 fi
+if [ "$MODE" = fold ]; then
+  # The dense LoRA expands folded into the q/k/v split and the residual add (fast path).
+  timeout 300 "$B/moelora_gpu_tests" \
+    --gtest_filter='DenseLora*:*DecodeGraph*:*ModelGpu*:*Golden*:CudaModel*:*Qwen3*:*Mixtral*' \
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"
+  grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$OUT/gpu_tests.log" | head -20
+  timeout 100 compute-sanitizer --tool memcheck "$B/moelora_gpu_tests" \
+    --gtest_filter='Tokens/DenseLoraGpu.FoldedExpands*:Formats/DecodeGraphTest.PaddedBucketMatchesEager/bf16' \
+    > "$OUT/san_memcheck.log" 2>&1
+  echo "memcheck rc=$?"; tail -1 "$OUT/san_memcheck.log"
+  timeout 240 "$B/moelora" bench decode --batches 1,16,64,128 --lora none,r16x1,r16x4 --path hooks,fast \
+    --steps 10 --json "$OUT/bench_decode_qwen3.json" > "$OUT/bench_decode_qwen3.log" 2>&1
+  echo "bench decode qwen3 rc=$?"
+  grep -E "batch +[0-9]+ +(fast|hooks) +lora" "$OUT/bench_decode_qwen3.log"
+fi

@@ -161,4 +161,47 @@ void apply_dense_lora(const DenseLoraPool& pool, const Tensor& x, const Tensor& 
   dense_lora_expand(pool, u, token_slot, y, stream);
 }
 
+void dense_lora_expand_split(const DenseLoraPool* pool, const Tensor& u, const Tensor& token_slot,
+                             const Tensor& y, const DenseLoraSlices& slices,
+                             const std::vector<Tensor*>& outs, const Stream& stream) {
+  MOELORA_CHECK(y.defined() && y.device().is_cuda(),
+                "dense_lora_expand_split: the fast decode path's fold runs on CUDA, y is {}",
+                y.defined() ? y.describe() : std::string("undefined"));
+  MOELORA_CHECK(!pool || (pool->slices().count == slices.count &&
+                          pool->slices().total() == slices.total()),
+                "dense LoRA {}: the split's {} slices of {} columns do not match the pool's",
+                pool ? pool->name() : "", slices.count, slices.total());
+#ifdef MOELORA_WITH_CUDA
+  if (pool) {
+    cuda::dense_lora_expand_split(y, u.first_rows(y.size(0)), token_slot, pool->b(),
+                                  pool->ranks(), pool->slices(), outs, stream);
+  } else {
+    cuda::dense_lora_expand_split(y, Tensor(), Tensor(), Tensor(), Tensor(), slices, outs,
+                                  stream);
+  }
+#else
+  (void)u, (void)token_slot, (void)outs, (void)stream;
+#endif
+}
+
+void dense_lora_expand_residual(const DenseLoraPool* pool, const Tensor& u,
+                                const Tensor& token_slot, const Tensor& y, Tensor& x,
+                                const Stream& stream) {
+  MOELORA_CHECK(y.defined() && y.device().is_cuda() && y.dim() == 2,
+                "dense_lora_expand_residual: the fast decode path's fold runs on CUDA with y "
+                "[M, N], found {}",
+                y.defined() ? y.describe() : std::string("undefined"));
+#ifdef MOELORA_WITH_CUDA
+  if (pool) {
+    cuda::dense_lora_expand_residual(y, u.first_rows(y.size(0)), token_slot, pool->b(),
+                                     pool->ranks(), pool->slices(), x, stream);
+  } else {
+    cuda::dense_lora_expand_residual(y, Tensor(), Tensor(), Tensor(), Tensor(),
+                                     DenseLoraSlices::from_sizes({y.size(1)}), x, stream);
+  }
+#else
+  (void)pool, (void)u, (void)token_slot, (void)x, (void)stream;
+#endif
+}
+
 }  // namespace moelora

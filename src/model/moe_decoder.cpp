@@ -162,34 +162,40 @@ void MoeDecoder::add_lora(const DenseLoraPool* pool, const Tensor& xb, const Lor
 
 void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const Tensor& xb,
                            const StepTables& t, const LoraBatchState& lb, PagedKvCache& cache,
-                           Tensor& out) {
+                           Tensor& out, Tensor& h) {
   const HfModelConfig& c = config_;
   const int64_t M = xn.size(0), D = c.head_dim;
   const int64_t nq = int64_t(c.num_attention_heads) * D, nkv = int64_t(c.num_key_value_heads) * D;
   Tensor qkv = ws_.qkv.get(M, nq + 2 * nkv, DType::f32, device_);
-  if (L.qkv_lora && lb.any && overlap_lora()) {
-    // The shrink on the side stream beside the base GEMM (both read xn / xb, written before
-    // the fork); the expand after the join.
-    Tensor u = lora_u(*L.qkv_lora, M);
-    fork_.record(stream_);
-    side_.wait(fork_);
-    Tensor xbw = xb;  // the buffer run_step left for the side stream to fill
-    ops::cast(xn, xbw, side_);
-    dense_lora_shrink(*L.qkv_lora, xb, lb.token_slot, u, side_);
-    join_.record(side_);
-    ops::linear(xn, L.qkv, qkv, stream_);
-    stream_.wait(join_);
-    dense_lora_expand(*L.qkv_lora, u, lb.token_slot, qkv, stream_);
-  } else {
-    ops::linear(xn, L.qkv, qkv, stream_);
-    add_lora(L.qkv_lora.get(), xb, lb, qkv);
-  }
   Tensor q = ws_.q.get(M, nq, DType::f32, device_), k = ws_.k.get(M, nkv, DType::f32, device_);
   Tensor v = ws_.v.get(M, nkv, DType::f32, device_);
   Tensor a = ws_.attn.get(M, nq, DType::f32, device_);
-  ops::copy_columns(qkv, 0, q, stream_);
-  ops::copy_columns(qkv, nq, k, stream_);
-  ops::copy_columns(qkv, nq + nkv, v, stream_);
+  // The fast path splits q/k/v in one kernel, the LoRA expand folded into it (its shrink ran on
+  // the side stream beside the base GEMM; both read xn / xb, written before the fork).
+  const bool fold = overlap_lora();
+  const bool qkv_lora = L.qkv_lora && lb.any;
+  if (fold) {
+    Tensor u;
+    if (qkv_lora) {
+      u = lora_u(*L.qkv_lora, M);
+      fork_.record(stream_);
+      side_.wait(fork_);
+      Tensor xbw = xb;  // the buffer run_step left for the side stream to fill
+      ops::cast(xn, xbw, side_);
+      dense_lora_shrink(*L.qkv_lora, xb, lb.token_slot, u, side_);
+      join_.record(side_);
+    }
+    ops::linear(xn, L.qkv, qkv, stream_);
+    if (qkv_lora) stream_.wait(join_);
+    dense_lora_expand_split(qkv_lora ? L.qkv_lora.get() : nullptr, u, lb.token_slot, qkv,
+                            DenseLoraSlices::from_sizes({nq, nkv, nkv}), {&q, &k, &v}, stream_);
+  } else {
+    ops::linear(xn, L.qkv, qkv, stream_);
+    add_lora(L.qkv_lora.get(), xb, lb, qkv);
+    ops::copy_columns(qkv, 0, q, stream_);
+    ops::copy_columns(qkv, nq, k, stream_);
+    ops::copy_columns(qkv, nq + nkv, v, stream_);
+  }
   if (family_.qk_norm) {
     const float eps = float(c.rms_norm_eps);
     ops::rms_norm(q, L.q_norm, eps, q, stream_);  // per head: weight [D]
@@ -201,17 +207,23 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
   const float scale = 1.0f / std::sqrt(float(D));
   ops::paged_attention(q, cache.k(layer), cache.v(layer), t.block_table, t.token_seq, t.positions,
                        scale, a, stream_);
-  if (L.o_lora && lb.any && overlap_lora()) {
-    Tensor ab = ws_.attn_b.get(M, nq, DType::bf16, device_);
-    Tensor u = lora_u(*L.o_lora, M);
-    fork_.record(stream_);
-    side_.wait(fork_);
-    ops::cast(a, ab, side_);
-    dense_lora_shrink(*L.o_lora, ab, lb.token_slot, u, side_);
-    join_.record(side_);
+  if (fold) {
+    // o_proj's expand folded into the residual add (its shrink beside the base GEMM).
+    const bool o_lora = L.o_lora && lb.any;
+    Tensor u;
+    if (o_lora) {
+      Tensor ab = ws_.attn_b.get(M, nq, DType::bf16, device_);
+      u = lora_u(*L.o_lora, M);
+      fork_.record(stream_);
+      side_.wait(fork_);
+      ops::cast(a, ab, side_);
+      dense_lora_shrink(*L.o_lora, ab, lb.token_slot, u, side_);
+      join_.record(side_);
+    }
     ops::linear(a, L.o_proj, out, stream_);
-    stream_.wait(join_);
-    dense_lora_expand(*L.o_lora, u, lb.token_slot, out, stream_);
+    if (o_lora) stream_.wait(join_);
+    dense_lora_expand_residual(o_lora ? L.o_lora.get() : nullptr, u, lb.token_slot, out, h,
+                               stream_);
     return;
   }
   ops::linear(a, L.o_proj, out, stream_);
@@ -220,6 +232,7 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
     ops::cast(a, ab, stream_);
     add_lora(L.o_lora.get(), ab, lb, out);
   }
+  ops::residual_add(h, out, stream_);
 }
 
 void MoeDecoder::mlp(DecoderLayer& L, const Tensor& xn, const Tensor& xb, const LoraBatchState& lb,
@@ -275,8 +288,7 @@ void MoeDecoder::run_step(const StepTables& t, const LoraBatchState& lb, PagedKv
     ops::rms_norm(h, L.input_norm, eps, xn, stream_);
     // xb here feeds only the q/k/v LoRA shrink: on the fast path the side stream casts it.
     if (lb.any && !overlap_lora()) ops::cast(xn, xb, stream_);
-    attention(L, l, xn, xb, t, lb, cache, delta);
-    ops::residual_add(h, delta, stream_);
+    attention(L, l, xn, xb, t, lb, cache, delta, h);
     ops::rms_norm(h, L.post_norm, eps, xn, stream_);
     if (L.moe || lb.any) ops::cast(xn, xb, stream_);
     mlp(L, xn, xb, lb, delta, result.margin(), L.moe ? moe_index++ : -1);

@@ -123,8 +123,10 @@ class MoeDecoder final : public Model {
   Tensor lora_u(const DenseLoraPool& pool, int64_t rows);
   // y += the LoRA delta of each token's slot; a no-op without a pool or adapter tokens.
   void add_lora(const DenseLoraPool* pool, const Tensor& xb, const LoraBatchState& lb, Tensor& y);
+  // Adds the attention block's output to the residual stream h (`out` is scratch).
   void attention(DecoderLayer& L, int layer, const Tensor& xn, const Tensor& xb,
-                 const StepTables& t, const LoraBatchState& lb, PagedKvCache& cache, Tensor& out);
+                 const StepTables& t, const LoraBatchState& lb, PagedKvCache& cache, Tensor& out,
+                 Tensor& h);
   void mlp(DecoderLayer& L, const Tensor& xn, const Tensor& xb, const LoraBatchState& lb,
            Tensor& out, Tensor& router_margin, int margin_col);
 

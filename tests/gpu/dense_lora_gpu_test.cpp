@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "dense_lora_case.h"
+#include "gpu_op_test_util.h"
 #include "test_util.h"
 
 namespace moelora {
@@ -54,6 +55,61 @@ TEST_P(DenseLoraGpu, MatchesCpu) {
       for (int64_t t = 0; t < m; ++t)
         if (ts[size_t(t)] < 0)
           for (int64_t j = 0; j < n; ++j) ASSERT_EQ(a[size_t(t * n + j)], b[size_t(t * n + j)]);
+    }
+  }
+}
+
+// The fast decode path's folded expands: the split into the slices' buffers and the residual
+// add give exactly the bits of dense_lora_expand followed by the plain split / add (y itself
+// untouched), with and without a pool.
+TEST_P(DenseLoraGpu, FoldedExpandsMatchExpandThenSplitOrAdd) {
+  MOELORA_REQUIRE_GPU();
+  const int64_t m = GetParam();
+  std::mt19937_64 rng(test::fresh_seed());
+  const Device d = Device::cuda();
+  for (const Config& cfg : kConfigs) {
+    SCOPED_TRACE(fmt::format("K {} r_max {}", cfg.k, cfg.r_max));
+    const auto c = test::DenseLoraCase::make(m, cfg.k, cfg.widths, cfg.ranks, cfg.r_max, rng);
+    const DenseLoraPool pool = c.pool(d);
+    const int64_t n = c.slices.total(), width = int64_t(cfg.widths.size()) * cfg.r_max;
+    const Stream stream = Stream::create(d);
+    const Tensor ts = c.token_slot.to(d);
+    Tensor u = Tensor::empty({m, width}, DType::f32, d);
+    u.fill_bytes(0xFF);
+    dense_lora_shrink(pool, c.x.to(d), ts, u, stream);
+    const Tensor y_host = test::random_tensor({m, n}, DType::f32, rng);
+    const Tensor x_host = test::random_tensor({m, n}, DType::f32, rng);
+    for (bool lora : {true, false}) {
+      SCOPED_TRACE(lora ? "with LoRA" : "no pool");
+      const Tensor y = y_host.to(d);
+      Tensor want = y_host.to(d);
+      if (lora) dense_lora_expand(pool, u, ts, want, stream);
+      const auto w = test::to_floats(want), x0 = test::to_floats(x_host);
+      // Split.
+      std::vector<Tensor> outs;
+      std::vector<Tensor*> ptrs;
+      for (int64_t wd : cfg.widths)
+        outs.push_back(test::poisoned({m, wd}, DType::f32, d, test::kPoisonFloat));
+      for (Tensor& o : outs) ptrs.push_back(&o);
+      dense_lora_expand_split(lora ? &pool : nullptr, u, ts, y, c.slices, ptrs, stream);
+      // Residual.
+      Tensor x = x_host.to(d);
+      dense_lora_expand_residual(lora ? &pool : nullptr, u, ts, y, x, stream);
+      stream.synchronize();
+      EXPECT_EQ(test::to_floats(y), test::to_floats(y_host.to(d))) << "y was changed";
+      int64_t col = 0;
+      for (size_t s = 0; s < outs.size(); ++s) {
+        const auto o = test::to_floats(outs[s]);
+        const int64_t wd = cfg.widths[s];
+        for (int64_t t = 0; t < m; ++t)
+          for (int64_t j = 0; j < wd; ++j)
+            ASSERT_EQ(o[size_t(t * wd + j)], w[size_t(t * n + col + j)])
+                << "slice " << s << " row " << t << " col " << j;
+        col += wd;
+      }
+      const auto xr = test::to_floats(x);
+      for (int64_t i = 0; i < m * n; ++i)
+        ASSERT_EQ(xr[size_t(i)], x0[size_t(i)] + w[size_t(i)]) << "residual element " << i;
     }
   }
 }

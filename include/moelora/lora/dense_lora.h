@@ -89,4 +89,16 @@ void dense_lora_shrink(const DenseLoraPool& pool, const Tensor& x, const Tensor&
 void dense_lora_expand(const DenseLoraPool& pool, const Tensor& u, const Tensor& token_slot,
                        Tensor& y, const Stream& stream);
 
+// The fast decode path (CUDA only): dense_lora_expand folded into the pass that consumes y, so
+// the expand costs no kernel of its own. y' = y + the delta (as dense_lora_expand would leave
+// y; y is not changed); `pool` may be null (no LoRA: y' = y). Split: outs[s] f32 [M, width_s]
+// = slice s of y' (slices: the pool's, or the given ones without a pool). Residual: x f32
+// [M, N] += y'.
+void dense_lora_expand_split(const DenseLoraPool* pool, const Tensor& u, const Tensor& token_slot,
+                             const Tensor& y, const DenseLoraSlices& slices,
+                             const std::vector<Tensor*>& outs, const Stream& stream);
+void dense_lora_expand_residual(const DenseLoraPool* pool, const Tensor& u,
+                                const Tensor& token_slot, const Tensor& y, Tensor& x,
+                                const Stream& stream);
+
 }  // namespace moelora

@@ -78,31 +78,12 @@ __global__ void __launch_bounds__(kShrinkThreads) dense_lora_shrink_kernel(const
   }
 }
 
-__global__ void __launch_bounds__(kExpandThreads) dense_lora_expand_kernel(const DenseLoraArgs p) {
-  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
-  pdl_trigger();
-  extern __shared__ float u_row[];  // [slices * R]
-  const int64_t t = blockIdx.x;
-  const int slot = p.token_slot[t];
-  if (slot < 0) return;
-  const int width = p.slices * p.r;
-  for (int i = threadIdx.x; i < width; i += kExpandThreads) {
-    // Only the columns below each slice's rank were written by the shrink; the zeros above
-    // make the 8-wide steps past the rank add exact zeros.
-    const int s = i / p.r;
-    u_row[i] = (i % p.r) < p.ranks[slot * p.slices + s] ? p.u[t * width + i] : 0.f;
-  }
-  __syncthreads();
-  const int64_t n = int64_t(blockIdx.y) * kExpandThreads + threadIdx.x;
-  if (n >= p.n) return;
-  int s = 0;
-  while (s + 1 < p.slices && n >= p.offset[s + 1]) ++s;
-  const int rank = p.ranks[slot * p.slices + s];
-  if (rank == 0) return;
-  const __nv_bfloat16* b = static_cast<const __nv_bfloat16*>(p.b) + (int64_t(slot) * p.n + n) * p.r;
-  const float* u = u_row + s * p.r;
+// B row b (rank values of one output column) . staged u, ranks [0, rank): the expand's sum,
+// in the same order wherever it is used (so folded expands give the in-place expand's bits).
+__device__ __forceinline__ float dense_lora_dot(const __nv_bfloat16* b, const float* u, int rank,
+                                                int r) {
   float acc = 0.f;
-  if (p.r % 8 == 0) {
+  if (r % 8 == 0) {
     for (int r0 = 0; r0 < rank; r0 += 8) {
       const uint4 bv = __ldg(reinterpret_cast<const uint4*>(b + r0));
       const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&bv);
@@ -114,13 +95,81 @@ __global__ void __launch_bounds__(kExpandThreads) dense_lora_expand_kernel(const
       }
     }
   } else {
-    for (int r = 0; r < rank; ++r) acc = fmaf(__bfloat162float(b[r]), u[r], acc);
+    for (int q = 0; q < rank; ++q) acc = fmaf(__bfloat162float(b[q]), u[q], acc);
   }
+  return acc;
+}
+
+// The token's u row staged in shared memory, zero above each slice's rank (the 8-wide steps
+// past the rank then add exact zeros).
+__device__ __forceinline__ void dense_lora_stage_u(const DenseLoraArgs& p, int64_t t, int slot,
+                                                   float* u_row) {
+  const int width = p.slices * p.r;
+  for (int i = threadIdx.x; i < width; i += kExpandThreads) {
+    const int s = i / p.r;
+    u_row[i] = (i % p.r) < p.ranks[slot * p.slices + s] ? p.u[t * width + i] : 0.f;
+  }
+}
+
+__device__ __forceinline__ int dense_lora_slice(const DenseLoraArgs& p, int64_t n) {
+  int s = 0;
+  while (s + 1 < p.slices && n >= p.offset[s + 1]) ++s;
+  return s;
+}
+
+__global__ void __launch_bounds__(kExpandThreads) dense_lora_expand_kernel(const DenseLoraArgs p) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
+  extern __shared__ float u_row[];  // [slices * R]
+  const int64_t t = blockIdx.x;
+  const int slot = p.token_slot[t];
+  if (slot < 0) return;
+  dense_lora_stage_u(p, t, slot, u_row);
+  __syncthreads();
+  const int64_t n = int64_t(blockIdx.y) * kExpandThreads + threadIdx.x;
+  if (n >= p.n) return;
+  const int s = dense_lora_slice(p, n);
+  const int rank = p.ranks[slot * p.slices + s];
+  if (rank == 0) return;
+  const __nv_bfloat16* b = static_cast<const __nv_bfloat16*>(p.b) + (int64_t(slot) * p.n + n) * p.r;
+  const float acc = dense_lora_dot(b, u_row + s * p.r, rank, p.r);
   if (p.y_bf16) {
     __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y) + t * p.n + n;
     *y = __float2bfloat16_rn(__bfloat162float(*y) + acc);
   } else {
     static_cast<float*>(p.y)[t * p.n + n] += acc;
+  }
+}
+
+// The expand folded into the pass that consumes y (every token, adapter or not): y' = y + delta
+// exactly as dense_lora_expand leaves y, then split into the slices' buffers or added to the
+// residual stream, so the fast decode path spends no kernel of its own on the expand.
+__global__ void __launch_bounds__(kExpandThreads)
+    dense_lora_expand_out_kernel(const DenseLoraArgs p) {
+  pdl_wait();
+  pdl_trigger();
+  extern __shared__ float u_row[];  // [slices * R]
+  const int64_t t = blockIdx.x;
+  const int slot = p.token_slot ? p.token_slot[t] : -1;
+  if (slot >= 0) dense_lora_stage_u(p, t, slot, u_row);
+  __syncthreads();
+  const int64_t n = int64_t(blockIdx.y) * kExpandThreads + threadIdx.x;
+  if (n >= p.n) return;
+  const int s = dense_lora_slice(p, n);
+  float v = p.y_src[t * p.n + n];
+  if (slot >= 0) {
+    const int rank = p.ranks[slot * p.slices + s];
+    if (rank > 0) {
+      const __nv_bfloat16* b =
+          static_cast<const __nv_bfloat16*>(p.b) + (int64_t(slot) * p.n + n) * p.r;
+      v += dense_lora_dot(b, u_row + s * p.r, rank, p.r);
+    }
+  }
+  if (p.residual) {
+    p.residual[t * p.n + n] += v;
+  } else {
+    const int64_t w = p.offset[s + 1] - p.offset[s];
+    p.split[s][t * w + (n - p.offset[s])] = v;
   }
 }
 
@@ -139,6 +188,17 @@ cudaError_t launch_dense_lora_expand(const DenseLoraArgs& p, cudaStream_t stream
   if (col_tiles > 65535 || p.m > 0x7fffffff) return cudaErrorInvalidValue;
   const size_t smem = size_t(p.slices) * p.r * sizeof(float);
   return detail::launch_pdl(dense_lora_expand_kernel,
+                            dim3(dim3(unsigned(p.m), unsigned(col_tiles))), dim3(kExpandThreads),
+                            smem, stream, p);
+}
+
+cudaError_t launch_dense_lora_expand_out(const DenseLoraArgs& p, cudaStream_t stream) {
+  if (p.m == 0) return cudaSuccess;
+  const int64_t col_tiles = (p.n + kExpandThreads - 1) / kExpandThreads;
+  if (col_tiles > 65535 || p.m > 0x7fffffff || (p.token_slot && p.r <= 0))
+    return cudaErrorInvalidValue;
+  const size_t smem = p.token_slot ? size_t(p.slices) * p.r * sizeof(float) : 0;
+  return detail::launch_pdl(dense_lora_expand_out_kernel,
                             dim3(dim3(unsigned(p.m), unsigned(col_tiles))), dim3(kExpandThreads),
                             smem, stream, p);
 }
