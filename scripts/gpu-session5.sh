@@ -42,7 +42,7 @@ fi
 if [ "$MODE" = fold ]; then
   # The dense LoRA expands folded into the q/k/v split and the residual add (fast path).
   timeout 300 "$B/moelora_gpu_tests" \
-    --gtest_filter='DenseLora*:*DecodeGraph*:*ModelGpu*:*Golden*:CudaModel*:*Qwen3*:*Mixtral*' \
+    --gtest_filter='*DenseLora*:*DecodeGraph*:ModelGpuGolden.*:Fp8CheckpointModelGpu.*:Rows/ModelOpsGpu.*:GoldenMoeBlockGpu.*' \
     > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?"
   grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$OUT/gpu_tests.log" | head -20
