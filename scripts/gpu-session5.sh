@@ -55,3 +55,23 @@ if [ "$MODE" = fold ]; then
   echo "bench decode qwen3 rc=$?"
   grep -E "batch +[0-9]+ +(fast|hooks) +lora" "$OUT/bench_decode_qwen3.log"
 fi
+if [ "$MODE" = final ]; then
+  # Every GPU test, memcheck on the new kernels, bench moe fp8 (overlap vs inline), bench decode
+  # split by LoRA targets; everything under $OUT/final.tgz (the device returns few files).
+  R=$OUT/final; mkdir -p "$R"
+  timeout 330 "$B/moelora_gpu_tests" > "$R/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"
+  grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$R/gpu_tests.log" | head -20
+  timeout 120 compute-sanitizer --tool memcheck "$B/moelora_gpu_tests" \
+    --gtest_filter='Tokens/DenseLoraGpu.FoldedExpands*:CudaFp8Block.InlineLora*' > "$R/san_memcheck.log" 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|PASSED|FAILED" "$R/san_memcheck.log" | tail -3
+  PATHS="overlap inline1k0 inline2k0" bash scripts/bench-moe-paths.sh "$B/moelora" "$R" fp8
+  for spec in all:best attention:best experts:best experts:inline all:inline; do
+    t=${spec%%:*}; v=${spec##*:}
+    timeout 150 "$B/moelora" bench decode --batches 16,64,128 --lora none,r16x1 --path fast \
+      --moe-lora $v --lora-targets $t --steps 10 --json "$R/decode_${t}_$v.json" > "$R/decode_${t}_$v.log" 2>&1
+    echo "== decode targets $t, MoE LoRA $v rc=$?"
+    grep -E "batch +[0-9]+ +fast +lora r" "$R/decode_${t}_$v.log"
+  done
+  tar -czf "$OUT/final.tgz" -C "$OUT" final
+fi

@@ -74,9 +74,11 @@ TEST_P(DenseLoraGpu, FoldedExpandsMatchExpandThenSplitOrAdd) {
     const int64_t n = c.slices.total(), width = int64_t(cfg.widths.size()) * cfg.r_max;
     const Stream stream = Stream::create(d);
     const Tensor ts = c.token_slot.to(d);
+    const Tensor xd = c.x.to(d);  // alive until the shrink has run
     Tensor u = Tensor::empty({m, width}, DType::f32, d);
-    u.fill_bytes(0xFF);
-    dense_lora_shrink(pool, c.x.to(d), ts, u, stream);
+    u.fill_bytes(0xFF, &stream);
+    dense_lora_shrink(pool, xd, ts, u, stream);
+    stream.synchronize();
     const Tensor y_host = test::random_tensor({m, n}, DType::f32, rng);
     const Tensor x_host = test::random_tensor({m, n}, DType::f32, rng);
     for (bool lora : {true, false}) {
