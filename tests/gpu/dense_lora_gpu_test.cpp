@@ -86,6 +86,7 @@ TEST_P(DenseLoraGpu, FoldedExpandsMatchExpandThenSplitOrAdd) {
       const Tensor y = y_host.to(d);
       Tensor want = y_host.to(d);
       if (lora) dense_lora_expand(pool, u, ts, want, stream);
+      stream.synchronize();  // the host copy below does not wait for `stream`
       const auto w = test::to_floats(want), x0 = test::to_floats(x_host);
       // Split.
       std::vector<Tensor> outs;
