@@ -6,7 +6,10 @@
 //   a = silu(gate) * up           ; hooks.before_down(a)
 //   o = gemm2(a, plan) * routed w ; hooks.after_down(o)
 //   y = sum over top-k (+ shared expert)
-// The before_* seams let LoRA start its shrink beside the base GEMM (side stream).
+// The before_* seams let LoRA start its shrink beside the base GEMM (side stream). When the
+// backend runs inline LoRA and the hooks ask for it (MoeHooks::inline_lora), the seams give way
+// to  topk, plan = route_align; h = gemm1_lora (its grid also writes the gate_up delta);
+// a = hooks.gate_up_activation; o = gemm2_lora (+ down delta); y = hooks.down_reduce.
 #pragma once
 
 #include <memory>
