@@ -114,6 +114,26 @@ void compare_paths(DecodeRunner& hooks, DecodeRunner& fast, int steps, bool exac
   }
 }
 
+// `steps` decode steps of the same tokens on `with` (adapters per `slots`) and `without` (all
+// base): every base row's logits bit-identical.
+void expect_base_rows_match(DecodeRunner& with, DecodeRunner& without,
+                            const std::vector<int>& slots, int steps) {
+  StepResult rw = with.step(nullptr), rb = without.step(nullptr);
+  const int64_t V = rw.last_logits.size(1);
+  for (int s = 0; s < steps; ++s) {
+    std::vector<int32_t> next = greedy(rb);
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (slots[i] >= 0) continue;
+      SCOPED_TRACE(fmt::format("step {} row {}", s, i));
+      ASSERT_EQ(std::memcmp(rw.last_logits.data<float>() + int64_t(i) * V,
+                            rb.last_logits.data<float>() + int64_t(i) * V, size_t(V) * 4),
+                0);
+    }
+    rw = with.step(&next);
+    rb = without.step(&next);
+  }
+}
+
 class DecodeGraphTest : public ::testing::TestWithParam<WeightFormat> {};
 
 // The fast path's MoE LoRA for these experts is the hooks' kernels (bit for bit the hooks
@@ -189,20 +209,7 @@ TEST_P(DecodeGraphTest, BaseRowsUnaffectedByAdapters) {
   const std::vector<int> base(mixed.size(), -1);
   DecodeRunner with(load(GetParam(), DecodePath::fast), mixed);
   DecodeRunner without(load(GetParam(), DecodePath::fast), base);
-  StepResult rw = with.step(nullptr), rb = without.step(nullptr);
-  const int64_t V = rw.last_logits.size(1);
-  for (int s = 0; s < 30; ++s) {
-    std::vector<int32_t> next = greedy(rb);
-    for (size_t i = 0; i < mixed.size(); ++i) {
-      if (mixed[i] >= 0) continue;
-      SCOPED_TRACE(fmt::format("step {} row {}", s, i));
-      ASSERT_EQ(std::memcmp(rw.last_logits.data<float>() + int64_t(i) * V,
-                            rb.last_logits.data<float>() + int64_t(i) * V, size_t(V) * 4),
-                0);
-    }
-    rw = with.step(&next);
-    rb = without.step(&next);
-  }
+  expect_base_rows_match(with, without, mixed, 30);
   EXPECT_GT(with.model->decode_stats().replayed, 20);
   EXPECT_GT(without.model->decode_stats().replayed, 20);
 }
@@ -240,20 +247,7 @@ TEST(DecodeGraphInline, Fp8ReplayMatchesEagerHooksAndBase) {
   const std::vector<int> base(slots.size(), -1);
   DecodeRunner with(load(f, DecodePath::fast, 256, true, v), slots);
   DecodeRunner without(load(f, DecodePath::fast, 256, true, v), base);
-  StepResult rw = with.step(nullptr), rb = without.step(nullptr);
-  const int64_t V = rw.last_logits.size(1);
-  for (int s = 0; s < 20; ++s) {
-    std::vector<int32_t> next = greedy(rb);
-    for (size_t i = 0; i < slots.size(); ++i) {
-      if (slots[i] >= 0) continue;
-      SCOPED_TRACE(fmt::format("step {} row {}", s, i));
-      ASSERT_EQ(std::memcmp(rw.last_logits.data<float>() + int64_t(i) * V,
-                            rb.last_logits.data<float>() + int64_t(i) * V, size_t(V) * 4),
-                0);
-    }
-    rw = with.step(&next);
-    rb = without.step(&next);
-  }
+  expect_base_rows_match(with, without, slots, 20);
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, DecodeGraphTest,

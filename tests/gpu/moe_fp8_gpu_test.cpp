@@ -290,23 +290,29 @@ void load_two_adapters(const MoeShape& s, std::mt19937_64& rng, MoeLoraPool& cpu
   }
 }
 
-TEST(CudaFp8Block, LayerMatchesReferenceBackend) {
-  MOELORA_REQUIRE_GPU();
-  std::mt19937_64 rng(test::fresh_seed());
-  Stream s = Stream::create(Device::cuda());
+// The layer shapes: plain softmax top-k, DeepSeek-V3 grouped routing with a shared expert,
+// Qwen2-style gated shared expert (I = 208: gate/up parts not a multiple of the scale block).
+struct Fp8LayerCase {
+  MoeShape shape;
+  RouterConfig router;
+};
+std::vector<Fp8LayerCase> fp8_layer_cases() {
   MoeShape base{"fp8-small", 256, 208, 16, 4};
   MoeShape v3 = base;
   v3.name = "fp8-v3-shared", v3.num_experts = 32, v3.shared_inter = 144;
   MoeShape q2 = base;
   q2.name = "fp8-qwen2-shared-gate", q2.num_experts = 12, q2.top_k = 3, q2.shared_inter = 256;
   q2.shared_gate = true;
-  struct LayerCase {
-    MoeShape shape;
-    RouterConfig router;
-  };
-  for (const LayerCase& c : {LayerCase{base, RouterConfig::softmax_topk(16, 4, true)},
-                             LayerCase{v3, RouterConfig::deepseek_v3(32, 4, 4, 2, 2.5f)},
-                             LayerCase{q2, RouterConfig::softmax_topk(12, 3, false)}}) {
+  return {{base, RouterConfig::softmax_topk(16, 4, true)},
+          {v3, RouterConfig::deepseek_v3(32, 4, 4, 2, 2.5f)},
+          {q2, RouterConfig::softmax_topk(12, 3, false)}};
+}
+
+TEST(CudaFp8Block, LayerMatchesReferenceBackend) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  for (const Fp8LayerCase& c : fp8_layer_cases()) {
     const int64_t max_tokens = 1024, H = c.shape.hidden;
     MoeRunnerConfig rc;
     rc.shape = c.shape, rc.router = c.router, rc.max_tokens = max_tokens;
@@ -380,19 +386,7 @@ void load_four_adapters(const MoeShape& s, std::mt19937_64& rng, MoeLoraPool& cp
 void inline_lora_layer(bool graph) {
   std::mt19937_64 rng(test::fresh_seed());
   Stream s = Stream::create(Device::cuda());
-  MoeShape base{"fp8-small", 256, 208, 16, 4};
-  MoeShape v3 = base;
-  v3.name = "fp8-v3-shared", v3.num_experts = 32, v3.shared_inter = 144;
-  MoeShape q2 = base;
-  q2.name = "fp8-qwen2-shared-gate", q2.num_experts = 12, q2.top_k = 3, q2.shared_inter = 256;
-  q2.shared_gate = true;
-  struct LayerCase {
-    MoeShape shape;
-    RouterConfig router;
-  };
-  for (const LayerCase& c : {LayerCase{base, RouterConfig::softmax_topk(16, 4, true)},
-                             LayerCase{v3, RouterConfig::deepseek_v3(32, 4, 4, 2, 2.5f)},
-                             LayerCase{q2, RouterConfig::softmax_topk(12, 3, false)}}) {
+  for (const Fp8LayerCase& c : fp8_layer_cases()) {
     for (int64_t m : {1, 7, 64, 257}) {
       for (const auto& [splits, k_splits] : {std::pair{1, 0}, std::pair{3, 4}, std::pair{2, 2}}) {
         SCOPED_TRACE(::testing::Message() << c.shape.name << " M=" << m << " splits=" << splits
