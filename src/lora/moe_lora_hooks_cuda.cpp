@@ -40,7 +40,6 @@ class CudaLoraHooks final : public MoeLoraHooks {
         fused_max_tokens_(std::max<int64_t>(0, options.fused_max_tokens)),
         overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)),
         inline_max_tokens_(std::max<int64_t>(0, options.inline_max_tokens)),
-        overlap_fused_route_(options.overlap_fused_route),
         inline_k_splits_(options.inline_k_splits),
         inline_column_splits_(options.inline_column_splits) {
     MOELORA_CHECK(fused_max_tokens_ == 0 || (pool.r_max() % 8 == 0 && pool.r_max() <= 256),
@@ -128,13 +127,6 @@ class CudaLoraHooks final : public MoeLoraHooks {
     cuda::moe_lora_align(topk.ids, token_slot, s.num_experts, vplan_, side_);
     routed_ = true;
     gu_queued_ = down_queued_ = false;
-  }
-
-  // The overlap variant forks after a fused route + align (one kernel fewer on the critical
-  // path; its side-stream work waits for the expert GEMMs anyway). MoeLoraHooksOptions::
-  // overlap_fused_route selects it.
-  bool after_route_before_align(int64_t m) const override {
-    return !(overlap_fused_route_ && overlaps(m));
   }
 
   // x is final (it is the layer's input), and the side stream already follows after_route's
@@ -285,7 +277,6 @@ class CudaLoraHooks final : public MoeLoraHooks {
   int64_t fused_max_tokens_ = 0;
   int64_t overlap_max_tokens_ = 0;
   int64_t inline_max_tokens_ = 0;
-  bool overlap_fused_route_ = false;
   int inline_k_splits_ = 0, inline_column_splits_ = 1, sms_ = 132;
   MoeLoraInlineSeams inline_;
   bool inline_on_ = false;  // this layer call runs the inline seams

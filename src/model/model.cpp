@@ -94,18 +94,15 @@ const char* moe_lora_variant_name(MoeLoraVariant v) {
     case MoeLoraVariant::staged: return "staged";
     case MoeLoraVariant::overlap: return "overlap";
     case MoeLoraVariant::inline_ctas: return "inline";
-    case MoeLoraVariant::overlap_fused_route: return "overlap-fused-route";
     default: return "best";
   }
 }
 
 MoeLoraVariant parse_moe_lora_variant(const std::string& name) {
   for (MoeLoraVariant v : {MoeLoraVariant::best, MoeLoraVariant::staged, MoeLoraVariant::overlap,
-                           MoeLoraVariant::inline_ctas, MoeLoraVariant::overlap_fused_route})
+                           MoeLoraVariant::inline_ctas})
     if (name == moe_lora_variant_name(v)) return v;
-  MOELORA_THROW(
-      "MoE LoRA variant '{}': expected best, staged, overlap, inline or overlap-fused-route",
-      name);
+  MOELORA_THROW("MoE LoRA variant '{}': expected best, staged, overlap or inline", name);
 }
 
 void Model::set_decode_options(const DecodeOptions& options) {

@@ -48,10 +48,6 @@ inline MoeLoraHooksOptions decode_hook_options(const DecodeOptions& d, WeightFor
       if (format == WeightFormat::fp8_block) o.overlap_max_tokens = 128;
       break;
     case MoeLoraVariant::overlap: o.overlap_max_tokens = d.max_batch; break;
-    case MoeLoraVariant::overlap_fused_route:
-      o.overlap_max_tokens = d.max_batch;
-      o.overlap_fused_route = true;
-      break;
     case MoeLoraVariant::inline_ctas: o.inline_max_tokens = d.max_batch; break;
     case MoeLoraVariant::staged: break;
   }

@@ -79,17 +79,15 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
   // routing before the alignment, so route and align may fuse as without hooks.
   const MoeLoraInlineSeams* inline_lora =
       hooks && backend_->runs_inline_lora() ? hooks->inline_lora(topk_view_, m) : nullptr;
-  if (hooks && !inline_lora && hooks->after_route_before_align(m)) {
+  if (hooks && !inline_lora) {
     // The hooks fork their side stream (LoRA grouping) right after routing, before the
-    // alignment: moving the fork past a fused route+align measured 1-2 % slower with LoRA
-    // on the staged hook path.
+    // alignment: moving the fork past a fused route+align measured 1-2 % slower with LoRA.
     backend_->route(in.router_logits, w.correction_bias, config_.router, topk_view_, stream);
     hooks->after_route(topk_view_, m, stream);
     backend_->align(topk_view_.ids, plan_, stream);
   } else {
     backend_->route_align(in.router_logits, w.correction_bias, config_.router, topk_view_, plan_,
                           stream);
-    if (hooks && !inline_lora) hooks->after_route(topk_view_, m, stream);
   }
 
   Tensor h = h_.first_rows(slots), a = a_.first_rows(slots), o = o_.first_rows(slots);

@@ -252,8 +252,7 @@ CLI::App* add_bench_decode_command(CLI::App& bench, BenchDecodeOptions& o) {
                 "experts (routed experts only)")
       ->capture_default_str();
   d->add_option("--moe-lora", o.moe_lora,
-                "fast path's MoE LoRA variant: best (per weight format), staged, overlap, inline, "
-                "overlap-fused-route")
+                "fast path's MoE LoRA variant: best (per weight format), staged, overlap, inline")
       ->capture_default_str();
   d->add_option("--context", o.context, "KV length of every sequence before timing")
       ->capture_default_str();

@@ -189,14 +189,13 @@ TEST(CudaMoeLayer, GraphReplayWithNewInputs) {
 // stream, added in the activation and the reduction, overlap_max_tokens): against the CPU
 // reference, eager and under graph replay with new inputs and a new adapter mix each time;
 // base tokens bit-identical to a LoRA-off run of the same GPU runner.
-void fused_lora_layer(bool graph, bool overlap = false, bool fused_route = false) {
+void fused_lora_layer(bool graph, bool overlap = false) {
   std::mt19937_64 rng(test::fresh_seed());
   Stream s = Stream::create(Device::cuda());
   for (const LayerCase& c : layer_cases()) {
     for (int64_t m : {1, 7, 64, 257}) {
       SCOPED_TRACE(::testing::Message() << c.name << " M=" << m << " graph=" << graph
-                                        << " overlap=" << overlap
-                                        << " fused_route=" << fused_route);
+                                        << " overlap=" << overlap);
       MoeRunner ref(runner_config(c, Device::cpu(), m));
       MoeRunner gpu(runner_config(c, Device::cuda(), m));
       const MoeWeights w = random_weights(c.shape, c.router, rng);
@@ -206,7 +205,6 @@ void fused_lora_layer(bool graph, bool overlap = false, bool fused_route = false
       auto hooks_cpu = MoeLoraHooks::create(pool_cpu, m);
       MoeLoraHooksOptions fast;
       (overlap ? fast.overlap_max_tokens : fast.fused_max_tokens) = m;
-      fast.overlap_fused_route = fused_route;
       auto hooks_gpu = MoeLoraHooks::create(pool_gpu, m, fast);
       ASSERT_TRUE(hooks_gpu->fuses_activation(m) && hooks_gpu->fuses_reduce(m));
 
@@ -269,13 +267,6 @@ TEST(CudaMoeLayer, OverlapLoraPathMatchesReference) {
 TEST(CudaMoeLayer, OverlapLoraPathInGraphMatchesReference) {
   MOELORA_REQUIRE_GPU();
   fused_lora_layer(true, true);
-}
-
-// The overlap variant forking after a fused route + align (MoeLoraHooksOptions::
-// overlap_fused_route).
-TEST(CudaMoeLayer, OverlapFusedRouteLoraPathInGraphMatchesReference) {
-  MOELORA_REQUIRE_GPU();
-  fused_lora_layer(true, true, true);
 }
 
 }  // namespace

@@ -101,13 +101,6 @@ class MoeHooks {
   virtual ~MoeHooks() = default;
   // After routing: lets the hooks group token-slots (e.g. by (adapter, expert)).
   virtual void after_route(const TopK& topk, int64_t num_tokens, const Stream& stream) = 0;
-  // Whether after_route must run between routing and the base alignment (true: the runner
-  // routes, calls it, then aligns); false lets the runner fuse routing and alignment into one
-  // kernel and call after_route after both. Default: true.
-  virtual bool after_route_before_align(int64_t num_tokens) const {
-    (void)num_tokens;
-    return true;
-  }
   // Before the gate_up GEMM: x bf16 [M, H] is final, so work that reads only x (the LoRA
   // shrink) may start here, e.g. on a side stream overlapping the GEMM. Optional.
   virtual void before_gate_up(const Tensor& x, const TopK& topk, const Stream& stream) {
@@ -168,9 +161,6 @@ struct MoeLoraHooksOptions {
   // over fused_max_tokens. 0 = off. Needs the delta expand's shapes
   // (cuda::moe_lora_delta_supported: H and I multiples of 4, r_max % 8 == 0).
   int64_t overlap_max_tokens = 0;
-  // With the overlap variant: route and align in one kernel and fork the side stream after
-  // both (MoeHooks::after_route_before_align false), instead of forking between them.
-  bool overlap_fused_route = false;
   // CUDA, on backends that run inline LoRA (MoeBackend::runs_inline_lora): batches of up to
   // this many tokens compute both deltas in extra CTAs of the expert GEMM grids themselves
   // (no side stream, no LoRA alignment) and add them inside the activation and the reduction

@@ -37,12 +37,9 @@ DecodePath parse_decode_path(const std::string& name);
 // the others force one (benchmarks and tests): staged hooks, overlap (deltas on a side stream)
 // or inline (deltas in extra CTAs of the expert GEMM grids; backends that run it, the staged
 // hooks elsewhere).
-// overlap_fused_route: overlap with routing and alignment fused, the side stream forked after
-// both (MoeLoraHooksOptions::overlap_fused_route).
-enum class MoeLoraVariant { best, staged, overlap, inline_ctas, overlap_fused_route };
+enum class MoeLoraVariant { best, staged, overlap, inline_ctas };
 const char* moe_lora_variant_name(MoeLoraVariant v);
-// "best", "staged", "overlap", "inline" or "overlap-fused-route"; anything else is an error
-// naming them.
+// "best", "staged", "overlap" or "inline"; anything else is an error naming them.
 MoeLoraVariant parse_moe_lora_variant(const std::string& name);
 
 struct DecodeOptions {
