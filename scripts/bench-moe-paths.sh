@@ -2,8 +2,7 @@
 # bench moe, hooks vs fast LoRA path, for the given expert formats (device).
 # Usage: scripts/bench-moe-paths.sh BIN OUT_DIR dtype [dtype ...]
 # PATHS: LoRA paths (default "hooks fast"); "inlineCkS" = --path inline --inline-splits C
-# --inline-k-splits S (S 0: by batch size); "overlapcN" / "hookscN" = that path with the expert
-# GEMMs capped at N CTAs per SM.
+# --inline-k-splits S (S 0: by batch size).
 # LORAS, BATCHES: override the settings and batch sizes.
 set -uo pipefail
 BIN=$1; OUT=$2; shift 2
@@ -12,7 +11,6 @@ for dt in "$@"; do
   for path in ${PATHS:-hooks fast}; do
     args=(--path "$path")
     case $path in
-      overlapc[0-9]*|hooksc[0-9]*) args=(--path "${path%c*}" --gemm-ctas-per-sm "${path##*c}");;
       inline*k*) c=${path#inline}; args=(--path inline --inline-splits "${c%k*}" --inline-k-splits "${path##*k}");;
       inline[0-9]*) args=(--path inline --inline-splits "${path#inline}");;
     esac

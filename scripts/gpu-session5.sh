@@ -75,9 +75,3 @@ if [ "$MODE" = final ]; then
   done
   tar -czf "$OUT/final.tgz" -C "$OUT" final
 fi
-if [ "$MODE" = cap ]; then
-  # The expert GEMMs capped at N CTAs per SM so the LoRA side stream's CTAs stay resident.
-  timeout 120 "$B/moelora_gpu_tests" --gtest_filter='CudaFp8Block.Layer*:CudaFp8Block.Ops*' 2>&1 | grep -E "^\[  PASSED|^\[  FAILED" | head -5
-  PATHS="${CAP_PATHS:-overlap overlapc3 overlapc2 hooks hooksc3}" LORAS=none,r16x1,r16x4 BATCHES=1,16,64,128 \
-    bash scripts/bench-moe-paths.sh "$B/moelora" "$OUT" fp8
-fi

@@ -40,7 +40,6 @@ class CudaLoraHooks final : public MoeLoraHooks {
         fused_max_tokens_(std::max<int64_t>(0, options.fused_max_tokens)),
         overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)),
         inline_max_tokens_(std::max<int64_t>(0, options.inline_max_tokens)),
-        gemm_ctas_per_sm_(std::max(0, options.gemm_ctas_per_sm)),
         inline_k_splits_(options.inline_k_splits),
         inline_column_splits_(options.inline_column_splits) {
     MOELORA_CHECK(fused_max_tokens_ == 0 || (pool.r_max() % 8 == 0 && pool.r_max() <= 256),
@@ -187,9 +186,6 @@ class CudaLoraHooks final : public MoeLoraHooks {
   // The fast path: the expands folded into the activation / reduction (moe_lora_fused.cu).
   // The overlap path (deltas beside the GEMMs, added in the activation / reduction) or the
   // fused path (expands folded into them).
-  int expert_gemm_ctas_per_sm(int64_t m) const override {
-    return inlined(m) ? 0 : gemm_ctas_per_sm_;
-  }
   bool fuses_activation(int64_t m) const override {
     return inlined(m) || overlaps(m) || m <= fused_max_tokens_;
   }
@@ -281,7 +277,6 @@ class CudaLoraHooks final : public MoeLoraHooks {
   int64_t fused_max_tokens_ = 0;
   int64_t overlap_max_tokens_ = 0;
   int64_t inline_max_tokens_ = 0;
-  int gemm_ctas_per_sm_ = 0;
   int inline_k_splits_ = 0, inline_column_splits_ = 1, sms_ = 132;
   MoeLoraInlineSeams inline_;
   bool inline_on_ = false;  // this layer call runs the inline seams

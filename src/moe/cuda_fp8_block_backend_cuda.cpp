@@ -39,23 +39,22 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
 
   void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan, const ExpertMatrices& w13,
              Tensor& h, const Stream& s) override {
-    cuda::moe_gemm1_fp8(x, top_k, plan, w13, h, buffer(x_buf_, x, w13.k), s, nullptr, cap_);
+    cuda::moe_gemm1_fp8(x, top_k, plan, w13, h, buffer(x_buf_, x, w13.k), s);
   }
   void gemm2(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
              const Tensor& sw, Tensor& o, const Stream& s) override {
-    cuda::moe_gemm2_fp8(a, plan, w2, sw, o, buffer(a_buf_, a, w2.k), s, nullptr, cap_);
+    cuda::moe_gemm2_fp8(a, plan, w2, sw, o, buffer(a_buf_, a, w2.k), s);
   }
-  void set_gemm_ctas_per_sm(int cap) override { cap_ = std::max(0, cap); }
   // The inline LoRA CTAs ride in the same grids (kernels/cuda/moe_lora_inline.cuh).
   bool runs_inline_lora() const override { return true; }
   void gemm1_lora(const Tensor& x, int top_k, const MoeAlignment& plan, const ExpertMatrices& w13,
                   const MoeLoraInline& lora, Tensor& h, const Stream& s) override {
-    cuda::moe_gemm1_fp8(x, top_k, plan, w13, h, buffer(x_buf_, x, w13.k), s, &lora, cap_);
+    cuda::moe_gemm1_fp8(x, top_k, plan, w13, h, buffer(x_buf_, x, w13.k), s, &lora);
   }
   void gemm2_lora(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                   const Tensor& sw, const MoeLoraInline& lora, Tensor& o,
                   const Stream& s) override {
-    cuda::moe_gemm2_fp8(a, plan, w2, sw, o, buffer(a_buf_, a, w2.k), s, &lora, cap_);
+    cuda::moe_gemm2_fp8(a, plan, w2, sw, o, buffer(a_buf_, a, w2.k), s, &lora);
   }
   // As cuda_bf16: gemm1 with the activation fused, then gemm2 (each op quantizes its input
   // first; both GEMMs stream weights before waiting on that).
@@ -82,7 +81,6 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
   // The GEMM inputs' fp8 copies: x (gate_up) and a (down). Stream-ordered reuse: every op
   // rewrites its buffer before reading it. Sized in prepare().
   cuda::Fp8ActBuffer x_buf_, a_buf_;
-  int cap_ = 0;  // set_gemm_ctas_per_sm
 };
 
 }  // namespace

@@ -101,8 +101,6 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
     hooks->gate_up_activation(in.x, topk_view_, h, a, stream);
     backend_->gemm2_lora(a, plan_, w.w2, slot_weights, inline_lora->down, o, stream);
   } else if (hooks) {
-    const int cap = hooks->expert_gemm_ctas_per_sm(m);
-    if (cap > 0) backend_->set_gemm_ctas_per_sm(cap);
     hooks->before_gate_up(in.x, topk_view_, stream);
     backend_->gemm1(in.x, s.top_k, plan_, w.w13, h, stream);
     if (hooks->fuses_activation(m)) {
@@ -114,7 +112,6 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
     hooks->before_down(a, topk_view_, stream);
     backend_->gemm2(a, plan_, w.w2, slot_weights, o, stream);
     if (!fused_reduce) hooks->after_down(a, topk_view_, o, stream);
-    if (cap > 0) backend_->set_gemm_ctas_per_sm(0);
   } else {
     // No seams to honour: the backend may fuse (same o bit for bit, see MoeBackend).
     backend_->expert_mlp(in.x, s.top_k, topk_view_.ids, plan_, w.w13, w.w2, slot_weights, h, a,

@@ -238,7 +238,6 @@ int run_bench_moe(const BenchMoeOptions& opt) {
       if (opt.path == "fast") hook_options.fused_max_tokens = max_batch;
       // --path overlap: both deltas on the side stream, added in the activation / reduction.
       if (opt.path == "overlap") hook_options.overlap_max_tokens = max_batch;
-      hook_options.gemm_ctas_per_sm = opt.gemm_ctas_per_sm;
       // --path inline: both deltas in extra CTAs of the expert GEMM grids (backends that run
       // them; the others take the staged hooks).
       if (opt.path == "inline") {
@@ -328,7 +327,6 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     j["shape"] = shape.name;
     j["dtype"] = format_name(format);
     j["lora_path"] = opt.path;
-    j["gemm_ctas_per_sm"] = opt.gemm_ctas_per_sm;
     if (opt.path == "inline") {
       j["inline_column_splits"] = opt.inline_column_splits;
       j["inline_k_splits"] = opt.inline_k_splits;

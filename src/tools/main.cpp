@@ -34,10 +34,6 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--inline-splits", moe.inline_column_splits,
                         "--path inline: CTAs per (plan block, half) along the output columns")
       ->capture_default_str();
-  bench_moe->add_option("--gemm-ctas-per-sm", moe.gemm_ctas_per_sm,
-                        "with LoRA: cap the expert GEMMs at this many CTAs per SM (room for the "
-                        "side stream; fp8), 0 = no cap")
-      ->capture_default_str();
   bench_moe->add_option("--inline-k-splits", moe.inline_k_splits,
                         "--path inline: K slices of the shrink (0: by batch size)")
       ->capture_default_str();

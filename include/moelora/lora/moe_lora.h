@@ -125,9 +125,6 @@ class MoeHooks {
   // o + w * delta, plus the shared expert). Base tokens must come out bit-identical to the
   // staged seams. Defaults: not fused.
   virtual bool fuses_activation(int64_t m) const { (void)m; return false; }
-  // At most this many expert GEMM CTAs per SM for a batch of m tokens (room for the hooks'
-  // side-stream CTAs beside the GEMMs; MoeBackend::set_gemm_ctas_per_sm). 0: no cap.
-  virtual int expert_gemm_ctas_per_sm(int64_t m) const { (void)m; return 0; }
   // Optional inline seams (the fast decode path on backends that run LoRA CTAs inside their
   // expert GEMM grids, MoeBackend::runs_inline_lora). Asked once per layer call, before
   // routing; a non-null result means the runner, for this call, skips after_route and the
@@ -164,10 +161,6 @@ struct MoeLoraHooksOptions {
   // over fused_max_tokens. 0 = off. Needs the delta expand's shapes
   // (cuda::moe_lora_delta_supported: H and I multiples of 4, r_max % 8 == 0).
   int64_t overlap_max_tokens = 0;
-  // CUDA: > 0 caps the expert GEMMs at this many CTAs per SM while the side stream's LoRA
-  // kernels run beside them (backends that can; fp8 block-scale), so LoRA CTAs find room on
-  // the SMs instead of waiting for the GEMM's tail. 0 = no cap.
-  int gemm_ctas_per_sm = 0;
   // CUDA, on backends that run inline LoRA (MoeBackend::runs_inline_lora): batches of up to
   // this many tokens compute both deltas in extra CTAs of the expert GEMM grids themselves
   // (no side stream, no LoRA alignment) and add them inside the activation and the reduction

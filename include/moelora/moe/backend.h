@@ -58,10 +58,6 @@ class MoeBackend {
   // Weight stacks are in the backend's format (see MoeProblem::format).
   virtual void gemm1(const Tensor& x, int top_k, const MoeAlignment& plan,
                      const ExpertMatrices& w13, Tensor& h, const Stream& stream) = 0;
-  // Optional: at most `cap` CTAs per SM for the expert GEMMs that follow (gemm1 / gemm2 and
-  // their LoRA forms) until set back to 0, leaving room beside them for another stream's CTAs
-  // (the LoRA side stream). Backends that cannot cap ignore it. Default: ignored.
-  virtual void set_gemm_ctas_per_sm(int cap) { (void)cap; }
   // Optional capability (the fast decode path's inline LoRA, moelora/moe/lora_inline.h):
   // gemm1 / gemm2 whose grid also computes `lora`'s delta into lora.delta, with h / o exactly
   // as gemm1 / gemm2 write them. The runner calls them only when runs_inline_lora() is true.

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bitset>
 #include <cstddef>
 #include <mutex>
 
@@ -14,20 +15,19 @@
 
 namespace moelora::cuda::detail {
 
-// Raises kKernel's dynamic shared memory limit per device when a launch needs more than was
-// allowed so far (not on every call, so that a graph capture sees only the launch).
+// Raises kKernel's dynamic shared memory limit once per device (not on every call, so that a
+// graph capture sees only the launch).
 template <auto kKernel>
 cudaError_t allow_smem(int bytes) {
   static std::mutex mu;
-  static int allowed[64] = {};  // the limit set so far, per device
+  static std::bitset<64> devices;
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   const std::lock_guard<std::mutex> lock(mu);
-  int& have = allowed[device & 63];
-  if (bytes <= have) return cudaSuccess;
+  if (devices.test(size_t(device & 63))) return cudaSuccess;
   const cudaError_t e =
       cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e == cudaSuccess) have = bytes;
+  if (e == cudaSuccess) devices.set(size_t(device & 63));
   return e;
 }
 
@@ -58,20 +58,6 @@ cudaError_t launch_expert_gemm(Params p, int max_blocks, int threads, int smem_b
       axis += int(lb);
       // One size per instantiation (allow_smem raises the limit once).
       smem_bytes = std::max(smem_bytes, moe_lora_inline_smem(threads, kInlineMaxBlockM));
-    }
-  }
-  if constexpr (requires { p.ctas_per_sm; }) {
-    // At most ctas_per_sm CTAs per SM: each takes more than 1 / (cap + 1) of the SM's shared
-    // memory (1 KB of it reserved per CTA). The limit is raised to the device maximum once.
-    if (p.ctas_per_sm > 0) {
-      int device = 0, per_sm = 0;
-      if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-      if (cudaError_t e = cudaDeviceGetAttribute(
-              &per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-          e != cudaSuccess)
-        return e;
-      smem_bytes = std::max(smem_bytes, per_sm / (p.ctas_per_sm + 1) - 1024 + 16);
-      if (cudaError_t e = allow_smem<kKernel>(per_sm - 1024); e != cudaSuccess) return e;
     }
   }
   if (cudaError_t e = allow_smem<kKernel>(smem_bytes); e != cudaSuccess) return e;

@@ -38,8 +38,7 @@ bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::s
 // lora->delta; h is the base GEMM's either way.
 void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan,
                    const ExpertMatrices& w13, Tensor& h, Fp8ActBuffer& act_buf,
-                   const Stream& stream, const MoeLoraInline* lora = nullptr,
-                   int ctas_per_sm = 0);
+                   const Stream& stream, const MoeLoraInline* lora = nullptr);
 // moe_gemm1_fp8 then moe_activation without materializing h: a bf16 [M*k, I].
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
                               const ExpertMatrices& w13, Tensor& a, Fp8ActBuffer& act_buf,
@@ -48,12 +47,9 @@ void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& pl
 // The GEMMs always stream weights before waiting on their predecessor (MoeGemmArgs::plan_ready):
 // that predecessor is the op's own quantization kernel, which lets them start only once it has
 // waited for everything before it, the plan included.
-// ctas_per_sm > 0: at most that many GEMM CTAs per SM (room beside it for a side stream's
-// CTAs; MoeGemmFp8Args::ctas_per_sm).
 void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                    const Tensor& slot_weights, Tensor& o, Fp8ActBuffer& act_buf,
-                   const Stream& stream, const MoeLoraInline* lora = nullptr,
-                   int ctas_per_sm = 0);
+                   const Stream& stream, const MoeLoraInline* lora = nullptr);
 
 // With an explicit tile (tests and benchmarks sweep them).
 void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,

@@ -18,7 +18,6 @@ struct MoeGemmConfig {
   // Grid order (MoeGemmArgs::row_tiles_fastest): false keeps the surplus blocks of the
   // worst-case grid interleaved with the live ones, true dispatches them last.
   bool row_tiles_fastest = false;
-  int ctas_per_sm = 0;  // fp8: > 0 caps the CTAs per SM (MoeGemmFp8Args::ctas_per_sm)
   // Split K across the warps of a CTA (cuda_nvfp4 only; measured slower, so off by default:
   // bench/NOTES.md "nvfp4"). Tests run both.
   bool split_k = false;

@@ -41,9 +41,6 @@ struct MoeGemmFp8Args {
   // LoRA CTAs prepended to the grid (inline_lora.parts > 0; moe_lora_inline_launch.h). The launcher
   // sets lora_blocks (extra entries on the block axis) and lora_units.
   MoeLoraInlineArgs inline_lora{};
-  // > 0: shared memory padded so at most this many CTAs fit an SM (room for other streams'
-  // CTAs beside the GEMM: the LoRA side stream). 0: as many as fit.
-  int ctas_per_sm = 0;
   int lora_blocks = 0;
   int lora_units = 0;
 };

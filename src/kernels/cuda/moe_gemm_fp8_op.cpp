@@ -128,7 +128,6 @@ void run(MoeGemmFp8Args& p, const Tensor& act, const MoeAlignment& plan, int64_t
   // waiting for their own predecessor: the plan is older than that (see moe_fp8_ops.h).
   p.plan_ready = true;
   p.row_tiles_fastest = cfg.row_tiles_fastest;
-  p.ctas_per_sm = std::max(0, cfg.ctas_per_sm);
   if (p.num_slots == 0) return;
   MOELORA_CUDA_CHECK(launch_fp8_quantize_act(act.data(), int(act.size(0)), p.k,
                                              const_cast<uint8_t*>(p.act_q),
@@ -267,11 +266,10 @@ void moe_gemm2_fp8_tiled(const Tensor& a, const MoeAlignment& plan, const Expert
 
 void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan,
                    const ExpertMatrices& w13, Tensor& h, Fp8ActBuffer& act_buf,
-                   const Stream& stream, const MoeLoraInline* lora, int ctas_per_sm) {
+                   const Stream& stream, const MoeLoraInline* lora) {
   const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
-  MoeGemmConfig cfg = heuristic(w13, plan, slots);
-  cfg.ctas_per_sm = ctas_per_sm;
-  moe_gemm1_fp8_tiled(x, top_k, plan, w13, h, false, act_buf, stream, cfg, lora);
+  moe_gemm1_fp8_tiled(x, top_k, plan, w13, h, false, act_buf, stream,
+                      heuristic(w13, plan, slots), lora);
 }
 
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
@@ -284,11 +282,10 @@ void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& pl
 
 void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                    const Tensor& slot_weights, Tensor& o, Fp8ActBuffer& act_buf,
-                   const Stream& stream, const MoeLoraInline* lora, int ctas_per_sm) {
+                   const Stream& stream, const MoeLoraInline* lora) {
   const int64_t slots = a.dim() == 2 ? a.size(0) : 0;
-  MoeGemmConfig cfg = heuristic(w2, plan, slots);
-  cfg.ctas_per_sm = ctas_per_sm;
-  moe_gemm2_fp8_tiled(a, plan, w2, slot_weights, o, act_buf, stream, cfg, lora);
+  moe_gemm2_fp8_tiled(a, plan, w2, slot_weights, o, act_buf, stream, heuristic(w2, plan, slots),
+                      lora);
 }
 
 }  // namespace moelora::cuda
