@@ -167,20 +167,20 @@ void dense_lora_expand_split(const DenseLoraPool* pool, const Tensor& u, const T
   MOELORA_CHECK(y.defined() && y.device().is_cuda(),
                 "dense_lora_expand_split: the fast decode path's fold runs on CUDA, y is {}",
                 y.defined() ? y.describe() : std::string("undefined"));
-  MOELORA_CHECK(!pool || (pool->slices().count == slices.count &&
-                          pool->slices().total() == slices.total()),
-                "dense LoRA {}: the split's {} slices of {} columns do not match the pool's",
-                pool ? pool->name() : "", slices.count, slices.total());
+  MOELORA_CHECK(
+      !pool || (pool->slices().count == slices.count && pool->slices().total() == slices.total()),
+      "dense LoRA {}: the split's {} slices of {} columns do not match the pool's",
+      pool ? pool->name() : "", slices.count, slices.total());
 #ifdef MOELORA_WITH_CUDA
   if (pool) {
-    cuda::dense_lora_expand_split(y, u.first_rows(y.size(0)), token_slot, pool->b(),
-                                  pool->ranks(), pool->slices(), outs, stream);
+    cuda::dense_lora_expand_split(y, u.first_rows(y.size(0)), token_slot, pool->b(), pool->ranks(),
+                                  pool->slices(), outs, stream);
   } else {
-    cuda::dense_lora_expand_split(y, Tensor(), Tensor(), Tensor(), Tensor(), slices, outs,
-                                  stream);
+    cuda::dense_lora_expand_split(y, Tensor(), Tensor(), Tensor(), Tensor(), slices, outs, stream);
   }
 #else
   (void)u, (void)token_slot, (void)outs, (void)stream;
+  MOELORA_THROW("dense_lora_expand_split: moelora was built without CUDA");
 #endif
 }
 
@@ -201,6 +201,7 @@ void dense_lora_expand_residual(const DenseLoraPool* pool, const Tensor& u,
   }
 #else
   (void)pool, (void)u, (void)token_slot, (void)x, (void)stream;
+  MOELORA_THROW("dense_lora_expand_residual: moelora was built without CUDA");
 #endif
 }
 

@@ -28,7 +28,10 @@
 namespace moelora {
 namespace {
 
+using test::compare_paths;
 using test::DecodeRunner;
+using test::expect_base_rows_match;
+using test::expect_same_after_swap;
 using test::greedy;
 using test::same_bits;
 
@@ -91,49 +94,6 @@ std::unique_ptr<Model> load(WeightFormat format, DecodePath path, int64_t max_ba
                                  graphs, moe_lora);
 }
 
-// Runs `steps` decode steps (after the prefill) on the hooks and fast models; every step's
-// logits bit-identical (exact) or within kRelTol.
-void compare_paths(DecodeRunner& hooks, DecodeRunner& fast, int steps, bool exact,
-                   const std::string& what) {
-  StepResult rh = hooks.step(nullptr), rf = fast.step(nullptr);  // prefill: eager on both
-  for (int s = 0; s <= steps; ++s) {
-    SCOPED_TRACE(fmt::format("{}: step {}", what, s));
-    ASSERT_EQ(rf.last_logits.shape(), rh.last_logits.shape());
-    ASSERT_EQ(rf.router_margin.shape(), rh.router_margin.shape());
-    if (exact) {
-      ASSERT_TRUE(same_bits(rf.last_logits, rh.last_logits));
-      ASSERT_TRUE(same_bits(rf.router_margin, rh.router_margin));
-    } else {
-      ASSERT_TRUE(
-          test::allclose(test::to_floats(rf.last_logits), test::to_floats(rh.last_logits), 2e-2));
-    }
-    if (s == steps) break;
-    const std::vector<int32_t> next = greedy(rh);
-    rh = hooks.step(&next);
-    rf = fast.step(&next);
-  }
-}
-
-// `steps` decode steps of the same tokens on `with` (adapters per `slots`) and `without` (all
-// base): every base row's logits bit-identical.
-void expect_base_rows_match(DecodeRunner& with, DecodeRunner& without,
-                            const std::vector<int>& slots, int steps) {
-  StepResult rw = with.step(nullptr), rb = without.step(nullptr);
-  const int64_t V = rw.last_logits.size(1);
-  for (int s = 0; s < steps; ++s) {
-    std::vector<int32_t> next = greedy(rb);
-    for (size_t i = 0; i < slots.size(); ++i) {
-      if (slots[i] >= 0) continue;
-      SCOPED_TRACE(fmt::format("step {} row {}", s, i));
-      ASSERT_EQ(std::memcmp(rw.last_logits.data<float>() + int64_t(i) * V,
-                            rb.last_logits.data<float>() + int64_t(i) * V, size_t(V) * 4),
-                0);
-    }
-    rw = with.step(&next);
-    rb = without.step(&next);
-  }
-}
-
 class DecodeGraphTest : public ::testing::TestWithParam<WeightFormat> {};
 
 // The fast path's MoE LoRA for these experts is the hooks' kernels (bit for bit the hooks
@@ -185,19 +145,7 @@ TEST_P(DecodeGraphTest, AdapterSwappedIntoSlotBetweenReplays) {
   DecodeRunner fast(load(GetParam(), DecodePath::fast), slots);
   compare_paths(eager, fast, 12, true, "before the swap");
   const int64_t captured = fast.model->decode_stats().captured;
-  const PeftAdapter swap = PeftAdapter::load(rig(GetParam()).swap_dir);
-  eager.model->load_adapter(2, swap);
-  fast.model->load_adapter(2, swap);
-  // The same continuation as before, tokens from the eager model.
-  std::vector<int32_t> next(slots.size(), 7);
-  StepResult rh = eager.step(&next), rf = fast.step(&next);
-  for (int s = 0; s < 12; ++s) {
-    SCOPED_TRACE(fmt::format("after the swap, step {}", s));
-    ASSERT_TRUE(same_bits(rf.last_logits, rh.last_logits));
-    next = greedy(rh);
-    rh = eager.step(&next);
-    rf = fast.step(&next);
-  }
+  expect_same_after_swap(eager, fast, 2, PeftAdapter::load(rig(GetParam()).swap_dir), 12);
   EXPECT_EQ(fast.model->decode_stats().captured, captured);
 }
 

@@ -3,14 +3,20 @@
 // its cache and sequences, greedy choice, bit comparison.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
 #include "moelora/engine/engine.h"
 #include "moelora/lora/peft_adapter.h"
 #include "moelora/model/model.h"
+#include "test_util.h"
 
 namespace moelora::test {
 
@@ -75,6 +81,86 @@ inline std::vector<int32_t> greedy(const StepResult& r) {
 
 inline bool same_bits(const Tensor& a, const Tensor& b) {
   return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+}
+
+inline float min_margin(const StepResult& r) {
+  float m = INFINITY;
+  for (float v : test::to_floats(r.router_margin)) m = std::min(m, v);
+  return m;
+}
+
+// Runs `steps` decode steps (after the prefill) on `ref` and `fast`, the tokens chosen from
+// `ref`: every step's logits (and router margins) bit-identical (exact) or within 2e-2.
+// Inexact mode excuses at most `max_excused` steps whose `ref` run had a router near-tie
+// (bf16-level differences may route a token differently there).
+inline void compare_paths(DecodeRunner& ref, DecodeRunner& fast, int steps, bool exact,
+                          const std::string& what, int max_excused = 0) {
+  StepResult rh = ref.step(nullptr), rf = fast.step(nullptr);  // prefill: eager on both
+  int excused = 0;
+  for (int s = 0; s <= steps; ++s) {
+    SCOPED_TRACE(fmt::format("{}: step {}", what, s));
+    ASSERT_EQ(rf.last_logits.shape(), rh.last_logits.shape());
+    ASSERT_EQ(rf.router_margin.shape(), rh.router_margin.shape());
+    if (exact) {
+      ASSERT_TRUE(same_bits(rf.last_logits, rh.last_logits));
+      ASSERT_TRUE(same_bits(rf.router_margin, rh.router_margin));
+    } else {
+      const auto close =
+          test::allclose(test::to_floats(rf.last_logits), test::to_floats(rh.last_logits), 2e-2);
+      if (!close) {
+        ASSERT_GT(max_excused, 0) << close.message();
+        ASSERT_LT(min_margin(rh), 1e-2f) << close.message();
+        ASSERT_LE(++excused, max_excused) << close.message();
+      }
+    }
+    if (s == steps) break;
+    const std::vector<int32_t> next = greedy(rh);
+    rh = ref.step(&next);
+    rf = fast.step(&next);
+  }
+}
+
+// Loads `swap` into `slot` of both models, then `steps` steps (tokens from `ref`, starting
+// from token 7 everywhere) give the same bits on both.
+inline void expect_same_after_swap(DecodeRunner& ref, DecodeRunner& fast, int slot,
+                                   const PeftAdapter& swap, int steps) {
+  ref.model->load_adapter(slot, swap);
+  fast.model->load_adapter(slot, swap);
+  std::vector<int32_t> next(ref.seqs.size(), 7);
+  StepResult rh = ref.step(&next), rf = fast.step(&next);
+  for (int s = 0; s < steps; ++s) {
+    SCOPED_TRACE(fmt::format("after the swap, step {}", s));
+    ASSERT_TRUE(same_bits(rf.last_logits, rh.last_logits));
+    next = greedy(rh);
+    rh = ref.step(&next);
+    rf = fast.step(&next);
+  }
+}
+
+// `steps` decode steps of the same tokens on `with` (adapters per `slots`) and `without` (all
+// base): every base row's logits bit-identical. Returns whether any adapter row differed.
+inline bool expect_base_rows_match(DecodeRunner& with, DecodeRunner& without,
+                                   const std::vector<int>& slots, int steps) {
+  StepResult rw = with.step(nullptr), rb = without.step(nullptr);
+  const int64_t V = rw.last_logits.size(1);
+  bool adapters_differ = false;
+  for (int s = 0; s < steps; ++s) {
+    std::vector<int32_t> next = greedy(rb);
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const int cmp = std::memcmp(rw.last_logits.data<float>() + int64_t(i) * V,
+                                  rb.last_logits.data<float>() + int64_t(i) * V, size_t(V) * 4);
+      if (slots[i] >= 0) {
+        adapters_differ = adapters_differ || cmp != 0;
+        continue;
+      }
+      SCOPED_TRACE(fmt::format("step {} row {}", s, i));
+      EXPECT_EQ(cmp, 0);
+      if (cmp != 0) return adapters_differ;
+    }
+    rw = with.step(&next);
+    rb = without.step(&next);
+  }
+  return adapters_differ;
 }
 
 }  // namespace moelora::test

@@ -11,6 +11,7 @@
 #include <set>
 #include <vector>
 
+#include "fp8_test_util.h"
 #include "gpu_op_test_util.h"
 #include "kernels/cpu/moe_ops.h"
 #include "kernels/cuda/moe_fp8_ops.h"
@@ -24,51 +25,19 @@
 namespace moelora {
 namespace {
 
+using test::fp8_layer_cases;
+using test::fp8_stack;
+using test::fp8_weights;
+using test::Fp8LayerCase;
+using test::on_gpu;
 using test::poisoned;
+using test::route;
+using test::Routed;
 using test::to_gpu;
-
-// A stack of G experts, each the given parts ([rows, K] each) quantized and packed; host side.
-ExpertMatrices fp8_stack(int64_t G, const std::vector<int64_t>& part_rows, int64_t K,
-                         std::mt19937_64& rng, int64_t block_n = 128) {
-  const quant::Fp8BlockConfig cfg{block_n, 128};
-  const float amax = 2.0f / std::sqrt(float(K));
-  std::vector<std::vector<quant::Fp8BlockTensors>> parts(static_cast<size_t>(G));
-  for (auto& g : parts)
-    for (int64_t n : part_rows)
-      g.push_back(quant::quantize_fp8_block(
-          test::random_tensor({n, K}, DType::f32, rng, -amax, amax), cfg));
-  return quant::pack_fp8_block_experts(parts, cfg, "test stack");
-}
 
 // What the kernels multiply for an activation: its 1 x 128 fp8 quantization, dequantized.
 Tensor quant_dequant(const Tensor& x) {
   return quant::dequantize_fp8_activation(quant::quantize_fp8_activation(x, 128), 128);
-}
-
-// Routing on the GPU (softmax top-k; some slots dropped to -1 when `holes`), aligned with
-// `block_m`: ids (host) and the device plan.
-struct Routed {
-  Tensor ids;  // host i32 [M, k]
-  MoeAlignment plan;
-};
-Routed route(int64_t m, int E, int k, int block_m, bool holes, std::mt19937_64& rng,
-             const Stream& s) {
-  const Device d = Device::cuda();
-  Tensor logits = to_gpu(test::random_tensor({m, E}, DType::f32, rng, -3.0f, 3.0f));
-  TopK topk{Tensor::empty({m, k}, DType::i32, d), Tensor::empty({m, k}, DType::f32, d)};
-  cuda::moe_route(logits, Tensor(), RouterConfig::softmax_topk(E, k, true), topk, s);
-  s.synchronize();
-  Routed r;
-  r.ids = topk.ids.to(Device::cpu());
-  if (holes) {
-    int32_t* p = r.ids.data<int32_t>();
-    for (int64_t i = 0; i < r.ids.numel(); ++i)
-      if (rng() % 5 == 0) p[i] = -1;
-  }
-  r.plan = test::poisoned_plan(m * k, E, block_m, d);
-  cuda::moe_align(to_gpu(r.ids), r.plan, s);
-  s.synchronize();
-  return r;
 }
 
 // Rows of slots with ids >= 0 match (rel/abs tolerance); the others still hold the poison.
@@ -102,9 +71,9 @@ struct OpCase {
 };
 
 void run_ops(const OpCase& c, std::mt19937_64& rng, const Stream& s) {
-  SCOPED_TRACE(::testing::Message() << "M=" << c.m << " E=" << c.E << " k=" << c.k << " H="
-                                    << c.H << " I=" << c.I << " block_m=" << c.block_m
-                                    << " rows=" << c.rows);
+  SCOPED_TRACE(::testing::Message()
+               << "M=" << c.m << " E=" << c.E << " k=" << c.k << " H=" << c.H << " I=" << c.I
+               << " block_m=" << c.block_m << " rows=" << c.rows);
   const int64_t M = c.m, S = M * c.k, H = c.H, I = c.I;
   MoeShape shape{"test", int(H), int(I), c.E, c.k};
   const int block_m = c.block_m ? c.block_m : cuda::moe_block_m(M, shape);
@@ -169,7 +138,7 @@ TEST(CudaFp8Block, OpsModelShapes) {
   MOELORA_REQUIRE_GPU();
   std::mt19937_64 rng(test::fresh_seed());
   Stream s = Stream::create(Device::cuda());
-  run_ops({5, 128, 8, 2048, 768}, rng, s);             // qwen3-30b-a3b
+  run_ops({5, 128, 8, 2048, 768}, rng, s);              // qwen3-30b-a3b
   run_ops({6, 1, 1, 2048, 1408, 0, 0, false}, rng, s);  // a shared expert: G = 1, top_k = 1
 }
 
@@ -226,9 +195,10 @@ TEST(CudaFp8Block, OpsRejectBadInput) {
   // block_k 64: the kernels' K tile is 128.
   std::vector<std::vector<quant::Fp8BlockTensors>> parts(4);
   for (auto& g : parts)
-    g.push_back(quant::quantize_fp8_block(test::random_tensor({256, 256}, DType::f32, rng),
-                                          {128, 64}));
-  const ExpertMatrices w64 = quant::pack_fp8_block_experts(parts, {128, 64}, "w").to(Device::cuda());
+    g.push_back(
+        quant::quantize_fp8_block(test::random_tensor({256, 256}, DType::f32, rng), {128, 64}));
+  const ExpertMatrices w64 =
+      quant::pack_fp8_block_experts(parts, {128, 64}, "w").to(Device::cuda());
   test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w64, h, buf, s); }, "block_k = 64");
   // A bf16 stack.
   ExpertMatrices bf(Tensor::empty({4, 256, 256}, DType::bf16, Device::cuda()));
@@ -253,28 +223,6 @@ TEST(CudaFp8Block, OpsRejectBadInput) {
 
 // --- the whole layer ---
 
-MoeWeights fp8_weights(const MoeShape& sh, bool bias, std::mt19937_64& rng) {
-  MoeWeights w;
-  w.format = WeightFormat::fp8_block;
-  const int64_t E = sh.num_experts, H = sh.hidden, I = sh.inter;
-  w.w13 = fp8_stack(E, {I, I}, H, rng);
-  w.w2 = fp8_stack(E, {H}, I, rng);
-  if (bias) w.correction_bias = test::random_tensor({E}, DType::f32, rng, -0.1f, 0.1f);
-  if (sh.shared_inter > 0) {
-    w.shared_w13 = fp8_stack(1, {sh.shared_inter, sh.shared_inter}, H, rng);
-    w.shared_w2 = fp8_stack(1, {H}, sh.shared_inter, rng);
-  }
-  return w;
-}
-
-MoeWeights on_gpu(const MoeWeights& w) {
-  MoeWeights d = w;
-  for (ExpertMatrices* m : {&d.w13, &d.w2, &d.shared_w13, &d.shared_w2})
-    if (m->defined()) *m = m->to(Device::cuda());
-  if (d.correction_bias.defined()) d.correction_bias = to_gpu(d.correction_bias);
-  return d;
-}
-
 // Slot 0: separate gate r8 / up r4 / down r16; slot 1: fused gate_up r16, no down.
 void load_two_adapters(const MoeShape& s, std::mt19937_64& rng, MoeLoraPool& cpu_pool,
                        MoeLoraPool& gpu_pool) {
@@ -288,24 +236,6 @@ void load_two_adapters(const MoeShape& s, std::mt19937_64& rng, MoeLoraPool& cpu
     p->load(0, a);
     p->load(1, b);
   }
-}
-
-// The layer shapes: plain softmax top-k, DeepSeek-V3 grouped routing with a shared expert,
-// Qwen2-style gated shared expert (I = 208: gate/up parts not a multiple of the scale block).
-struct Fp8LayerCase {
-  MoeShape shape;
-  RouterConfig router;
-};
-std::vector<Fp8LayerCase> fp8_layer_cases() {
-  MoeShape base{"fp8-small", 256, 208, 16, 4};
-  MoeShape v3 = base;
-  v3.name = "fp8-v3-shared", v3.num_experts = 32, v3.shared_inter = 144;
-  MoeShape q2 = base;
-  q2.name = "fp8-qwen2-shared-gate", q2.num_experts = 12, q2.top_k = 3, q2.shared_inter = 256;
-  q2.shared_gate = true;
-  return {{base, RouterConfig::softmax_topk(16, 4, true)},
-          {v3, RouterConfig::deepseek_v3(32, 4, 4, 2, 2.5f)},
-          {q2, RouterConfig::softmax_topk(12, 3, false)}};
 }
 
 TEST(CudaFp8Block, LayerMatchesReferenceBackend) {
@@ -335,9 +265,8 @@ TEST(CudaFp8Block, LayerMatchesReferenceBackend) {
         const Tensor x = test::random_tensor({m, H}, DType::bf16, rng);
         const Tensor logits =
             test::random_tensor({m, int64_t(c.shape.num_experts)}, DType::f32, rng, -3.0f, 3.0f);
-        const Tensor gate = c.shape.shared_gate
-                                ? test::random_tensor({m}, DType::f32, rng, -2.0f, 2.0f)
-                                : Tensor();
+        const Tensor gate =
+            c.shape.shared_gate ? test::random_tensor({m}, DType::f32, rng, -2.0f, 2.0f) : Tensor();
         const Tensor slots = test::random_ints({m}, rng, -1, 1);  // base, adapter 0, adapter 1
         Tensor y_ref = Tensor::empty({m, H}, DType::bf16);
         if (lora) hooks_cpu->bind(LoraBatch{slots});
@@ -352,170 +281,6 @@ TEST(CudaFp8Block, LayerMatchesReferenceBackend) {
       }
     }
   }
-}
-
-// The inline LoRA path (MoeLoraHooksOptions::inline_max_tokens: both deltas computed by extra
-// CTAs of the fp8 expert GEMM grids, added in the activation and the reduction): against the
-// reference backend, against the staged hooks on the same GPU runner, eager and replayed from a
-// graph with new inputs and a new adapter mix; base tokens bit-identical to a LoRA-off run.
-// Four adapters of ranks 8 / 16 / 32 / 64 (separate and fused gate_up, one without down, one
-// rank 64 past one 32-rank pass), r_max 64, base rows mixed in; column splits 1-3 and K
-// splits (partial deltas) 1 (by batch size here), 2 and 4.
-void load_four_adapters(const MoeShape& s, std::mt19937_64& rng, MoeLoraPool& cpu_pool,
-                        MoeLoraPool& gpu_pool) {
-  const int64_t E = s.num_experts, H = s.hidden, I = s.inter;
-  auto r = [&](const Shape& sh) { return test::random_tensor(sh, DType::f32, rng, -0.3f, 0.3f); };
-  MoeLoraWeights w8, w16, w32, w64;
-  w8.gate_a = r({E, 8, H}), w8.gate_b = r({E, I, 8}), w8.up_a = r({E, 8, H}), w8.up_b = r({E, I, 8});
-  w8.down_a = r({E, 8, I}), w8.down_b = r({E, H, 8});
-  w16.gate_up_a = r({E, 16, H}), w16.gate_up_b = r({E, 2 * I, 16});  // no down
-  w32.gate_a = r({E, 32, H}), w32.gate_b = r({E, I, 32}), w32.up_a = r({E, 24, H});
-  w32.up_b = r({E, I, 24}), w32.down_a = r({E, 32, I}), w32.down_b = r({E, H, 32});
-  w64.gate_up_a = r({E, 64, H}), w64.gate_up_b = r({E, 2 * I, 64});
-  w64.down_a = r({E, 64, I}), w64.down_b = r({E, H, 64});
-  w32.gate_scale = w32.up_scale = w32.down_scale = 0.5f;
-  w64.gate_up_scale = w64.down_scale = lora_scaling(16, 64, false);
-  int slot = 0;
-  for (const MoeLoraWeights* w : {&w8, &w16, &w32, &w64}) {
-    cpu_pool.load(slot, *w);
-    gpu_pool.load(slot, *w);
-    ++slot;
-  }
-}
-
-void inline_lora_layer(bool graph) {
-  std::mt19937_64 rng(test::fresh_seed());
-  Stream s = Stream::create(Device::cuda());
-  for (const Fp8LayerCase& c : fp8_layer_cases()) {
-    for (int64_t m : {1, 7, 64, 257}) {
-      for (const auto& [splits, k_splits] : {std::pair{1, 0}, std::pair{3, 4}, std::pair{2, 2}}) {
-        SCOPED_TRACE(::testing::Message() << c.shape.name << " M=" << m << " splits=" << splits
-                                          << " k_splits=" << k_splits << " graph=" << graph);
-        const int64_t H = c.shape.hidden;
-        MoeRunnerConfig rc;
-        rc.shape = c.shape, rc.router = c.router, rc.max_tokens = m;
-        rc.format = WeightFormat::fp8_block;
-        rc.device = Device::cpu();
-        MoeRunner ref(rc);
-        rc.device = Device::cuda();
-        MoeRunner gpu(rc);
-        const MoeWeights w = fp8_weights(c.shape, c.router.use_correction_bias, rng);
-        const MoeWeights dw = on_gpu(w);
-        MoeLoraPool pool_cpu(c.shape, 4, 64, Device::cpu());
-        MoeLoraPool pool_gpu(c.shape, 4, 64, Device::cuda());
-        load_four_adapters(c.shape, rng, pool_cpu, pool_gpu);
-        auto hooks_cpu = MoeLoraHooks::create(pool_cpu, m);
-        auto staged = MoeLoraHooks::create(pool_gpu, m);
-        MoeLoraHooksOptions opt;
-        opt.inline_max_tokens = m;
-        opt.inline_column_splits = splits;
-        opt.inline_k_splits = k_splits;
-        auto inl = MoeLoraHooks::create(pool_gpu, m, opt);
-
-        auto draw = [&](Tensor& x, Tensor& logits, Tensor& gate, Tensor& slots) {
-          x = test::random_tensor({m, H}, DType::bf16, rng);
-          logits = test::random_tensor({m, int64_t(c.shape.num_experts)}, DType::f32, rng, -3, 3);
-          gate = c.shape.shared_gate ? test::random_tensor({m}, DType::f32, rng, -2, 2) : Tensor();
-          slots = test::random_ints({m}, rng, -1, 3);
-        };
-        Tensor x, logits, gate, slots;
-        draw(x, logits, gate, slots);
-        MoeInputs din{to_gpu(x), to_gpu(logits), gate.defined() ? to_gpu(gate) : Tensor()};
-        Tensor dslots = to_gpu(slots);
-        Tensor y = Tensor::empty({m, H}, DType::bf16, Device::cuda());
-        Tensor y_base = Tensor::empty({m, H}, DType::bf16, Device::cuda());
-        Tensor y_staged = Tensor::empty({m, H}, DType::bf16, Device::cuda());
-        inl->bind(LoraBatch{dslots});
-        staged->bind(LoraBatch{dslots});
-        auto body = [&] {
-          gpu.run(din, dw, inl.get(), y, s);
-          gpu.run(din, dw, nullptr, y_base, s);
-        };
-        body();  // warm-up (one-time kernel attributes); also the eager check
-        s.synchronize();
-        CudaGraph g;
-        if (graph) g = CudaGraph::capture(s, body);
-        for (int rep = 0; rep < (graph ? 3 : 1); ++rep) {
-          if (graph) {
-            draw(x, logits, gate, slots);
-            din.x.copy_from(x, &s);
-            din.router_logits.copy_from(logits, &s);
-            if (gate.defined()) din.shared_gate_logits.copy_from(gate, &s);
-            dslots.copy_from(slots, &s);
-            y.fill_bytes(test::kPoisonFloat, &s);
-            g.replay(s);
-          }
-          gpu.run(din, dw, staged.get(), y_staged, s);
-          s.synchronize();
-          Tensor y_ref = Tensor::empty({m, H}, DType::bf16);
-          hooks_cpu->bind(LoraBatch{slots});
-          ref.run({x, logits, gate}, w, hooks_cpu.get(), y_ref, Stream());
-          const auto yf = test::to_floats(y), yb = test::to_floats(y_base);
-          EXPECT_TRUE(test::allclose(yf, test::to_floats(y_ref), 2e-2, 2e-2)) << "vs reference";
-          // Same GPU GEMMs; only the LoRA delta's summation order and its one extra rounding
-          // (added before SiLU / the top-k sum rather than into h / o) differ.
-          EXPECT_TRUE(test::allclose(yf, test::to_floats(y_staged), 1e-2, 1e-2)) << "vs staged";
-          const auto ts = test::to_ints(slots);
-          for (int64_t t = 0; t < m; ++t)
-            if (ts[size_t(t)] < 0)
-              for (int64_t j = 0; j < H; ++j)
-                ASSERT_EQ(yf[size_t(t * H + j)], yb[size_t(t * H + j)]) << "base token " << t;
-        }
-      }
-    }
-  }
-}
-
-TEST(CudaFp8Block, InlineLoraMatchesReference) {
-  MOELORA_REQUIRE_GPU();
-  inline_lora_layer(false);
-}
-
-TEST(CudaFp8Block, InlineLoraInGraphMatchesReference) {
-  MOELORA_REQUIRE_GPU();
-  inline_lora_layer(true);
-}
-
-// Bad inline LoRA seams are refused with the field named (the backend op's checks).
-TEST(CudaFp8Block, InlineLoraRejectsBadSeams) {
-  MOELORA_REQUIRE_GPU();
-  std::mt19937_64 rng(test::fresh_seed());
-  Stream s = Stream::create(Device::cuda());
-  const MoeShape sh{"t", 256, 128, 4, 2};
-  const Routed r = route(4, 4, 2, 8, false, rng, s);
-  const ExpertMatrices w13 = fp8_stack(4, {128, 128}, 256, rng).to(Device::cuda());
-  const Tensor x = to_gpu(test::random_tensor({4, 256}, DType::bf16, rng));
-  Tensor h = Tensor::empty({8, 256}, DType::f32, Device::cuda());
-  cuda::Fp8ActBuffer buf = cuda::Fp8ActBuffer::allocate(8, 256, Device::cuda());
-  MoeLoraPool pool(sh, 2, 16, Device::cuda());
-  MoeLoraInline l;
-  l.token_slot = to_gpu(test::random_ints({4}, rng, -1, 1));
-  l.top_k = 2;
-  l.a = pool.a13(), l.b = pool.b13(), l.meta = pool.slot_meta();
-  l.delta = Tensor::empty({8, 256}, DType::f32, Device::cuda());
-  cuda::moe_gemm1_fp8(x, 2, r.plan, w13, h, buf, s, &l);  // fine
-  s.synchronize();
-  MoeLoraInline bad = l;
-  bad.delta = Tensor::empty({7, 256}, DType::f32, Device::cuda());
-  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w13, h, buf, s, &bad); }, "delta");
-  bad = l;
-  bad.a = pool.a2();
-  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w13, h, buf, s, &bad); }, " A");
-  bad = l;
-  bad.token_slot = to_gpu(test::random_ints({3}, rng, -1, 1));
-  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w13, h, buf, s, &bad); },
-                     "token_slot");
-  bad = l;
-  bad.column_splits = 0;
-  test::expect_error([&] { cuda::moe_gemm1_fp8(x, 2, r.plan, w13, h, buf, s, &bad); },
-                     "column_splits");
-  Tensor act = Tensor::empty({8, 128}, DType::bf16, Device::cuda());
-  test::expect_error(
-      [&] {
-        cuda::moe_gemm1_fp8_tiled(x, 2, r.plan, w13, act, true, buf, s,
-                                  cuda::MoeGemmConfig{64, true, false, true}, &l);
-      },
-      "inline LoRA needs the unfused h");
 }
 
 // Bisection aid (disabled): one op at a time on a shape from the environment, synchronizing
@@ -556,7 +321,11 @@ TEST(CudaFp8BlockDiag, DISABLED_OneOpAtATime) {
 
 double graph_us(const Stream& s, int reps, const std::function<void()>& body) {
   const double ms = test::graph_replay_median_ms(
-      s, [&] { for (int i = 0; i < reps; ++i) body(); }, /*warmup=*/3, /*timed=*/15);
+      s,
+      [&] {
+        for (int i = 0; i < reps; ++i) body();
+      },
+      /*warmup=*/3, /*timed=*/15);
   return 1000.0 * ms / reps;
 }
 
@@ -578,11 +347,11 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
   MoeRunner runner(rc);
   MoeLoraPool pool(sh, 1, 16, d);
   // Codes plus f32 block scales of one expert (w13 and w2).
-  const double expert_bytes = 3.0 * double(H) * double(I) +
-                              4.0 * double(((2 * I + 127) / 128) * ((H + 127) / 128) +
-                                           ((H + 127) / 128) * ((I + 127) / 128));
-  std::printf("%-5s %7s %9s %9s %9s %9s %9s %7s %9s %9s\n", "M", "touched", "floor_us",
-              "gemm1_us", "gemm1act", "gemm2_us", "mlp_us", "%roof", "layer_us", "lora_us");
+  const double expert_bytes =
+      3.0 * double(H) * double(I) + 4.0 * double(((2 * I + 127) / 128) * ((H + 127) / 128) +
+                                                 ((H + 127) / 128) * ((I + 127) / 128));
+  std::printf("%-5s %7s %9s %9s %9s %9s %9s %7s %9s %9s\n", "M", "touched", "floor_us", "gemm1_us",
+              "gemm1act", "gemm2_us", "mlp_us", "%roof", "layer_us", "lora_us");
   for (int64_t m : {1, 16, 64, 256}) {
     constexpr int kCalls = 8;  // different routings per graph: weights stream from HBM
     std::vector<MoeInputs> ins;
@@ -613,7 +382,11 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
     cuda::Fp8ActBuffer xb = cuda::Fp8ActBuffer::allocate(m, H, d);
     cuda::Fp8ActBuffer ab = cuda::Fp8ActBuffer::allocate(m * k, I, d);
     auto each = [&](const std::function<void(int)>& f) {
-      return graph_us(s, 1, [&] { for (int c = 0; c < kCalls; ++c) f(c); }) / kCalls;
+      return graph_us(s, 1,
+                      [&] {
+                        for (int c = 0; c < kCalls; ++c) f(c);
+                      }) /
+             kCalls;
     };
     const double tq = each([&](int c) { cuda::fp8_quantize_act(ins[c].x, xb, s); });
     const double t1 =
@@ -630,8 +403,8 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
         each([&](int c) { runner.run(ins[size_t(c)], w, nullptr, ys[size_t(c)], s); });
     // LoRA r16 x 1 adapter through the hooks.
     MoeLoraSlotMeta meta{32, 16, 0, 16, 16, 16};
-    const int32_t mv[6] = {meta.shrink_rank, meta.gate_rank, meta.gate_col, meta.up_rank,
-                           meta.up_col, meta.down_rank};
+    const int32_t mv[6] = {meta.shrink_rank, meta.gate_rank, meta.gate_col,
+                           meta.up_rank,     meta.up_col,    meta.down_rank};
     Tensor meta_row = pool.slot_meta().narrow(0, 0, 1);
     meta_row.copy_from(test::from_ints(std::vector<int32_t>(mv, mv + 6), {1, 6}));
     auto hooks = MoeLoraHooks::create(pool, rc.max_tokens);
@@ -646,9 +419,8 @@ TEST(CudaFp8BlockPerf, DISABLED_QwenShape) {
       const double g1 = each([&](int c) {
         cuda::moe_gemm1_fp8_tiled(ins[c].x, k, plans[c], w.w13, a, true, xb, s, cfg);
       });
-      const double g2 = each([&](int c) {
-        cuda::moe_gemm2_fp8_tiled(a, plans[c], w.w2, sws[c], o, ab, s, cfg);
-      });
+      const double g2 =
+          each([&](int c) { cuda::moe_gemm2_fp8_tiled(a, plans[c], w.w2, sws[c], o, ab, s, cfg); });
       std::printf("  %d: g1act %.2f g2 %.2f", rows, g1, g2);
     }
     std::printf("  quantize x %.2f\n", tq);

@@ -17,11 +17,6 @@ __device__ __forceinline__ bool has_delta(const LoraDeltaView& dl, int64_t slot,
   return ts >= 0 && ts < dl.num_lora_slots && expert >= 0 && expert < dl.num_experts;
 }
 
-// v += the delta at element offset `at` (its partials summed in order first; one partial:
-// exactly v += d[at]).
-template <int kVec>
-__device__ __forceinline__ void add_delta(const LoraDeltaView& dl, int64_t at, float (&v)[kVec]);
-
 template <int kVec>
 __device__ __forceinline__ void add_row(const float* d, float (&v)[kVec]) {
   if constexpr (kVec == 4) {
@@ -32,6 +27,8 @@ __device__ __forceinline__ void add_row(const float* d, float (&v)[kVec]) {
   }
 }
 
+// v += the delta at element offset `at` (its partials summed in order first; one partial:
+// exactly v += d[at]).
 template <int kVec>
 __device__ __forceinline__ void add_delta(const LoraDeltaView& dl, int64_t at, float (&v)[kVec]) {
   if (dl.splits <= 1) {

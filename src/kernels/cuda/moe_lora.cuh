@@ -10,11 +10,11 @@
 // moe_lora_expand_kernel (two columns per thread, scalar staging) covers the other shapes.
 #pragma once
 
-#include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <cstdint>
 
-#include "kernels/cuda/moe_lora_epilogue.cuh"  // bf16x8_to_float
+#include "kernels/cuda/moe_lora_epilogue.cuh"  // bf16x8_to_float, load_or_zero
 #include "kernels/cuda/moe_ops_launch.h"
 #include "kernels/cuda/pdl_launch.cuh"
 
@@ -23,23 +23,19 @@ namespace moelora::cuda::detail {
 // Many warps per CTA split K so a whole A tile is in flight at once (batch 1 has one CTA
 // per touched (adapter, expert) pair: latency, not bandwidth, bounds it).
 constexpr int kShrinkWarps = 16;
-constexpr int kShrinkRanks = 64;    // ranks per CTA (4 MMA row tiles)
+constexpr int kShrinkRanks = 64;       // ranks per CTA (4 MMA row tiles)
 constexpr int kShrinkStreamWarps = 8;  // the fast path's shrink: 2+ CTAs per SM
 constexpr int kExpandThreads = 128;
 constexpr int kExpandCols = 2 * kExpandThreads;
-constexpr int kExpandSlots = 8;     // slots staged per step
+constexpr int kExpandSlots = 8;  // slots staged per step
 
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4],
-                                               uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
-  return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
 // Slot tiles of 8 a CTA computes per pass with the same A fragments: a block of 16+ slots
@@ -73,7 +69,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;
-  const __nv_bfloat16* arow = static_cast<const __nv_bfloat16*>(a.A) + (int64_t(slot) * plan.num_experts + e) * a.R * a.K;
+  const __nv_bfloat16* arow =
+      static_cast<const __nv_bfloat16*>(a.A) + (int64_t(slot) * plan.num_experts + e) * a.R * a.K;
   const int chunks = (a.K + 31) / 32;
   const int per_split = (chunks + a.splits - 1) / a.splits;
   const int c0 = split * per_split, c1 = min(chunks, c0 + per_split);
@@ -91,7 +88,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int pos = (t0 + t) * 8 + g;
       const int s = t < nt && pos < plan.block_m ? slots[pos] : plan.num_slots;
       has_row[t] = s < plan.num_slots;
-      xrow[t] = static_cast<const __nv_bfloat16*>(a.in) + int64_t(has_row[t] ? s / a.rows_div : 0) * a.K;
+      xrow[t] =
+          static_cast<const __nv_bfloat16*>(a.in) + int64_t(has_row[t] ? s / a.rows_div : 0) * a.K;
     }
     float acc[kTiles][kRt][4] = {};
 #pragma unroll kUnroll
@@ -212,8 +210,8 @@ __global__ void __launch_bounds__(kExpandThreads)
     cl[c] = lo ? col_lo : col_hi;
   }
   const int rmax = max(rk[0], rk[1]);
-  const __nv_bfloat16* brow =
-      static_cast<const __nv_bfloat16*>(a.B) + ((int64_t(slot) * plan.num_experts + e) * a.N + i0) * a.r_max;
+  const __nv_bfloat16* brow = static_cast<const __nv_bfloat16*>(a.B) +
+                              ((int64_t(slot) * plan.num_experts + e) * a.N + i0) * a.r_max;
 
   for (int j0 = 0; j0 < plan.block_m; j0 += kExpandSlots) {
     // Output rows first: their loads overlap the staging of u below.
@@ -221,7 +219,8 @@ __global__ void __launch_bounds__(kExpandThreads)
     int srow[kExpandSlots];
 #pragma unroll
     for (int j = 0; j < kExpandSlots; ++j) {
-      srow[j] = j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
+      srow[j] =
+          j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
       if (active && srow[j] < plan.num_slots)
         prev[j] = *reinterpret_cast<const float2*>(a.out + int64_t(srow[j]) * a.N + i0);
     }
@@ -344,7 +343,8 @@ __global__ void __launch_bounds__(kExpand4Threads)
     if (j0 > 0) {
 #pragma unroll
       for (int j = 0; j < kExpandSlots; ++j)
-        srow[j] = j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
+        srow[j] =
+            j0 + j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j0 + j] : plan.num_slots;
     }
     if (srow[0] >= plan.num_slots) break;  // padding follows
     float4 prev[kExpandSlots];
@@ -378,8 +378,8 @@ __global__ void __launch_bounds__(kExpand4Threads)
       const int cl_lo = max(0, min(col_lo, a.ldu)), cl_hi = max(0, min(col_hi, a.ldu));
       const int rk_lo = max(0, min(rank_lo, min(a.r_max, a.ldu - cl_lo)));
       const int rk_hi = max(0, min(rank_hi, min(a.r_max, a.ldu - cl_hi)));
-      const bool live_col = c < a.ldu && ((c >= cl_lo && c < cl_lo + rk_lo) ||
-                                          (c >= cl_hi && c < cl_hi + rk_hi));
+      const bool live_col =
+          c < a.ldu && ((c >= cl_lo && c < cl_lo + rk_lo) || (c >= cl_hi && c < cl_hi + rk_hi));
 #pragma unroll
       for (int j = 0; j < kExpandSlots; ++j) val[j] = live_col ? val[j] : 0.0f;
       us4[2 * c] = make_float4(val[0], val[1], val[2], val[3]);
@@ -392,8 +392,9 @@ __global__ void __launch_bounds__(kExpand4Threads)
     const bool lo = i0 < half;
     const int rk = active ? (lo ? rank_lo : rank_hi) : 0;
     const int cl = lo ? col_lo : col_hi;
-    const __nv_bfloat16* brow = static_cast<const __nv_bfloat16*>(a.B) +
-                                ((int64_t(slot) * plan.num_experts + e) * a.N + (active ? i0 : 0)) * a.r_max;
+    const __nv_bfloat16* brow =
+        static_cast<const __nv_bfloat16*>(a.B) +
+        ((int64_t(slot) * plan.num_experts + e) * a.N + (active ? i0 : 0)) * a.r_max;
     uint4* sb = reinterpret_cast<uint4*>(us4 + 2 * rows);  // [r / 8][4 columns][threads]
     // B of ranks < rk, this thread's four rows: requested once, on the first slot group
     // (each thread reads back only what it copied: no barrier, just its own wait).
@@ -450,10 +451,11 @@ __global__ void __launch_bounds__(kExpand4Threads)
 // and a valid expert): the critical-path half of the hooks' small-batch path, whose delta d
 // was computed on the side stream. One 16-byte column group per thread; every load is
 // independent of the others, so the kernel costs one memory round trip.
-__global__ void moe_lora_add_delta_kernel(const float4* __restrict__ d, const int32_t* __restrict__ ids,
+__global__ void moe_lora_add_delta_kernel(const float4* __restrict__ d,
+                                          const int32_t* __restrict__ ids,
                                           const int32_t* __restrict__ token_slot, int top_k,
-                                          int num_experts, int num_lora_slots, int64_t n,
-                                          int n4, float4* __restrict__ out) {
+                                          int num_experts, int num_lora_slots, int64_t n, int n4,
+                                          float4* __restrict__ out) {
   pdl_wait();
   pdl_trigger();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;

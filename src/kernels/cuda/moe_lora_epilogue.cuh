@@ -22,6 +22,11 @@
 
 namespace moelora::cuda::detail {
 
+// Eight bf16 at p (16-byte aligned), or zeros when !ok (nothing read).
+__device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
+  return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+}
+
 __device__ __forceinline__ void bf16x8_to_float(const uint4& v, float (&f)[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
@@ -114,7 +119,8 @@ struct LoraTokenRegs {
       if (ad[q] >= 0 && ad[q] < l.num_adapters) {
         const int* m = l.meta + ad[q] * 6;
         if (l.gate_up) {
-          rl[q] = __ldcg(m + 1), cl[q] = __ldcg(m + 2), rh[q] = __ldcg(m + 3), ch[q] = __ldcg(m + 4);
+          rl[q] = __ldcg(m + 1), cl[q] = __ldcg(m + 2), rh[q] = __ldcg(m + 3),
+          ch[q] = __ldcg(m + 4);
         } else {
           rl[q] = rh[q] = __ldcg(m + 5);
         }
@@ -184,8 +190,7 @@ __device__ __forceinline__ void lora_prefetch_b(const MoeGemmLoraArgs& l, const 
                                                 int group, int n, int wr) {
   const int distinct = t.count[1];
   for (int d = 0; d < distinct; ++d) {
-    const char* row =
-        reinterpret_cast<const char*>(lora_b_row(l, t.sad[t.dpos[d]], group, n, wr));
+    const char* row = reinterpret_cast<const char*>(lora_b_row(l, t.sad[t.dpos[d]], group, n, wr));
     for (int off = 0; off < l.r_max * 2; off += 128)
       asm volatile("prefetch.global.L2 [%0];\n" ::"l"(row + off));
   }
@@ -205,9 +210,8 @@ inline constexpr int kLoraStageBatch = 8;
 // at all. Ends with a barrier.
 template <int kRows, int kTokens, int kThreads, int kLd>
 __device__ __forceinline__ void lora_add(const MoeGemmLoraArgs& l, const LoraTables& t,
-                                         const int* tok_slot, unsigned char* smem,
-                                         int table_offset, int group, int n, int wr,
-                                         bool row_ok, int tid) {
+                                         const int* tok_slot, unsigned char* smem, int table_offset,
+                                         int group, int n, int wr, bool row_ok, int tid) {
   using Smem = LoraSmem<kRows, kTokens, kLd>;
   static_assert(kThreads % kRows == 0, "whole rows per thread group");
   constexpr int kParts = kThreads / kRows;

@@ -39,18 +39,12 @@ struct InlinePlan {
   int num_slots;
 };
 
-namespace detail {
-
-__device__ __forceinline__ uint4 inline_load16(const __nv_bfloat16* p, bool ok) {
-  return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
-}
-
-}  // namespace detail
-
 // Inlined: a call (noinline) made ptxas spill 600-800 bytes in the wide-tile GEMMs.
 __device__ __forceinline__ void moe_lora_inline_unit(const MoeLoraInlineArgs& L,
                                                      const InlinePlan& plan, int unit,
                                                      unsigned char* smem) {
+  using ::moelora::cuda::detail::bf16x8_to_float;
+  using ::moelora::cuda::detail::load_or_zero;
   constexpr int kRk = kInlineRanks, kRw = kInlineRows;
   const int tid = threadIdx.x, nthreads = blockDim.x, warps = nthreads / 32;
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
@@ -66,7 +60,7 @@ __device__ __forceinline__ void moe_lora_inline_unit(const MoeLoraInlineArgs& L,
   float* us = red + warps * kRk * kRw;          // [kRk][kRw]
   int* row_slot = reinterpret_cast<int*>(us + kRk * kRw);
   int* row_ad = row_slot + plan.block_m;
-  int* list = row_ad + plan.block_m;        // [kRw] slots of this pass
+  int* list = row_ad + plan.block_m;                     // [kRw] slots of this pass
   float* list_w = reinterpret_cast<float*>(list + kRw);  // [kRw] their weights
   int* count = reinterpret_cast<int*>(list_w + kRw);     // [2] rows, scan position
 
@@ -153,15 +147,15 @@ __device__ __forceinline__ void moe_lora_inline_unit(const MoeLoraInlineArgs& L,
             for (int t = 0; t < 2; ++t) {
               const int ra = r0 + t * 16 + g, rb = ra + 8;
               const bool on = t == 0 || two_rt;
-              const uint4 lo = detail::inline_load16(A + int64_t(ra) * L.K + k, on && k_ok && ra < rank);
-              const uint4 hi = detail::inline_load16(A + int64_t(rb) * L.K + k, on && k_ok && rb < rank);
+              const uint4 lo = load_or_zero(A + int64_t(ra) * L.K + k, on && k_ok && ra < rank);
+              const uint4 hi = load_or_zero(A + int64_t(rb) * L.K + k, on && k_ok && rb < rank);
               f0[t][0] = lo.x, f0[t][1] = hi.x, f0[t][2] = lo.y, f0[t][3] = hi.y;
               f1[t][0] = lo.z, f1[t][1] = hi.z, f1[t][2] = lo.w, f1[t][3] = hi.w;
             }
 #pragma unroll
             for (int n = 0; n < 2; ++n) {
               if (n == 1 && !two_nt) break;
-              const uint4 x = detail::inline_load16(xr[n] + k, k_ok && hx[n]);
+              const uint4 x = load_or_zero(xr[n] + k, k_ok && hx[n]);
 #pragma unroll
               for (int t = 0; t < 2; ++t) {
                 if (t == 1 && !two_rt) break;
@@ -202,15 +196,17 @@ __device__ __forceinline__ void moe_lora_inline_unit(const MoeLoraInlineArgs& L,
           uint4 bq0[kRk / 8], bq1[kRk / 8];
 #pragma unroll
           for (int q = 0; q < kRk / 8; ++q) {
-            bq0[q] = q * 8 < rk ? __ldg(reinterpret_cast<const uint4*>(b0 + q * 8)) : make_uint4(0, 0, 0, 0);
-            bq1[q] = q * 8 < rk ? __ldg(reinterpret_cast<const uint4*>(b1 + q * 8)) : make_uint4(0, 0, 0, 0);
+            bq0[q] = q * 8 < rk ? __ldg(reinterpret_cast<const uint4*>(b0 + q * 8))
+                                : make_uint4(0, 0, 0, 0);
+            bq1[q] = q * 8 < rk ? __ldg(reinterpret_cast<const uint4*>(b1 + q * 8))
+                                : make_uint4(0, 0, 0, 0);
           }
 #pragma unroll
           for (int q = 0; q < kRk / 8; ++q) {
             if (q * 8 >= rk) break;
             float bv0[8], bv1[8];
-            ::moelora::cuda::detail::bf16x8_to_float(bq0[q], bv0);
-            ::moelora::cuda::detail::bf16x8_to_float(bq1[q], bv1);
+            bf16x8_to_float(bq0[q], bv0);
+            bf16x8_to_float(bq1[q], bv1);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
               const float* ur = us + (q * 8 + i) * kRw;
@@ -250,8 +246,9 @@ __device__ __forceinline__ bool inline_lora_cta(const Params& p, int& bx, int& b
   const int unit = p.row_tiles_fastest ? by * int(gridDim.x) + bx : by * lb + bx;
   if (unit < p.lora_units)
     moe_lora_inline_unit(
-        p.inline_lora, InlinePlan{p.sorted_slots, p.block_group, p.num_padded, p.block_m, p.num_slots},
-        unit, smem);
+        p.inline_lora,
+        InlinePlan{p.sorted_slots, p.block_group, p.num_padded, p.block_m, p.num_slots}, unit,
+        smem);
   // Finish only after the predecessor, as the GEMM CTAs do: a successor's plan_ready relies
   // on this grid's completion implying its predecessor's.
   if (p.plan_ready) asm volatile("griddepcontrol.wait;\n" ::: "memory");
