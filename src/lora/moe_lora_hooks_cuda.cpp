@@ -198,8 +198,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     MOELORA_CHECK(routed_, "MoE LoRA hooks: gate_up_activation before after_route");
     if (inline_on_) {  // the delta came from the gate_up GEMM's own grid, just before
       cuda::moe_activation_lora_delta(h, topk.ids, bound_slots(m_), pool_.num_slots(),
-                                      pool_.shape().num_experts, inline_.gate_up.delta, a,
-                                      stream);
+                                      pool_.shape().num_experts, inline_.gate_up.delta, a, stream);
       return;
     }
     if (!gu_queued_) before_gate_up(x, topk, stream);

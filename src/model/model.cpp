@@ -91,10 +91,14 @@ DecodePath parse_decode_path(const std::string& name) {
 
 const char* moe_lora_variant_name(MoeLoraVariant v) {
   switch (v) {
-    case MoeLoraVariant::staged: return "staged";
-    case MoeLoraVariant::overlap: return "overlap";
-    case MoeLoraVariant::inline_ctas: return "inline";
-    default: return "best";
+    case MoeLoraVariant::staged:
+      return "staged";
+    case MoeLoraVariant::overlap:
+      return "overlap";
+    case MoeLoraVariant::inline_ctas:
+      return "inline";
+    default:
+      return "best";
   }
 }
 

@@ -47,9 +47,14 @@ inline MoeLoraHooksOptions decode_hook_options(const DecodeOptions& d, WeightFor
     case MoeLoraVariant::best:
       if (format == WeightFormat::fp8_block) o.overlap_max_tokens = 128;
       break;
-    case MoeLoraVariant::overlap: o.overlap_max_tokens = d.max_batch; break;
-    case MoeLoraVariant::inline_ctas: o.inline_max_tokens = d.max_batch; break;
-    case MoeLoraVariant::staged: break;
+    case MoeLoraVariant::overlap:
+      o.overlap_max_tokens = d.max_batch;
+      break;
+    case MoeLoraVariant::inline_ctas:
+      o.inline_max_tokens = d.max_batch;
+      break;
+    case MoeLoraVariant::staged:
+      break;
   }
   return o;
 }
@@ -64,9 +69,8 @@ bool apply_decode_options(const DecodeOptions& options, std::vector<Layer>& laye
                 options.max_batch);
   for (Layer& L : layers)
     if (L.lora_pool)
-      L.lora_hooks =
-          MoeLoraHooks::create(*L.lora_pool, model_options.max_step_tokens,
-                               decode_hook_options(options, L.experts.format, device));
+      L.lora_hooks = MoeLoraHooks::create(*L.lora_pool, model_options.max_step_tokens,
+                                          decode_hook_options(options, L.experts.format, device));
   const bool fast = options.path == DecodePath::fast && device.is_cuda();
   graphs.configure(fast && options.graphs, options.max_batch, model_options.max_step_tokens);
   return fast;

@@ -96,8 +96,8 @@ std::unique_ptr<MoeBackend> pick_moe_backend(const MoeProblem& p) {
     reasons += fmt::format("; {}: {}", e.info.name, why);
   }
   MOELORA_THROW("no MoE backend on {} can run shape '{}' (H={}, I={}, E={}, top_k={}){}",
-                p.device.str(), p.shape.name, p.shape.hidden, p.shape.inter,
-                p.shape.num_experts, p.shape.top_k,
+                p.device.str(), p.shape.name, p.shape.hidden, p.shape.inter, p.shape.num_experts,
+                p.shape.top_k,
                 reasons.empty() ? std::string("; none registered for this device") : reasons);
 }
 

@@ -41,8 +41,8 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
              Tensor& h, const Stream& s) override {
     cuda::moe_gemm1_fp8(x, top_k, plan, w13, h, buffer(x_buf_, x, w13.k), s);
   }
-  void gemm2(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
-             const Tensor& sw, Tensor& o, const Stream& s) override {
+  void gemm2(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2, const Tensor& sw,
+             Tensor& o, const Stream& s) override {
     cuda::moe_gemm2_fp8(a, plan, w2, sw, o, buffer(a_buf_, a, w2.k), s);
   }
   // The inline LoRA CTAs ride in the same grids (kernels/cuda/moe_lora_inline.cuh).

@@ -96,7 +96,8 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
   if (inline_lora) {
     MOELORA_CHECK(hooks->fuses_activation(m) && hooks->fuses_reduce(m),
                   "MoE hooks: inline LoRA for {} tokens needs the fused activation and "
-                  "reduction seams (fuses_activation / fuses_reduce)", m);
+                  "reduction seams (fuses_activation / fuses_reduce)",
+                  m);
     backend_->gemm1_lora(in.x, s.top_k, plan_, w.w13, inline_lora->gate_up, h, stream);
     hooks->gate_up_activation(in.x, topk_view_, h, a, stream);
     backend_->gemm2_lora(a, plan_, w.w2, slot_weights, inline_lora->down, o, stream);
@@ -114,8 +115,8 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
     if (!fused_reduce) hooks->after_down(a, topk_view_, o, stream);
   } else {
     // No seams to honour: the backend may fuse (same o bit for bit, see MoeBackend).
-    backend_->expert_mlp(in.x, s.top_k, topk_view_.ids, plan_, w.w13, w.w2, slot_weights, h, a,
-                         o, stream);
+    backend_->expert_mlp(in.x, s.top_k, topk_view_.ids, plan_, w.w13, w.w2, slot_weights, h, a, o,
+                         stream);
   }
 
   Tensor shared_o;

@@ -10,9 +10,9 @@
 #include <map>
 #include <memory>
 
+#include <unistd.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
-#include <unistd.h>
 
 #include "model/random_adapter.h"
 #include "model/weight_loader.h"
@@ -128,11 +128,11 @@ json shape_config(const std::string& shape) {
     c["rope_parameters"] = {{"rope_theta", 10000.0}, {"rope_type", "default"}};
     return c;
   }
-  MOELORA_THROW("--shape: expected qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite or tiny, "
-                "found '{}'",
-                shape);
+  MOELORA_THROW(
+      "--shape: expected qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite or tiny, "
+      "found '{}'",
+      shape);
 }
-
 
 std::string now_iso() {
   std::time_t t = std::time(nullptr);
@@ -165,9 +165,9 @@ struct Row {
   std::string path;
   std::string lora;
   double ms = 0, min_ms = 0, max_ms = 0, tok_s = 0;
-  double ratio = NAN;  // tok/s over LoRA none's (the mean of its two measurements)
+  double ratio = NAN;       // tok/s over LoRA none's (the mean of its two measurements)
   double over_hooks = NAN;  // fast path: tok/s over the hooks path's at the same batch and LoRA
-  bool repeat = false;  // the second measurement of `none` at this batch (drift check)
+  bool repeat = false;      // the second measurement of `none` at this batch (drift check)
 };
 
 struct StepTimes {
@@ -177,7 +177,7 @@ struct StepTimes {
 // Wall times of `steps` decode steps of `batch` sequences that each start at `context` tokens
 // of (random) K/V; sequence i runs adapter slot i % adapters (-1 without).
 StepTimes time_decode(Model& model, PagedKvCache& cache, int batch, int adapters, int64_t context,
-                   int warmup, int steps, uint64_t seed) {
+                      int warmup, int steps, uint64_t seed) {
   std::vector<SeqInput> in(static_cast<size_t>(batch));
   for (int i = 0; i < batch; ++i) {
     SeqInput& s = in[size_t(i)];
@@ -191,8 +191,8 @@ StepTimes time_decode(Model& model, PagedKvCache& cache, int batch, int adapters
   std::vector<double> ms;
   for (int step = 0; step < warmup + steps; ++step) {
     for (int i = 0; i < batch; ++i)
-      in[size_t(i)].tokens[0] = int32_t(uniform_at(seed, uint64_t(step * batch + i), 0.0f, 1.0f) *
-                                        float(V - 1));
+      in[size_t(i)].tokens[0] =
+          int32_t(uniform_at(seed, uint64_t(step * batch + i), 0.0f, 1.0f) * float(V - 1));
     const auto t0 = std::chrono::steady_clock::now();
     const StepResult r = model.forward(in, cache);
     const auto t1 = std::chrono::steady_clock::now();
@@ -217,8 +217,8 @@ double logits_download_ms(Device device, int batch, int64_t vocab) {
   for (int i = 0; i < 5; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     const Tensor h = d.to(Device::cpu());
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
-                     .count());
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   return median(ms);
 }
@@ -319,10 +319,11 @@ int run_bench_decode(const BenchDecodeOptions& o) {
   mo.lora_slots = max_adapters;
   mo.lora_r_max = std::max(max_rank, 1);
   const DeviceInfo info = device_info(device);
-  std::printf("moelora bench decode: %s, %s experts, device %s, context %lld, %d steps (+%d "
-              "warm-up) per point\n",
-              o.shape.c_str(), format_name(format), info.name.c_str(),
-              static_cast<long long>(o.context), steps, warmup);
+  std::printf(
+      "moelora bench decode: %s, %s experts, device %s, context %lld, %d steps (+%d "
+      "warm-up) per point\n",
+      o.shape.c_str(), format_name(format), info.name.c_str(), static_cast<long long>(o.context),
+      steps, warmup);
   auto t0 = std::chrono::steady_clock::now();
   std::unique_ptr<Model> model = Model::load(model_dir, mo);
   std::printf("random weights made in %.1f s\n",
@@ -355,8 +356,8 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     write_random_adapter(adir, config, max_rank, o.seed + 7, o.lora_targets);
     const PeftAdapter adapter = PeftAdapter::load(adir);
     for (int s = 0; s < max_adapters; ++s) model->load_adapter(s, adapter);
-    std::printf("random rank-%d adapter written and loaded into %d slot(s) in %.1f s\n",
-                max_rank, max_adapters,
+    std::printf("random rank-%d adapter written and loaded into %d slot(s) in %.1f s\n", max_rank,
+                max_adapters,
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   std::vector<Row> rows;
@@ -400,18 +401,18 @@ int run_bench_decode(const BenchDecodeOptions& o) {
             if (rows[j].path == "hooks" && rows[j].lora == r.lora && rows[j].repeat == r.repeat)
               r.over_hooks = rows[j].ms / r.ms;
         std::printf(
-            "  batch %4d  %-5s lora %-7s%s %9.3f ms/step (min %.3f max %.3f) %9.1f tok/s%s%s\n",
-            b, r.path.c_str(), r.lora.c_str(), r.repeat ? " again" : "      ", r.ms, r.min_ms,
+            "  batch %4d  %-5s lora %-7s%s %9.3f ms/step (min %.3f max %.3f) %9.1f tok/s%s%s\n", b,
+            r.path.c_str(), r.lora.c_str(), r.repeat ? " again" : "      ", r.ms, r.min_ms,
             r.max_ms, r.tok_s,
             std::isnan(r.ratio) ? "" : fmt::format("  {:.3f} of none", r.ratio).c_str(),
-            std::isnan(r.over_hooks) ? ""
-                                     : fmt::format("  {:.2f}x hooks", r.over_hooks).c_str());
+            std::isnan(r.over_hooks) ? "" : fmt::format("  {:.2f}x hooks", r.over_hooks).c_str());
       }
     }
     if (gpu)
-      std::printf("  batch %4d  logits download alone (f32 [%d, %d] to a new host tensor): "
-                  "%.3f ms\n",
-                  b, b, config.vocab_size, download_ms[b]);
+      std::printf(
+          "  batch %4d  logits download alone (f32 [%d, %d] to a new host tensor): "
+          "%.3f ms\n",
+          b, b, config.vocab_size, download_ms[b]);
     std::fflush(stdout);
   }
 
@@ -439,18 +440,18 @@ int run_bench_decode(const BenchDecodeOptions& o) {
         "median host wall time of one Model::forward (host tables + uploads + GPU work + "
         "logits download), one new token per sequence";
     for (const Row& r : rows)
-      j["results"].push_back({{"batch", r.batch},
-                              {"path", r.path},
-                              {"lora", r.lora},
-                              {"repeat", r.repeat},
-                              {"ms_per_step", r.ms},
-                              {"min_ms", r.min_ms},
-                              {"max_ms", r.max_ms},
-                              {"tok_per_s", r.tok_s},
-                              {"tok_s_lora_over_none", std::isnan(r.ratio) ? json() : json(r.ratio)},
-                              {"tok_s_fast_over_hooks",
-                               std::isnan(r.over_hooks) ? json() : json(r.over_hooks)},
-                              {"logits_download_ms", download_ms[r.batch]}});
+      j["results"].push_back(
+          {{"batch", r.batch},
+           {"path", r.path},
+           {"lora", r.lora},
+           {"repeat", r.repeat},
+           {"ms_per_step", r.ms},
+           {"min_ms", r.min_ms},
+           {"max_ms", r.max_ms},
+           {"tok_per_s", r.tok_s},
+           {"tok_s_lora_over_none", std::isnan(r.ratio) ? json() : json(r.ratio)},
+           {"tok_s_fast_over_hooks", std::isnan(r.over_hooks) ? json() : json(r.over_hooks)},
+           {"logits_download_ms", download_ms[r.batch]}});
     std::ofstream out(o.json);
     MOELORA_CHECK(out.good(), "--json: cannot write {}", o.json);
     out << j.dump(2) << "\n";

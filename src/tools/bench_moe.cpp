@@ -104,8 +104,8 @@ MoeWeights random_weights(const MoeShape& s, WeightFormat format, int64_t group_
     // on the host for 8 layers of a real shape); weights of magnitude ~ sqrt(3 / fan_in).
     w.format = format;
     auto make = [&](int64_t g, int64_t n, int64_t k, uint64_t sd) {
-      return quant::random_experts(format, g, n, k, group_size, std::sqrt(3.0f / float(k)), sd,
-                                   d, st);
+      return quant::random_experts(format, g, n, k, group_size, std::sqrt(3.0f / float(k)), sd, d,
+                                   st);
     };
     w.w13 = make(E, 2 * I, H, seed);
     w.w2 = make(E, H, I, seed + 1);
@@ -165,12 +165,11 @@ struct Row {
 
 int run_bench_moe(const BenchMoeOptions& opt) {
   const WeightFormat format = parse_weight_format(opt.dtype);
-  MOELORA_CHECK(opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap" ||
-                    opt.path == "inline",
-                "--path: expected hooks, fast, overlap or inline, found '{}'", opt.path);
+  MOELORA_CHECK(
+      opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap" || opt.path == "inline",
+      "--path: expected hooks, fast, overlap or inline, found '{}'", opt.path);
   int64_t group_size = opt.group_size;
-  if (group_size == 0)
-    group_size = format == WeightFormat::nvfp4 ? 16 : 128;
+  if (group_size == 0) group_size = format == WeightFormat::nvfp4 ? 16 : 128;
   Device device = Device::cpu();
   if (opt.device == "cuda" || (opt.device == "auto" && cuda_available())) {
     MOELORA_CHECK(cuda_available(), "--device cuda: no usable CUDA device");
@@ -181,7 +180,8 @@ int run_bench_moe(const BenchMoeOptions& opt) {
   }
   const bool gpu = device.is_cuda();
   std::vector<int> batches = opt.batches;
-  if (batches.empty()) batches = gpu ? std::vector<int>{1, 4, 16, 64, 128, 256} : std::vector<int>{1, 4, 16};
+  if (batches.empty())
+    batches = gpu ? std::vector<int>{1, 4, 16, 64, 128, 256} : std::vector<int>{1, 4, 16};
   for (int b : batches) MOELORA_CHECK(b >= 1, "--batches: sizes must be >= 1, found {}", b);
   const int layers = opt.layers > 0 ? opt.layers : (gpu ? 8 : 1);
   const int repeats = opt.repeats > 0 ? opt.repeats : (gpu ? 30 : 2);
@@ -196,11 +196,11 @@ int run_bench_moe(const BenchMoeOptions& opt) {
   const double bw = measure_copy_bandwidth(device, stream);
   const int max_batch = *std::max_element(batches.begin(), batches.end());
 
-  std::printf("moelora bench moe: %s, %s weights, LoRA path %s, small-batch kernel %s, device "
-              "%s, copy bandwidth %.0f GB/s, %d layer calls per %s, %d repeats\n",
-              shape.name.c_str(), opt.dtype.c_str(), opt.path.c_str(),
-              opt.small_batch_kernel.c_str(), info.name.c_str(), bw / 1e9, layers,
-              gpu ? "CUDA graph" : "timing", repeats);
+  std::printf(
+      "moelora bench moe: %s, %s weights, LoRA path %s, small-batch kernel %s, device "
+      "%s, copy bandwidth %.0f GB/s, %d layer calls per %s, %d repeats\n",
+      shape.name.c_str(), opt.dtype.c_str(), opt.path.c_str(), opt.small_batch_kernel.c_str(),
+      info.name.c_str(), bw / 1e9, layers, gpu ? "CUDA graph" : "timing", repeats);
   std::fflush(stdout);
 
   MOELORA_CHECK(opt.small_batch_kernel == "default" || opt.small_batch_kernel == "on" ||
@@ -213,14 +213,14 @@ int run_bench_moe(const BenchMoeOptions& opt) {
   MoeRunner runner(rc);
   std::vector<Layer> ls(static_cast<size_t>(layers));
   for (int l = 0; l < layers; ++l)
-    ls[size_t(l)].weights =
-        random_weights(shape, format, group_size, device, opt.seed * 1000 + uint64_t(l) * 10, stream);
+    ls[size_t(l)].weights = random_weights(shape, format, group_size, device,
+                                           opt.seed * 1000 + uint64_t(l) * 10, stream);
   // Roofline bytes per touched expert (gate_up + down) and for the shared expert.
-  const double expert_bytes = bytes_per_matrix(ls[0].weights.w13) + bytes_per_matrix(ls[0].weights.w2);
-  const double shared_bytes =
-      shape.shared_inter > 0
-          ? bytes_per_matrix(ls[0].weights.shared_w13) + bytes_per_matrix(ls[0].weights.shared_w2)
-          : 0.0;
+  const double expert_bytes =
+      bytes_per_matrix(ls[0].weights.w13) + bytes_per_matrix(ls[0].weights.w2);
+  const double shared_bytes = shape.shared_inter > 0 ? bytes_per_matrix(ls[0].weights.shared_w13) +
+                                                           bytes_per_matrix(ls[0].weights.shared_w2)
+                                                     : 0.0;
 
   std::vector<Row> rows;
   std::map<int, double> base_us;
@@ -232,7 +232,8 @@ int run_bench_moe(const BenchMoeOptions& opt) {
       if (lora.rank == 0) continue;
       L.pool = std::make_unique<MoeLoraPool>(shape, lora.adapters, lora.rank, device);
       for (int a = 0; a < lora.adapters; ++a)
-        L.pool->load(a, random_adapter(shape, lora.rank, opt.seed * 7919 + uint64_t(l * 64 + a) * 8));
+        L.pool->load(a,
+                     random_adapter(shape, lora.rank, opt.seed * 7919 + uint64_t(l * 64 + a) * 8));
       MoeLoraHooksOptions hook_options;
       // --path fast: LoRA expands folded into the activation / reduction at every batch here.
       if (opt.path == "fast") hook_options.fused_max_tokens = max_batch;
@@ -290,7 +291,8 @@ int run_bench_moe(const BenchMoeOptions& opt) {
           const auto t0 = std::chrono::steady_clock::now();
           body();
           ms.push_back(
-              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                  .count());
         }
       }
       const double us = median(ms) * 1e3 / layers;
@@ -337,17 +339,19 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     j["small_batch_max_tokens"] = rc.small_batch_max_tokens;
     j["layers_per_graph"] = layers;
     j["repeats"] = repeats;
-    j["timing"] = gpu ? "CUDA graph of layer calls (routing+alignment included), median replay / layers"
-                      : "host clock, median / layers";
+    j["timing"] =
+        gpu ? "CUDA graph of layer calls (routing+alignment included), median replay / layers"
+            : "host clock, median / layers";
     for (const Row& r : rows) {
-      j["results"].push_back({{"batch", r.batch},
-                              {"lora", r.lora},
-                              {"us_per_layer", r.us},
-                              {"bytes", r.bytes},
-                              {"GBps", r.bytes / (r.us * 1e-6) / 1e9},
-                              {"roofline_us", r.roofline_us},
-                              {"pct_roofline", 100.0 * r.roofline_us / r.us},
-                              {"lora_over_base", std::isnan(r.ratio) ? nlohmann::json() : nlohmann::json(r.ratio)}});
+      j["results"].push_back(
+          {{"batch", r.batch},
+           {"lora", r.lora},
+           {"us_per_layer", r.us},
+           {"bytes", r.bytes},
+           {"GBps", r.bytes / (r.us * 1e-6) / 1e9},
+           {"roofline_us", r.roofline_us},
+           {"pct_roofline", 100.0 * r.roofline_us / r.us},
+           {"lora_over_base", std::isnan(r.ratio) ? nlohmann::json() : nlohmann::json(r.ratio)}});
     }
     std::ofstream out(opt.json);
     MOELORA_CHECK(out.good(), "--json: cannot write {}", opt.json);

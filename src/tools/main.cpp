@@ -24,33 +24,39 @@ int main(int argc, char** argv) {
   bench_moe->add_option("--shape", moe.shape, shapes_help)->capture_default_str();
   bench_moe->add_option("--dtype", moe.dtype, "expert weight format: bf16, int4, int8, fp8, nvfp4")
       ->capture_default_str();
-  bench_moe->add_option("--path", moe.path,
-                        "LoRA path: hooks (staged expand kernels), fast (expands folded into "
-                        "the activation and the top-k reduction), overlap (both deltas on the "
-                        "side stream beside the GEMMs, added in the activation and reduction) or "
-                        "inline (both deltas in extra CTAs of the expert GEMM grids; backends "
-                        "that run it: cuda_fp8_block)")
+  bench_moe
+      ->add_option("--path", moe.path,
+                   "LoRA path: hooks (staged expand kernels), fast (expands folded into "
+                   "the activation and the top-k reduction), overlap (both deltas on the "
+                   "side stream beside the GEMMs, added in the activation and reduction) or "
+                   "inline (both deltas in extra CTAs of the expert GEMM grids; backends "
+                   "that run it: cuda_fp8_block)")
       ->capture_default_str();
-  bench_moe->add_option("--inline-splits", moe.inline_column_splits,
-                        "--path inline: CTAs per (plan block, half) along the output columns")
+  bench_moe
+      ->add_option("--inline-splits", moe.inline_column_splits,
+                   "--path inline: CTAs per (plan block, half) along the output columns")
       ->capture_default_str();
-  bench_moe->add_option("--inline-k-splits", moe.inline_k_splits,
-                        "--path inline: K slices of the shrink (0: by batch size)")
+  bench_moe
+      ->add_option("--inline-k-splits", moe.inline_k_splits,
+                   "--path inline: K slices of the shrink (0: by batch size)")
       ->capture_default_str();
   bench_moe->add_option("--group-size", moe.group_size,
                         "quantization group along K (0: 128; nvfp4 16; fp8 = square block)");
-  bench_moe->add_option("--batches", moe.batches, "batch sizes (default 1,4,16,64,128,256; CPU 1,4,16)")
+  bench_moe
+      ->add_option("--batches", moe.batches, "batch sizes (default 1,4,16,64,128,256; CPU 1,4,16)")
       ->delimiter(',');
   bench_moe->add_option("--lora", moe.lora, "LoRA settings: none, r<rank>x<adapters>")
       ->delimiter(',')
       ->capture_default_str();
   bench_moe->add_option("--device", moe.device, "auto, cpu or cuda")->capture_default_str();
   bench_moe->add_option("--backend", moe.backend, "MoE backend by name (default: by capability)");
-  bench_moe->add_option("--small-batch-kernel", moe.small_batch_kernel,
-                        "default (the runner's setting), on (batches up to 4 tokens without "
-                        "LoRA run the backend's one-kernel layer) or off (the staged kernels)")
+  bench_moe
+      ->add_option("--small-batch-kernel", moe.small_batch_kernel,
+                   "default (the runner's setting), on (batches up to 4 tokens without "
+                   "LoRA run the backend's one-kernel layer) or off (the staged kernels)")
       ->capture_default_str();
-  bench_moe->add_option("--layers", moe.layers, "layer calls per graph (default 8 on CUDA, 1 on CPU)");
+  bench_moe->add_option("--layers", moe.layers,
+                        "layer calls per graph (default 8 on CUDA, 1 on CPU)");
   bench_moe->add_option("--repeats", moe.repeats, "timed repeats (default 30 on CUDA, 2 on CPU)");
   bench_moe->add_option("--json", moe.json, "write results as JSON to this file");
   bench_moe->add_option("--seed", moe.seed, "random seed")->capture_default_str();

@@ -74,10 +74,10 @@ class MoeLoraPool {
   bool loaded(int slot) const;
 
   // Device tensors (bf16 unless noted):
-  const Tensor& a13() const { return a13_; }   // [S, E, 2*r_max, H] shrink rows
-  const Tensor& b13() const { return b13_; }   // [S, E, 2I, r_max] row i uses its half's rank
-  const Tensor& a2() const { return a2_; }     // [S, E, r_max, I]
-  const Tensor& b2() const { return b2_; }     // [S, E, H, r_max]
+  const Tensor& a13() const { return a13_; }  // [S, E, 2*r_max, H] shrink rows
+  const Tensor& b13() const { return b13_; }  // [S, E, 2I, r_max] row i uses its half's rank
+  const Tensor& a2() const { return a2_; }    // [S, E, r_max, I]
+  const Tensor& b2() const { return b2_; }    // [S, E, H, r_max]
   const Tensor& slot_meta() const { return meta_dev_; }  // i32 [S, 6], MoeLoraSlotMeta
 
  private:
@@ -114,8 +114,7 @@ class MoeHooks {
     (void)a, (void)topk, (void)stream;
   }
   // o f32 [M*k, H] += routed_weight * LoRA delta of down, computed from a bf16 [M*k, I].
-  virtual void after_down(const Tensor& a, const TopK& topk, Tensor& o,
-                          const Stream& stream) = 0;
+  virtual void after_down(const Tensor& a, const TopK& topk, Tensor& o, const Stream& stream) = 0;
 
   // Optional fused seams (the fast path for decode-sized batches). When fuses_activation(m)
   // is true for a batch of m tokens, the runner calls gate_up_activation instead of
@@ -124,7 +123,10 @@ class MoeHooks {
   // down_reduce replaces after_down + the backend's reduce (y = sum over top-k of
   // o + w * delta, plus the shared expert). Base tokens must come out bit-identical to the
   // staged seams. Defaults: not fused.
-  virtual bool fuses_activation(int64_t m) const { (void)m; return false; }
+  virtual bool fuses_activation(int64_t m) const {
+    (void)m;
+    return false;
+  }
   // Optional inline seams (the fast decode path on backends that run LoRA CTAs inside their
   // expert GEMM grids, MoeBackend::runs_inline_lora). Asked once per layer call, before
   // routing; a non-null result means the runner, for this call, skips after_route and the
@@ -136,7 +138,10 @@ class MoeHooks {
     (void)topk, (void)m;
     return nullptr;
   }
-  virtual bool fuses_reduce(int64_t m) const { (void)m; return false; }
+  virtual bool fuses_reduce(int64_t m) const {
+    (void)m;
+    return false;
+  }
   virtual void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
                                   const Stream& stream);
   virtual void down_reduce(const Tensor& a, const TopK& topk, const Tensor& o,

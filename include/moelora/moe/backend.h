@@ -41,8 +41,8 @@ class MoeBackend {
 
   // --- stages; `m` = tokens in this call; all outputs pre-allocated by the caller ---
   // topk.ids / topk.weights [M, k] from logits f32 [M, E].
-  virtual void route(const Tensor& logits, const Tensor& correction_bias,
-                     const RouterConfig& cfg, TopK& topk, const Stream& stream) = 0;
+  virtual void route(const Tensor& logits, const Tensor& correction_bias, const RouterConfig& cfg,
+                     TopK& topk, const Stream& stream) = 0;
   // Groups the slots of `group_ids` (i32 [M, k], -1 skipped) by id into `plan`.
   virtual void align(const Tensor& group_ids, MoeAlignment& plan, const Stream& stream) = 0;
   // Optional fused capability: route, then align topk.ids into `plan` (plan.block_m set by the
@@ -69,8 +69,7 @@ class MoeBackend {
                           const Tensor& slot_weights, const MoeLoraInline& lora, Tensor& o,
                           const Stream& stream);
   // a bf16 [M*k, I] = silu(h[:, :I]) * h[:, I:] for slots with ids >= 0.
-  virtual void activation(const Tensor& h, const Tensor& ids, Tensor& a,
-                          const Stream& stream) = 0;
+  virtual void activation(const Tensor& h, const Tensor& ids, Tensor& a, const Stream& stream) = 0;
   // o f32 [M*k, H] = slot_weight[slot] * (a[slot] . w2[group]^T) for every aligned slot.
   // An undefined `slot_weights` means weight 1.
   virtual void gemm2(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
@@ -82,8 +81,8 @@ class MoeBackend {
   // LoRA-off run. Default: the three stages.
   virtual void expert_mlp(const Tensor& x, int top_k, const Tensor& ids, const MoeAlignment& plan,
                           const ExpertMatrices& w13, const ExpertMatrices& w2,
-                          const Tensor& slot_weights,
-                          Tensor& h, Tensor& a, Tensor& o, const Stream& stream) {
+                          const Tensor& slot_weights, Tensor& h, Tensor& a, Tensor& o,
+                          const Stream& stream) {
     gemm1(x, top_k, plan, w13, h, stream);
     activation(h, ids, a, stream);
     gemm2(a, plan, w2, slot_weights, o, stream);

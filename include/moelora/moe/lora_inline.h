@@ -12,12 +12,12 @@
 namespace moelora {
 
 struct MoeLoraInline {
-  Tensor token_slot;      // i32 [M]: adapter slot per token, -1 = base
-  int top_k = 1;          // slots per token (slot s belongs to token s / top_k)
-  Tensor a;               // bf16 [S, E, R, K]: the pool's a13 (R = 2 r_max) or a2 (R = r_max)
-  Tensor b;               // bf16 [S, E, N, r_max]: the pool's b13 or b2
-  Tensor meta;            // i32 [S, 6]: MoeLoraSlotMeta per slot
-  Tensor slot_weights;    // f32 [M*k]: routed weights (down) or undefined (weight 1)
+  Tensor token_slot;    // i32 [M]: adapter slot per token, -1 = base
+  int top_k = 1;        // slots per token (slot s belongs to token s / top_k)
+  Tensor a;             // bf16 [S, E, R, K]: the pool's a13 (R = 2 r_max) or a2 (R = r_max)
+  Tensor b;             // bf16 [S, E, N, r_max]: the pool's b13 or b2
+  Tensor meta;          // i32 [S, 6]: MoeLoraSlotMeta per slot
+  Tensor slot_weights;  // f32 [M*k]: routed weights (down) or undefined (weight 1)
   // f32 [>= M*k, N], or [k_splits, >= M*k, N] to split the shrink's K over k_splits CTAs per
   // part, each writing its partial delta (their sum, in split order, is the delta). Rows of
   // slots with an adapter are written, the others not.

@@ -18,7 +18,7 @@ struct DenseLoraArgs {
   bool y_bf16 = false;
   int64_t m = 0, k = 0, n = 0;
   int slots = 0, slices = 0, r = 0;
-  int64_t offset[5] = {};     // slice column offsets (slices + 1 used)
+  int64_t offset[5] = {};  // slice column offsets (slices + 1 used)
   // launch_dense_lora_expand_out: y' = y_src + the delta (tokens with an adapter; token_slot
   // may be null: no LoRA) goes to split[s] [M, width_s] (slice s's columns; split mode) or
   // is added to residual [M, N] (residual mode), y_src left as it is. f32 throughout.

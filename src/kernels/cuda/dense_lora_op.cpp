@@ -31,8 +31,7 @@ void dense_lora_shrink(const Tensor& x, const Tensor& token_slot, const Tensor& 
   DenseLoraArgs a = base_args(d, token_slot, ranks, u);
   a.x = x.data();
   a.a = A.data();
-  MOELORA_CUDA_CHECK(
-      launch_dense_lora_shrink(a, static_cast<cudaStream_t>(stream.handle())));
+  MOELORA_CUDA_CHECK(launch_dense_lora_shrink(a, static_cast<cudaStream_t>(stream.handle())));
 }
 
 void dense_lora_expand(const Tensor& u, const Tensor& token_slot, const Tensor& B,
@@ -46,16 +45,15 @@ void dense_lora_expand(const Tensor& u, const Tensor& token_slot, const Tensor& 
   a.y = y.data();
   a.y_bf16 = y.dtype() == DType::bf16;
   for (int s = 0; s <= slices.count; ++s) a.offset[s] = slices.offset[size_t(s)];
-  MOELORA_CUDA_CHECK(
-      launch_dense_lora_expand(a, static_cast<cudaStream_t>(stream.handle())));
+  MOELORA_CUDA_CHECK(launch_dense_lora_expand(a, static_cast<cudaStream_t>(stream.handle())));
 }
 
 namespace {
 
 // The folded expand's arguments: y f32 [M, N = slices.total()], the LoRA ones when u is defined.
 DenseLoraArgs expand_out_args(const Tensor& y, const Tensor& u, const Tensor& token_slot,
-                              const Tensor& B, const Tensor& ranks,
-                              const DenseLoraSlices& slices, const char* op) {
+                              const Tensor& B, const Tensor& ranks, const DenseLoraSlices& slices,
+                              const char* op) {
   MOELORA_CHECK(y.defined() && y.device().is_cuda() && y.dtype() == DType::f32 && y.dim() == 2 &&
                     y.is_contiguous() && y.size(1) == slices.total(),
                 "{} y: expected a contiguous CUDA f32 [M, {}], found {}", op, slices.total(),
@@ -95,19 +93,17 @@ void dense_lora_expand_split(const Tensor& y, const Tensor& u, const Tensor& tok
               "dense_lora_expand_split output");
     a.split[s] = outs[size_t(s)]->data<float>();
   }
-  MOELORA_CUDA_CHECK(
-      launch_dense_lora_expand_out(a, static_cast<cudaStream_t>(stream.handle())));
+  MOELORA_CUDA_CHECK(launch_dense_lora_expand_out(a, static_cast<cudaStream_t>(stream.handle())));
 }
 
 void dense_lora_expand_residual(const Tensor& y, const Tensor& u, const Tensor& token_slot,
-                                const Tensor& B, const Tensor& ranks,
-                                const DenseLoraSlices& slices, Tensor& x, const Stream& stream) {
+                                const Tensor& B, const Tensor& ranks, const DenseLoraSlices& slices,
+                                Tensor& x, const Stream& stream) {
   DenseLoraArgs a =
       expand_out_args(y, u, token_slot, B, ranks, slices, "dense_lora_expand_residual");
   check_out(x, y.size(0), y.size(1), "dense_lora_expand_residual x");
   a.residual = x.data<float>();
-  MOELORA_CUDA_CHECK(
-      launch_dense_lora_expand_out(a, static_cast<cudaStream_t>(stream.handle())));
+  MOELORA_CUDA_CHECK(launch_dense_lora_expand_out(a, static_cast<cudaStream_t>(stream.handle())));
 }
 
 }  // namespace moelora::cuda

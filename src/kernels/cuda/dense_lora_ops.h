@@ -20,6 +20,6 @@ void dense_lora_expand_split(const Tensor& y, const Tensor& u, const Tensor& tok
                              const Tensor& B, const Tensor& ranks, const DenseLoraSlices& slices,
                              const std::vector<Tensor*>& outs, const Stream& stream);
 void dense_lora_expand_residual(const Tensor& y, const Tensor& u, const Tensor& token_slot,
-                                const Tensor& B, const Tensor& ranks,
-                                const DenseLoraSlices& slices, Tensor& x, const Stream& stream);
+                                const Tensor& B, const Tensor& ranks, const DenseLoraSlices& slices,
+                                Tensor& x, const Stream& stream);
 }  // namespace moelora::cuda

@@ -43,8 +43,7 @@ cudaError_t allow_smem(int bytes) {
 template <auto kKernel, int kRows, class Params>
 cudaError_t launch_expert_gemm(Params p, int max_blocks, int threads, int smem_bytes,
                                cudaStream_t stream) {
-  const int tiles =
-      p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
+  const int tiles = p.act_out ? (p.n / 2 + kRows / 2 - 1) / (kRows / 2) : (p.n + kRows - 1) / kRows;
   int axis = max_blocks;  // entries on the block axis
   if constexpr (requires { p.inline_lora; }) {
     if (p.inline_lora.parts > 0) {

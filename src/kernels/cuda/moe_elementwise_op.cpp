@@ -18,8 +18,7 @@ detail::LoraDeltaView delta_view(const Tensor& d, int64_t n, const Tensor& ids,
   MOELORA_CHECK(ids.dim() == 2, "{}: ids expected [M, k], found {}", what, ids.describe());
   check_shape(token_slot, {ids.size(0)}, "LoRA delta token_slot");
   if (d.dim() == 3) {
-    MOELORA_CHECK(d.size(0) >= 1 && d.size(0) <= 16 && d.size(1) == ids.numel() &&
-                      d.size(2) == n,
+    MOELORA_CHECK(d.size(0) >= 1 && d.size(0) <= 16 && d.size(1) == ids.numel() && d.size(2) == n,
                   "{}: expected [splits in 1..16, {}, {}], found {}", what, ids.numel(), n,
                   d.describe());
   } else {

@@ -36,9 +36,9 @@ bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::s
 // h f32 [M*k, 2I] = x[s / top_k] . w13[g]^T (w13 logical [G, 2I, H]).
 // With `lora`, the grid also runs that seam's inline LoRA (moelora/moe/lora_inline.h) into
 // lora->delta; h is the base GEMM's either way.
-void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan,
-                   const ExpertMatrices& w13, Tensor& h, Fp8ActBuffer& act_buf,
-                   const Stream& stream, const MoeLoraInline* lora = nullptr);
+void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan, const ExpertMatrices& w13,
+                   Tensor& h, Fp8ActBuffer& act_buf, const Stream& stream,
+                   const MoeLoraInline* lora = nullptr);
 // moe_gemm1_fp8 then moe_activation without materializing h: a bf16 [M*k, I].
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
                               const ExpertMatrices& w13, Tensor& a, Fp8ActBuffer& act_buf,
@@ -54,8 +54,8 @@ void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatric
 // With an explicit tile (tests and benchmarks sweep them).
 void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
                          const ExpertMatrices& w13, Tensor& out, bool fused_activation,
-                         Fp8ActBuffer& act_buf, const Stream& stream,
-                         const MoeGemmConfig& config, const MoeLoraInline* lora = nullptr);
+                         Fp8ActBuffer& act_buf, const Stream& stream, const MoeGemmConfig& config,
+                         const MoeLoraInline* lora = nullptr);
 void moe_gemm2_fp8_tiled(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                          const Tensor& slot_weights, Tensor& o, Fp8ActBuffer& act_buf,
                          const Stream& stream, const MoeGemmConfig& config,

@@ -9,9 +9,8 @@ namespace moelora::cuda {
 
 // moe_route(logits, ...) then moe_align(topk.ids, plan): one kernel for up to 64 tokens (when
 // plan.num_groups == cfg.num_experts), the two ops otherwise. plan.block_m set by the caller.
-void moe_route_align(const Tensor& logits, const Tensor& correction_bias,
-                     const RouterConfig& cfg, TopK& topk, MoeAlignment& plan,
-                     const Stream& stream);
+void moe_route_align(const Tensor& logits, const Tensor& correction_bias, const RouterConfig& cfg,
+                     TopK& topk, MoeAlignment& plan, const Stream& stream);
 
 // moe_lora_group_ids(ids, token_slot, num_experts, vids) then moe_align(vids, vplan), without
 // materializing vids. Virtual ids outside [0, vplan.num_groups) are skipped.
@@ -25,9 +24,9 @@ inline constexpr int kMaxLoraSplits = 8;  // = detail::kMaxSplits (moe_lora.cuh)
 void moe_lora_shrink_split(const Tensor& in, int rows_div, const MoeAlignment& vplan,
                            const Tensor& A, const Tensor& meta, LoraSeam seam, int splits,
                            Tensor& u, const Stream& stream);
-void moe_lora_expand_split(const Tensor& u, int splits, const MoeAlignment& vplan,
-                           const Tensor& B, const Tensor& meta, LoraSeam seam,
-                           const Tensor& slot_weights, Tensor& out, const Stream& stream);
+void moe_lora_expand_split(const Tensor& u, int splits, const MoeAlignment& vplan, const Tensor& B,
+                           const Tensor& meta, LoraSeam seam, const Tensor& slot_weights,
+                           Tensor& out, const Stream& stream);
 // Splits the hooks use for `num_slots` token-slots (1..kMaxLoraSplits).
 int moe_lora_shrink_splits(int64_t num_slots);
 // The hooks' optional "delta" variant (off by default: measured slower, bench/NOTES.md): the
@@ -76,7 +75,7 @@ void moe_reduce_lora_delta(const Tensor& o, const Tensor& ids, const Tensor& tok
                            const Stream& stream);
 
 // Argument checks of moe_route (shared with the fused op).
-void check_route_args(const Tensor& logits, const Tensor& correction_bias,
-                      const RouterConfig& cfg, const TopK& topk);
+void check_route_args(const Tensor& logits, const Tensor& correction_bias, const RouterConfig& cfg,
+                      const TopK& topk);
 
 }  // namespace moelora::cuda

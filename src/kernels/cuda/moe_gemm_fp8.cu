@@ -2,8 +2,8 @@
 // is in sm90_moe_gemm_fp8.cuh, the Tensor ops in moe_gemm_fp8_op.cpp.
 #include <cstdint>
 
-#include "kernels/cuda/moe_gemm_fp8_launch.h"
 #include "kernels/cuda/expert_gemm_launch.cuh"
+#include "kernels/cuda/moe_gemm_fp8_launch.h"
 #include "kernels/cuda/sm90_moe_gemm_fp8.cuh"
 
 namespace moelora::cuda {
@@ -21,20 +21,24 @@ cudaError_t launch_tile(const MoeGemmFp8Args& p, int max_blocks, cudaStream_t st
   if (p.inline_lora.parts > 0) {
     constexpr auto kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages, true>;
     return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads,
-                                                   Tile::kSmemBytes, stream);
+                                                     Tile::kSmemBytes, stream);
   }
   constexpr auto kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages>;
   return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads, Tile::kSmemBytes,
-                                                 stream);
+                                                   stream);
 }
 
 template <int kNt>
 cudaError_t launch_rows(const MoeGemmFp8Args& p, int max_blocks, int rows, cudaStream_t stream) {
   switch (rows) {
-    case 32: return launch_tile<kNt, 32>(p, max_blocks, stream);
-    case 64: return launch_tile<kNt, 64>(p, max_blocks, stream);
-    case 128: return launch_tile<kNt, 128>(p, max_blocks, stream);
-    default: return cudaErrorInvalidValue;
+    case 32:
+      return launch_tile<kNt, 32>(p, max_blocks, stream);
+    case 64:
+      return launch_tile<kNt, 64>(p, max_blocks, stream);
+    case 128:
+      return launch_tile<kNt, 128>(p, max_blocks, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

@@ -16,18 +16,18 @@ namespace moelora::cuda {
 // exactly quant::quantize_fp8_activation). Fields as MoeGemmArgs (moe_gemm_launch.h) unless
 // noted.
 struct MoeGemmFp8Args {
-  const uint8_t* act_q;     // e4m3 codes [num_slots / rows_div, k]
-  const float* act_scale;   // f32 [num_slots / rows_div, k_blocks]
-  const uint8_t* w;       // e4m3 codes [G, n, k]
-  const float* w_scale;   // f32 [G, parts, part_blocks, k_blocks] (experts_fp8.cpp layout)
-  float* out;             // f32 [num_slots, n]
+  const uint8_t* act_q;    // e4m3 codes [num_slots / rows_div, k]
+  const float* act_scale;  // f32 [num_slots / rows_div, k_blocks]
+  const uint8_t* w;        // e4m3 codes [G, n, k]
+  const float* w_scale;    // f32 [G, parts, part_blocks, k_blocks] (experts_fp8.cpp layout)
+  float* out;              // f32 [num_slots, n]
   const float* slot_scale;
   const int32_t* sorted_slots;
   const int32_t* block_group;
   const int32_t* num_padded;
   int num_slots;
   int rows_div;
-  int block_m;      // 1..128
+  int block_m;  // 1..128
   int n;
   int k;            // multiple of 16 (16-byte rows of codes)
   int block_n;      // rows per scale block (any >= 1); the K block is always 128

@@ -25,8 +25,8 @@ int sm_count() {
 
 void check_16(const void* p, const std::string& what) {
   MOELORA_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0,
-                "{}: data must be 16-byte aligned for the fp8 expert GEMMs, found address {}",
-                what, p);
+                "{}: data must be 16-byte aligned for the fp8 expert GEMMs, found address {}", what,
+                p);
 }
 
 // The packed stack (experts_fp8.cpp): codes e4m3 [G, N, K], scales f32 [G, P, NBp, KB].
@@ -105,8 +105,9 @@ void check_buffer(const Fp8ActBuffer& b, int64_t rows, int64_t k, Device d, cons
   check_device(b.scale, d, "fp8 activation buffer scale");
   MOELORA_CHECK(b.fits(rows, k),
                 "{}: the fp8 activation buffer must hold {} x {} codes and {} scales, found q {} "
-                "and scale {}", op, rows, k, rows * ((k + kFp8BlockK - 1) / kFp8BlockK),
-                b.q.describe(), b.scale.describe());
+                "and scale {}",
+                op, rows, k, rows * ((k + kFp8BlockK - 1) / kFp8BlockK), b.q.describe(),
+                b.scale.describe());
   check_16(b.q.data(), "fp8 activation buffer q");
   p.act_q = static_cast<const uint8_t*>(b.q.data());
   p.act_scale = b.scale.data<float>();
@@ -129,10 +130,9 @@ void run(MoeGemmFp8Args& p, const Tensor& act, const MoeAlignment& plan, int64_t
   p.plan_ready = true;
   p.row_tiles_fastest = cfg.row_tiles_fastest;
   if (p.num_slots == 0) return;
-  MOELORA_CUDA_CHECK(launch_fp8_quantize_act(act.data(), int(act.size(0)), p.k,
-                                             const_cast<uint8_t*>(p.act_q),
-                                             const_cast<float*>(p.act_scale), cfg.pdl,
-                                             raw_stream(stream)));
+  MOELORA_CUDA_CHECK(
+      launch_fp8_quantize_act(act.data(), int(act.size(0)), p.k, const_cast<uint8_t*>(p.act_q),
+                              const_cast<float*>(p.act_scale), cfg.pdl, raw_stream(stream)));
   MOELORA_CUDA_CHECK(launch_moe_gemm_fp8(p, int(blocks), cfg.rows, raw_stream(stream)));
 }
 
@@ -147,8 +147,8 @@ MoeGemmConfig heuristic(const ExpertMatrices& w, const MoeAlignment& plan, int64
 }  // namespace
 
 Fp8ActBuffer Fp8ActBuffer::allocate(int64_t rows, int64_t k, Device d) {
-  MOELORA_CHECK(rows >= 0 && k >= 0, "Fp8ActBuffer: rows and K must be >= 0, found {} x {}",
-                rows, k);
+  MOELORA_CHECK(rows >= 0 && k >= 0, "Fp8ActBuffer: rows and K must be >= 0, found {} x {}", rows,
+                k);
   const int64_t kb = (k + kFp8BlockK - 1) / kFp8BlockK;
   // At least one element each: a defined tensor even for an empty problem.
   return {Tensor::empty({std::max<int64_t>(rows * k, 16)}, DType::f8_e4m3, d),
@@ -178,9 +178,11 @@ void fp8_quantize_act(const Tensor& x, Fp8ActBuffer& buf, const Stream& stream) 
 bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::string* why) {
   if (block_k != kFp8BlockK) {
     if (why)
-      *why = fmt::format("cuda_fp8_block runs 128-channel K blocks only (its K tile), found "
-                         "block_k = {}; block_n may be any size (the reference backend runs "
-                         "every block size)", block_k);
+      *why = fmt::format(
+          "cuda_fp8_block runs 128-channel K blocks only (its K tile), found "
+          "block_k = {}; block_n may be any size (the reference backend runs "
+          "every block size)",
+          block_k);
     return false;
   }
   if (block_n < 1) {
@@ -189,20 +191,24 @@ bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::s
   }
   if (k <= 0 || k % 16 != 0) {
     if (why)
-      *why = fmt::format("the reduction length K = {} must be a positive multiple of 16 "
-                         "(16-byte rows of e4m3 codes)", k);
+      *why = fmt::format(
+          "the reduction length K = {} must be a positive multiple of 16 "
+          "(16-byte rows of e4m3 codes)",
+          k);
     return false;
   }
   return true;
 }
 
 void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
-                         const ExpertMatrices& w13, Tensor& out, bool fused,
-                         Fp8ActBuffer& act_buf, const Stream& stream, const MoeGemmConfig& cfg,
+                         const ExpertMatrices& w13, Tensor& out, bool fused, Fp8ActBuffer& act_buf,
+                         const Stream& stream, const MoeGemmConfig& cfg,
                          const MoeLoraInline* lora) {
   const char* op = fused ? "moe_gemm1_fp8_activation" : "moe_gemm1_fp8";
-  MOELORA_CHECK(!(fused && lora), "{}: inline LoRA needs the unfused h (the delta is added "
-                "before SiLU by the activation)", op);
+  MOELORA_CHECK(!(fused && lora),
+                "{}: inline LoRA needs the unfused h (the delta is added "
+                "before SiLU by the activation)",
+                op);
   MOELORA_CHECK(top_k >= 1, "{}: top_k must be >= 1, found {}", op, top_k);
   MoeGemmFp8Args p{};
   check_cuda_tensor(x, DType::bf16, "moe_gemm1_fp8 x");
@@ -229,7 +235,8 @@ void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
   p.slot_scale = nullptr;
   p.num_slots = int(num_slots);
   p.rows_div = top_k;
-  if (lora) p.inline_lora = inline_lora_args(*lora, true, x, top_k, num_slots, w13.groups, w13.n, op);
+  if (lora)
+    p.inline_lora = inline_lora_args(*lora, true, x, top_k, num_slots, w13.groups, w13.n, op);
   run(p, x, plan, blocks, cfg, stream);
 }
 
@@ -264,20 +271,19 @@ void moe_gemm2_fp8_tiled(const Tensor& a, const MoeAlignment& plan, const Expert
   run(p, a, plan, blocks, cfg, stream);
 }
 
-void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan,
-                   const ExpertMatrices& w13, Tensor& h, Fp8ActBuffer& act_buf,
-                   const Stream& stream, const MoeLoraInline* lora) {
+void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan, const ExpertMatrices& w13,
+                   Tensor& h, Fp8ActBuffer& act_buf, const Stream& stream,
+                   const MoeLoraInline* lora) {
   const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
-  moe_gemm1_fp8_tiled(x, top_k, plan, w13, h, false, act_buf, stream,
-                      heuristic(w13, plan, slots), lora);
+  moe_gemm1_fp8_tiled(x, top_k, plan, w13, h, false, act_buf, stream, heuristic(w13, plan, slots),
+                      lora);
 }
 
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
                               const ExpertMatrices& w13, Tensor& a, Fp8ActBuffer& act_buf,
                               const Stream& stream) {
   const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
-  moe_gemm1_fp8_tiled(x, top_k, plan, w13, a, true, act_buf, stream,
-                      heuristic(w13, plan, slots));
+  moe_gemm1_fp8_tiled(x, top_k, plan, w13, a, true, act_buf, stream, heuristic(w13, plan, slots));
 }
 
 void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,

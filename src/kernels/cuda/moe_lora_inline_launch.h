@@ -38,14 +38,14 @@ struct MoeLoraInlineArgs {
 
 // Warps per CTA the inline LoRA body can run with (the GEMM tiles' block sizes).
 inline constexpr int kInlineMaxWarps = 8;
-inline constexpr int kInlineRanks = 32;   // ranks per pass (two MMA row tiles)
-inline constexpr int kInlineRows = 16;    // slots per pass (two MMA column tiles)
+inline constexpr int kInlineRanks = 32;       // ranks per pass (two MMA row tiles)
+inline constexpr int kInlineRows = 16;        // slots per pass (two MMA column tiles)
 inline constexpr int kInlineMaxBlockM = 128;  // plan tiles the LoRA CTAs take
 
 // Dynamic shared memory the LoRA CTAs need at `threads` threads and plan tile `block_m`.
 inline constexpr int moe_lora_inline_smem(int threads, int block_m) {
   return (threads / 32) * kInlineRanks * kInlineRows * 4  // per-warp partial sums
-         + kInlineRanks * kInlineRows * 4                  // summed u
+         + kInlineRanks * kInlineRows * 4                 // summed u
          + 2 * block_m * 4 + kInlineRows * 8 + 16;  // rows' slots, adapters; pass list, weights
 }
 

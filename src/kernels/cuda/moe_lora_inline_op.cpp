@@ -6,8 +6,8 @@
 
 #include <fmt/format.h>
 
-#include "kernels/cuda/moe_lora_inline_ops.h"
 #include "core/cuda_check.h"
+#include "kernels/cuda/moe_lora_inline_ops.h"
 #include "kernels/cuda/moe_op_checks.h"
 
 namespace moelora::cuda {
@@ -28,35 +28,35 @@ MoeLoraInlineArgs inline_lora_args(const MoeLoraInline& l, bool gate_up, const T
   for (const auto* t : {&l.a, &l.b, &l.meta, &l.token_slot, &l.delta})
     check_device(*t, d, p.c_str());
   const int64_t K = in.dim() == 2 ? in.size(1) : -1;
-  MOELORA_CHECK(in.dim() == 2 && K > 0 && K % 8 == 0 &&
-                    reinterpret_cast<uintptr_t>(in.data()) % 16 == 0,
-                "{}: expected a 16-byte aligned [rows, K] with K a multiple of 8, found {}", xn,
-                in.describe());
+  MOELORA_CHECK(
+      in.dim() == 2 && K > 0 && K % 8 == 0 && reinterpret_cast<uintptr_t>(in.data()) % 16 == 0,
+      "{}: expected a 16-byte aligned [rows, K] with K a multiple of 8, found {}", xn,
+      in.describe());
   MOELORA_CHECK(l.a.dim() == 4 && l.a.size(1) == num_experts && l.a.size(3) == K,
                 "{}: expected [S, E = {}, R, K = {}], found {}", an, num_experts, K,
                 l.a.describe());
   const int64_t S = l.a.size(0), R = l.a.size(2);
-  MOELORA_CHECK(l.b.dim() == 4 && l.b.size(0) == S && l.b.size(1) == num_experts &&
-                    l.b.size(2) == n_out,
-                "{}: expected [S = {}, E = {}, N = {}, r_max], found {}", bn, S, num_experts,
-                n_out, l.b.describe());
+  MOELORA_CHECK(
+      l.b.dim() == 4 && l.b.size(0) == S && l.b.size(1) == num_experts && l.b.size(2) == n_out,
+      "{}: expected [S = {}, E = {}, N = {}, r_max], found {}", bn, S, num_experts, n_out,
+      l.b.describe());
   const int64_t r_max = l.b.size(3);
   MOELORA_CHECK(r_max > 0 && r_max % 8 == 0 && R == (gate_up ? 2 : 1) * r_max,
                 "{}: r_max must be a positive multiple of 8 with A's R = {} r_max; found r_max "
-                "{} and R {}", p, gate_up ? 2 : 1, r_max, R);
+                "{} and R {}",
+                p, gate_up ? 2 : 1, r_max, R);
   MOELORA_CHECK(!gate_up || n_out % 2 == 0, "{}: gate_up needs an even N, found {}", p, n_out);
   check_shape(l.meta, {S, 6}, mn.c_str());
   MOELORA_CHECK(l.top_k >= 1 && num_slots % l.top_k == 0 && l.token_slot.dim() == 1 &&
                     l.token_slot.size(0) >= num_slots / l.top_k,
                 "{}: expected top_k >= 1 dividing the {} slots and at least {} entries, found "
-                "top_k {} and {}", tn, num_slots, num_slots / std::max(l.top_k, 1), l.top_k,
-                l.token_slot.describe());
+                "top_k {} and {}",
+                tn, num_slots, num_slots / std::max(l.top_k, 1), l.top_k, l.token_slot.describe());
   if (l.slot_weights.defined()) {
     check_cuda_tensor(l.slot_weights, DType::f32, wn.c_str());
     check_device(l.slot_weights, d, wn.c_str());
-    MOELORA_CHECK(l.slot_weights.numel() >= num_slots,
-                  "{}: expected at least {} weights, found {}", wn, num_slots,
-                  l.slot_weights.describe());
+    MOELORA_CHECK(l.slot_weights.numel() >= num_slots, "{}: expected at least {} weights, found {}",
+                  wn, num_slots, l.slot_weights.describe());
   }
   // [rows, N] or [k_splits, rows, N]: one partial delta per K slice of the shrink.
   const bool split = l.delta.dim() == 3;

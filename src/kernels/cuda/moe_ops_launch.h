@@ -30,7 +30,9 @@ struct RouteParams {
 };
 
 // A team of ceil32(E) threads routes one token; its shared memory (bytes, 16-aligned).
-MOELORA_HOST_DEVICE inline int route_team(int num_experts) { return (num_experts + 31) / 32 * 32; }
+MOELORA_HOST_DEVICE inline int route_team(int num_experts) {
+  return (num_experts + 31) / 32 * 32;
+}
 MOELORA_HOST_DEVICE inline size_t route_team_smem(int num_experts, int n_group) {
   return (size_t(num_experts) * 8 + size_t(n_group) * 12 + 32 * 4 * 3 + 15) / 16 * 16;
 }
@@ -44,8 +46,8 @@ struct AlignOut {
   int32_t* block_group;
   int32_t* num_padded;
   int32_t* group_offsets;
-  int num_slots;    // n = M * k; also the padding value
-  int num_groups;   // G
+  int num_slots;   // n = M * k; also the padding value
+  int num_groups;  // G
   int block_m;
   int fill_blocks;  // block_group entries to write (-1 past the last used block)
   int row_warps;    // set by the launcher
@@ -95,9 +97,9 @@ struct LoraDeltaView {
 };
 cudaError_t launch_moe_activation(const float* h, const int32_t* ids, int64_t slots, int inter,
                                   void* a, cudaStream_t stream, LoraDeltaView delta = {});
-cudaError_t launch_moe_reduce(const float* o, const int32_t* ids, int64_t m, int top_k,
-                              int hidden, const float* shared_o, const float* gate_logits,
-                              void* y, cudaStream_t stream, LoraDeltaView delta = {});
+cudaError_t launch_moe_reduce(const float* o, const int32_t* ids, int64_t m, int top_k, int hidden,
+                              const float* shared_o, const float* gate_logits, void* y,
+                              cudaStream_t stream, LoraDeltaView delta = {});
 
 // --- LoRA on experts ---
 struct LoraPlanView {
@@ -112,14 +114,14 @@ struct LoraPlanView {
 struct ShrinkArgs {
   const void* in;  // bf16 [rows, K]
   int rows_div;
-  const void* A;   // bf16 [S, E, R, K]
+  const void* A;  // bf16 [S, E, R, K]
   int R, K;
   const int32_t* meta;  // [S, 6]
   int rank_field;       // 0 (shrink_rank) or 5 (down_rank)
   float* u;             // [splits][n, ldu]: K-split partial sums (splits == 1: u itself)
   int ldu;
-  int splits;           // CTAs along K per (block, rank tile, slot tile)
-  int64_t split_stride; // elements between partial buffers
+  int splits;            // CTAs along K per (block, rank tile, slot tile)
+  int64_t split_stride;  // elements between partial buffers
 };
 
 struct ExpandArgs {
@@ -127,7 +129,7 @@ struct ExpandArgs {
   int ldu;
   int splits;
   int64_t split_stride;
-  const void* B;   // bf16 [S, E, N, r_max]
+  const void* B;  // bf16 [S, E, N, r_max]
   int N, r_max;
   const int32_t* meta;
   bool gate_up;

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(256)
 // 64-element bf16 rows (swizzled_offset<64> counts 2-byte units).
 template <int kNt, int kMt, int kRows, int kStages>
 struct MoeGemmFp8Tile {
-  static constexpr int kKt = 128;       // K per stage = the quantization block
+  static constexpr int kKt = 128;        // K per stage = the quantization block
   static constexpr int kRowBytes = kKt;  // e4m3 codes per weight / token row
   static constexpr int kWarps = kRows / (16 * kMt);
   static constexpr int kThreads = kWarps * 32;
@@ -205,8 +205,8 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
         const int col = k0 + c * 16;
         const bool ok = col < K;
         const uint8_t* src = wg + static_cast<int64_t>(weight_row(r)) * K + (ok ? col : 0);
-        detail::cp_async_16(detail::smem_addr(ws + 2 * detail::swizzled_offset<kKt / 2>(r, c)),
-                            src, ok ? 16 : 0);
+        detail::cp_async_16(detail::smem_addr(ws + 2 * detail::swizzled_offset<kKt / 2>(r, c)), src,
+                            ok ? 16 : 0);
       }
     }
   };
@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
         const int col = k0 + c * 16;
         const bool ok = src_row >= 0 && col < K;
         const uint8_t* src = p.act_q + (ok ? static_cast<int64_t>(src_row) * K + col : 0);
-        detail::cp_async_16(detail::smem_addr(xs + 2 * detail::swizzled_offset<kKt / 2>(r, c)),
-                            src, ok ? 16 : 0);
+        detail::cp_async_16(detail::smem_addr(xs + 2 * detail::swizzled_offset<kKt / 2>(r, c)), src,
+                            ok ? 16 : 0);
       }
     }
     for (int j = tid; j < kTokens; j += kThreads) {
@@ -280,8 +280,9 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
     for (int h = 0; h < 2; ++h) {
       const int n = weight_row(warp * 16 * kMt + 16 * m + lane / 4 + 8 * h);
       const int srow = (n / p.part_rows) * p.part_blocks + (n % p.part_rows) / p.block_n;
-      wsc_row[m][h] = p.w_scale + (static_cast<int64_t>(group) * (p.n / p.part_rows) *
-                                       p.part_blocks + srow) * p.k_blocks;
+      wsc_row[m][h] =
+          p.w_scale +
+          (static_cast<int64_t>(group) * (p.n / p.part_rows) * p.part_blocks + srow) * p.k_blocks;
     }
   float wsc[kMt][2];
 #pragma unroll
@@ -333,8 +334,8 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
             ws_addr + 2 * detail::swizzled_offset<kKt / 2>(a_row + 16 * m, kk + a_chunk), a[m]);
       if constexpr (kNt == 1) {
         uint32_t b0, b1;
-        detail::ldmatrix_x2(
-            q_addr + 2 * detail::swizzled_offset<kKt / 2>(lane & 7, kk + b_chunk), b0, b1);
+        detail::ldmatrix_x2(q_addr + 2 * detail::swizzled_offset<kKt / 2>(lane & 7, kk + b_chunk),
+                            b0, b1);
 #pragma unroll
         for (int m = 0; m < kMt; ++m) detail::mma_e4m3_16832(part[m][0], a[m], b0, b1);
       } else {
@@ -381,8 +382,7 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
       for (int t = 0; t < kNt; ++t)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          acc_tile[(r_base + (e >> 1) * 8) * kLd + t * 8 + (lane % 4) * 2 + (e & 1)] =
-              acc[m][t][e];
+          acc_tile[(r_base + (e >> 1) * 8) * kLd + t * 8 + (lane % 4) * 2 + (e & 1)] = acc[m][t][e];
     }
     __syncthreads();
     constexpr int kHalf = kRows / 2;
