@@ -2,18 +2,20 @@
 # bench moe, hooks vs fast LoRA path, for the given expert formats (device).
 # Usage: scripts/bench-moe-paths.sh BIN OUT_DIR dtype [dtype ...]
 # PATHS: LoRA paths (default "hooks fast"); "inlineCkS" = --path inline --inline-splits C
-# --inline-k-splits S (S 0: by batch size).
+# --inline-k-splits S (S 0: by batch size); a "hi" suffix adds --side-priority high.
 # LORAS, BATCHES: override the settings and batch sizes.
 set -uo pipefail
 BIN=$1; OUT=$2; shift 2
 mkdir -p "$OUT"
 for dt in "$@"; do
   for path in ${PATHS:-hooks fast}; do
-    args=(--path "$path")
-    case $path in
-      inline*k*) c=${path#inline}; args=(--path inline --inline-splits "${c%k*}" --inline-k-splits "${path##*k}");;
-      inline[0-9]*) args=(--path inline --inline-splits "${path#inline}");;
+    p=${path%hi}
+    args=(--path "$p")
+    case $p in
+      inline*k*) c=${p#inline}; args=(--path inline --inline-splits "${c%k*}" --inline-k-splits "${p##*k}");;
+      inline[0-9]*) args=(--path inline --inline-splits "${p#inline}");;
     esac
+    [ "$p" != "$path" ] && args+=(--side-priority high)
     timeout 200 "$BIN" bench moe --dtype "$dt" "${args[@]}" --lora "${LORAS:-none,r16x1,r16x4,r64x1}" \
       ${BATCHES:+--batches $BATCHES} --json "$OUT/moe_${dt}_${path}.json" > "$OUT/moe_${dt}_${path}.log" 2>&1
     echo "== $dt $path rc=$?"

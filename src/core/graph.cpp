@@ -31,7 +31,9 @@ CudaGraph CudaGraph::capture(const Stream& stream, const std::function<void()>& 
   CudaGraph out;
   out.graph_ = g;
   cudaGraphExec_t exec = nullptr;
-  MOELORA_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+  // Per-node priorities: kernels captured from a high-priority stream keep their priority in
+  // the replay (without the flag every node runs at the priority of the replay's stream).
+  MOELORA_CUDA_CHECK(cudaGraphInstantiate(&exec, g, cudaGraphInstantiateFlagUseNodePriority));
   out.exec_ = exec;
   return out;
 }

@@ -29,18 +29,22 @@ namespace {
 [[noreturn, maybe_unused]] void no_cuda() { MOELORA_THROW("CUDA requested, but moelora was built without CUDA"); }
 }  // namespace
 
-Stream Stream::create(Device device) {
+Stream Stream::create(Device device, StreamPriority priority) {
   Stream s;
   s.device_ = device;
   if (device.is_cpu()) return s;
 #ifdef MOELORA_WITH_CUDA
   MOELORA_CUDA_CHECK(cudaSetDevice(device.index));
   cudaStream_t h = nullptr;
-  MOELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&h, cudaStreamNonBlocking));
+  int least = 0, greatest = 0;
+  MOELORA_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  MOELORA_CUDA_CHECK(cudaStreamCreateWithPriority(
+      &h, cudaStreamNonBlocking, priority == StreamPriority::high ? greatest : least));
   s.handle_ = h;
   s.owned_ = true;
   return s;
 #else
+  (void)priority;
   no_cuda();
 #endif
 }

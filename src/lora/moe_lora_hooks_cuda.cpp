@@ -80,7 +80,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
         d2_ = Tensor::empty({rows2, s.hidden}, DType::f32, d);
       }
     }
-    side_ = Stream::create(d);
+    side_ = Stream::create(d, options.side_stream_priority);
     fork_ = Event::create(d, /*timing=*/false);
     gu_done_ = Event::create(d, /*timing=*/false);
     down_fork_ = Event::create(d, /*timing=*/false);

@@ -43,6 +43,7 @@ inline MoeLoraHooksOptions decode_hook_options(const DecodeOptions& d, WeightFor
                                                Device device) {
   MoeLoraHooksOptions o;
   if (d.path != DecodePath::fast || !device.is_cuda()) return o;
+  o.side_stream_priority = d.side_stream_priority;
   switch (d.moe_lora) {
     case MoeLoraVariant::best:
       if (format == WeightFormat::fp8_block) o.overlap_max_tokens = 128;

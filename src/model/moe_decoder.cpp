@@ -343,10 +343,12 @@ StepResult MoeDecoder::forward_graph(const std::vector<SeqInput>& batch, PagedKv
 
 void MoeDecoder::set_decode_options(const DecodeOptions& options) {
   const bool fast = apply_decode_options(options, layers_, options_, device_, graphs_);
+  const bool new_side = !side_.handle() ||
+                        options.side_stream_priority != decode_options_.side_stream_priority;
   decode_options_ = options;
   decode_stats_ = {};
-  if (fast && !side_.handle()) {
-    side_ = Stream::create(device_);
+  if (fast && new_side) {
+    side_ = Stream::create(device_, options.side_stream_priority);
     fork_ = Event::create(device_, false);
     join_ = Event::create(device_, false);
   }

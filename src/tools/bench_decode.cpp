@@ -254,6 +254,10 @@ CLI::App* add_bench_decode_command(CLI::App& bench, BenchDecodeOptions& o) {
   d->add_option("--moe-lora", o.moe_lora,
                 "fast path's MoE LoRA variant: best (per weight format), staged, overlap, inline")
       ->capture_default_str();
+  d->add_option("--side-priority", o.side_priority,
+                "fast path: priority of the LoRA side streams, normal or high")
+      ->check(CLI::IsMember({"normal", "high"}))
+      ->capture_default_str();
   d->add_option("--context", o.context, "KV length of every sequence before timing")
       ->capture_default_str();
   d->add_option("--steps", o.steps, "timed decode steps per point (default 20 on CUDA, 3 on CPU)");
@@ -372,6 +376,8 @@ int run_bench_decode(const BenchDecodeOptions& o) {
       DecodeOptions dopt = model->decode_options();
       dopt.path = path;
       dopt.moe_lora = parse_moe_lora_variant(o.moe_lora);
+      dopt.side_stream_priority =
+          o.side_priority == "high" ? StreamPriority::high : StreamPriority::normal;
       dopt.max_batch = std::max<int64_t>(dopt.max_batch, max_batch);
       model->set_decode_options(dopt);
       const size_t first = rows.size();
@@ -429,6 +435,7 @@ int run_bench_decode(const BenchDecodeOptions& o) {
     j["kv_dtype"] = "bf16";
     j["context"] = o.context;
     j["moe_lora_variant"] = o.moe_lora;
+    j["side_priority"] = o.side_priority;
     j["lora_targets"] = o.lora_targets;
     j["steps"] = steps;
     j["warmup"] = warmup;

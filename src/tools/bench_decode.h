@@ -27,6 +27,7 @@ struct BenchDecodeOptions {
   std::vector<std::string> lora = {"none", "r16x1", "r16x4"};
   std::vector<std::string> path = {"hooks"};  // decode paths (DecodePath): hooks, fast
   std::string moe_lora = "best";              // DecodeOptions::moe_lora on the fast path
+  std::string side_priority = "normal";       // DecodeOptions::side_stream_priority
   std::string lora_targets = "all";  // write_random_adapter targets: all, attention, experts
   int64_t context = 512;             // KV length of every sequence before the timed steps
   int steps = 0;                     // timed steps per point; 0: 20 on CUDA, 3 on the CPU

@@ -235,6 +235,8 @@ int run_bench_moe(const BenchMoeOptions& opt) {
         L.pool->load(a,
                      random_adapter(shape, lora.rank, opt.seed * 7919 + uint64_t(l * 64 + a) * 8));
       MoeLoraHooksOptions hook_options;
+      hook_options.side_stream_priority =
+          opt.side_priority == "high" ? StreamPriority::high : StreamPriority::normal;
       // --path fast: LoRA expands folded into the activation / reduction at every batch here.
       if (opt.path == "fast") hook_options.fused_max_tokens = max_batch;
       // --path overlap: both deltas on the side stream, added in the activation / reduction.
@@ -333,6 +335,7 @@ int run_bench_moe(const BenchMoeOptions& opt) {
       j["inline_column_splits"] = opt.inline_column_splits;
       j["inline_k_splits"] = opt.inline_k_splits;
     }
+    j["side_priority"] = opt.side_priority;
     if (format != WeightFormat::bf16) j["group_size"] = group_size;
     j["bytes_per_expert"] = expert_bytes;
     j["backend"] = std::string(runner.backend().name());

@@ -40,6 +40,11 @@ int main(int argc, char** argv) {
       ->add_option("--inline-k-splits", moe.inline_k_splits,
                    "--path inline: K slices of the shrink (0: by batch size)")
       ->capture_default_str();
+  bench_moe
+      ->add_option("--side-priority", moe.side_priority,
+                   "priority of the LoRA side stream (staged / overlap paths): normal or high")
+      ->check(CLI::IsMember({"normal", "high"}))
+      ->capture_default_str();
   bench_moe->add_option("--group-size", moe.group_size,
                         "quantization group along K (0: 128; nvfp4 16; fp8 = square block)");
   bench_moe

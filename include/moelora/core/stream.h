@@ -8,12 +8,18 @@ namespace moelora {
 
 class Event;
 
+// CUDA stream priority. `high` is the device's greatest priority: the CTAs of its pending
+// kernels are dispatched before those of normal-priority kernels as SM room frees up (so a
+// short side-stream kernel need not wait for a large grid's tail). Kept inside CUDA graphs:
+// CudaGraph instantiates with per-node priorities and the launch helpers tag each kernel.
+enum class StreamPriority { normal, high };
+
 class Stream {
  public:
   // The CPU "stream": work runs synchronously on the calling thread.
   Stream() = default;
   // A new non-blocking CUDA stream on `device` (owned), or the CPU stream.
-  static Stream create(Device device);
+  static Stream create(Device device, StreamPriority priority = StreamPriority::normal);
   // Wraps an existing cudaStream_t (not owned). nullptr is the legacy default stream.
   static Stream wrap(Device device, void* cuda_stream);
   ~Stream();

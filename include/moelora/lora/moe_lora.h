@@ -179,6 +179,9 @@ struct MoeLoraHooksOptions {
   // by the activation / reduction). 0 = by batch size: enough CTAs for ~2 per SM while the
   // batch touches few experts, 1 once it touches many (moe_lora_hooks_cuda.cpp).
   int inline_k_splits = 0;
+  // CUDA: the priority of the side stream the staged / overlap variants fork their LoRA work
+  // onto (StreamPriority::high: its CTAs take SM room before the expert GEMM's pending ones).
+  StreamPriority side_stream_priority = StreamPriority::normal;
 };
 
 // LoRA hooks over `pool` for batches of up to `max_tokens`, on the pool's device.

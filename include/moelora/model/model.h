@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "moelora/core/stream.h"
 #include "moelora/core/tensor.h"
 #include "moelora/io/hf_config.h"
 #include "moelora/model/kv_cache.h"
@@ -53,6 +54,8 @@ struct DecodeOptions {
   // fast only: capture decode steps into CUDA graphs (false: the fast path's kernels and side
   // streams, run eagerly; what tests compare graph replay against).
   bool graphs = true;
+  // fast only: the priority of the side streams (dense LoRA shrinks, MoE LoRA hooks).
+  StreamPriority side_stream_priority = StreamPriority::normal;
 };
 
 struct ModelOptions {

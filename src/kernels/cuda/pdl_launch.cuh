@@ -24,11 +24,19 @@ cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, siz
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
+  // The stream's priority as the kernel's own, so a graph captured from a high-priority side
+  // stream keeps it (core/graph.cpp instantiates with per-node priorities).
+  int priority = 0;
+  if (cudaStreamGetPriority(stream, &priority) == cudaSuccess && priority != 0) {
+    attr[1].id = cudaLaunchAttributePriority;
+    attr[1].val.priority = priority;
+    cfg.numAttrs = 2;
+  }
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
