@@ -25,3 +25,34 @@ if [ "$MODE" = prio ]; then
   done
   tar -czf "$OUT/prio.tgz" -C "$OUT" prio
 fi
+if [ "$MODE" = shrink ]; then
+  # The MoE LoRA shrink with its plan / rank / slot reads issued together: LoRA GPU tests,
+  # memcheck on the op test, bench moe old vs new binary (OLD_BIN) for bf16 and fp8.
+  R=$OUT/shrink; mkdir -p "$R"
+  timeout 240 "$B/moelora_gpu_tests" \
+    --gtest_filter='*MoeLora*:CudaMoeLayer.*:CudaFp8Block.*:*DecodeGraph*:*Wna16*:*Nvfp4*' \
+    > "$R/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"
+  grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$R/gpu_tests.log" | head -20
+  timeout 120 compute-sanitizer --tool memcheck "$B/moelora_gpu_tests" \
+    --gtest_filter='CudaMoeLora.OpsMatchReference:CudaMoeLora.HooksInGraphMatchReference' > "$R/san_memcheck.log" 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY" "$R/san_memcheck.log" | tail -1
+  for dt in ${SHRINK_DTYPES:-bf16 fp8}; do
+    for bin in old new; do
+      b=$B/moelora; [ $bin = old ] && b=$OLD_BIN/moelora
+      timeout 200 "$b" bench moe --dtype $dt --lora none,r16x1,r16x4,r64x1 \
+        --json "$R/moe_${dt}_$bin.json" > "$R/moe_${dt}_$bin.log" 2>&1
+      echo "== $dt $bin rc=$?"
+    done
+    python3 - "$R/moe_${dt}_old.json" "$R/moe_${dt}_new.json" <<'PY'
+import json, sys
+o, n = (json.load(open(f))["results"] for f in sys.argv[1:])
+key = lambda r: (r["batch"], r["lora"])
+old = {key(r): r["us_per_layer"] for r in o}
+print(f"{'batch':>5} {'lora':>6} {'old':>8} {'new':>8}")
+for r in n:
+    print(f"{r['batch']:5d} {r['lora']:>6} {old.get(key(r), float('nan')):8.1f} {r['us_per_layer']:8.1f}")
+PY
+  done
+  tar -czf "$OUT/shrink.tgz" -C "$OUT" shrink
+fi

@@ -56,19 +56,32 @@ __global__ void __launch_bounds__(kWarps * 32)
   pdl_wait();
   pdl_trigger();
   const int b = blockIdx.x;
-  if (b * plan.block_m >= plan.num_padded[0]) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, tig = lane & 3;
+  const int32_t* slots = plan.sorted_slots + b * plan.block_m;
+  // Latency: a CTA streams only a few round trips' worth of A, so the dependent loads before
+  // its first A byte cost as much as the stream. Everything that depends on the block index
+  // alone (padded size, the block's group, this thread's first slot tile; the plan holds every
+  // launched block, so the reads are in bounds even for blocks past the padded size) is
+  // requested at once; then the adapter's rank; then A and x together. Read one after
+  // another these were five round trips.
+  const int num_padded = plan.num_padded[0];
   const int v = plan.block_group[b];
-  if (v < 0) return;
+  int tile_slot[kTiles];  // slot of this thread's row g in each tile of the current pass
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const int pos = t * 8 + g;
+    tile_slot[t] = pos < plan.block_m ? slots[pos] : plan.num_slots;
+  }
+  int lead = slots[0];  // first slot of the pass: padding means the rest is padding too
+  if (b * plan.block_m >= num_padded || v < 0) return;
   const int slot = v / plan.num_experts, e = v % plan.num_experts;
   const int rank = min(a.meta[slot * 6 + a.rank_field], a.R);
   const int r0 = blockIdx.y * kRanks;
   if (r0 >= rank) return;
   const int ntiles = (plan.block_m + 7) / 8;
   const int split = int(blockIdx.z);
-  const int32_t* slots = plan.sorted_slots + b * plan.block_m;
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, tig = lane & 3;
   const __nv_bfloat16* arow =
       static_cast<const __nv_bfloat16*>(a.A) + (int64_t(slot) * plan.num_experts + e) * a.R * a.K;
   const int chunks = (a.K + 31) / 32;
@@ -78,15 +91,22 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int c_end = min(c1, c0 + (warp + 1) * per_warp);
 
   for (int t0 = 0; t0 < ntiles; t0 += kTiles) {
-    if (slots[t0 * 8] >= plan.num_slots) break;  // only padding from here on
+    if (t0 > 0) {
+      lead = slots[t0 * 8];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        const int pos = (t0 + t) * 8 + g;
+        tile_slot[t] = pos < plan.block_m ? slots[pos] : plan.num_slots;
+      }
+    }
+    if (lead >= plan.num_slots) break;  // only padding from here on
     const int nt = min(kTiles, ntiles - t0);
     // This thread's x rows (slot column g of each MMA tile).
     const __nv_bfloat16* xrow[kTiles];
     bool has_row[kTiles];
 #pragma unroll
     for (int t = 0; t < kTiles; ++t) {
-      const int pos = (t0 + t) * 8 + g;
-      const int s = t < nt && pos < plan.block_m ? slots[pos] : plan.num_slots;
+      const int s = t < nt ? tile_slot[t] : plan.num_slots;
       has_row[t] = s < plan.num_slots;
       xrow[t] =
           static_cast<const __nv_bfloat16*>(a.in) + int64_t(has_row[t] ? s / a.rows_div : 0) * a.K;
