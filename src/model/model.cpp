@@ -97,6 +97,8 @@ const char* moe_lora_variant_name(MoeLoraVariant v) {
       return "overlap";
     case MoeLoraVariant::inline_ctas:
       return "inline";
+    case MoeLoraVariant::ahead:
+      return "ahead";
     default:
       return "best";
   }
@@ -104,9 +106,9 @@ const char* moe_lora_variant_name(MoeLoraVariant v) {
 
 MoeLoraVariant parse_moe_lora_variant(const std::string& name) {
   for (MoeLoraVariant v : {MoeLoraVariant::best, MoeLoraVariant::staged, MoeLoraVariant::overlap,
-                           MoeLoraVariant::inline_ctas})
+                           MoeLoraVariant::inline_ctas, MoeLoraVariant::ahead})
     if (name == moe_lora_variant_name(v)) return v;
-  MOELORA_THROW("MoE LoRA variant '{}': expected best, staged, overlap or inline", name);
+  MOELORA_THROW("MoE LoRA variant '{}': expected best, staged, overlap, inline or ahead", name);
 }
 
 void Model::set_decode_options(const DecodeOptions& options) {

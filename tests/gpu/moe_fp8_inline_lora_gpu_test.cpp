@@ -1,6 +1,8 @@
 // cuda_fp8_block's inline LoRA (MoeLoraHooksOptions::inline_max_tokens: the seams' deltas
-// computed by extra CTAs of the fp8 expert GEMM grids): the whole layer against the reference
-// backend and the staged hooks, eager and under graph replay, and the op's argument checks.
+// computed by extra CTAs of the fp8 expert GEMM grids) and its "ahead" variant
+// (MoeLoraHooksOptions::ahead_max_tokens: the gate_up delta added in gemm1's fused
+// activation): the whole layer against the reference backend and the other hook paths, eager
+// and under graph replay, and the ops' argument checks.
 #include <utility>
 #include <vector>
 
@@ -133,6 +135,141 @@ void inline_lora_layer(bool graph) {
       }
     }
   }
+}
+
+// The ahead variant (MoeLoraHooksOptions::ahead_max_tokens): the overlap variant's deltas, the
+// gate_up one joined before gemm1 and added in its fused activation. Same four adapters, mixed
+// with base rows; bit-identical to the overlap variant (same delta, same sums, same SiLU),
+// within tolerance of the reference backend, base rows bit-identical to a LoRA-off run; eager
+// and replayed from a graph with new inputs and a new adapter mix.
+void ahead_lora_layer(bool graph) {
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  for (const Fp8LayerCase& c : fp8_layer_cases()) {
+    for (int64_t m : {1, 7, 64, 257}) {
+      SCOPED_TRACE(::testing::Message() << c.shape.name << " M=" << m << " graph=" << graph);
+      const int64_t H = c.shape.hidden;
+      MoeRunnerConfig rc;
+      rc.shape = c.shape, rc.router = c.router, rc.max_tokens = m;
+      rc.format = WeightFormat::fp8_block;
+      rc.device = Device::cpu();
+      MoeRunner ref(rc);
+      rc.device = Device::cuda();
+      MoeRunner gpu(rc);
+      const MoeWeights w = fp8_weights(c.shape, c.router.use_correction_bias, rng);
+      const MoeWeights dw = on_gpu(w);
+      MoeLoraPool pool_cpu(c.shape, 4, 64, Device::cpu());
+      MoeLoraPool pool_gpu(c.shape, 4, 64, Device::cuda());
+      load_four_adapters(c.shape, rng, pool_cpu, pool_gpu);
+      auto hooks_cpu = MoeLoraHooks::create(pool_cpu, m);
+      MoeLoraHooksOptions ov, ah;
+      ov.overlap_max_tokens = m;
+      ah.ahead_max_tokens = m;
+      auto overlap = MoeLoraHooks::create(pool_gpu, m, ov);
+      auto ahead = MoeLoraHooks::create(pool_gpu, m, ah);
+      ASSERT_TRUE(ahead->gate_up_delta_ahead(m));
+
+      auto draw = [&](Tensor& x, Tensor& logits, Tensor& gate, Tensor& slots) {
+        x = test::random_tensor({m, H}, DType::bf16, rng);
+        logits = test::random_tensor({m, int64_t(c.shape.num_experts)}, DType::f32, rng, -3, 3);
+        gate = c.shape.shared_gate ? test::random_tensor({m}, DType::f32, rng, -2, 2) : Tensor();
+        slots = test::random_ints({m}, rng, -1, 3);
+      };
+      Tensor x, logits, gate, slots;
+      draw(x, logits, gate, slots);
+      MoeInputs din{to_gpu(x), to_gpu(logits), gate.defined() ? to_gpu(gate) : Tensor()};
+      Tensor dslots = to_gpu(slots);
+      Tensor y = Tensor::empty({m, H}, DType::bf16, Device::cuda());
+      Tensor y_base = Tensor::empty({m, H}, DType::bf16, Device::cuda());
+      Tensor y_overlap = Tensor::empty({m, H}, DType::bf16, Device::cuda());
+      ahead->bind(LoraBatch{dslots});
+      overlap->bind(LoraBatch{dslots});
+      auto body = [&] {
+        gpu.run(din, dw, ahead.get(), y, s);
+        gpu.run(din, dw, nullptr, y_base, s);
+      };
+      body();  // warm-up (one-time kernel attributes); also the eager check
+      s.synchronize();
+      CudaGraph g;
+      if (graph) g = CudaGraph::capture(s, body);
+      for (int rep = 0; rep < (graph ? 3 : 1); ++rep) {
+        if (graph) {
+          draw(x, logits, gate, slots);
+          din.x.copy_from(x, &s);
+          din.router_logits.copy_from(logits, &s);
+          if (gate.defined()) din.shared_gate_logits.copy_from(gate, &s);
+          dslots.copy_from(slots, &s);
+          y.fill_bytes(test::kPoisonFloat, &s);
+          g.replay(s);
+        }
+        gpu.run(din, dw, overlap.get(), y_overlap, s);
+        s.synchronize();
+        Tensor y_ref = Tensor::empty({m, H}, DType::bf16);
+        hooks_cpu->bind(LoraBatch{slots});
+        ref.run({x, logits, gate}, w, hooks_cpu.get(), y_ref, Stream());
+        const auto yf = test::to_floats(y), yb = test::to_floats(y_base);
+        EXPECT_TRUE(test::allclose(yf, test::to_floats(y_ref), 2e-2, 2e-2)) << "vs reference";
+        EXPECT_EQ(yf, test::to_floats(y_overlap)) << "vs the overlap variant";
+        const auto ts = test::to_ints(slots);
+        for (int64_t t = 0; t < m; ++t)
+          if (ts[size_t(t)] < 0)
+            for (int64_t j = 0; j < H; ++j)
+              ASSERT_EQ(yf[size_t(t * H + j)], yb[size_t(t * H + j)]) << "base token " << t;
+      }
+    }
+  }
+}
+
+TEST(CudaFp8Block, AheadLoraMatchesOverlapAndReference) {
+  MOELORA_REQUIRE_GPU();
+  ahead_lora_layer(false);
+}
+
+TEST(CudaFp8Block, AheadLoraInGraphMatchesOverlapAndReference) {
+  MOELORA_REQUIRE_GPU();
+  ahead_lora_layer(true);
+}
+
+// A bad gate_up delta for the fused activation is refused with the field named.
+TEST(CudaFp8Block, AheadDeltaRejectsBadArguments) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  Stream s = Stream::create(Device::cuda());
+  const Routed r = route(4, 4, 2, 8, false, rng, s);
+  const ExpertMatrices w13 = fp8_stack(4, {128, 128}, 256, rng).to(Device::cuda());
+  const Tensor x = to_gpu(test::random_tensor({4, 256}, DType::bf16, rng));
+  Tensor a = Tensor::empty({8, 128}, DType::bf16, Device::cuda());
+  Tensor h = Tensor::empty({8, 256}, DType::f32, Device::cuda());
+  cuda::Fp8ActBuffer buf = cuda::Fp8ActBuffer::allocate(8, 256, Device::cuda());
+  MoeLoraDelta d;
+  d.delta = Tensor::zeros({8, 256}, DType::f32, Device::cuda());
+  d.token_slot = to_gpu(test::random_ints({4}, rng, -1, 1));
+  d.top_k = 2;
+  d.num_lora_slots = 2;
+  cuda::moe_gemm1_fp8_activation(x, 2, r.plan, w13, a, buf, s, &d);  // fine
+  s.synchronize();
+  MoeLoraDelta bad = d;
+  bad.delta = Tensor::zeros({7, 256}, DType::f32, Device::cuda());
+  test::expect_error([&] { cuda::moe_gemm1_fp8_activation(x, 2, r.plan, w13, a, buf, s, &bad); },
+                     "gate_up LoRA delta");
+  bad = d;
+  bad.delta = Tensor::zeros({8, 128}, DType::f32, Device::cuda());
+  test::expect_error([&] { cuda::moe_gemm1_fp8_activation(x, 2, r.plan, w13, a, buf, s, &bad); },
+                     "gate_up LoRA delta");
+  bad = d;
+  bad.token_slot = to_gpu(test::random_ints({3}, rng, -1, 1));
+  test::expect_error([&] { cuda::moe_gemm1_fp8_activation(x, 2, r.plan, w13, a, buf, s, &bad); },
+                     "token_slot");
+  bad = d;
+  bad.top_k = 1;
+  test::expect_error([&] { cuda::moe_gemm1_fp8_activation(x, 2, r.plan, w13, a, buf, s, &bad); },
+                     "top_k");
+  test::expect_error(
+      [&] {
+        cuda::moe_gemm1_fp8_tiled(x, 2, r.plan, w13, h, false, buf, s,
+                                  cuda::MoeGemmConfig{64, true, false, true}, nullptr, &d);
+      },
+      "fused activation only");
 }
 
 TEST(CudaFp8Block, InlineLoraMatchesReference) {
