@@ -96,11 +96,6 @@ void MoeHooks::gate_up_activation(const Tensor&, const TopK&, const Tensor&, Ten
   MOELORA_THROW("MoeHooks::gate_up_activation called on hooks that do not fuse the activation");
 }
 
-const MoeLoraDelta& MoeHooks::gate_up_delta(const TopK&, const Stream&) {
-  MOELORA_THROW("MoeHooks::gate_up_delta called on hooks that do not compute it ahead of the "
-                "gate_up GEMM");
-}
-
 void MoeHooks::down_reduce(const Tensor&, const TopK&, const Tensor&, const Tensor&,
                            const Tensor&, Tensor&, const Stream&) {
   MOELORA_THROW("MoeHooks::down_reduce called on hooks that do not fuse the reduction");

@@ -38,10 +38,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
   CudaLoraHooks(const MoeLoraPool& pool, int64_t max_tokens, const MoeLoraHooksOptions& options)
       : MoeLoraHooks(pool, max_tokens),
         fused_max_tokens_(std::max<int64_t>(0, options.fused_max_tokens)),
-        // The ahead variant computes both deltas as the overlap variant does.
-        overlap_max_tokens_(
-            std::max<int64_t>({0, options.overlap_max_tokens, options.ahead_max_tokens})),
-        ahead_max_tokens_(std::max<int64_t>(0, options.ahead_max_tokens)),
+        overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)),
         inline_max_tokens_(std::max<int64_t>(0, options.inline_max_tokens)),
         inline_k_splits_(options.inline_k_splits),
         inline_column_splits_(options.inline_column_splits) {
@@ -186,23 +183,6 @@ class CudaLoraHooks final : public MoeLoraHooks {
     down_queued_ = true;
   }
 
-  // The ahead variant: the overlap variant's gate_up delta, joined before the gate_up GEMM.
-  bool gate_up_delta_ahead(int64_t m) const override { return m <= ahead_max_tokens_; }
-  const MoeLoraDelta& gate_up_delta(const TopK& topk, const Stream& stream) override {
-    MOELORA_CHECK(routed_ && gu_queued_ && overlaps(m_),
-                  "MoE LoRA hooks: gate_up_delta needs after_route and before_gate_up first, "
-                  "on a batch of at most {} tokens (found {})",
-                  overlap_max_tokens_, m_);
-    stream.wait(gu_done_);
-    gu_queued_ = false;
-    const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
-    ahead_.delta = d13_.first_rows(n);
-    ahead_.token_slot = bound_slots(m_);
-    ahead_.top_k = pool_.shape().top_k;
-    ahead_.num_lora_slots = pool_.num_slots();
-    return ahead_;
-  }
-
   // The fast path: the expands folded into the activation / reduction (moe_lora_fused.cu).
   // The overlap path (deltas beside the GEMMs, added in the activation / reduction) or the
   // fused path (expands folded into them).
@@ -295,9 +275,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
   int64_t m_ = 0;
   int64_t fused_max_tokens_ = 0;
   int64_t overlap_max_tokens_ = 0;
-  int64_t ahead_max_tokens_ = 0;
   int64_t inline_max_tokens_ = 0;
-  MoeLoraDelta ahead_;
   int inline_k_splits_ = 0, inline_column_splits_ = 1, sms_ = 132;
   MoeLoraInlineSeams inline_;
   bool inline_on_ = false;  // this layer call runs the inline seams

@@ -97,8 +97,6 @@ const char* moe_lora_variant_name(MoeLoraVariant v) {
       return "overlap";
     case MoeLoraVariant::inline_ctas:
       return "inline";
-    case MoeLoraVariant::ahead:
-      return "ahead";
     default:
       return "best";
   }
@@ -106,9 +104,9 @@ const char* moe_lora_variant_name(MoeLoraVariant v) {
 
 MoeLoraVariant parse_moe_lora_variant(const std::string& name) {
   for (MoeLoraVariant v : {MoeLoraVariant::best, MoeLoraVariant::staged, MoeLoraVariant::overlap,
-                           MoeLoraVariant::inline_ctas, MoeLoraVariant::ahead})
+                           MoeLoraVariant::inline_ctas})
     if (name == moe_lora_variant_name(v)) return v;
-  MOELORA_THROW("MoE LoRA variant '{}': expected best, staged, overlap, inline or ahead", name);
+  MOELORA_THROW("MoE LoRA variant '{}': expected best, staged, overlap or inline", name);
 }
 
 void Model::set_decode_options(const DecodeOptions& options) {

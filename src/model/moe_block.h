@@ -54,9 +54,6 @@ inline MoeLoraHooksOptions decode_hook_options(const DecodeOptions& d, WeightFor
     case MoeLoraVariant::inline_ctas:
       o.inline_max_tokens = d.max_batch;
       break;
-    case MoeLoraVariant::ahead:
-      o.ahead_max_tokens = d.max_batch;
-      break;
     case MoeLoraVariant::staged:
       break;
   }

@@ -48,14 +48,6 @@ void MoeBackend::gemm2_lora(const Tensor&, const MoeAlignment&, const ExpertMatr
   MOELORA_THROW("MoE backend '{}' does not run inline LoRA (runs_inline_lora() is false)", name());
 }
 
-void MoeBackend::gemm1_activation_delta(const Tensor&, int, const MoeAlignment&,
-                                        const ExpertMatrices&, const MoeLoraDelta&, Tensor&,
-                                        const Stream&) {
-  MOELORA_THROW("MoE backend '{}' does not add a gate_up delta in its fused activation "
-                "(runs_gate_up_delta() is false)",
-                name());
-}
-
 void register_moe_backend(MoeBackendInfo info, MoeBackendFactory factory) {
   Registry& reg = storage();
   std::lock_guard<std::mutex> lock(reg.mutex);

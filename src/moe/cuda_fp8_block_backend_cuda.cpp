@@ -56,13 +56,6 @@ class CudaFp8BlockBackend final : public CudaMoeBackendBase {
                   const Stream& s) override {
     cuda::moe_gemm2_fp8(a, plan, w2, sw, o, buffer(a_buf_, a, w2.k), s, &lora);
   }
-  // The gate_up delta added in gemm1's fused activation (the fast path's "ahead" variant).
-  bool runs_gate_up_delta() const override { return true; }
-  void gemm1_activation_delta(const Tensor& x, int top_k, const MoeAlignment& plan,
-                              const ExpertMatrices& w13, const MoeLoraDelta& delta, Tensor& a,
-                              const Stream& s) override {
-    cuda::moe_gemm1_fp8_activation(x, top_k, plan, w13, a, buffer(x_buf_, x, w13.k), s, &delta);
-  }
   // As cuda_bf16: gemm1 with the activation fused, then gemm2 (each op quantizes its input
   // first; both GEMMs stream weights before waiting on that).
   void expert_mlp(const Tensor& x, int top_k, const Tensor& /*ids*/, const MoeAlignment& plan,

@@ -93,19 +93,7 @@ void MoeRunner::run(const MoeInputs& in, const MoeWeights& w, MoeHooks* hooks, T
   Tensor h = h_.first_rows(slots), a = a_.first_rows(slots), o = o_.first_rows(slots);
   const Tensor slot_weights = topk_view_.weights.view({slots});
   const bool fused_reduce = hooks && (inline_lora || hooks->fuses_reduce(m));
-  const bool ahead = hooks && !inline_lora && backend_->runs_gate_up_delta() &&
-                     hooks->gate_up_delta_ahead(m);
-  if (ahead) {
-    MOELORA_CHECK(fused_reduce,
-                  "MoE hooks: the gate_up delta ahead of the GEMM for {} tokens needs the fused "
-                  "reduction seam (fuses_reduce)",
-                  m);
-    hooks->before_gate_up(in.x, topk_view_, stream);
-    const MoeLoraDelta& delta = hooks->gate_up_delta(topk_view_, stream);
-    backend_->gemm1_activation_delta(in.x, s.top_k, plan_, w.w13, delta, a, stream);
-    hooks->before_down(a, topk_view_, stream);
-    backend_->gemm2(a, plan_, w.w2, slot_weights, o, stream);
-  } else if (inline_lora) {
+  if (inline_lora) {
     MOELORA_CHECK(hooks->fuses_activation(m) && hooks->fuses_reduce(m),
                   "MoE hooks: inline LoRA for {} tokens needs the fused activation and "
                   "reduction seams (fuses_activation / fuses_reduce)",

@@ -166,9 +166,8 @@ struct Row {
 int run_bench_moe(const BenchMoeOptions& opt) {
   const WeightFormat format = parse_weight_format(opt.dtype);
   MOELORA_CHECK(
-      opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap" || opt.path == "inline" ||
-          opt.path == "ahead",
-      "--path: expected hooks, fast, overlap, inline or ahead, found '{}'", opt.path);
+      opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap" || opt.path == "inline",
+      "--path: expected hooks, fast, overlap or inline, found '{}'", opt.path);
   int64_t group_size = opt.group_size;
   if (group_size == 0) group_size = format == WeightFormat::nvfp4 ? 16 : 128;
   Device device = Device::cpu();
@@ -242,9 +241,6 @@ int run_bench_moe(const BenchMoeOptions& opt) {
       if (opt.path == "fast") hook_options.fused_max_tokens = max_batch;
       // --path overlap: both deltas on the side stream, added in the activation / reduction.
       if (opt.path == "overlap") hook_options.overlap_max_tokens = max_batch;
-      // --path ahead: as overlap, the gate_up delta joined before the gate_up GEMM and added in
-      // its fused activation (backends that run it; overlap on the others).
-      if (opt.path == "ahead") hook_options.ahead_max_tokens = max_batch;
       // --path inline: both deltas in extra CTAs of the expert GEMM grids (backends that run
       // them; the others take the staged hooks).
       if (opt.path == "inline") {

@@ -28,10 +28,9 @@ int main(int argc, char** argv) {
       ->add_option("--path", moe.path,
                    "LoRA path: hooks (staged expand kernels), fast (expands folded into "
                    "the activation and the top-k reduction), overlap (both deltas on the "
-                   "side stream beside the GEMMs, added in the activation and reduction), "
+                   "side stream beside the GEMMs, added in the activation and reduction) or "
                    "inline (both deltas in extra CTAs of the expert GEMM grids; backends "
-                   "that run it: cuda_fp8_block) or ahead (overlap, the gate_up delta joined "
-                   "before the gate_up GEMM and added in its fused activation; cuda_fp8_block)")
+                   "that run it: cuda_fp8_block)")
       ->capture_default_str();
   bench_moe
       ->add_option("--inline-splits", moe.inline_column_splits,

@@ -142,18 +142,6 @@ class MoeHooks {
     (void)m;
     return false;
   }
-  // Optional "ahead" seam (the fast decode path on backends that add a gate_up delta inside
-  // their fused activation, MoeBackend::runs_gate_up_delta). When gate_up_delta_ahead(m) is
-  // true, the runner calls after_route and before_gate_up as usual, then gate_up_delta, which
-  // makes `stream` wait for the delta and returns it (valid until the next call); the
-  // backend's gemm1_activation_delta adds it, in place of gemm1, after_gate_up /
-  // gate_up_activation and the activation; then before_down and down_reduce (so fuses_reduce(m)
-  // must be true). Base tokens come out bit-identical to the staged seams. Default: never.
-  virtual bool gate_up_delta_ahead(int64_t m) const {
-    (void)m;
-    return false;
-  }
-  virtual const MoeLoraDelta& gate_up_delta(const TopK& topk, const Stream& stream);
   virtual void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
                                   const Stream& stream);
   virtual void down_reduce(const Tensor& a, const TopK& topk, const Tensor& o,
@@ -184,14 +172,6 @@ struct MoeLoraHooksOptions {
   // as the overlap variant does. Takes precedence over the two above. 0 = off. Same shape
   // needs as overlap_max_tokens.
   int64_t inline_max_tokens = 0;
-  // CUDA: batches of up to this many tokens compute both deltas on the side stream as the
-  // overlap variant does, but the gate_up delta is joined before the gate_up GEMM, which adds
-  // it inside its fused activation (MoeHooks::gate_up_delta_ahead): no h round trip, no
-  // activation kernel of its own. On backends without that GEMM
-  // (MoeBackend::runs_gate_up_delta) it runs as the overlap variant. Takes precedence over
-  // overlap_max_tokens and fused_max_tokens; inline_max_tokens over it. 0 = off. Same shape
-  // needs as overlap_max_tokens.
-  int64_t ahead_max_tokens = 0;
   // Column slices per (plan block, half) the inline LoRA CTAs split a seam's outputs into
   // (each slice recomputes the block's shrink; more CTAs in flight at tiny batches).
   int inline_column_splits = 1;

@@ -68,14 +68,6 @@ class MoeBackend {
   virtual void gemm2_lora(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                           const Tensor& slot_weights, const MoeLoraInline& lora, Tensor& o,
                           const Stream& stream);
-  // Optional capability (the fast decode path's "ahead" variant, moelora/moe/lora_inline.h):
-  // gemm1 with the activation fused, adding `delta` (complete before the call, on `stream`) to
-  // gate and up first: a exactly as gemm1 -> h += delta for adapter slots -> activation. The
-  // runner calls it only when runs_gate_up_delta() is true.
-  virtual bool runs_gate_up_delta() const { return false; }
-  virtual void gemm1_activation_delta(const Tensor& x, int top_k, const MoeAlignment& plan,
-                                      const ExpertMatrices& w13, const MoeLoraDelta& delta,
-                                      Tensor& a, const Stream& stream);
   // a bf16 [M*k, I] = silu(h[:, :I]) * h[:, I:] for slots with ids >= 0.
   virtual void activation(const Tensor& h, const Tensor& ids, Tensor& a, const Stream& stream) = 0;
   // o f32 [M*k, H] = slot_weight[slot] * (a[slot] . w2[group]^T) for every aligned slot.

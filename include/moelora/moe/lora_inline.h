@@ -30,16 +30,4 @@ struct MoeLoraInlineSeams {
   MoeLoraInline gate_up, down;
 };
 
-// The gate_up LoRA delta computed ahead of the gate_up GEMM (the "ahead" variant of the fast
-// decode path): a backend that runs MoeBackend::gemm1_activation_delta adds it to gate and up
-// inside its fused activation, exactly as the hooks' activation would:
-//   a[s] = silu(h_gate[s] + delta_gate[s]) * (h_up[s] + delta_up[s])   for slots whose token
-// has an adapter (token_slot in [0, num_lora_slots)); other slots take the base activation.
-struct MoeLoraDelta {
-  Tensor delta;       // f32 [>= M*k, 2I]; rows of adapter slots written, the others not read
-  Tensor token_slot;  // i32 [M]: adapter slot per token, -1 = base
-  int top_k = 1;      // slots per token (slot s belongs to token s / top_k)
-  int num_lora_slots = 0;
-};
-
 }  // namespace moelora

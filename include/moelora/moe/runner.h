@@ -10,9 +10,6 @@
 // backend runs inline LoRA and the hooks ask for it (MoeHooks::inline_lora), the seams give way
 // to  topk, plan = route_align; h = gemm1_lora (its grid also writes the gate_up delta);
 // a = hooks.gate_up_activation; o = gemm2_lora (+ down delta); y = hooks.down_reduce.
-// When the backend adds a gate_up delta in its fused activation and the hooks compute it ahead
-// (MoeHooks::gate_up_delta_ahead): a = gemm1_activation_delta(x, hooks.gate_up_delta) replaces
-// gemm1, after_gate_up and the activation; y = hooks.down_reduce.
 #pragma once
 
 #include <memory>

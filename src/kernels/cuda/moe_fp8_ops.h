@@ -39,12 +39,10 @@ bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::s
 void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan, const ExpertMatrices& w13,
                    Tensor& h, Fp8ActBuffer& act_buf, const Stream& stream,
                    const MoeLoraInline* lora = nullptr);
-// moe_gemm1_fp8 then moe_activation without materializing h: a bf16 [M*k, I]. With `delta`,
-// its rows are added to gate and up of the slots whose token has an adapter first (bit for bit
-// moe_activation_lora_delta's a; the delta must be complete on `stream`).
+// moe_gemm1_fp8 then moe_activation without materializing h: a bf16 [M*k, I].
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
                               const ExpertMatrices& w13, Tensor& a, Fp8ActBuffer& act_buf,
-                              const Stream& stream, const MoeLoraDelta* delta = nullptr);
+                              const Stream& stream);
 // o f32 [M*k, H] = slot_weights[s] * (a[s] . w2[g]^T) (w2 logical [G, H, I]).
 // The GEMMs always stream weights before waiting on their predecessor (MoeGemmArgs::plan_ready):
 // that predecessor is the op's own quantization kernel, which lets them start only once it has
@@ -57,7 +55,7 @@ void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatric
 void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
                          const ExpertMatrices& w13, Tensor& out, bool fused_activation,
                          Fp8ActBuffer& act_buf, const Stream& stream, const MoeGemmConfig& config,
-                         const MoeLoraInline* lora = nullptr, const MoeLoraDelta* delta = nullptr);
+                         const MoeLoraInline* lora = nullptr);
 void moe_gemm2_fp8_tiled(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,
                          const Tensor& slot_weights, Tensor& o, Fp8ActBuffer& act_buf,
                          const Stream& stream, const MoeGemmConfig& config,

@@ -23,11 +23,6 @@ cudaError_t launch_tile(const MoeGemmFp8Args& p, int max_blocks, cudaStream_t st
     return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads,
                                                      Tile::kSmemBytes, stream);
   }
-  if (p.act_delta.d != nullptr) {
-    constexpr auto kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages, false, true>;
-    return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads,
-                                                     Tile::kSmemBytes, stream);
-  }
   constexpr auto kernel = &sm90::moe_gemm_fp8_kernel<kNt, kMt, kRows, kStages>;
   return detail::launch_expert_gemm<kernel, kRows>(p, max_blocks, Tile::kThreads, Tile::kSmemBytes,
                                                    stream);
@@ -53,9 +48,7 @@ cudaError_t launch_moe_gemm_fp8(const MoeGemmFp8Args& p, int max_blocks, int row
                                 cudaStream_t stream) {
   if (max_blocks <= 0) return cudaSuccess;
   if ((p.row_tiles_fastest && max_blocks > 65535) ||
-      (p.act_out && (p.n % 2 != 0 || p.slot_scale)) || (p.act_delta.d && !p.act_out) ||
-      (p.act_delta.d && (p.act_delta.splits != 1 || p.inline_lora.parts > 0)) ||
-      p.block_n < 1 || p.part_rows < 1 ||
+      (p.act_out && (p.n % 2 != 0 || p.slot_scale)) || p.block_n < 1 || p.part_rows < 1 ||
       p.n % p.part_rows != 0 || p.k % 16 != 0)
     return cudaErrorInvalidValue;
   const int nt = (p.block_m + 7) / 8;

@@ -7,7 +7,6 @@
 #include <cuda_runtime_api.h>
 
 #include "kernels/cuda/moe_lora_inline_launch.h"
-#include "kernels/cuda/moe_ops_launch.h"
 
 namespace moelora::cuda {
 
@@ -38,10 +37,6 @@ struct MoeGemmFp8Args {
   bool pdl = true;
   bool plan_ready = false;
   void* act_out = nullptr;  // fused SiLU(gate) * up, bf16 [num_slots, n / 2]
-  // With act_out: a gate_up LoRA delta (one partial, f32 [>= num_slots, n]) added to the gate
-  // and up rows of each slot whose token has an adapter before SiLU, as moe_activation adds it
-  // (bit for bit). Null d: none.
-  detail::LoraDeltaView act_delta{};
   bool row_tiles_fastest = false;
   // LoRA CTAs prepended to the grid (inline_lora.parts > 0; moe_lora_inline_launch.h). The launcher
   // sets lora_blocks (extra entries on the block axis) and lora_units.

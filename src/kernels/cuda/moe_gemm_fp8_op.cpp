@@ -113,31 +113,6 @@ void check_buffer(const Fp8ActBuffer& b, int64_t rows, int64_t k, Device d, cons
   p.act_scale = b.scale.data<float>();
 }
 
-// The fused activation's gate_up delta (MoeLoraDelta), checked against the call.
-detail::LoraDeltaView gate_up_delta_args(const MoeLoraDelta& d, const Tensor& x, int top_k,
-                                         int64_t num_slots, int64_t n, const char* op) {
-  check_cuda_tensor(d.delta, DType::f32, "gate_up LoRA delta");
-  check_device(d.delta, x.device(), "gate_up LoRA delta");
-  check_contiguous(d.delta, "gate_up LoRA delta");
-  MOELORA_CHECK(d.delta.dim() == 2 && d.delta.size(0) >= num_slots && d.delta.size(1) == n,
-                "{}: gate_up LoRA delta: expected f32 [>= {}, {}], found {}", op, num_slots, n,
-                d.delta.describe());
-  check_cuda_tensor(d.token_slot, DType::i32, "gate_up LoRA delta token_slot");
-  check_device(d.token_slot, x.device(), "gate_up LoRA delta token_slot");
-  check_shape(d.token_slot, {x.size(0)}, "gate_up LoRA delta token_slot");
-  MOELORA_CHECK(d.top_k == top_k, "{}: gate_up LoRA delta: top_k {}, but the GEMM runs top_k {}",
-                op, d.top_k, top_k);
-  MOELORA_CHECK(d.num_lora_slots >= 0, "{}: gate_up LoRA delta: num_lora_slots must be >= 0, "
-                "found {}", op, d.num_lora_slots);
-  detail::LoraDeltaView v;
-  v.d = d.delta.data<float>();
-  v.token_slot = d.token_slot.data<int32_t>();
-  v.top_k = top_k;
-  v.num_lora_slots = d.num_lora_slots;
-  v.num_experts = std::numeric_limits<int>::max();  // the GEMM's groups are valid experts
-  return v;
-}
-
 // Quantizes `act` into the buffer (checked), then runs the GEMM on it.
 void run(MoeGemmFp8Args& p, const Tensor& act, const MoeAlignment& plan, int64_t blocks,
          const MoeGemmConfig& cfg, const Stream& stream) {
@@ -228,13 +203,11 @@ bool moe_fp8_stack_supported(int64_t block_n, int64_t block_k, int64_t k, std::s
 void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
                          const ExpertMatrices& w13, Tensor& out, bool fused, Fp8ActBuffer& act_buf,
                          const Stream& stream, const MoeGemmConfig& cfg,
-                         const MoeLoraInline* lora, const MoeLoraDelta* delta) {
+                         const MoeLoraInline* lora) {
   const char* op = fused ? "moe_gemm1_fp8_activation" : "moe_gemm1_fp8";
   MOELORA_CHECK(!(fused && lora),
                 "{}: inline LoRA needs the unfused h (the delta is added "
                 "before SiLU by the activation)",
-                op);
-  MOELORA_CHECK(!delta || fused, "{}: a gate_up delta is added by the fused activation only",
                 op);
   MOELORA_CHECK(top_k >= 1, "{}: top_k must be >= 1, found {}", op, top_k);
   MoeGemmFp8Args p{};
@@ -264,7 +237,6 @@ void moe_gemm1_fp8_tiled(const Tensor& x, int top_k, const MoeAlignment& plan,
   p.rows_div = top_k;
   if (lora)
     p.inline_lora = inline_lora_args(*lora, true, x, top_k, num_slots, w13.groups, w13.n, op);
-  if (delta) p.act_delta = gate_up_delta_args(*delta, x, top_k, num_slots, w13.n, op);
   run(p, x, plan, blocks, cfg, stream);
 }
 
@@ -309,10 +281,9 @@ void moe_gemm1_fp8(const Tensor& x, int top_k, const MoeAlignment& plan, const E
 
 void moe_gemm1_fp8_activation(const Tensor& x, int top_k, const MoeAlignment& plan,
                               const ExpertMatrices& w13, Tensor& a, Fp8ActBuffer& act_buf,
-                              const Stream& stream, const MoeLoraDelta* delta) {
+                              const Stream& stream) {
   const int64_t slots = x.dim() == 2 ? x.size(0) * top_k : 0;
-  moe_gemm1_fp8_tiled(x, top_k, plan, w13, a, true, act_buf, stream, heuristic(w13, plan, slots),
-                      nullptr, delta);
+  moe_gemm1_fp8_tiled(x, top_k, plan, w13, a, true, act_buf, stream, heuristic(w13, plan, slots));
 }
 
 void moe_gemm2_fp8(const Tensor& a, const MoeAlignment& plan, const ExpertMatrices& w2,

@@ -124,9 +124,7 @@ struct MoeGemmFp8Tile {
 };
 
 // kLora: the grid also carries p.lora's inline LoRA CTAs, first on the block axis.
-// kDelta: the fused activation adds p.act_delta (the gate_up LoRA delta, complete before the
-// grid starts) to gate and up before SiLU.
-template <int kNt, int kMt, int kRows, int kStages, bool kLora = false, bool kDelta = false>
+template <int kNt, int kMt, int kRows, int kStages, bool kLora = false>
 __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThreads)
     moe_gemm_fp8_kernel(const MoeGemmFp8Args p) {
   using Tile = MoeGemmFp8Tile<kNt, kMt, kRows, kStages>;
@@ -273,33 +271,6 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
     detail::cp_async_commit();
   }
 
-  // kDelta: this thread's epilogue elements of the LoRA delta. Narrow tiles request them now,
-  // so the round trip overlaps the weight stream instead of ending the CTA (the delta is
-  // complete before this grid starts; base rows are read but not added). Wide tiles, short
-  // of registers, read them in the epilogue.
-  constexpr int kHalfRows = kRows / 2;
-  constexpr int kActIters = (kHalfRows * kTokens + kThreads - 1) / kThreads;
-  constexpr bool kPrefetch = kDelta && kNt * kMt <= 2;
-  float pre_g[kPrefetch ? kActIters : 1] = {}, pre_u[kPrefetch ? kActIters : 1] = {};
-  bool pre_has[kPrefetch ? kActIters : 1] = {};
-  auto delta_of = [&](int slot, int c, float& dg, float& du) {
-    const ::moelora::cuda::detail::LoraDeltaView& dl = p.act_delta;
-    const int ts = dl.token_slot[slot / dl.top_k];
-    const float* row = dl.d + static_cast<int64_t>(slot) * p.n + col0 + c;
-    dg = row[0];
-    du = row[p.n / 2];
-    return ts >= 0 && ts < dl.num_lora_slots;
-  };
-  if constexpr (kPrefetch) {
-#pragma unroll
-    for (int it = 0; it < kActIters; ++it) {
-      const int i = tid + it * kThreads;
-      const int j = i / kHalfRows, c = i % kHalfRows;
-      const int slot = i < kHalfRows * kTokens ? tok_slot[j] : -1;
-      pre_has[it] = slot >= 0 && col0 + c < half_n && delta_of(slot, c, pre_g[it], pre_u[it]);
-    }
-  }
-
   const int warp = tid / 32, lane = tid % 32;
   // Weight-scale rows of this thread's accumulator rows (C fragment rows lane/4 and +8).
   const float* wsc_row[kMt][2];
@@ -414,26 +385,13 @@ __global__ void __launch_bounds__(MoeGemmFp8Tile<kNt, kMt, kRows, kStages>::kThr
           acc_tile[(r_base + (e >> 1) * 8) * kLd + t * 8 + (lane % 4) * 2 + (e & 1)] = acc[m][t][e];
     }
     __syncthreads();
-    constexpr int kHalf = kHalfRows;
+    constexpr int kHalf = kRows / 2;
     __nv_bfloat16* act_out = static_cast<__nv_bfloat16*>(p.act_out);
-#pragma unroll
-    for (int it = 0; it < kActIters; ++it) {
-      const int i = tid + it * kThreads;
-      if (i >= kHalf * kTokens) break;
+    for (int i = tid; i < kHalf * kTokens; i += kThreads) {
       const int j = i / kHalf, c = i % kHalf;
       const int slot = tok_slot[j];
       if (slot < 0 || col0 + c >= half_n) continue;
-      float g = acc_tile[c * kLd + j], u = acc_tile[(kHalf + c) * kLd + j];
-      if constexpr (kDelta) {
-        float dg, du;
-        bool has;
-        if constexpr (kPrefetch) {
-          dg = pre_g[it], du = pre_u[it], has = pre_has[it];
-        } else {
-          has = delta_of(slot, c, dg, du);
-        }
-        if (has) g += dg, u += du;
-      }
+      const float g = acc_tile[c * kLd + j], u = acc_tile[(kHalf + c) * kLd + j];
       act_out[static_cast<int64_t>(slot) * half_n + col0 + c] =
           __float2bfloat16_rn(::moelora::cuda::detail::silu_mul(g, u));
     }
