@@ -56,28 +56,23 @@ PY
   done
   tar -czf "$OUT/shrink.tgz" -C "$OUT" shrink
 fi
-if [ "$MODE" = ahead ]; then
-  # The ahead MoE LoRA variant (gate_up delta joined before gemm1, added in its fused
-  # activation): GPU tests, memcheck, bench moe fp8 overlap vs ahead, bench decode fp8 fast
-  # path overlap vs ahead (alternating, twice).
-  R=$OUT/ahead; mkdir -p "$R"
+if [ "$MODE" = linear ]; then
+  # f32-input linears as one stacked hi/lo GEMM (one weight pass): dense / model / decode GPU
+  # tests, then bench decode fast path with the binary before (OLD_BIN) and after, alternating.
+  R=$OUT/linear; mkdir -p "$R"
   timeout 300 "$B/moelora_gpu_tests" \
-    --gtest_filter='CudaFp8Block.*:DecodeGraphAhead.*:CudaMoeLayer.*:*DecodeGraph*:CudaMoeLora.*:CudaCore.*' \
+    --gtest_filter='*DenseOps*:*DenseLora*:*ModelGpu*:*DecodeGraph*:*Golden*:*Fp8Checkpoint*:*Deepseek*:*ModelOps*' \
     > "$R/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?"
   grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$R/gpu_tests.log" | head -20
-  timeout 150 compute-sanitizer --tool memcheck "$B/moelora_gpu_tests" \
-    --gtest_filter='CudaFp8Block.AheadDeltaRejectsBadArguments:CudaFp8Block.AheadLoraInGraphMatchesOverlapAndReference' \
-    > "$R/san_memcheck.log" 2>&1
-  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY" "$R/san_memcheck.log" | tail -1
-  PATHS="overlap ahead" bash scripts/bench-moe-paths.sh "$B/moelora" "$R" fp8
   for rep in 1 2; do
-    for v in overlap ahead; do
-      timeout 150 "$B/moelora" bench decode --batches ${DEC_BATCHES:-1,16,64,128} --lora none,r16x1 --path fast \
-        --moe-lora $v --steps 10 --json "$R/decode_${v}_$rep.json" > "$R/decode_${v}_$rep.log" 2>&1
-      echo "== decode MoE LoRA $v (run $rep) rc=$?"
-      grep -E "batch +[0-9]+ +fast +lora r" "$R/decode_${v}_$rep.log"
+    for bin in old new; do
+      b=$B/moelora; [ $bin = old ] && b=$OLD_BIN/moelora
+      timeout 150 "$b" bench decode --batches 1,16,64,128 --lora none,r16x1 --path fast \
+        --steps 10 --json "$R/decode_${bin}_$rep.json" > "$R/decode_${bin}_$rep.log" 2>&1
+      echo "== decode $bin (run $rep) rc=$?"
+      grep -E "batch +[0-9]+ +fast +lora (r16x1|none +[0-9])" "$R/decode_${bin}_$rep.log"
     done
   done
-  tar -czf "$OUT/ahead.tgz" -C "$OUT" ahead
+  tar -czf "$OUT/linear.tgz" -C "$OUT" linear
 fi

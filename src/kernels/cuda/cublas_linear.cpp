@@ -25,12 +25,29 @@ constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 struct Handle {
   cublasHandle_t h = nullptr;
   void* workspace = nullptr;
-  void* split = nullptr;  // bf16 hi then lo for cublas_linear_f32
+  void* split = nullptr;  // bf16 [2m, k]: hi rows then lo rows, for cublas_linear_f32
   int64_t split_elems = 0;
-  // Outgrown split buffers, never freed: a captured CUDA graph (a decode step) may still
-  // write to the address it was captured with. They total less than twice the largest.
+  float* halves = nullptr;  // f32 [2m, n]: hi . w^T rows then lo . w^T rows
+  int64_t halves_elems = 0;
+  // Outgrown scratch buffers, never freed: a captured CUDA graph (a decode step) may still
+  // use the address it was captured with. They total less than twice the largest.
   std::vector<void*> retired;
 };
+
+// Grows `buf` to hold `elems` elements of `elem_bytes` (doubling; a cudaMalloc only when a
+// larger size than ever before arrives: never inside a graph capture, since the models run a
+// step eagerly before capturing it).
+template <class T>
+void grow(Handle& hd, T*& buf, int64_t& cap, int64_t elems, size_t elem_bytes) {
+  if (cap >= elems) return;
+  if (buf) hd.retired.push_back(buf);
+  buf = nullptr;
+  const int64_t n = std::max(elems, 2 * cap);
+  void* p = nullptr;
+  MOELORA_CUDA_CHECK(cudaMalloc(&p, size_t(n) * elem_bytes));
+  buf = static_cast<T*>(p);
+  cap = n;
+}
 
 // Handles are kept for the life of the process on purpose: destroying them from thread-exit
 // or static destructors can run after the CUDA context is gone.
@@ -72,21 +89,15 @@ Handle& bind(int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
 void cublas_linear_f32(const float* x, const void* w, float* y, int64_t m, int64_t n, int64_t k,
                        cudaStream_t stream) {
   if (m == 0 || n == 0) return;
-  Handle& hd = bind(m, n, k, stream);
-  if (hd.split_elems < m * k) {
-    // Growing (never inside a graph capture: the models run a step eagerly before capturing
-    // it). Doubling keeps the retired buffers few.
-    if (hd.split) hd.retired.push_back(hd.split);
-    hd.split = nullptr;
-    const int64_t elems = std::max(m * k, 2 * hd.split_elems);
-    MOELORA_CUDA_CHECK(cudaMalloc(&hd.split, size_t(2 * elems) * 2));
-    hd.split_elems = elems;
-  }
+  Handle& hd = bind(2 * m, n, k, stream);
+  grow(hd, hd.split, hd.split_elems, 2 * m * k, 2);
+  grow(hd, hd.halves, hd.halves_elems, 2 * m * n, 4);
+  // hi and lo stacked as one [2m, k] input: one GEMM, one pass over the weights (two GEMMs
+  // read them twice), then y = hi . w^T + lo . w^T.
   char* hi = static_cast<char*>(hd.split);
-  char* lo = hi + size_t(hd.split_elems) * 2;
-  MOELORA_CUDA_CHECK(launch_split_bf16(x, hi, lo, m * k, stream));
-  gemm(hd, hi, w, y, CUDA_R_32F, 0.f, m, n, k);
-  gemm(hd, lo, w, y, CUDA_R_32F, 1.f, m, n, k);
+  MOELORA_CUDA_CHECK(launch_split_bf16(x, hi, hi + size_t(m * k) * 2, m * k, stream));
+  gemm(hd, hi, w, hd.halves, CUDA_R_32F, 0.f, 2 * m, n, k);
+  MOELORA_CUDA_CHECK(launch_add_f32(hd.halves, hd.halves + m * n, y, m * n, stream));
 }
 
 void cublas_linear_bf16(const void* x, const void* w, void* y, bool y_bf16, int64_t m, int64_t n,

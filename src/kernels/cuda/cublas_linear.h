@@ -18,11 +18,11 @@ void cublas_linear_bf16(const void* x, const void* w, void* y, bool y_bf16, int6
                         int64_t k, cudaStream_t stream);
 
 // The same product for f32 x and f32 y, faithful to f32 inputs: x is split into bf16 hi + lo
-// (x - hi rounded again; together ~2^-16 relative) and y = hi . w^T + lo . w^T as two GEMMs
-// (the second accumulating with beta = 1). At decode sizes the GEMMs are bandwidth-bound, so
-// this costs about two weight reads, against one weight read per 8 rows for the GEMV kernel.
-// hi / lo live in a per-(thread, device) scratch that grows on demand (a cudaMalloc only when
-// a larger m * k than ever before arrives: warm up before graph capture).
+// (x - hi rounded again; together ~2^-16 relative), stacked as one [2m, k] input of one GEMM
+// (one pass over the weights: at decode sizes the GEMM is bandwidth-bound), and
+// y = hi . w^T + lo . w^T summed by a small kernel. hi / lo and the two halves of the product
+// live in per-(thread, device) scratch that grows on demand (a cudaMalloc only when a larger
+// m than ever before arrives: warm up before graph capture).
 void cublas_linear_f32(const float* x, const void* w, float* y, int64_t m, int64_t n, int64_t k,
                        cudaStream_t stream);
 

@@ -390,6 +390,35 @@ cudaError_t launch_split_bf16(const float* x, void* hi, void* lo, int64_t n, cud
                             static_cast<__nv_bfloat16*>(hi), static_cast<__nv_bfloat16*>(lo), n);
 }
 
+namespace {
+// Four elements per thread when the pointers allow 16-byte accesses.
+__global__ void add_f32_kernel(const float* a, const float* b, float* out, int64_t n, bool vec) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  if (vec) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n / 4; i += stride) {
+      const float4 x = reinterpret_cast<const float4*>(a)[i];
+      const float4 y = reinterpret_cast<const float4*>(b)[i];
+      reinterpret_cast<float4*>(out)[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
+    }
+    for (int64_t i = n / 4 * 4 + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+      out[i] = a[i] + b[i];
+    return;
+  }
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    out[i] = a[i] + b[i];
+}
+}  // namespace
+
+cudaError_t launch_add_f32(const float* a, const float* b, float* out, int64_t n, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  const bool vec = (reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
+                    reinterpret_cast<uintptr_t>(out)) % 16 == 0;
+  return detail::launch_pdl(add_f32_kernel, dim3(grid_for(vec ? (n + 3) / 4 : n, 256)), dim3(256),
+                            0, s, a, b, out, n, vec);
+}
+
 cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_dim,
                         const int32_t* positions, float theta, cudaStream_t s) {
   if (m * cols == 0) return cudaSuccess;

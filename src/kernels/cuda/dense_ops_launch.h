@@ -18,6 +18,8 @@ cudaError_t launch_linear(const void* x, bool x_bf16, const void* w, void* y, bo
 // hi [n] = bf16(x), lo [n] = bf16(x - hi): x = hi + lo to ~2^-16 relative, so an f32-input
 // linear can run as two bf16 GEMMs (cublas_linear.h).
 cudaError_t launch_split_bf16(const float* x, void* hi, void* lo, int64_t n, cudaStream_t s);
+// out [n] = a + b (f32; out may alias a or b).
+cudaError_t launch_add_f32(const float* a, const float* b, float* out, int64_t n, cudaStream_t s);
 cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_dim,
                         const int32_t* positions, float theta, cudaStream_t s);
 cudaError_t launch_kv_cache_write(const void* k, bool k_bf16, const void* v, bool v_bf16,
