@@ -76,3 +76,39 @@ if [ "$MODE" = linear ]; then
   done
   tar -czf "$OUT/linear.tgz" -C "$OUT" linear
 fi
+if [ "$MODE" = prologue ]; then
+  # The fused attention prologue (per-head norms, rope, cache write in one kernel): its op test
+  # and every model / decode test, memcheck on the op, bench decode before (OLD_BIN) / after.
+  R=$OUT/prologue; mkdir -p "$R"
+  timeout 300 "$B/moelora_gpu_tests" \
+    --gtest_filter='*DenseOps*:*DenseLora*:*ModelGpu*:*DecodeGraph*:*Golden*:*Fp8Checkpoint*:*Deepseek*:*ModelOps*:*Engine*' \
+    > "$R/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"
+  grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$R/gpu_tests.log" | head -20
+  timeout 120 compute-sanitizer --tool memcheck "$B/moelora_gpu_tests" \
+    --gtest_filter='DenseOpsGpu.AttentionPrologueMatchesTheOps' > "$R/san_memcheck.log" 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY" "$R/san_memcheck.log" | tail -1
+  for rep in 1 2; do
+    for bin in old new; do
+      b=$B/moelora; [ $bin = old ] && b=$OLD_BIN/moelora
+      timeout 150 "$b" bench decode --batches 1,16,64,128 --lora none,r16x1 --path fast \
+        --steps 10 --json "$R/decode_${bin}_$rep.json" > "$R/decode_${bin}_$rep.log" 2>&1
+      echo "== decode $bin (run $rep) rc=$?"
+      grep -E "batch +[0-9]+ +fast +lora (r16x1|none +[0-9])" "$R/decode_${bin}_$rep.log"
+    done
+  done
+  tar -czf "$OUT/prologue.tgz" -C "$OUT" prologue
+fi
+if [ "$MODE" = final ]; then
+  # Every GPU test, then bench decode (hooks and fast paths) for BENCHMARKS.md; all results in
+  # $OUT/final.tgz (the device returns few files).
+  R=$OUT/final; mkdir -p "$R"
+  timeout 360 "$B/moelora_gpu_tests" > "$R/gpu_tests.log" 2>&1
+  echo "gpu tests rc=$?"
+  grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$R/gpu_tests.log" | head -20
+  timeout 200 "$B/moelora" bench decode --batches 1,16,64,128 --lora none,r16x1,r16x4 \
+    --path hooks,fast --steps 10 --json "$R/decode_paths.json" > "$R/decode_paths.log" 2>&1
+  echo "bench decode rc=$?"
+  grep -E "batch +[0-9]+ +(fast|hooks) +lora" "$R/decode_paths.log"
+  tar -czf "$OUT/final.tgz" -C "$OUT" final
+fi

@@ -196,14 +196,11 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
     ops::copy_columns(qkv, nq, k, stream_);
     ops::copy_columns(qkv, nq + nkv, v, stream_);
   }
-  if (family_.qk_norm) {
-    const float eps = float(c.rms_norm_eps);
-    ops::rms_norm(q, L.q_norm, eps, q, stream_);  // per head: weight [D]
-    ops::rms_norm(k, L.k_norm, eps, k, stream_);
-  }
-  ops::rope(q, int(D), t.positions, c.rope_theta, stream_);
-  ops::rope(k, int(D), t.positions, c.rope_theta, stream_);
-  ops::kv_cache_write(k, v, t.slots, cache.k(layer), cache.v(layer), stream_);
+  // Per-head q / k norms (Qwen3), rope, and k / v into the cache: one kernel on CUDA.
+  ops::attention_prologue(q, k, v, family_.qk_norm ? L.q_norm : Tensor(),
+                          family_.qk_norm ? L.k_norm : Tensor(), float(c.rms_norm_eps), int(D),
+                          t.positions, c.rope_theta, t.slots, cache.k(layer), cache.v(layer),
+                          stream_);
   const float scale = 1.0f / std::sqrt(float(D));
   ops::paged_attention(q, cache.k(layer), cache.v(layer), t.block_table, t.token_seq, t.positions,
                        scale, a, stream_);
@@ -343,8 +340,8 @@ StepResult MoeDecoder::forward_graph(const std::vector<SeqInput>& batch, PagedKv
 
 void MoeDecoder::set_decode_options(const DecodeOptions& options) {
   const bool fast = apply_decode_options(options, layers_, options_, device_, graphs_);
-  const bool new_side = !side_.handle() ||
-                        options.side_stream_priority != decode_options_.side_stream_priority;
+  const bool new_side =
+      !side_.handle() || options.side_stream_priority != decode_options_.side_stream_priority;
   decode_options_ = options;
   decode_stats_ = {};
   if (fast && new_side) {

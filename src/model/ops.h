@@ -55,6 +55,13 @@ inline void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slots
                            Tensor& vc, const Stream& s) {
   MOELORA_MODEL_OP(kv_cache_write, kc, k, v, slots, kc, vc, s);
 }
+inline void attention_prologue(Tensor& q, Tensor& k, const Tensor& v, const Tensor& q_norm,
+                               const Tensor& k_norm, float eps, int head_dim, const Tensor& pos,
+                               double theta, const Tensor& slots, Tensor& kc, Tensor& vc,
+                               const Stream& s) {
+  MOELORA_MODEL_OP(attention_prologue, q, q, k, v, q_norm, k_norm, eps, head_dim, pos, theta, slots,
+                   kc, vc, s);
+}
 inline void paged_attention(const Tensor& q, const Tensor& kc, const Tensor& vc,
                             const Tensor& block_table, const Tensor& token_seq,
                             const Tensor& token_pos, float scale, Tensor& out, const Stream& s) {

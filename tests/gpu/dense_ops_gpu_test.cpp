@@ -1,8 +1,10 @@
 // CUDA dense ops against the CPU reference: fresh random inputs, poisoned outputs, f32 and bf16
 // activations, decode- and prefill-sized token counts, scattered KV pages.
-#include <cmath>
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <numeric>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -13,7 +15,9 @@
 namespace moelora {
 namespace {
 
-Tensor gpu(const Tensor& t) { return t.to(Device::cuda()); }
+Tensor gpu(const Tensor& t) {
+  return t.to(Device::cuda());
+}
 
 Tensor poisoned(const Shape& s, DType dt) {
   Tensor t = Tensor::empty(s, dt, Device::cuda());
@@ -21,7 +25,9 @@ Tensor poisoned(const Shape& s, DType dt) {
   return t;
 }
 
-double tol(DType dt) { return dt == DType::bf16 ? 1e-2 : 1e-4; }
+double tol(DType dt) {
+  return dt == DType::bf16 ? 1e-2 : 1e-4;
+}
 
 class DenseOpsGpu : public ::testing::TestWithParam<std::tuple<int64_t, DType>> {};
 
@@ -82,7 +88,8 @@ TEST_P(DenseOpsGpu, ElementwiseNormLinearRope) {
   cuda::silu_mul(gpu(gu), a_gpu, s);
   s.synchronize();  // the stream is non-blocking: finish before reading
   EXPECT_TRUE(test::allclose(test::to_floats(a_gpu), test::to_floats(a_cpu), tol(dt), 1e-6));
-  Tensor r = test::random_tensor({m, n}, dt, rng), add = test::random_tensor({m, n}, DType::f32, rng);
+  Tensor r = test::random_tensor({m, n}, dt, rng),
+         add = test::random_tensor({m, n}, DType::f32, rng);
   Tensor r_gpu = gpu(r);
   cpu::residual_add(r, add, Stream());
   cuda::residual_add(r_gpu, gpu(add), s);
@@ -127,14 +134,14 @@ TEST_P(DenseOpsGpu, PagedAttention) {
     Tensor o_cpu = Tensor::empty({m, heads * d}, dt), o_gpu = poisoned({m, heads * d}, dt);
     const float scale = 1.0f / std::sqrt(float(d));
     cpu::paged_attention(q, kc, vc, bt, seq, posn, scale, o_cpu, Stream());
-    cuda::paged_attention(gpu(q), gpu(kc), gpu(vc), gpu(bt), gpu(seq), gpu(posn), scale, o_gpu,
-                          s);
+    cuda::paged_attention(gpu(q), gpu(kc), gpu(vc), gpu(bt), gpu(seq), gpu(posn), scale, o_gpu, s);
     s.synchronize();  // the stream is non-blocking: finish before reading
     EXPECT_TRUE(test::allclose(test::to_floats(o_gpu), test::to_floats(o_cpu), tol(dt), 1e-4));
   }
 
   // kv_cache_write into poisoned caches, then read back.
-  Tensor k = test::random_tensor({m, kvh * d}, dt, rng), v = test::random_tensor({m, kvh * d}, dt, rng);
+  Tensor k = test::random_tensor({m, kvh * d}, dt, rng),
+         v = test::random_tensor({m, kvh * d}, dt, rng);
   std::vector<int32_t> slots(static_cast<size_t>(pages * page));
   std::iota(slots.begin(), slots.end(), 0);
   std::shuffle(slots.begin(), slots.end(), rng);
@@ -151,6 +158,90 @@ TEST_P(DenseOpsGpu, PagedAttention) {
     s.synchronize();  // the stream is non-blocking: finish before reading
     EXPECT_TRUE(test::allclose(test::to_floats(kg), test::to_floats(kc2), 0, 0));
     EXPECT_TRUE(test::allclose(test::to_floats(vg), test::to_floats(vc2), 0, 0));
+  }
+}
+
+// attention_prologue: CUDA's one kernel gives exactly the bits of rms_norm (q_norm, k_norm),
+// rope and kv_cache_write run one after another on CUDA, and the CPU's within tolerance.
+// Head dims 64 / 128 / 256, grouped and plain kv heads, norms on and off, f32 and bf16 caches,
+// padding slots (-1) and scattered slots.
+TEST(DenseOpsGpu, AttentionPrologueMatchesTheOps) {
+  MOELORA_REQUIRE_GPU();
+  std::mt19937_64 rng(test::fresh_seed());
+  const Stream s = Stream::create(Device::cuda());
+  struct Case {
+    int d, heads, kv_heads;
+    bool norms;
+    DType cache;
+  };
+  for (const Case& c : {Case{128, 4, 2, true, DType::bf16}, Case{64, 8, 8, false, DType::f32},
+                        Case{256, 2, 1, true, DType::f32}, Case{128, 6, 3, false, DType::bf16}}) {
+    for (int64_t m : {1, 7, 37}) {
+      SCOPED_TRACE(::testing::Message() << "d=" << c.d << " heads=" << c.heads << "/" << c.kv_heads
+                                        << " norms=" << c.norms << " m=" << m);
+      const int64_t page = 4, pages = (m + page - 1) / page + 3, row = int64_t(c.kv_heads) * c.d;
+      Tensor q = test::random_tensor({m, int64_t(c.heads) * c.d}, DType::f32, rng, -2, 2);
+      Tensor k = test::random_tensor({m, row}, DType::f32, rng, -2, 2);
+      Tensor v = test::random_tensor({m, row}, DType::f32, rng, -2, 2);
+      Tensor qn = c.norms ? test::random_tensor({c.d}, DType::bf16, rng, 0.5f, 1.5f) : Tensor();
+      Tensor kn = c.norms ? test::random_tensor({c.d}, DType::bf16, rng, 0.5f, 1.5f) : Tensor();
+      Tensor pos = test::random_ints({m}, rng, 0, 30000);
+      std::vector<int32_t> perm(size_t(pages * page));
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      Tensor slots = Tensor::empty({m}, DType::i32);
+      for (int64_t t = 0; t < m; ++t) slots.data<int32_t>()[t] = t % 5 == 3 ? -1 : perm[size_t(t)];
+      const Shape cs{pages, page, c.kv_heads, c.d};
+      const double theta = 1e6;
+      const float eps = 1e-6f;
+      // Fused (one kernel) and the ops one after another, both on CUDA from the same inputs.
+      Tensor qf = gpu(q), kf = gpu(k), qs = gpu(q), ks = gpu(k), vg = gpu(v);
+      Tensor kcf = poisoned(cs, c.cache), vcf = poisoned(cs, c.cache);
+      Tensor kcs = poisoned(cs, c.cache), vcs = poisoned(cs, c.cache);
+      const Tensor qng = c.norms ? gpu(qn) : Tensor(), kng = c.norms ? gpu(kn) : Tensor();
+      const Tensor posg = gpu(pos), slotsg = gpu(slots);
+      cuda::attention_prologue(qf, kf, vg, qng, kng, eps, c.d, posg, theta, slotsg, kcf, vcf, s);
+      if (c.norms) {
+        cuda::rms_norm(qs, qng, eps, qs, s);
+        cuda::rms_norm(ks, kng, eps, ks, s);
+      }
+      cuda::rope(qs, c.d, posg, theta, s);
+      cuda::rope(ks, c.d, posg, theta, s);
+      cuda::kv_cache_write(ks, vg, slotsg, kcs, vcs, s);
+      // The CPU op.
+      Tensor qc = Tensor::empty(q.shape(), DType::f32), kc = Tensor::empty(k.shape(), DType::f32);
+      qc.copy_from(q);
+      kc.copy_from(k);
+      Tensor kcc = Tensor::zeros(cs, c.cache), vcc = Tensor::zeros(cs, c.cache);
+      cpu::attention_prologue(qc, kc, v, qn, kn, eps, c.d, pos, theta, slots, kcc, vcc, Stream());
+      s.synchronize();  // the stream is non-blocking: finish before reading
+      const auto bits = [](const Tensor& a, const Tensor& b) {
+        const Tensor ah = a.to(Device::cpu()), bh = b.to(Device::cpu());
+        return std::memcmp(ah.data(), bh.data(), ah.nbytes()) == 0;
+      };
+      EXPECT_TRUE(bits(qf, qs)) << "q";
+      EXPECT_TRUE(bits(kf, ks)) << "k";
+      EXPECT_TRUE(bits(kcf, kcs)) << "k cache";
+      EXPECT_TRUE(bits(vcf, vcs)) << "v cache";
+      EXPECT_TRUE(test::allclose(test::to_floats(qf), test::to_floats(qc), 1e-4, 1e-5))
+          << "q vs CPU";
+      EXPECT_TRUE(test::allclose(test::to_floats(kf), test::to_floats(kc), 1e-4, 1e-5))
+          << "k vs CPU";
+      // Cache rows the step wrote (the others stay poisoned on the GPU, zero on the CPU).
+      const auto kg_h = test::to_floats(kcf), kc_h = test::to_floats(kcc);
+      const auto vg_h = test::to_floats(vcf), vc_h = test::to_floats(vcc);
+      const double tol = c.cache == DType::bf16 ? 1e-2 : 1e-4;
+      for (int64_t t = 0; t < m; ++t) {
+        const int32_t sl = slots.data<int32_t>()[t];
+        if (sl < 0) continue;
+        const std::vector<float> a(kg_h.begin() + sl * row, kg_h.begin() + (sl + 1) * row);
+        const std::vector<float> b(kc_h.begin() + sl * row, kc_h.begin() + (sl + 1) * row);
+        EXPECT_TRUE(test::allclose(a, b, tol, 1e-5)) << "k cache row of token " << t;
+        const std::vector<float> va(vg_h.begin() + sl * row, vg_h.begin() + (sl + 1) * row);
+        const std::vector<float> vb(vc_h.begin() + sl * row, vc_h.begin() + (sl + 1) * row);
+        EXPECT_TRUE(test::allclose(va, vb, 0, 0)) << "v cache row of token " << t;
+      }
+    }
   }
 }
 

@@ -193,6 +193,17 @@ void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slot_mapping
   }
 }
 
+void attention_prologue(Tensor& q, Tensor& k, const Tensor& v, const Tensor& q_norm,
+                        const Tensor& k_norm, float eps, int head_dim, const Tensor& positions,
+                        double theta, const Tensor& slot_mapping, Tensor& k_cache, Tensor& v_cache,
+                        const Stream& stream) {
+  if (q_norm.defined()) rms_norm(q, q_norm, eps, q, stream);
+  if (k_norm.defined()) rms_norm(k, k_norm, eps, k, stream);
+  rope(q, head_dim, positions, theta, stream);
+  rope(k, head_dim, positions, theta, stream);
+  kv_cache_write(k, v, slot_mapping, k_cache, v_cache, stream);
+}
+
 void paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                      const Tensor& block_table, const Tensor& token_seq, const Tensor& token_pos,
                      float scale, Tensor& out, const Stream& stream) {

@@ -14,12 +14,12 @@ namespace {
 
 constexpr size_t kWorkspaceBytes = size_t(32) << 20;
 
-#define MOELORA_CUBLAS_CHECK(expr)                                                       \
-  do {                                                                                   \
-    const cublasStatus_t moelora_st_ = (expr);                                           \
-    if (moelora_st_ != CUBLAS_STATUS_SUCCESS)                                            \
-      MOELORA_THROW("cuBLAS error {} ({}) in {}", cublasGetStatusName(moelora_st_),       \
-                    cublasGetStatusString(moelora_st_), #expr);                          \
+#define MOELORA_CUBLAS_CHECK(expr)                                                  \
+  do {                                                                              \
+    const cublasStatus_t moelora_st_ = (expr);                                      \
+    if (moelora_st_ != CUBLAS_STATUS_SUCCESS)                                       \
+      MOELORA_THROW("cuBLAS error {} ({}) in {}", cublasGetStatusName(moelora_st_), \
+                    cublasGetStatusString(moelora_st_), #expr);                     \
   } while (0)
 
 struct Handle {
@@ -58,8 +58,7 @@ Handle& handle_for_current_device() {
   Handle& hd = handles[dev];
   if (hd.h == nullptr) {
     MOELORA_CUBLAS_CHECK(cublasCreate(&hd.h));
-    MOELORA_CUBLAS_CHECK(
-        cublasSetMathMode(hd.h, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
+    MOELORA_CUBLAS_CHECK(cublasSetMathMode(hd.h, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
     MOELORA_CUDA_CHECK(cudaMalloc(&hd.workspace, kWorkspaceBytes));
   }
   return hd;

@@ -48,6 +48,30 @@ __global__ void embedding_kernel(const int32_t* ids, const __nv_bfloat16* table,
 }
 
 // ---- rms_norm: one CTA per row ---------------------------------------------------------------
+// 1 / rms of a row whose thread-strided sum of squares each thread holds in `ss` (the same code
+// for rms_norm_kernel and attention_prologue_kernel, so their results agree bit for bit).
+__device__ __forceinline__ float rms_inverse(float ss, int64_t d, float eps, float* part) {
+  for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (threadIdx.x == 0) part[0] = v;
+  }
+  __syncthreads();
+  return 1.0f / sqrtf(part[0] / float(d) + eps);
+}
+
+__device__ __forceinline__ float rms_scale(float v, float inv, __nv_bfloat16 w) {
+  return v * inv * __bfloat162float(w);
+}
+
+// Threads per row: the attention prologue's per-head norms use the same (rows of < 1024).
+__host__ __device__ constexpr int rms_norm_threads(int64_t d) {
+  return d >= 1024 ? 512 : 128;
+}
+
 template <bool kX, bool kOut>
 __global__ void rms_norm_kernel(const void* x, const __nv_bfloat16* w, float eps, void* out,
                                 int64_t d) {
@@ -60,19 +84,10 @@ __global__ void rms_norm_kernel(const void* x, const __nv_bfloat16* w, float eps
     ss += v * v;
   }
   __shared__ float part[32];
-  for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = ss;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float v = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.f;
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (threadIdx.x == 0) part[0] = v;
-  }
-  __syncthreads();
-  const float inv = 1.0f / sqrtf(part[0] / float(d) + eps);
+  const float inv = rms_inverse(ss, d, eps, part);
   // out may alias x: every thread read its elements above, and writes the same ones.
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
-    store<kOut>(out, r * d + i, load<kX>(x, r * d + i) * inv * __bfloat162float(w[i]));
+    store<kOut>(out, r * d + i, rms_scale(load<kX>(x, r * d + i), inv, w[i]));
 }
 
 // ---- linear: a warp per 2 weight rows x 8 tokens ----------------------------------------
@@ -144,6 +159,18 @@ __global__ void __launch_bounds__(kLinWarps * 32)
 }
 
 // ---- rope ------------------------------------------------------------------------------------
+
+// (a, b) = (x[i], x[i + d/2]) of one head rotated by position `pos` (the rotate-half layout),
+// f32 as transformers: inv_freq = 1 / theta^(2i/d), angle = position * inv_freq.
+__device__ __forceinline__ void rope_pair(float& a, float& b, int32_t pos, int i, int head_dim,
+                                          float theta) {
+  const float inv_freq = 1.0f / powf(theta, float(2 * i) / float(head_dim));
+  const float f = float(pos) * inv_freq;
+  const float cs = cosf(f), sn = sinf(f);
+  const float ra = a * cs - b * sn, rb = b * cs + a * sn;
+  a = ra, b = rb;
+}
+
 template <bool kX>
 __global__ void rope_kernel(void* x, int64_t m, int64_t cols, int head_dim,
                             const int32_t* positions, float theta) {
@@ -156,14 +183,11 @@ __global__ void rope_kernel(void* x, int64_t m, int64_t cols, int head_dim,
     const int64_t t = idx / per_token, rem = idx % per_token;
     const int64_t head = rem / half;
     const int i = int(rem % half);
-    // f32 as transformers: inv_freq = 1 / theta^(2i/d), angle = position * inv_freq.
-    const float inv_freq = 1.0f / powf(theta, float(2 * i) / float(head_dim));
-    const float f = float(positions[t]) * inv_freq;
-    const float cs = cosf(f), sn = sinf(f);
     const int64_t base = t * cols + head * head_dim;
-    const float a = load<kX>(x, base + i), b = load<kX>(x, base + i + half);
-    store<kX>(x, base + i, a * cs - b * sn);
-    store<kX>(x, base + i + half, b * cs + a * sn);
+    float a = load<kX>(x, base + i), b = load<kX>(x, base + i + half);
+    rope_pair(a, b, positions[t], i, head_dim, theta);
+    store<kX>(x, base + i, a);
+    store<kX>(x, base + i + half, b);
   }
 }
 
@@ -180,6 +204,55 @@ __global__ void kv_write_kernel(const void* k, const void* v, const int32_t* slo
     const int64_t dst = int64_t(slot_mapping[t]) * row + c;
     store<kCache>(kc, dst, load<kIn>(k, i));
     store<kCache>(vc, dst, load<kIn>(v, i));
+  }
+}
+
+// ---- attention prologue: per-head norms, rope and the cache write in one pass ---------------
+// One CTA per (token, head): q heads first, then kv heads (k normed and rotated, then k and v
+// written to the cache). The head is staged in shared memory between the norm and rope, with
+// rms_norm_kernel's block size and reduction and rope_kernel's arithmetic, so q, k and the
+// cache get the bits of rms_norm, rope and kv_cache_write run one after another.
+template <bool kCache>
+__global__ void __launch_bounds__(rms_norm_threads(0))
+    attention_prologue_kernel(const AttentionPrologueArgs a) {
+  pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
+  pdl_trigger();
+  __shared__ float row[kPrologueMaxHeadDim];
+  __shared__ float part[32];
+  const int64_t t = blockIdx.x;
+  const int d = a.head_dim, half = d / 2;
+  const bool is_q = int(blockIdx.y) < a.heads;
+  const int head = is_q ? int(blockIdx.y) : int(blockIdx.y) - a.heads;
+  float* x = is_q ? a.q + (t * a.heads + head) * d : a.k + (t * a.kv_heads + head) * d;
+  const auto* w = static_cast<const __nv_bfloat16*>(is_q ? a.q_norm : a.k_norm);
+  for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = x[i];
+  if (w != nullptr) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+      const float v = row[i];
+      ss += v * v;
+    }
+    const float inv = rms_inverse(ss, d, a.eps, part);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) row[i] = rms_scale(row[i], inv, w[i]);
+  }
+  __syncthreads();
+  const int32_t pos = a.positions[t];
+  const int slot = is_q ? -1 : a.slot_mapping[t];
+  const int64_t kv_row = int64_t(a.kv_heads) * d;
+  const int64_t dst = int64_t(slot) * kv_row + int64_t(head) * d;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    float lo = row[i], hi = row[i + half];
+    rope_pair(lo, hi, pos, i, d, a.theta);
+    x[i] = lo;
+    x[i + half] = hi;
+    if (slot >= 0) {
+      store<kCache>(a.k_cache, dst + i, lo);
+      store<kCache>(a.k_cache, dst + i + half, hi);
+    }
+  }
+  if (slot >= 0) {
+    const float* v = a.v + t * kv_row + int64_t(head) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) store<kCache>(a.v_cache, dst + i, v[i]);
   }
 }
 
@@ -351,7 +424,7 @@ cudaError_t launch_rms_norm(const void* x, bool x_bf16, const void* weight, floa
   if (rows == 0) return cudaSuccess;
   if (rows > 0x7fffffff) return cudaErrorInvalidValue;
   const auto* w = static_cast<const __nv_bfloat16*>(weight);
-  const int threads = d >= 1024 ? 512 : 128;
+  const int threads = rms_norm_threads(d);
   return dispatch2(x_bf16, out_bf16, [&]<bool kX, bool kO>() {
     return detail::launch_pdl(rms_norm_kernel<kX, kO>, dim3(unsigned(rows)), dim3(threads), 0, s, x,
                               w, eps, out, d);
@@ -414,7 +487,9 @@ __global__ void add_f32_kernel(const float* a, const float* b, float* out, int64
 cudaError_t launch_add_f32(const float* a, const float* b, float* out, int64_t n, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   const bool vec = (reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
-                    reinterpret_cast<uintptr_t>(out)) % 16 == 0;
+                    reinterpret_cast<uintptr_t>(out)) %
+                       16 ==
+                   0;
   return detail::launch_pdl(add_f32_kernel, dim3(grid_for(vec ? (n + 3) / 4 : n, 256)), dim3(256),
                             0, s, a, b, out, n, vec);
 }
@@ -428,6 +503,19 @@ cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_
                               positions, theta);
   return detail::launch_pdl(rope_kernel<false>, dim3(g), dim3(256), 0, s, x, m, cols, head_dim,
                             positions, theta);
+}
+
+cudaError_t launch_attention_prologue(const AttentionPrologueArgs& a, bool cache_bf16,
+                                      cudaStream_t s) {
+  if (a.m == 0) return cudaSuccess;
+  if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.head_dim > kPrologueMaxHeadDim ||
+      a.m > 0x7fffffff || a.heads + a.kv_heads > 65535)
+    return cudaErrorInvalidValue;
+  const dim3 grid(unsigned(a.m), unsigned(a.heads + a.kv_heads));
+  const int threads = rms_norm_threads(a.head_dim);
+  if (cache_bf16)
+    return detail::launch_pdl(attention_prologue_kernel<true>, grid, dim3(threads), 0, s, a);
+  return detail::launch_pdl(attention_prologue_kernel<false>, grid, dim3(threads), 0, s, a);
 }
 
 cudaError_t launch_kv_cache_write(const void* k, bool k_bf16, const void* v, bool v_bf16,

@@ -20,6 +20,27 @@ cudaError_t launch_linear(const void* x, bool x_bf16, const void* w, void* y, bo
 cudaError_t launch_split_bf16(const float* x, void* hi, void* lo, int64_t n, cudaStream_t s);
 // out [n] = a + b (f32; out may alias a or b).
 cudaError_t launch_add_f32(const float* a, const float* b, float* out, int64_t n, cudaStream_t s);
+// rms_norm (q_norm / k_norm per head, each optional), rope on q and k (in place, f32), then
+// k and v into the cache (slot -1: none), bit for bit launch_rms_norm, launch_rope and
+// launch_kv_cache_write one after another. head_dim even, <= kPrologueMaxHeadDim.
+inline constexpr int kPrologueMaxHeadDim = 512;
+struct AttentionPrologueArgs {
+  float* q;  // [m, heads * head_dim]
+  float* k;  // [m, kv_heads * head_dim]
+  const float* v;
+  const void* q_norm;  // bf16 [head_dim] or null
+  const void* k_norm;
+  float eps;
+  const int32_t* positions;  // [m]
+  float theta;
+  const int32_t* slot_mapping;  // [m]
+  void* k_cache;                // [slots, kv_heads * head_dim], f32 or bf16
+  void* v_cache;
+  int64_t m;
+  int heads, kv_heads, head_dim;
+};
+cudaError_t launch_attention_prologue(const AttentionPrologueArgs& a, bool cache_bf16,
+                                      cudaStream_t s);
 cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_dim,
                         const int32_t* positions, float theta, cudaStream_t s);
 cudaError_t launch_kv_cache_write(const void* k, bool k_bf16, const void* v, bool v_bf16,

@@ -11,7 +11,9 @@
 namespace moelora::cuda {
 namespace {
 
-cudaStream_t raw(const Stream& s) { return static_cast<cudaStream_t>(s.handle()); }
+cudaStream_t raw(const Stream& s) {
+  return static_cast<cudaStream_t>(s.handle());
+}
 
 void check_gpu(const Tensor& t, const char* what) {
   MOELORA_CHECK(t.defined(), "{}: expected a tensor, found an undefined one", what);
@@ -95,8 +97,8 @@ void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const 
   typed(positions, DType::i32, "rope positions");
   MOELORA_CHECK(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be even and > 0, found {}",
                 head_dim);
-  MOELORA_CHECK(x.size(1) % head_dim == 0, "rope input x: {} columns is not a multiple of head_dim {}",
-                x.size(1), head_dim);
+  MOELORA_CHECK(x.size(1) % head_dim == 0,
+                "rope input x: {} columns is not a multiple of head_dim {}", x.size(1), head_dim);
   MOELORA_CHECK(theta > 0, "rope: theta must be > 0, found {}", theta);
   check_shape(positions, {x.size(0)}, "rope positions");
   MOELORA_CUDA_CHECK(launch_rope(x.data(), xb, x.size(0), x.size(1), head_dim,
@@ -121,9 +123,72 @@ void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slot_mapping
   check_shape(v, {m, row}, "kv_cache_write v");
   typed(slot_mapping, DType::i32, "kv_cache_write slot_mapping");
   check_shape(slot_mapping, {m}, "kv_cache_write slot_mapping");
-  MOELORA_CUDA_CHECK(launch_kv_cache_write(k.data(), kb, v.data(), vb,
-                                           slot_mapping.data<int32_t>(), k_cache.data(),
-                                           v_cache.data(), cb, m, row, raw(stream)));
+  MOELORA_CUDA_CHECK(launch_kv_cache_write(k.data(), kb, v.data(), vb, slot_mapping.data<int32_t>(),
+                                           k_cache.data(), v_cache.data(), cb, m, row,
+                                           raw(stream)));
+}
+
+void attention_prologue(Tensor& q, Tensor& k, const Tensor& v, const Tensor& q_norm,
+                        const Tensor& k_norm, float eps, int head_dim, const Tensor& positions,
+                        double theta, const Tensor& slot_mapping, Tensor& k_cache, Tensor& v_cache,
+                        const Stream& stream) {
+  auto norm_ok = [&](const Tensor& w) {
+    return !w.defined() || (w.dtype() == DType::bf16 && w.dim() == 1 && w.size(0) == head_dim);
+  };
+  const bool fused = q.defined() && k.defined() && v.defined() && q.dtype() == DType::f32 &&
+                     k.dtype() == DType::f32 && v.dtype() == DType::f32 && head_dim > 0 &&
+                     head_dim % 2 == 0 && head_dim <= kPrologueMaxHeadDim && norm_ok(q_norm) &&
+                     norm_ok(k_norm);
+  if (!fused) {  // the ops one after another (they check everything and name what is wrong)
+    if (q_norm.defined()) rms_norm(q, q_norm, eps, q, stream);
+    if (k_norm.defined()) rms_norm(k, k_norm, eps, k, stream);
+    rope(q, head_dim, positions, theta, stream);
+    rope(k, head_dim, positions, theta, stream);
+    kv_cache_write(k, v, slot_mapping, k_cache, v_cache, stream);
+    return;
+  }
+  act(q, "attention_prologue q");
+  two_d(q, "attention_prologue q");
+  MOELORA_CHECK(q.size(1) % head_dim == 0,
+                "attention_prologue q: {} columns is not a multiple of head_dim {}", q.size(1),
+                head_dim);
+  MOELORA_CHECK(theta > 0, "attention_prologue: theta must be > 0, found {}", theta);
+  const bool cb = act(k_cache, "k_cache");
+  act(v_cache, "v_cache");
+  MOELORA_CHECK(k_cache.dim() == 4 && k_cache.size(3) == head_dim,
+                "k_cache: expected [pages, page_size, kv_heads, {}], found {}", head_dim,
+                k_cache.describe());
+  check_shape(v_cache, k_cache.shape(), "v_cache");
+  check_dtype(v_cache, k_cache.dtype(), "v_cache");
+  const int64_t m = q.size(0), kv_heads = k_cache.size(2);
+  check_shape(k, {m, kv_heads * head_dim}, "attention_prologue k");
+  check_shape(v, {m, kv_heads * head_dim}, "attention_prologue v");
+  act(k, "attention_prologue k");
+  act(v, "attention_prologue v");
+  for (const Tensor* t :
+       std::initializer_list<const Tensor*>{&q, &k, &v, &q_norm, &k_norm, &k_cache, &v_cache})
+    if (t->defined()) check_device(*t, q.device(), "attention_prologue tensors");
+  typed(positions, DType::i32, "attention_prologue positions");
+  check_shape(positions, {m}, "attention_prologue positions");
+  typed(slot_mapping, DType::i32, "attention_prologue slot_mapping");
+  check_shape(slot_mapping, {m}, "attention_prologue slot_mapping");
+  AttentionPrologueArgs a{};
+  a.q = q.data<float>();
+  a.k = k.data<float>();
+  a.v = v.data<float>();
+  a.q_norm = q_norm.defined() ? q_norm.data() : nullptr;
+  a.k_norm = k_norm.defined() ? k_norm.data() : nullptr;
+  a.eps = eps;
+  a.positions = positions.data<int32_t>();
+  a.theta = float(theta);
+  a.slot_mapping = slot_mapping.data<int32_t>();
+  a.k_cache = k_cache.data();
+  a.v_cache = v_cache.data();
+  a.m = m;
+  a.heads = int(q.size(1) / head_dim);
+  a.kv_heads = int(kv_heads);
+  a.head_dim = head_dim;
+  MOELORA_CUDA_CHECK(launch_attention_prologue(a, cb, raw(stream)));
 }
 
 void paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
@@ -177,8 +242,7 @@ void silu_mul(const Tensor& gate_up, Tensor& out, const Stream& stream) {
   const bool ob = act(out, "silu_mul output");
   const int64_t m = gate_up.size(0), inter = gate_up.size(1) / 2;
   check_shape(out, {m, inter}, "silu_mul output");
-  MOELORA_CUDA_CHECK(
-      launch_silu_mul(gate_up.data<float>(), out.data(), ob, m, inter, raw(stream)));
+  MOELORA_CUDA_CHECK(launch_silu_mul(gate_up.data<float>(), out.data(), ob, m, inter, raw(stream)));
 }
 
 void residual_add(Tensor& x, const Tensor& y, const Stream& stream) {
@@ -205,8 +269,8 @@ void copy_columns(const Tensor& src, int64_t col, Tensor& dst, const Stream& str
   two_d(src, "copy_columns src");
   two_d(dst, "copy_columns dst");
   const int64_t m = src.size(0), n = src.size(1), w = dst.size(1);
-  MOELORA_CHECK(dst.size(0) == m, "copy_columns: dst {} has {} rows, src {} has {}",
-                dst.describe(), dst.size(0), src.describe(), m);
+  MOELORA_CHECK(dst.size(0) == m, "copy_columns: dst {} has {} rows, src {} has {}", dst.describe(),
+                dst.size(0), src.describe(), m);
   MOELORA_CHECK(col >= 0 && col + w <= n,
                 "copy_columns: columns [{}, {}) are outside src {} ({} columns)", col, col + w,
                 src.describe(), n);
@@ -222,12 +286,11 @@ void gather_rows(const Tensor& src, const Tensor& rows, Tensor& dst, const Strea
   MOELORA_CHECK(rows.dim() == 1, "gather_rows rows: expected [S], found {}", rows.describe());
   const int64_t c = src.size(1), s = rows.size(0);
   check_shape(dst, {s, c}, "gather_rows dst");
-  MOELORA_CUDA_CHECK(launch_copy_rows(src.data(), sb, c, 0, rows.data<int32_t>(), dst.data(), db,
-                                      s, c, raw(stream)));
+  MOELORA_CUDA_CHECK(launch_copy_rows(src.data(), sb, c, 0, rows.data<int32_t>(), dst.data(), db, s,
+                                      c, raw(stream)));
 }
 
-void router_margin(const Tensor& logits, int k, Tensor& margin, int64_t col,
-                   const Stream& stream) {
+void router_margin(const Tensor& logits, int k, Tensor& margin, int64_t col, const Stream& stream) {
   typed(logits, DType::f32, "router_margin logits");
   two_d(logits, "router_margin logits");
   typed(margin, DType::f32, "router_margin margin");
@@ -240,8 +303,8 @@ void router_margin(const Tensor& logits, int k, Tensor& margin, int64_t col,
   MOELORA_CHECK(k >= 1, "router_margin: k must be >= 1, found {}", k);
   MOELORA_CHECK(e >= 1 && e <= 1024,
                 "cuda router_margin: {} experts; the kernel handles 1..1024 (32 per lane)", e);
-  MOELORA_CUDA_CHECK(launch_router_margin(logits.data<float>(), m, int(e), k,
-                                          margin.data<float>(), cols, col, raw(stream)));
+  MOELORA_CUDA_CHECK(launch_router_margin(logits.data<float>(), m, int(e), k, margin.data<float>(),
+                                          cols, col, raw(stream)));
 }
 
 }  // namespace moelora::cuda
