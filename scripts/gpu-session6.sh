@@ -76,17 +76,19 @@ if [ "$MODE" = linear ]; then
   done
   tar -czf "$OUT/linear.tgz" -C "$OUT" linear
 fi
-if [ "$MODE" = prologue ]; then
-  # The fused attention prologue (per-head norms, rope, cache write in one kernel): its op test
-  # and every model / decode test, memcheck on the op, bench decode before (OLD_BIN) / after.
-  R=$OUT/prologue; mkdir -p "$R"
+if [ "$MODE" = prologue ] || [ "$MODE" = attention ]; then
+  # prologue: the fused attention prologue (per-head norms, rope, cache write in one kernel);
+  # attention: the GQA decode attention with several positions in flight per warp. The ops'
+  # tests and every model / decode test, memcheck (SAN_FILTER), bench decode before (OLD_BIN)
+  # and after, alternating.
+  R=$OUT/$MODE; mkdir -p "$R"
   timeout 300 "$B/moelora_gpu_tests" \
     --gtest_filter='*DenseOps*:*DenseLora*:*ModelGpu*:*DecodeGraph*:*Golden*:*Fp8Checkpoint*:*Deepseek*:*ModelOps*:*Engine*' \
     > "$R/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?"
   grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$R/gpu_tests.log" | head -20
   timeout 120 compute-sanitizer --tool memcheck "$B/moelora_gpu_tests" \
-    --gtest_filter='DenseOpsGpu.AttentionPrologueMatchesTheOps' > "$R/san_memcheck.log" 2>&1
+    --gtest_filter="${SAN_FILTER:-DenseOpsGpu.AttentionPrologueMatchesTheOps}" > "$R/san_memcheck.log" 2>&1
   echo "memcheck rc=$?"; grep -E "ERROR SUMMARY" "$R/san_memcheck.log" | tail -1
   for rep in 1 2; do
     for bin in old new; do
@@ -97,7 +99,7 @@ if [ "$MODE" = prologue ]; then
       grep -E "batch +[0-9]+ +fast +lora (r16x1|none +[0-9])" "$R/decode_${bin}_$rep.log"
     done
   done
-  tar -czf "$OUT/prologue.tgz" -C "$OUT" prologue
+  tar -czf "$OUT/$MODE.tgz" -C "$OUT" "$MODE"
 fi
 if [ "$MODE" = final ]; then
   # Every GPU test, then bench decode (hooks and fast paths) for BENCHMARKS.md; all results in
