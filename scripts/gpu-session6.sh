@@ -108,9 +108,18 @@ if [ "$MODE" = final ]; then
   timeout 360 "$B/moelora_gpu_tests" > "$R/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?"
   grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$R/gpu_tests.log" | head -20
+  if [ -n "${SAN_FILTER:-}" ]; then
+    timeout 150 compute-sanitizer --tool memcheck "$B/moelora_gpu_tests" --gtest_filter="$SAN_FILTER" \
+      > "$R/san_memcheck.log" 2>&1
+    echo "memcheck rc=$?"; grep -E "ERROR SUMMARY" "$R/san_memcheck.log" | tail -1
+  fi
   timeout 200 "$B/moelora" bench decode --batches 1,16,64,128 --lora none,r16x1,r16x4 \
     --path hooks,fast --steps 10 --json "$R/decode_paths.json" > "$R/decode_paths.log" 2>&1
   echo "bench decode rc=$?"
   grep -E "batch +[0-9]+ +(fast|hooks) +lora" "$R/decode_paths.log"
+  timeout 150 "$B/moelora" bench decode --batches 1,16,64,128 --lora none,r16x1 --path fast \
+    --context 2048 --steps 5 --json "$R/decode_ctx2048.json" > "$R/decode_ctx2048.log" 2>&1
+  echo "bench decode context 2048 rc=$?"
+  grep -E "batch +[0-9]+ +fast +lora" "$R/decode_ctx2048.log"
   tar -czf "$OUT/final.tgz" -C "$OUT" final
 fi

@@ -101,6 +101,191 @@ __global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kWarps * 32)
   });
 }
 
+// ---- tensor-core variant (bf16 cache, larger batches) ---------------------------------------
+// The scalar kernel above spends ~30 instructions per (query head, position): the warp-wide dot
+// product's shuffles, the online softmax and the P.V FMAs; at batch 128 it is instruction-
+// bound at ~0.65 TB/s (bench/NOTES.md). Here both products run on mma.sync m16n8k16 with the
+// group's query heads as M (rows >= G are zero): per warp, tiles of 16 positions,
+// S = Q.K^T (K rows are the B operand as stored), the online softmax on the accumulator
+// fragments, then O += P.V with the S fragments reused as the A operand (FlashAttention-2's
+// register layout). Q and P are split into bf16 hi + lo halves (two MMAs each), so products
+// stay faithful to f32 operands. Each warp's O goes through shared memory into the scalar
+// kernel's lane layout, and the same cluster merge finishes.
+constexpr int kMmaWarps = 4;
+constexpr int kMmaPos = 16;  // positions per warp tile (the P.V MMA's k)
+// Block tables of at least this many positions take the tensor-core kernel (a decode graph's
+// table is a power-of-two number of pages, so context 512 runs on a 1024-position table).
+constexpr int64_t kMmaMinContext = 1536;
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// x = hi + lo with hi = bf16(x), lo = bf16(x - hi), packed in pairs.
+__device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat16 h0 = __float2bfloat16_rn(x0), h1 = __float2bfloat16_rn(x1);
+  __nv_bfloat162 h;
+  h.x = h0, h.y = h1;
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = pack_bf16(x0 - __bfloat162float(h0), x1 - __bfloat162float(h1));
+}
+
+template <bool kQ, bool kOut>
+__global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kMmaWarps * 32)
+    gqa_mma_attention_kernel(const PagedAttentionArgs a) {
+  constexpr int kCols = kMaxPer * 32;  // 128
+  constexpr int kLd = kCols + 8;       // bf16 row stride (+16 bytes: no bank conflicts)
+  __shared__ __align__(16) __nv_bfloat16 s_qh[16][kLd], s_ql[16][kLd];
+  __shared__ float s_o[kMmaWarps][kMaxG][kCols];
+  __shared__ attn::MergeSmem<kMmaWarps, kSplit, kMaxG, kCols> s_merge;
+
+  const unsigned rank = cg::this_cluster().block_rank();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gr = lane / 4, qd = lane % 4;  // fragment row group, quad lane
+  const int64_t t = blockIdx.x;
+  const int kvh = int(blockIdx.y);
+  const int d = a.head_dim, G = a.heads / a.kv_heads;
+  const int h0 = kvh * G;
+  const int seq = a.token_seq[t], len = a.token_pos[t] + 1;
+  const auto* kc = static_cast<const __nv_bfloat16*>(a.k_cache);
+  const auto* vc = static_cast<const __nv_bfloat16*>(a.v_cache);
+  for (int e = threadIdx.x; e < 16 * kCols; e += kMmaWarps * 32) {
+    const int g = e / kCols, c = e % kCols;
+    const float x = (g < G && c < d) ? load<kQ>(a.q, (t * a.heads + h0 + g) * int64_t(d) + c) : 0.f;
+    const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+    s_qh[g][c] = hi;
+    s_ql[g][c] = __float2bfloat16_rn(x - __bfloat162float(hi));
+  }
+  __syncthreads();
+
+  const int chunk = (len + kSplit - 1) / kSplit;
+  const int p_begin = int(rank) * chunk, p_end = min(len, p_begin + chunk);
+  const int64_t row = int64_t(a.kv_heads) * d;
+  const int ksteps = d / 16, ntiles = d / 8;
+  float o[kCols / 8][4];
+#pragma unroll
+  for (int n = 0; n < kCols / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float mx = -INFINITY, sum = 0.f;  // row gr (rows gr + 8 are padding)
+  auto offset = [&](int p) {
+    const int page = a.block_table[int64_t(seq) * a.max_pages + p / a.page_size];
+    return (int64_t(page) * a.page_size + p % a.page_size) * row + int64_t(kvh) * d;
+  };
+  for (int p0 = p_begin + warp * kMmaPos; p0 < p_end; p0 += kMmaWarps * kMmaPos) {
+    // S = Q . K^T over two n-tiles of 8 positions: this lane's B column is position gr.
+    float sc[2][4] = {};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int p = p0 + nt * 8 + gr;
+      const bool live = p < p_end;
+      const __nv_bfloat16* krow = kc + (live ? offset(p) : 0);
+#pragma unroll
+      for (int ks = 0; ks < kCols / 16; ++ks) {
+        if (ks >= ksteps) break;
+        const int k0 = ks * 16 + qd * 2;
+        const uint32_t b0 = live ? *reinterpret_cast<const uint32_t*>(krow + k0) : 0u;
+        const uint32_t b1 = live ? *reinterpret_cast<const uint32_t*>(krow + k0 + 8) : 0u;
+        uint32_t ah[4], al[4];
+        ah[0] = *reinterpret_cast<const uint32_t*>(&s_qh[gr][k0]);
+        ah[1] = *reinterpret_cast<const uint32_t*>(&s_qh[gr + 8][k0]);
+        ah[2] = *reinterpret_cast<const uint32_t*>(&s_qh[gr][k0 + 8]);
+        ah[3] = *reinterpret_cast<const uint32_t*>(&s_qh[gr + 8][k0 + 8]);
+        al[0] = *reinterpret_cast<const uint32_t*>(&s_ql[gr][k0]);
+        al[1] = *reinterpret_cast<const uint32_t*>(&s_ql[gr + 8][k0]);
+        al[2] = *reinterpret_cast<const uint32_t*>(&s_ql[gr][k0 + 8]);
+        al[3] = *reinterpret_cast<const uint32_t*>(&s_ql[gr + 8][k0 + 8]);
+        mma16816(sc[nt], ah, b0, b1);
+        mma16816(sc[nt], al, b0, b1);
+      }
+    }
+    // Online softmax of row gr over this tile (columns qd * 2 + {0, 1} of each n-tile).
+    float s4[4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int p = p0 + nt * 8 + qd * 2 + e;
+        s4[nt * 2 + e] = p < p_end ? sc[nt][e] * a.scale : -INFINITY;
+      }
+    float tm = fmaxf(fmaxf(s4[0], s4[1]), fmaxf(s4[2], s4[3]));
+    tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
+    tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+    const float nm = fmaxf(mx, tm);  // finite: the tile has a live position
+    const float corr = expf(mx - nm);
+    float pr[4], ts = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ts += (pr[i] = expf(s4[i] - nm));
+    ts += __shfl_xor_sync(0xffffffffu, ts, 1);
+    ts += __shfl_xor_sync(0xffffffffu, ts, 2);
+    sum = sum * corr + ts;
+    mx = nm;
+    // P as the A operand (k = this tile's 16 positions), rows gr + 8 zero; hi + lo halves.
+    uint32_t ph[4], pl[4];
+    split_pack(pr[0], pr[1], ph[0], pl[0]);
+    split_pack(pr[2], pr[3], ph[2], pl[2]);
+    ph[1] = ph[3] = pl[1] = pl[3] = 0u;
+    // V rows of positions qd * 2 + {0, 1} and + 8 (the B operand's k), zero past the end.
+    int64_t voff[4];
+    bool vlive[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int p = p0 + qd * 2 + (i & 1) + (i >> 1) * 8;
+      vlive[i] = p < p_end;
+      voff[i] = vlive[i] ? offset(p) : 0;
+    }
+#pragma unroll
+    for (int n = 0; n < kCols / 8; ++n) {
+      if (n >= ntiles) break;
+      o[n][0] *= corr, o[n][1] *= corr;
+      const int c = n * 8 + gr;
+      __nv_bfloat16 v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = vlive[i] ? vc[voff[i] + c] : __float2bfloat16_rn(0.f);
+      __nv_bfloat162 lo2, hi2;
+      lo2.x = v[0], lo2.y = v[1];
+      hi2.x = v[2], hi2.y = v[3];
+      const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&lo2);
+      const uint32_t b1 = *reinterpret_cast<const uint32_t*>(&hi2);
+      mma16816(o[n], ph, b0, b1);
+      mma16816(o[n], pl, b0, b1);
+    }
+  }
+
+  // Row gr's O (columns n * 8 + qd * 2 + {0, 1}) into the scalar kernel's lane layout.
+  if (gr < kMaxG)
+#pragma unroll
+    for (int n = 0; n < kCols / 8; ++n) {
+      s_o[warp][gr][n * 8 + qd * 2] = o[n][0];
+      s_o[warp][gr][n * 8 + qd * 2 + 1] = o[n][1];
+    }
+  __syncwarp();
+  float wmx[kMaxG], wsum[kMaxG], acc[kMaxG][kMaxPer];
+#pragma unroll
+  for (int g = 0; g < kMaxG; ++g) {
+    wmx[g] = __shfl_sync(0xffffffffu, mx, g * 4);
+    wsum[g] = __shfl_sync(0xffffffffu, sum, g * 4);
+#pragma unroll
+    for (int j = 0; j < kMaxPer; ++j) acc[g][j] = s_o[warp][g][lane + 32 * j];
+  }
+  attn::merge_partials<kMmaWarps, kSplit>(
+      s_merge, G, d, wmx, wsum, acc, [&](int g, int c, float v) {
+        const int64_t i = (t * a.heads + h0 + g) * int64_t(d) + c;
+        if constexpr (kOut)
+          static_cast<__nv_bfloat16*>(a.out)[i] = __float2bfloat16_rn(v);
+        else
+          static_cast<float*>(a.out)[i] = v;
+      });
+}
+
 template <int kW, bool kQ, bool kC>
 cudaError_t launch_warps(const PagedAttentionArgs& a, cudaStream_t s) {
   const dim3 grid(unsigned(a.m), unsigned(a.kv_heads), kSplit);
@@ -113,8 +298,23 @@ cudaError_t launch_warps(const PagedAttentionArgs& a, cudaStream_t s) {
 
 template <bool kQ, bool kC>
 cudaError_t launch_typed(const PagedAttentionArgs& a, cudaStream_t s) {
-  return a.m * a.kv_heads <= kFewClusters ? launch_warps<16, kQ, kC>(a, s)
-                                          : launch_warps<4, kQ, kC>(a, s);
+  if (a.m * a.kv_heads <= kFewClusters) return launch_warps<16, kQ, kC>(a, s);
+  // Tensor cores from a bf16 cache and head_dim a multiple of 16 (K/V rows as MMA operands),
+  // once the block table can hold kMmaMinContext positions: measured on H100 (qwen3-30b-a3b,
+  // fp8 experts, ms per decode step, scalar -> tensor cores): context 2048 batch 16 17.92 ->
+  // 16.97, batch 128 59.77 -> 45.60; context 512 batch 16 13.03 -> 13.50, 128 30.83 -> 30.28
+  // (64 positions per CTA: Q staging and the merge outweigh the products).
+  if constexpr (kC) {
+    if (a.head_dim % 16 == 0 && int64_t(a.max_pages) * a.page_size >= kMmaMinContext) {
+      const dim3 grid(unsigned(a.m), unsigned(a.kv_heads), kSplit);
+      if (a.out_bf16)
+        gqa_mma_attention_kernel<kQ, true><<<grid, kMmaWarps * 32, 0, s>>>(a);
+      else
+        gqa_mma_attention_kernel<kQ, false><<<grid, kMmaWarps * 32, 0, s>>>(a);
+      return cudaGetLastError();
+    }
+  }
+  return launch_warps<4, kQ, kC>(a, s);
 }
 
 }  // namespace
