@@ -3,6 +3,13 @@
 #   prio: the side streams at high priority, kept inside graphs (per-node priorities): the
 #         graph / LoRA GPU tests, bench moe fp8 (hooks, overlap; normal vs high), bench decode
 #         fp8 fast path (normal vs high, alternating). Results in $OUT/prio.tgz.
+#   shrink: the MoE LoRA shrink's reordered reads: LoRA GPU tests, memcheck, bench moe bf16 and
+#           fp8 with the binary before (OLD_BIN) and after.
+#   linear | prologue | attention: a dense-path change (stacked f32 linears, fused attention
+#           prologue, tensor-core decode attention): the dense / model / decode GPU tests,
+#           memcheck (SAN_FILTER), bench decode before (OLD_BIN) / after, alternating.
+#   final: every GPU test, memcheck (SAN_FILTER, optional), bench decode hooks / fast at
+#          context 512 and the fast path at 2048.
 set -uo pipefail
 B=$1; OUT=$2; MODE=$3; mkdir -p "$OUT"
 export MOELORA_FIXTURES=$PWD/tests/fixtures
@@ -56,28 +63,8 @@ PY
   done
   tar -czf "$OUT/shrink.tgz" -C "$OUT" shrink
 fi
-if [ "$MODE" = linear ]; then
-  # f32-input linears as one stacked hi/lo GEMM (one weight pass): dense / model / decode GPU
-  # tests, then bench decode fast path with the binary before (OLD_BIN) and after, alternating.
-  R=$OUT/linear; mkdir -p "$R"
-  timeout 300 "$B/moelora_gpu_tests" \
-    --gtest_filter='*DenseOps*:*DenseLora*:*ModelGpu*:*DecodeGraph*:*Golden*:*Fp8Checkpoint*:*Deepseek*:*ModelOps*' \
-    > "$R/gpu_tests.log" 2>&1
-  echo "gpu tests rc=$?"
-  grep -E "^\[  FAILED|^\[  PASSED|tests ran" "$R/gpu_tests.log" | head -20
-  for rep in 1 2; do
-    for bin in old new; do
-      b=$B/moelora; [ $bin = old ] && b=$OLD_BIN/moelora
-      timeout 150 "$b" bench decode --batches 1,16,64,128 --lora none,r16x1 --path fast \
-        --steps 10 --json "$R/decode_${bin}_$rep.json" > "$R/decode_${bin}_$rep.log" 2>&1
-      echo "== decode $bin (run $rep) rc=$?"
-      grep -E "batch +[0-9]+ +fast +lora (r16x1|none +[0-9])" "$R/decode_${bin}_$rep.log"
-    done
-  done
-  tar -czf "$OUT/linear.tgz" -C "$OUT" linear
-fi
-if [ "$MODE" = prologue ] || [ "$MODE" = attention ]; then
-  # prologue: the fused attention prologue (per-head norms, rope, cache write in one kernel);
+if [ "$MODE" = linear ] || [ "$MODE" = prologue ] || [ "$MODE" = attention ]; then
+  # linear: the stacked hi/lo f32 linears; prologue: the fused attention prologue (per-head norms, rope, cache write in one kernel);
   # attention: the GQA decode attention with several positions in flight per warp. The ops'
   # tests and every model / decode test, memcheck (SAN_FILTER), bench decode before (OLD_BIN)
   # and after, alternating.

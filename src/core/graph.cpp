@@ -13,8 +13,7 @@ namespace moelora {
 #ifdef MOELORA_WITH_CUDA
 CudaGraph CudaGraph::capture(const Stream& stream, const std::function<void()>& body) {
   MOELORA_CHECK(stream.device().is_cuda() && stream.handle() != nullptr,
-                "CudaGraph::capture needs a created CUDA stream, found {}",
-                stream.device().str());
+                "CudaGraph::capture needs a created CUDA stream, found {}", stream.device().str());
   auto s = static_cast<cudaStream_t>(stream.handle());
   MOELORA_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
   try {

@@ -11,7 +11,9 @@
 namespace moelora {
 
 #ifdef MOELORA_WITH_CUDA
-bool built_with_cuda() { return true; }
+bool built_with_cuda() {
+  return true;
+}
 bool cuda_available() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -21,12 +23,18 @@ bool cuda_available() {
   return n > 0;
 }
 #else
-bool built_with_cuda() { return false; }
-bool cuda_available() { return false; }
+bool built_with_cuda() {
+  return false;
+}
+bool cuda_available() {
+  return false;
+}
 #endif
 
 namespace {
-[[noreturn, maybe_unused]] void no_cuda() { MOELORA_THROW("CUDA requested, but moelora was built without CUDA"); }
+[[noreturn, maybe_unused]] void no_cuda() {
+  MOELORA_THROW("CUDA requested, but moelora was built without CUDA");
+}
 }  // namespace
 
 Stream Stream::create(Device device, StreamPriority priority) {
@@ -64,7 +72,8 @@ Stream::~Stream() {
 }
 
 Stream::Stream(Stream&& o) noexcept
-    : device_(o.device_), handle_(std::exchange(o.handle_, nullptr)),
+    : device_(o.device_),
+      handle_(std::exchange(o.handle_, nullptr)),
       owned_(std::exchange(o.owned_, false)) {}
 
 Stream& Stream::operator=(Stream&& o) noexcept {
@@ -101,7 +110,8 @@ Event Event::create(Device device, bool timing) {
 #ifdef MOELORA_WITH_CUDA
   MOELORA_CUDA_CHECK(cudaSetDevice(device.index));
   cudaEvent_t h = nullptr;
-  MOELORA_CUDA_CHECK(cudaEventCreateWithFlags(&h, timing ? cudaEventDefault : cudaEventDisableTiming));
+  MOELORA_CUDA_CHECK(
+      cudaEventCreateWithFlags(&h, timing ? cudaEventDefault : cudaEventDisableTiming));
   e.handle_ = h;
   return e;
 #else

@@ -37,8 +37,8 @@ enum EventIndex : size_t {
 void DeepseekModel::set_decode_options(const DecodeOptions& options) {
   // Graphs and the side stream on CUDA only; on the CPU `fast` runs as `hooks`.
   const bool fast = apply_decode_options(options, layers_, options_, device_, graphs_);
-  const bool new_side = !side_.handle() ||
-                        options.side_stream_priority != decode_options_.side_stream_priority;
+  const bool new_side =
+      !side_.handle() || options.side_stream_priority != decode_options_.side_stream_priority;
   decode_options_ = options;
   decode_stats_ = {};
   if (fast && new_side) {

@@ -4,8 +4,8 @@
 // and that is cuBLAS's job, not ours (the expert GEMMs are ours because of the routing).
 #pragma once
 
-#include <cstdint>
 #include <cuda_runtime_api.h>
+#include <cstdint>
 
 namespace moelora::cuda {
 

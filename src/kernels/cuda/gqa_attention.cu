@@ -15,12 +15,14 @@
 
 #include "kernels/cuda/act_io.cuh"
 #include "kernels/cuda/dense_ops_launch.h"
+#include "kernels/cuda/sm90_moe_gemm.cuh"  // mma_bf16_16816
 #include "kernels/cuda/softmax_merge.cuh"
 
 namespace moelora::cuda {
 namespace {
 
 namespace cg = cooperative_groups;
+namespace mma = sm90::detail;
 
 constexpr int kSplit = 8;
 // Warps per CTA: 16 when the clusters' CTAs fit on the H100's 132 SMs one CTA each (at most
@@ -117,15 +119,6 @@ constexpr int kMmaPos = 16;  // positions per warp tile (the P.V MMA's k)
 // table is a power-of-two number of pages, so context 512 runs on a 1024-position table).
 constexpr int64_t kMmaMinContext = 1536;
 
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
@@ -203,8 +196,8 @@ __global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kMmaWarps * 32)
         al[1] = *reinterpret_cast<const uint32_t*>(&s_ql[gr + 8][k0]);
         al[2] = *reinterpret_cast<const uint32_t*>(&s_ql[gr][k0 + 8]);
         al[3] = *reinterpret_cast<const uint32_t*>(&s_ql[gr + 8][k0 + 8]);
-        mma16816(sc[nt], ah, b0, b1);
-        mma16816(sc[nt], al, b0, b1);
+        mma::mma_bf16_16816(sc[nt], ah, b0, b1);
+        mma::mma_bf16_16816(sc[nt], al, b0, b1);
       }
     }
     // Online softmax of row gr over this tile (columns qd * 2 + {0, 1} of each n-tile).
@@ -255,8 +248,8 @@ __global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kMmaWarps * 32)
       hi2.x = v[2], hi2.y = v[3];
       const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&lo2);
       const uint32_t b1 = *reinterpret_cast<const uint32_t*>(&hi2);
-      mma16816(o[n], ph, b0, b1);
-      mma16816(o[n], pl, b0, b1);
+      mma::mma_bf16_16816(o[n], ph, b0, b1);
+      mma::mma_bf16_16816(o[n], pl, b0, b1);
     }
   }
 
