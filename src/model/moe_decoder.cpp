@@ -306,9 +306,13 @@ StepResult MoeDecoder::forward(const std::vector<SeqInput>& batch, PagedKvCache&
       return forward_graph(batch, cache, d, bucket, lb);
 
   StepTables t;
-  const int64_t n = 5 * d.m + d.s + d.s * d.p;
+  // On CUDA the block table is as wide as a decode graph's would be (a power-of-two number of
+  // pages): kernels that choose by its width (the decode attention) then choose the same
+  // eagerly and in a graph, so replay keeps the eager steps' bits.
+  const int64_t P = device_.is_cuda() ? DecodeGraphs::page_bucket(d.p) : d.p;
+  const int64_t n = 5 * d.m + d.s + d.s * P;
   Tensor dst = device_.is_cuda() ? ws_.tables.get(1, n, DType::i32, device_).view({n}) : Tensor();
-  build_tables(batch, cache, d, d.m, d.p, dst, t, lb);
+  build_tables(batch, cache, d, d.m, P, dst, t, lb);
   StepOutput result(ws_.out, device_, d.m, d.s, c.vocab_size, num_moe_layers_, all_logits);
   run_step(t, lb, cache, result);
   ++decode_stats_.eager;

@@ -173,6 +173,19 @@ TEST_P(DecodeGraphTest, BatchOverTheLargestBucketRunsEagerly) {
   EXPECT_EQ(fast.model->decode_stats().eager, 7);
 }
 
+// Long contexts (a ~1100-token prompt per sequence, 12 sequences): the decode attention picks
+// its kernel by the block table's width (the tensor-core one from 1536 positions), and the
+// eager steps build the table as wide as the graph's (a power-of-two number of pages), so graph
+// replay still gives the eager steps' bits.
+TEST_P(DecodeGraphTest, LongContextReplayMatchesEager) {
+  MOELORA_REQUIRE_GPU();
+  const std::vector<int> slots = {-1, 0, 1, 2, 3, -1, 1, 3, 0, -1, 2, 1};
+  DecodeRunner eager(load(GetParam(), DecodePath::fast, 256, /*graphs=*/false), slots, 1100);
+  DecodeRunner fast(load(GetParam(), DecodePath::fast), slots, 1100);
+  compare_paths(eager, fast, 20, true, "context ~1100, graphs vs eager");
+  EXPECT_GE(fast.model->decode_stats().replayed, 19);
+}
+
 // The inline MoE LoRA (deltas in extra CTAs of the fp8 expert GEMM grids) on the fast path:
 // graph replay gives the eager steps' bits for 200 steps (across block-table captures), the
 // hooks path within tolerance, and base rows the bits of an all-base batch.

@@ -45,13 +45,14 @@ inline std::unique_ptr<Model> load_decode_model(const std::string& model_dir,
 }
 
 // One model, its (KV or latent) cache and its sequences: sequence i runs adapter slots[i] and
-// starts with a prompt of 3 + i % 7 tokens.
+// starts with a prompt of prompt_extra + 3 + i % 7 tokens.
 struct DecodeRunner {
   std::unique_ptr<Model> model;
   std::unique_ptr<PagedKvCache> cache;
   std::vector<SeqInput> seqs;
 
-  DecodeRunner(std::unique_ptr<Model> m, const std::vector<int>& slots) : model(std::move(m)) {
+  DecodeRunner(std::unique_ptr<Model> m, const std::vector<int>& slots, int prompt_extra = 0)
+      : model(std::move(m)) {
     KvCacheConfig kc = model->kv_cache_config(1024, 16, DType::bf16);
     kc.max_seqs = 64;
     cache = std::make_unique<PagedKvCache>(kc);
@@ -59,7 +60,8 @@ struct DecodeRunner {
       SeqInput s;
       s.seq = cache->add_sequence();
       s.adapter_slot = slots[i];
-      for (size_t t = 0; t < 3 + i % 7; ++t) s.tokens.push_back(int32_t((37 * i + 11 * t) % 500));
+      for (size_t t = 0; t < 3 + i % 7 + size_t(prompt_extra); ++t)
+        s.tokens.push_back(int32_t((37 * i + 11 * t) % 500));
       seqs.push_back(s);
     }
   }
