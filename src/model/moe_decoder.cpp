@@ -307,8 +307,8 @@ StepResult MoeDecoder::forward(const std::vector<SeqInput>& batch, PagedKvCache&
 
   StepTables t;
   // On CUDA the block table is as wide as a decode graph's would be (a power-of-two number of
-  // pages): kernels that choose by its width (the decode attention) then choose the same
-  // eagerly and in a graph, so replay keeps the eager steps' bits.
+  // pages), so eager steps and graph replays hand the kernels the same tables (nothing may
+  // choose differently by the table's width and break replay's eager bits).
   const int64_t P = device_.is_cuda() ? DecodeGraphs::page_bucket(d.p) : d.p;
   const int64_t n = 5 * d.m + d.s + d.s * P;
   Tensor dst = device_.is_cuda() ? ws_.tables.get(1, n, DType::i32, device_).view({n}) : Tensor();

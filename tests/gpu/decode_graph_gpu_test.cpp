@@ -173,10 +173,9 @@ TEST_P(DecodeGraphTest, BatchOverTheLargestBucketRunsEagerly) {
   EXPECT_EQ(fast.model->decode_stats().eager, 7);
 }
 
-// Long contexts (a ~1100-token prompt per sequence, 12 sequences): the decode attention picks
-// its kernel by the block table's width (the tensor-core one from 1536 positions), and the
-// eager steps build the table as wide as the graph's (a power-of-two number of pages), so graph
-// replay still gives the eager steps' bits.
+// Long contexts (a ~1100-token prompt per sequence, 12 sequences, so the tensor-core decode
+// attention on the bf16 cache): graph replay gives the eager steps' bits (the eager steps build
+// the block table as wide as the graph's).
 TEST_P(DecodeGraphTest, LongContextReplayMatchesEager) {
   MOELORA_REQUIRE_GPU();
   const std::vector<int> slots = {-1, 0, 1, 2, 3, -1, 1, 3, 0, -1, 2, 1};

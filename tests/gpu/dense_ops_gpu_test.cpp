@@ -106,8 +106,8 @@ TEST_P(DenseOpsGpu, PagedAttention) {
   // head_dim 32..128), then ones only the plain kernel takes (head_dim 40, groups of 16).
   const int shapes[][3] = {{8, 2, 64}, {32, 4, 128}, {4, 4, 32}, {6, 3, 40}, {16, 1, 64}};
   // Up to 1600 positions: a cluster CTA's share (200) spans every warp and gives warp 0 a
-  // second 32-position block; a table that wide takes the tensor-core kernel for a bf16 cache
-  // once the batch has more than 16 (token, KV head) pairs (gqa_attention.cu).
+  // second 32-position block. A bf16 cache past a few tokens takes the tensor-core kernel
+  // (gqa_attention.cu).
   const int page = 16, seqs = 3, max_pages = 100;
   const int64_t pages = seqs * max_pages;
   int kvh = 0, d = 0;

@@ -26,8 +26,8 @@ namespace mma = sm90::detail;
 
 constexpr int kSplit = 8;
 // Warps per CTA: 16 when the clusters' CTAs fit on the H100's 132 SMs one CTA each (at most
-// 16 clusters: decode batches of up to 4 tokens at 4 KV heads), where each warp's chain of
-// positions (one at a time: load, a dot product per query head, online softmax) is what the
+// 16 clusters: decode batches of up to 4 tokens at 4 KV heads; few_tokens), where each warp's chain
+// of positions (one at a time: load, a dot product per query head, online softmax) is what the
 // kernel's time is (64 positions per CTA at context 512: 16 per warp with 4 warps, 4 with 16);
 // 4 otherwise (batch 16 with 16 warps, 512 CTAs of 512 threads, took 18.4 ms per step instead
 // of 14.4: one CTA per SM at a time).
@@ -115,9 +115,6 @@ __global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kWarps * 32)
 // kernel's lane layout, and the same cluster merge finishes.
 constexpr int kMmaWarps = 4;
 constexpr int kMmaPos = 16;  // positions per warp tile (the P.V MMA's k)
-// Block tables of at least this many positions take the tensor-core kernel (a decode graph's
-// table is a power-of-two number of pages, so context 512 runs on a 1024-position table).
-constexpr int64_t kMmaMinContext = 1536;
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -174,8 +171,10 @@ __global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kMmaWarps * 32)
     return (int64_t(page) * a.page_size + p % a.page_size) * row + int64_t(kvh) * d;
   };
   for (int p0 = p_begin + warp * kMmaPos; p0 < p_end; p0 += kMmaWarps * kMmaPos) {
-    // S = Q . K^T over two n-tiles of 8 positions: this lane's B column is position gr.
-    float sc[2][4] = {};
+    // Every K and V fragment of the tile is requested before any is used, so a warp keeps the
+    // tile's whole 16 rows of K and V in flight (the softmax and both products wait once).
+    // K: this lane's B column is position gr (+ 8); V: positions qd * 2 + {0, 1} (+ 8).
+    uint32_t kb[2][kCols / 16][2], vb[kCols / 8][2];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       const int p = p0 + nt * 8 + gr;
@@ -183,21 +182,54 @@ __global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kMmaWarps * 32)
       const __nv_bfloat16* krow = kc + (live ? offset(p) : 0);
 #pragma unroll
       for (int ks = 0; ks < kCols / 16; ++ks) {
-        if (ks >= ksteps) break;
         const int k0 = ks * 16 + qd * 2;
-        const uint32_t b0 = live ? *reinterpret_cast<const uint32_t*>(krow + k0) : 0u;
-        const uint32_t b1 = live ? *reinterpret_cast<const uint32_t*>(krow + k0 + 8) : 0u;
-        uint32_t ah[4], al[4];
-        ah[0] = *reinterpret_cast<const uint32_t*>(&s_qh[gr][k0]);
-        ah[1] = *reinterpret_cast<const uint32_t*>(&s_qh[gr + 8][k0]);
-        ah[2] = *reinterpret_cast<const uint32_t*>(&s_qh[gr][k0 + 8]);
-        ah[3] = *reinterpret_cast<const uint32_t*>(&s_qh[gr + 8][k0 + 8]);
-        al[0] = *reinterpret_cast<const uint32_t*>(&s_ql[gr][k0]);
-        al[1] = *reinterpret_cast<const uint32_t*>(&s_ql[gr + 8][k0]);
-        al[2] = *reinterpret_cast<const uint32_t*>(&s_ql[gr][k0 + 8]);
-        al[3] = *reinterpret_cast<const uint32_t*>(&s_ql[gr + 8][k0 + 8]);
-        mma::mma_bf16_16816(sc[nt], ah, b0, b1);
-        mma::mma_bf16_16816(sc[nt], al, b0, b1);
+        const bool ok = live && ks < ksteps;
+        kb[nt][ks][0] = ok ? *reinterpret_cast<const uint32_t*>(krow + k0) : 0u;
+        kb[nt][ks][1] = ok ? *reinterpret_cast<const uint32_t*>(krow + k0 + 8) : 0u;
+      }
+    }
+    {
+      int64_t voff[4];
+      bool vlive[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int p = p0 + qd * 2 + (i & 1) + (i >> 1) * 8;
+        vlive[i] = p < p_end;
+        voff[i] = vlive[i] ? offset(p) : 0;
+      }
+#pragma unroll
+      for (int n = 0; n < kCols / 8; ++n) {
+        const int c = n * 8 + gr;
+        __nv_bfloat16 v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          v[i] = vlive[i] && n < ntiles ? vc[voff[i] + c] : __float2bfloat16_rn(0.f);
+        __nv_bfloat162 lo2, hi2;
+        lo2.x = v[0], lo2.y = v[1];
+        hi2.x = v[2], hi2.y = v[3];
+        vb[n][0] = *reinterpret_cast<const uint32_t*>(&lo2);
+        vb[n][1] = *reinterpret_cast<const uint32_t*>(&hi2);
+      }
+    }
+    // S = Q . K^T over two n-tiles of 8 positions.
+    float sc[2][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < kCols / 16; ++ks) {
+      if (ks >= ksteps) break;
+      const int k0 = ks * 16 + qd * 2;
+      uint32_t ah[4], al[4];
+      ah[0] = *reinterpret_cast<const uint32_t*>(&s_qh[gr][k0]);
+      ah[1] = *reinterpret_cast<const uint32_t*>(&s_qh[gr + 8][k0]);
+      ah[2] = *reinterpret_cast<const uint32_t*>(&s_qh[gr][k0 + 8]);
+      ah[3] = *reinterpret_cast<const uint32_t*>(&s_qh[gr + 8][k0 + 8]);
+      al[0] = *reinterpret_cast<const uint32_t*>(&s_ql[gr][k0]);
+      al[1] = *reinterpret_cast<const uint32_t*>(&s_ql[gr + 8][k0]);
+      al[2] = *reinterpret_cast<const uint32_t*>(&s_ql[gr][k0 + 8]);
+      al[3] = *reinterpret_cast<const uint32_t*>(&s_ql[gr + 8][k0 + 8]);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        mma::mma_bf16_16816(sc[nt], ah, kb[nt][ks][0], kb[nt][ks][1]);
+        mma::mma_bf16_16816(sc[nt], al, kb[nt][ks][0], kb[nt][ks][1]);
       }
     }
     // Online softmax of row gr over this tile (columns qd * 2 + {0, 1} of each n-tile).
@@ -226,30 +258,12 @@ __global__ void __cluster_dims__(1, 1, kSplit) __launch_bounds__(kMmaWarps * 32)
     split_pack(pr[0], pr[1], ph[0], pl[0]);
     split_pack(pr[2], pr[3], ph[2], pl[2]);
     ph[1] = ph[3] = pl[1] = pl[3] = 0u;
-    // V rows of positions qd * 2 + {0, 1} and + 8 (the B operand's k), zero past the end.
-    int64_t voff[4];
-    bool vlive[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int p = p0 + qd * 2 + (i & 1) + (i >> 1) * 8;
-      vlive[i] = p < p_end;
-      voff[i] = vlive[i] ? offset(p) : 0;
-    }
 #pragma unroll
     for (int n = 0; n < kCols / 8; ++n) {
       if (n >= ntiles) break;
       o[n][0] *= corr, o[n][1] *= corr;
-      const int c = n * 8 + gr;
-      __nv_bfloat16 v[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = vlive[i] ? vc[voff[i] + c] : __float2bfloat16_rn(0.f);
-      __nv_bfloat162 lo2, hi2;
-      lo2.x = v[0], lo2.y = v[1];
-      hi2.x = v[2], hi2.y = v[3];
-      const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&lo2);
-      const uint32_t b1 = *reinterpret_cast<const uint32_t*>(&hi2);
-      mma::mma_bf16_16816(o[n], ph, b0, b1);
-      mma::mma_bf16_16816(o[n], pl, b0, b1);
+      mma::mma_bf16_16816(o[n], ph, vb[n][0], vb[n][1]);
+      mma::mma_bf16_16816(o[n], pl, vb[n][0], vb[n][1]);
     }
   }
 
@@ -289,16 +303,25 @@ cudaError_t launch_warps(const PagedAttentionArgs& a, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+// Batches of up to this many tokens run the 16-warp scalar kernel: the largest power of two
+// with tokens x kv_heads <= kFewClusters. A power of two is also a decode-graph bucket (1, 2,
+// 4, 8, 16), so an eager step and the graph of its bucket (padded rows included) pick the
+// same kernel.
+int few_tokens(int kv_heads) {
+  int f = 1;
+  while (int64_t(2 * f) * kv_heads <= kFewClusters) f *= 2;
+  return f;
+}
+
 template <bool kQ, bool kC>
 cudaError_t launch_typed(const PagedAttentionArgs& a, cudaStream_t s) {
-  if (a.m * a.kv_heads <= kFewClusters) return launch_warps<16, kQ, kC>(a, s);
-  // Tensor cores from a bf16 cache and head_dim a multiple of 16 (K/V rows as MMA operands),
-  // once the block table can hold kMmaMinContext positions: measured on H100 (qwen3-30b-a3b,
-  // fp8 experts, ms per decode step, scalar -> tensor cores): context 2048 batch 16 17.92 ->
-  // 16.97, batch 128 59.77 -> 45.60; context 512 batch 16 13.03 -> 13.50, 128 30.83 -> 30.28
-  // (64 positions per CTA: Q staging and the merge outweigh the products).
+  if (a.m <= few_tokens(a.kv_heads)) return launch_warps<16, kQ, kC>(a, s);
+  // Tensor cores from a bf16 cache and head_dim a multiple of 16 (K/V rows as MMA operands).
+  // Measured on H100 (qwen3-30b-a3b, fp8 experts, ms per decode step, scalar -> tensor
+  // cores): context 512 batch 8 12.43 -> 11.38, 16 13.02 -> 12.47, 64 22.77 -> 21.24, 128
+  // 30.73 -> 27.54; context 2048 batch 16 17.92 -> 13.97, 128 59.77 -> 36.53.
   if constexpr (kC) {
-    if (a.head_dim % 16 == 0 && int64_t(a.max_pages) * a.page_size >= kMmaMinContext) {
+    if (a.head_dim % 16 == 0) {
       const dim3 grid(unsigned(a.m), unsigned(a.kv_heads), kSplit);
       if (a.out_bf16)
         gqa_mma_attention_kernel<kQ, true><<<grid, kMmaWarps * 32, 0, s>>>(a);
