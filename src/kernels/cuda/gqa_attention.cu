@@ -303,10 +303,10 @@ cudaError_t launch_warps(const PagedAttentionArgs& a, cudaStream_t s) {
   return cudaGetLastError();
 }
 
-// Batches of up to this many tokens run the 16-warp scalar kernel: the largest power of two
-// with tokens x kv_heads <= kFewClusters. A power of two is also a decode-graph bucket (1, 2,
-// 4, 8, 16), so an eager step and the graph of its bucket (padded rows included) pick the
-// same kernel.
+// Scalar kernel (f32 caches): batches of up to this many tokens take 16 warps per CTA. It is
+// the largest power of two with tokens x kv_heads <= kFewClusters; a power of two is also a
+// decode-graph bucket (1, 2, 4, 8, 16), so an eager step and the graph of its bucket (padded
+// rows included) pick the same kernel.
 int few_tokens(int kv_heads) {
   int f = 1;
   while (int64_t(2 * f) * kv_heads <= kFewClusters) f *= 2;
@@ -315,11 +315,10 @@ int few_tokens(int kv_heads) {
 
 template <bool kQ, bool kC>
 cudaError_t launch_typed(const PagedAttentionArgs& a, cudaStream_t s) {
-  if (a.m <= few_tokens(a.kv_heads)) return launch_warps<16, kQ, kC>(a, s);
-  // Tensor cores from a bf16 cache and head_dim a multiple of 16 (K/V rows as MMA operands).
-  // Measured on H100 (qwen3-30b-a3b, fp8 experts, ms per decode step, scalar -> tensor
-  // cores): context 512 batch 8 12.43 -> 11.38, 16 13.02 -> 12.47, 64 22.77 -> 21.24, 128
-  // 30.73 -> 27.54; context 2048 batch 16 17.92 -> 13.97, 128 59.77 -> 36.53.
+  // Tensor cores from a bf16 cache and head_dim a multiple of 16 (K/V rows as MMA operands),
+  // at every batch. Measured on H100 (qwen3-30b-a3b, fp8 experts, ms per decode step, scalar
+  // -> tensor cores): context 512 batch 1 5.88 -> 5.25, 4 9.80 -> 8.07, 16 13.02 -> 12.47, 128
+  // 30.73 -> 27.54; context 2048 batch 1 6.99 -> 5.80, 4 12.07 -> 8.59, 128 59.77 -> 36.53.
   if constexpr (kC) {
     if (a.head_dim % 16 == 0) {
       const dim3 grid(unsigned(a.m), unsigned(a.kv_heads), kSplit);
@@ -330,6 +329,7 @@ cudaError_t launch_typed(const PagedAttentionArgs& a, cudaStream_t s) {
       return cudaGetLastError();
     }
   }
+  if (a.m <= few_tokens(a.kv_heads)) return launch_warps<16, kQ, kC>(a, s);
   return launch_warps<4, kQ, kC>(a, s);
 }
 
