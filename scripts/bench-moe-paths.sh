@@ -2,7 +2,8 @@
 # bench moe, hooks vs fast LoRA path, for the given expert formats (device).
 # Usage: scripts/bench-moe-paths.sh BIN OUT_DIR dtype [dtype ...]
 # PATHS: LoRA paths (default "hooks fast"); "inlineCkS" = --path inline --inline-splits C
-# --inline-k-splits S (S 0: by batch size); a "hi" suffix adds --side-priority high.
+# --inline-k-splits S (S 0: by batch size); "directC" = --path direct --direct-cluster C;
+# a "hi" suffix adds --side-priority high.
 # LORAS, BATCHES: override the settings and batch sizes.
 set -uo pipefail
 BIN=$1; OUT=$2; shift 2
@@ -14,6 +15,7 @@ for dt in "$@"; do
     case $p in
       inline*k*) c=${p#inline}; args=(--path inline --inline-splits "${c%k*}" --inline-k-splits "${p##*k}");;
       inline[0-9]*) args=(--path inline --inline-splits "${p#inline}");;
+      direct[0-9]*) args=(--path direct --direct-cluster "${p#direct}");;
     esac
     [ "$p" != "$path" ] && args+=(--side-priority high)
     timeout 200 "$BIN" bench moe --dtype "$dt" "${args[@]}" --lora "${LORAS:-none,r16x1,r16x4,r64x1}" \

@@ -13,6 +13,9 @@
 //    stream also expands both deltas into buffers, beside the expert GEMMs, and the main stream
 //    adds them inside the activation and the top-k reduction (no LoRA kernel on the critical
 //    path, unlike the delta variant's separate adds).
+//  - MoeLoraHooksOptions::direct_max_tokens: as overlap, but each seam's delta is one kernel
+//    reading the routing directly (cuda::moe_lora_direct: no LoRA alignment, no u buffer), so
+//    the side chain is one launch per seam instead of align + shrink + expand.
 //  - MoeLoraHooksOptions::inline_max_tokens (on backends that run inline LoRA): no side stream
 //    and no LoRA alignment at all; the backend's expert GEMM grids carry extra CTAs that
 //    compute both deltas from the base plan (moelora/moe/lora_inline.h), added inside the
@@ -24,6 +27,7 @@
 // themselves (same results). All buffers, the side stream and its events are created once
 // here: allocation-free per call and graph-capturable.
 #include <algorithm>
+#include <string>
 
 #include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_lora_inline_ops.h"
@@ -40,6 +44,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
         fused_max_tokens_(std::max<int64_t>(0, options.fused_max_tokens)),
         overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)),
         inline_max_tokens_(std::max<int64_t>(0, options.inline_max_tokens)),
+        direct_max_tokens_(std::max<int64_t>(0, options.direct_max_tokens)),
+        direct_cluster_size_(options.direct_cluster_size),
         inline_k_splits_(options.inline_k_splits),
         inline_column_splits_(options.inline_column_splits) {
     MOELORA_CHECK(fused_max_tokens_ == 0 || (pool.r_max() % 8 == 0 && pool.r_max() <= 256),
@@ -65,10 +71,23 @@ class CudaLoraHooks final : public MoeLoraHooks {
                   "MoE LoRA hooks: inline_k_splits must be in [0, 16] (0 = by batch size), "
                   "found {}",
                   options.inline_k_splits);
-    if (inline_max_tokens_ > 0 && d.is_cuda()) sms_ = cuda::current_sm_count();
+    if (direct_max_tokens_ > 0) {
+      const std::string why = cuda::moe_lora_direct_unsupported(
+          s.hidden, s.inter, s.num_experts, pool.num_slots(), pool.r_max(),
+          std::min(max_tokens, direct_max_tokens_) * s.top_k);
+      MOELORA_CHECK(why.empty(), "MoE LoRA hooks: the direct path cannot run this pool: {}", why);
+      MOELORA_CHECK(direct_cluster_size_ == 2 || direct_cluster_size_ == 4 ||
+                        direct_cluster_size_ == 8,
+                    "MoE LoRA hooks: direct_cluster_size must be 2, 4 or 8, found {}",
+                    direct_cluster_size_);
+    }
+    if ((inline_max_tokens_ > 0 || direct_max_tokens_ > 0) && d.is_cuda())
+      sms_ = cuda::current_sm_count();
     if (delta_ok) {
       delta_rows_ = std::min(slots, std::max<int64_t>(0, options.delta_max_slots));
-      int64_t rows13 = std::max(delta_rows_, std::min(max_tokens, overlap_max_tokens_) * s.top_k);
+      int64_t rows13 = std::max(
+          delta_rows_,
+          std::min(max_tokens, std::max(overlap_max_tokens_, direct_max_tokens_)) * s.top_k);
       int64_t rows2 = rows13;
       // The inline variant's K-split partial deltas: the most rows any batch size needs.
       for (int64_t m = 1; m <= std::min(max_tokens, inline_max_tokens_); ++m) {
@@ -121,10 +140,12 @@ class CudaLoraHooks final : public MoeLoraHooks {
     const Tensor token_slot = bound_slots(m);
     const MoeShape& s = pool_.shape();
     m_ = m;
-    vplan_.block_m = cuda::moe_lora_block_m(m, s.top_k);
     fork_.record(stream);
     side_.wait(fork_);
-    cuda::moe_lora_align(topk.ids, token_slot, s.num_experts, vplan_, side_);
+    if (!directs(m)) {
+      vplan_.block_m = cuda::moe_lora_block_m(m, s.top_k);
+      cuda::moe_lora_align(topk.ids, token_slot, s.num_experts, vplan_, side_);
+    }
     routed_ = true;
     gu_queued_ = down_queued_ = false;
   }
@@ -136,6 +157,15 @@ class CudaLoraHooks final : public MoeLoraHooks {
     if (!routed_) return;
     const int k = pool_.shape().top_k;
     const int64_t n = topk.ids.size(0) * k;
+    if (directs(m_)) {
+      Tensor d = d13_.first_rows(n);
+      cuda::moe_lora_direct(x, k, topk.ids, bound_slots(m_), pool_.a13(), pool_.b13(),
+                            pool_.slot_meta(), LoraSeam::gate_up, Tensor(), d,
+                            direct_cluster_size_, direct_clusters(), side_);
+      gu_done_.record(side_);
+      gu_queued_ = true;
+      return;
+    }
     const int splits = cuda::moe_lora_shrink_splits(n);
     Tensor u = u13_.first_rows(splits * n);
     cuda::moe_lora_shrink_split(x, k, vplan_, pool_.a13(), pool_.slot_meta(), LoraSeam::gate_up,
@@ -155,7 +185,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     stream.wait(gu_done_);
     gu_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
-    if (use_delta(n)) {
+    if (use_delta(n) || directs(m_)) {
       cuda::moe_lora_add_delta(d13_.first_rows(n), topk.ids, bound_slots(m_), pool_.num_slots(),
                                pool_.shape().num_experts, h, stream);
     } else {
@@ -170,6 +200,15 @@ class CudaLoraHooks final : public MoeLoraHooks {
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
     down_fork_.record(stream);  // a is final on `stream` here
     side_.wait(down_fork_);
+    if (directs(m_)) {
+      Tensor d = d2_.first_rows(n);
+      cuda::moe_lora_direct(a, 1, topk.ids, bound_slots(m_), pool_.a2(), pool_.b2(),
+                            pool_.slot_meta(), LoraSeam::down, topk.weights.view({n}), d,
+                            direct_cluster_size_, direct_clusters(), side_);
+      down_done_.record(side_);
+      down_queued_ = true;
+      return;
+    }
     const int splits = cuda::moe_lora_shrink_splits(n);
     Tensor u = u2_.first_rows(splits * n);
     cuda::moe_lora_shrink_split(a, 1, vplan_, pool_.a2(), pool_.slot_meta(), LoraSeam::down, splits,
@@ -187,10 +226,10 @@ class CudaLoraHooks final : public MoeLoraHooks {
   // The overlap path (deltas beside the GEMMs, added in the activation / reduction) or the
   // fused path (expands folded into them).
   bool fuses_activation(int64_t m) const override {
-    return inlined(m) || overlaps(m) || m <= fused_max_tokens_;
+    return inlined(m) || directs(m) || overlaps(m) || m <= fused_max_tokens_;
   }
   bool fuses_reduce(int64_t m) const override {
-    return inlined(m) || overlaps(m) || m <= fused_max_tokens_;
+    return inlined(m) || directs(m) || overlaps(m) || m <= fused_max_tokens_;
   }
 
   void gate_up_activation(const Tensor& x, const TopK& topk, const Tensor& h, Tensor& a,
@@ -205,7 +244,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     stream.wait(gu_done_);
     gu_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
-    if (overlaps(m_)) {
+    if (directs(m_) || overlaps(m_)) {
       cuda::moe_activation_lora_delta(h, topk.ids, bound_slots(m_), pool_.num_slots(),
                                       pool_.shape().num_experts, d13_.first_rows(n), a, stream);
       return;
@@ -228,7 +267,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     stream.wait(down_done_);
     down_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
-    if (overlaps(m_)) {
+    if (directs(m_) || overlaps(m_)) {
       cuda::moe_reduce_lora_delta(o, topk.ids, bound_slots(m_), pool_.num_slots(),
                                   pool_.shape().num_experts, d2_.first_rows(n), shared_o,
                                   shared_gate_logits, y, stream);
@@ -246,7 +285,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
     stream.wait(down_done_);
     down_queued_ = false;
     const int64_t n = topk.ids.size(0) * pool_.shape().top_k;
-    if (use_delta(n)) {
+    if (use_delta(n) || directs(m_)) {
       cuda::moe_lora_add_delta(d2_.first_rows(n), topk.ids, bound_slots(m_), pool_.num_slots(),
                                pool_.shape().num_experts, o, stream);
     } else {
@@ -262,6 +301,9 @@ class CudaLoraHooks final : public MoeLoraHooks {
     return n <= delta_rows_ && n / pool_.shape().top_k > fused_max_tokens_;
   }
   bool overlaps(int64_t m) const { return m <= overlap_max_tokens_; }
+  bool directs(int64_t m) const { return m <= direct_max_tokens_; }
+  // The direct kernel's grid bound: two clusters' worth of CTAs per SM (pairs beyond loop).
+  int direct_clusters() const { return std::max(1, 2 * sms_ * 4 / direct_cluster_size_); }
   // K slices of an inline seam for a batch of m tokens (MoeLoraHooksOptions::inline_k_splits).
   int64_t k_splits(int64_t m, bool gate_up) const {
     if (inline_k_splits_ > 0) return inline_k_splits_;
@@ -276,6 +318,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
   int64_t fused_max_tokens_ = 0;
   int64_t overlap_max_tokens_ = 0;
   int64_t inline_max_tokens_ = 0;
+  int64_t direct_max_tokens_ = 0;
+  int direct_cluster_size_ = 4;
   int inline_k_splits_ = 0, inline_column_splits_ = 1, sms_ = 132;
   MoeLoraInlineSeams inline_;
   bool inline_on_ = false;  // this layer call runs the inline seams

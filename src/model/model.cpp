@@ -95,6 +95,8 @@ const char* moe_lora_variant_name(MoeLoraVariant v) {
       return "staged";
     case MoeLoraVariant::overlap:
       return "overlap";
+    case MoeLoraVariant::direct:
+      return "direct";
     case MoeLoraVariant::inline_ctas:
       return "inline";
     default:
@@ -104,9 +106,9 @@ const char* moe_lora_variant_name(MoeLoraVariant v) {
 
 MoeLoraVariant parse_moe_lora_variant(const std::string& name) {
   for (MoeLoraVariant v : {MoeLoraVariant::best, MoeLoraVariant::staged, MoeLoraVariant::overlap,
-                           MoeLoraVariant::inline_ctas})
+                           MoeLoraVariant::direct, MoeLoraVariant::inline_ctas})
     if (name == moe_lora_variant_name(v)) return v;
-  MOELORA_THROW("MoE LoRA variant '{}': expected best, staged, overlap or inline", name);
+  MOELORA_THROW("MoE LoRA variant '{}': expected best, staged, overlap, direct or inline", name);
 }
 
 void Model::set_decode_options(const DecodeOptions& options) {

@@ -51,6 +51,9 @@ inline MoeLoraHooksOptions decode_hook_options(const DecodeOptions& d, WeightFor
     case MoeLoraVariant::overlap:
       o.overlap_max_tokens = d.max_batch;
       break;
+    case MoeLoraVariant::direct:
+      o.direct_max_tokens = d.max_batch;
+      break;
     case MoeLoraVariant::inline_ctas:
       o.inline_max_tokens = d.max_batch;
       break;

@@ -252,7 +252,8 @@ CLI::App* add_bench_decode_command(CLI::App& bench, BenchDecodeOptions& o) {
                 "experts (routed experts only)")
       ->capture_default_str();
   d->add_option("--moe-lora", o.moe_lora,
-                "fast path's MoE LoRA variant: best (per weight format), staged, overlap, inline")
+                "fast path's MoE LoRA variant: best (per weight format), staged, overlap, direct, "
+                "inline")
       ->capture_default_str();
   d->add_option("--side-priority", o.side_priority,
                 "fast path: priority of the LoRA side streams, normal or high")

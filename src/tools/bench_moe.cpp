@@ -166,8 +166,9 @@ struct Row {
 int run_bench_moe(const BenchMoeOptions& opt) {
   const WeightFormat format = parse_weight_format(opt.dtype);
   MOELORA_CHECK(
-      opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap" || opt.path == "inline",
-      "--path: expected hooks, fast, overlap or inline, found '{}'", opt.path);
+      opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap" ||
+          opt.path == "direct" || opt.path == "inline",
+      "--path: expected hooks, fast, overlap, direct or inline, found '{}'", opt.path);
   int64_t group_size = opt.group_size;
   if (group_size == 0) group_size = format == WeightFormat::nvfp4 ? 16 : 128;
   Device device = Device::cpu();
@@ -241,6 +242,11 @@ int run_bench_moe(const BenchMoeOptions& opt) {
       if (opt.path == "fast") hook_options.fused_max_tokens = max_batch;
       // --path overlap: both deltas on the side stream, added in the activation / reduction.
       if (opt.path == "overlap") hook_options.overlap_max_tokens = max_batch;
+      // --path direct: as overlap, each delta one kernel straight from the routing.
+      if (opt.path == "direct") {
+        hook_options.direct_max_tokens = max_batch;
+        hook_options.direct_cluster_size = opt.direct_cluster;
+      }
       // --path inline: both deltas in extra CTAs of the expert GEMM grids (backends that run
       // them; the others take the staged hooks).
       if (opt.path == "inline") {
@@ -331,6 +337,7 @@ int run_bench_moe(const BenchMoeOptions& opt) {
     j["shape"] = shape.name;
     j["dtype"] = format_name(format);
     j["lora_path"] = opt.path;
+    if (opt.path == "direct") j["direct_cluster"] = opt.direct_cluster;
     if (opt.path == "inline") {
       j["inline_column_splits"] = opt.inline_column_splits;
       j["inline_k_splits"] = opt.inline_k_splits;

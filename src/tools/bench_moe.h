@@ -12,9 +12,10 @@ struct BenchMoeOptions {
   std::string shape = "qwen3-30b-a3b";
   std::string dtype = "bf16";            // bf16, int4, int8, fp8 (fp8_block), nvfp4
   int64_t group_size = 0;                // quantized formats: 0 = 128 (16 for nvfp4)
-  std::string path = "hooks";            // LoRA: hooks (staged expands) | fast | overlap | inline
+  std::string path = "hooks";  // LoRA: hooks (staged expands) | fast | overlap | direct | inline
   int inline_column_splits = 1;          // --path inline: MoeLoraHooksOptions::inline_column_splits
   int inline_k_splits = 0;               // --path inline: MoeLoraHooksOptions::inline_k_splits
+  int direct_cluster = 4;                // --path direct: MoeLoraHooksOptions::direct_cluster_size
   std::string side_priority = "normal";  // MoeLoraHooksOptions::side_stream_priority
   std::vector<int> batches;              // empty: 1,4,16,64,128,256 on CUDA; 1,4,16 on the CPU
   std::vector<std::string> lora = {"none", "r16x1", "r16x4", "r64x1"};

@@ -28,7 +28,8 @@ int main(int argc, char** argv) {
       ->add_option("--path", moe.path,
                    "LoRA path: hooks (staged expand kernels), fast (expands folded into "
                    "the activation and the top-k reduction), overlap (both deltas on the "
-                   "side stream beside the GEMMs, added in the activation and reduction) or "
+                   "side stream beside the GEMMs, added in the activation and reduction), "
+                   "direct (as overlap, each delta one kernel straight from the routing) or "
                    "inline (both deltas in extra CTAs of the expert GEMM grids; backends "
                    "that run it: cuda_fp8_block)")
       ->capture_default_str();
@@ -39,6 +40,11 @@ int main(int argc, char** argv) {
   bench_moe
       ->add_option("--inline-k-splits", moe.inline_k_splits,
                    "--path inline: K slices of the shrink (0: by batch size)")
+      ->capture_default_str();
+  bench_moe
+      ->add_option("--direct-cluster", moe.direct_cluster,
+                   "--path direct: CTAs per (adapter, expert) pair: 2, 4 or 8")
+      ->check(CLI::IsMember({2, 4, 8}))
       ->capture_default_str();
   bench_moe
       ->add_option("--side-priority", moe.side_priority,

@@ -185,29 +185,45 @@ TEST_P(DecodeGraphTest, LongContextReplayMatchesEager) {
   EXPECT_GE(fast.model->decode_stats().replayed, 19);
 }
 
-// The inline MoE LoRA (deltas in extra CTAs of the fp8 expert GEMM grids) on the fast path:
-// graph replay gives the eager steps' bits for 200 steps (across block-table captures), the
-// hooks path within tolerance, and base rows the bits of an all-base batch.
-TEST(DecodeGraphInline, Fp8ReplayMatchesEagerHooksAndBase) {
-  MOELORA_REQUIRE_GPU();
-  const WeightFormat f = WeightFormat::fp8_block;
-  const MoeLoraVariant v = MoeLoraVariant::inline_ctas;
+// A forced MoE LoRA variant on the fast path: graph replay gives the eager steps' bits for 200
+// steps (across block-table captures), the hooks path within tolerance, and base rows the bits
+// of an all-base batch.
+void variant_matches_eager_hooks_and_base(WeightFormat f, MoeLoraVariant v) {
+  const std::string name = moe_lora_variant_name(v);
   const std::vector<int> slots = {-1, 0, 1, 2, 3, -1, 1, 3};
   {
     DecodeRunner hooks(load(f, DecodePath::hooks), slots);
     DecodeRunner fast(load(f, DecodePath::fast, 256, true, v), slots);
-    compare_paths(hooks, fast, 40, false, "inline vs hooks");
+    compare_paths(hooks, fast, 40, false, (name + " vs hooks").c_str());
   }
   {
     DecodeRunner eager(load(f, DecodePath::fast, 256, false, v), slots);
     DecodeRunner fast(load(f, DecodePath::fast, 256, true, v), slots);
-    compare_paths(eager, fast, 200, true, "inline, graphs vs eager");
+    compare_paths(eager, fast, 200, true, (name + ", graphs vs eager").c_str());
     EXPECT_GE(fast.model->decode_stats().replayed, 190);
   }
   const std::vector<int> base(slots.size(), -1);
   DecodeRunner with(load(f, DecodePath::fast, 256, true, v), slots);
   DecodeRunner without(load(f, DecodePath::fast, 256, true, v), base);
   expect_base_rows_match(with, without, slots, 20);
+}
+
+// The inline MoE LoRA (deltas in extra CTAs of the fp8 expert GEMM grids).
+TEST(DecodeGraphInline, Fp8ReplayMatchesEagerHooksAndBase) {
+  MOELORA_REQUIRE_GPU();
+  variant_matches_eager_hooks_and_base(WeightFormat::fp8_block, MoeLoraVariant::inline_ctas);
+}
+
+// The direct MoE LoRA (each seam's delta one kernel straight from the routing), on the fp8 and
+// bf16 experts.
+TEST(DecodeGraphDirect, Fp8ReplayMatchesEagerHooksAndBase) {
+  MOELORA_REQUIRE_GPU();
+  variant_matches_eager_hooks_and_base(WeightFormat::fp8_block, MoeLoraVariant::direct);
+}
+
+TEST(DecodeGraphDirect, Bf16ReplayMatchesEagerHooksAndBase) {
+  MOELORA_REQUIRE_GPU();
+  variant_matches_eager_hooks_and_base(WeightFormat::bf16, MoeLoraVariant::direct);
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, DecodeGraphTest,

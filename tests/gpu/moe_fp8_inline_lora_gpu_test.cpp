@@ -52,14 +52,18 @@ void load_four_adapters(const MoeShape& s, std::mt19937_64& rng, MoeLoraPool& cp
   }
 }
 
-void inline_lora_layer(bool graph) {
+// direct: the direct variant (MoeLoraHooksOptions::direct_max_tokens: each delta one kernel on
+// the side stream, straight from the routing) in place of inline, cluster sizes 4 / 8 / 2 for
+// the three split settings.
+void inline_lora_layer(bool graph, bool direct = false) {
   std::mt19937_64 rng(test::fresh_seed());
   Stream s = Stream::create(Device::cuda());
   for (const Fp8LayerCase& c : fp8_layer_cases()) {
     for (int64_t m : {1, 7, 64, 257}) {
       for (const auto& [splits, k_splits] : {std::pair{1, 0}, std::pair{3, 4}, std::pair{2, 2}}) {
         SCOPED_TRACE(::testing::Message() << c.shape.name << " M=" << m << " splits=" << splits
-                                          << " k_splits=" << k_splits << " graph=" << graph);
+                                          << " k_splits=" << k_splits << " graph=" << graph
+                                          << " direct=" << direct);
         const int64_t H = c.shape.hidden;
         MoeRunnerConfig rc;
         rc.shape = c.shape, rc.router = c.router, rc.max_tokens = m;
@@ -76,9 +80,14 @@ void inline_lora_layer(bool graph) {
         auto hooks_cpu = MoeLoraHooks::create(pool_cpu, m);
         auto staged = MoeLoraHooks::create(pool_gpu, m);
         MoeLoraHooksOptions opt;
-        opt.inline_max_tokens = m;
-        opt.inline_column_splits = splits;
-        opt.inline_k_splits = k_splits;
+        if (direct) {
+          opt.direct_max_tokens = m;
+          opt.direct_cluster_size = splits == 1 ? 4 : splits == 3 ? 8 : 2;
+        } else {
+          opt.inline_max_tokens = m;
+          opt.inline_column_splits = splits;
+          opt.inline_k_splits = k_splits;
+        }
         auto inl = MoeLoraHooks::create(pool_gpu, m, opt);
 
         auto draw = [&](Tensor& x, Tensor& logits, Tensor& gate, Tensor& slots) {
@@ -143,6 +152,16 @@ TEST(CudaFp8Block, InlineLoraMatchesReference) {
 TEST(CudaFp8Block, InlineLoraInGraphMatchesReference) {
   MOELORA_REQUIRE_GPU();
   inline_lora_layer(true);
+}
+
+TEST(CudaFp8Block, DirectLoraMatchesReference) {
+  MOELORA_REQUIRE_GPU();
+  inline_lora_layer(false, true);
+}
+
+TEST(CudaFp8Block, DirectLoraInGraphMatchesReference) {
+  MOELORA_REQUIRE_GPU();
+  inline_lora_layer(true, true);
 }
 
 // Bad inline LoRA seams are refused with the field named (the backend op's checks).

@@ -185,17 +185,22 @@ TEST(CudaMoeLayer, GraphReplayWithNewInputs) {
 }
 
 // The fast LoRA path (expands folded into the activation and the reduction,
-// MoeLoraHooksOptions::fused_max_tokens) and the overlap path (deltas computed on the side
-// stream, added in the activation and the reduction, overlap_max_tokens): against the CPU
-// reference, eager and under graph replay with new inputs and a new adapter mix each time;
-// base tokens bit-identical to a LoRA-off run of the same GPU runner.
-void fused_lora_layer(bool graph, bool overlap = false) {
+// MoeLoraHooksOptions::fused_max_tokens), the overlap path (deltas computed on the side
+// stream, added in the activation and the reduction, overlap_max_tokens) and the direct path
+// (as overlap, each delta one kernel from the routing, direct_max_tokens; cluster sizes 2, 4,
+// 8 in turn): against the CPU reference, eager and under graph replay with new inputs and a
+// new adapter mix each time; base tokens bit-identical to a LoRA-off run of the same GPU
+// runner.
+enum class FastVariant { fused, overlap, direct };
+
+void fused_lora_layer(bool graph, FastVariant variant = FastVariant::fused) {
   std::mt19937_64 rng(test::fresh_seed());
   Stream s = Stream::create(Device::cuda());
   for (const LayerCase& c : layer_cases()) {
     for (int64_t m : {1, 7, 64, 257}) {
+      const int cluster = 2 << (m % 3);  // 2, 4, 8 over M = 1, 7, 64, 257
       SCOPED_TRACE(::testing::Message() << c.name << " M=" << m << " graph=" << graph
-                                        << " overlap=" << overlap);
+                                        << " variant=" << int(variant) << " cluster=" << cluster);
       MoeRunner ref(runner_config(c, Device::cpu(), m));
       MoeRunner gpu(runner_config(c, Device::cuda(), m));
       const MoeWeights w = random_weights(c.shape, c.router, rng);
@@ -204,7 +209,12 @@ void fused_lora_layer(bool graph, bool overlap = false) {
       load_adapters(c.shape, rng, pool_cpu, pool_gpu);
       auto hooks_cpu = MoeLoraHooks::create(pool_cpu, m);
       MoeLoraHooksOptions fast;
-      (overlap ? fast.overlap_max_tokens : fast.fused_max_tokens) = m;
+      if (variant == FastVariant::fused) fast.fused_max_tokens = m;
+      if (variant == FastVariant::overlap) fast.overlap_max_tokens = m;
+      if (variant == FastVariant::direct) {
+        fast.direct_max_tokens = m;
+        fast.direct_cluster_size = cluster;
+      }
       auto hooks_gpu = MoeLoraHooks::create(pool_gpu, m, fast);
       ASSERT_TRUE(hooks_gpu->fuses_activation(m) && hooks_gpu->fuses_reduce(m));
 
@@ -261,12 +271,22 @@ TEST(CudaMoeLayer, FusedLoraPathInGraphMatchesReference) {
 
 TEST(CudaMoeLayer, OverlapLoraPathMatchesReference) {
   MOELORA_REQUIRE_GPU();
-  fused_lora_layer(false, true);
+  fused_lora_layer(false, FastVariant::overlap);
 }
 
 TEST(CudaMoeLayer, OverlapLoraPathInGraphMatchesReference) {
   MOELORA_REQUIRE_GPU();
-  fused_lora_layer(true, true);
+  fused_lora_layer(true, FastVariant::overlap);
+}
+
+TEST(CudaMoeLayer, DirectLoraPathMatchesReference) {
+  MOELORA_REQUIRE_GPU();
+  fused_lora_layer(false, FastVariant::direct);
+}
+
+TEST(CudaMoeLayer, DirectLoraPathInGraphMatchesReference) {
+  MOELORA_REQUIRE_GPU();
+  fused_lora_layer(true, FastVariant::direct);
 }
 
 }  // namespace

@@ -166,6 +166,15 @@ struct MoeLoraHooksOptions {
   // over fused_max_tokens. 0 = off. Needs the delta expand's shapes
   // (cuda::moe_lora_delta_supported: H and I multiples of 4, r_max % 8 == 0).
   int64_t overlap_max_tokens = 0;
+  // CUDA: batches of up to this many tokens compute each seam's LoRA delta with one kernel on
+  // the side stream, straight from the routing (no (adapter, expert) alignment, no shrink /
+  // expand pair: cuda::moe_lora_direct), and add it inside the activation and the top-k
+  // reduction as the overlap variant does. Takes precedence over overlap_max_tokens and
+  // fused_max_tokens. 0 = off. Needs H and I multiples of 8, r_max % 8 == 0, and the batch's
+  // routing in one CTA's shared memory (cuda::moe_lora_direct_unsupported says why not).
+  int64_t direct_max_tokens = 0;
+  // CTAs per (adapter, expert) pair in the direct variant's clusters: 2, 4 or 8.
+  int direct_cluster_size = 4;
   // CUDA, on backends that run inline LoRA (MoeBackend::runs_inline_lora): batches of up to
   // this many tokens compute both deltas in extra CTAs of the expert GEMM grids themselves
   // (no side stream, no LoRA alignment) and add them inside the activation and the reduction

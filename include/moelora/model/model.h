@@ -35,12 +35,12 @@ DecodePath parse_decode_path(const std::string& name);
 
 // Which MoE LoRA variant the fast path's hooks use (MoeLoraHooksOptions): `best` is the one
 // measured fastest for the experts' weight format (decode_hook_options, src/model/moe_block.h);
-// the others force one (benchmarks and tests): staged hooks, overlap (deltas on a side stream)
-// or inline (deltas in extra CTAs of the expert GEMM grids; backends that run it, the staged
-// hooks elsewhere).
-enum class MoeLoraVariant { best, staged, overlap, inline_ctas };
+// the others force one (benchmarks and tests): staged hooks, overlap (deltas on a side stream),
+// direct (as overlap, each delta one kernel straight from the routing) or inline (deltas in
+// extra CTAs of the expert GEMM grids; backends that run it, the staged hooks elsewhere).
+enum class MoeLoraVariant { best, staged, overlap, direct, inline_ctas };
 const char* moe_lora_variant_name(MoeLoraVariant v);
-// "best", "staged", "overlap" or "inline"; anything else is an error naming them.
+// "best", "staged", "overlap", "direct" or "inline"; anything else is an error naming them.
 MoeLoraVariant parse_moe_lora_variant(const std::string& name);
 
 struct DecodeOptions {

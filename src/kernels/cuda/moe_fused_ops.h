@@ -2,6 +2,8 @@
 // host-callable, no CUDA headers). Each gives exactly the results of the ops it replaces.
 #pragma once
 
+#include <string>
+
 #include "moelora/core/stream.h"
 #include "moelora/moe/types.h"
 
@@ -73,6 +75,23 @@ void moe_reduce_lora_delta(const Tensor& o, const Tensor& ids, const Tensor& tok
                            int num_lora_slots, int num_experts, const Tensor& d2,
                            const Tensor& shared_o, const Tensor& shared_gate_logits, Tensor& y,
                            const Stream& stream);
+
+// The hooks' direct variant (moe_lora_direct.cu): one kernel computes a seam's whole LoRA
+// delta from the routing, with no (adapter, expert) alignment and no u in global memory.
+// d f32 [M*k, N]: d[s] = w[s] * B . (A . in[s / rows_div]) for every slot s whose token has an
+// adapter (token_slot[s / k] in [0, S)) and whose expert is valid (zeros where the adapter
+// lacks the seam); other rows untouched. gate_up: in = x [M, H], rows_div = k, A13 / B13;
+// down: in = the activation [M*k, I], rows_div = 1, A2 / B2, slot_weights = the routed
+// weights [M*k]. cluster_size: CTAs per (adapter, expert) pair (2, 4 or 8), splitting K for
+// the shrink and N for the expand; max_clusters bounds the grid (clusters loop over pairs).
+void moe_lora_direct(const Tensor& in, int rows_div, const Tensor& ids, const Tensor& token_slot,
+                     const Tensor& A, const Tensor& B, const Tensor& meta, LoraSeam seam,
+                     const Tensor& slot_weights, Tensor& d, int cluster_size, int max_clusters,
+                     const Stream& stream);
+// Why the direct variant cannot run a pool of `num_slots` x r_max at `max_slots` token-slots
+// (M*k) with this MoE shape; empty when it can.
+std::string moe_lora_direct_unsupported(int64_t hidden, int64_t inter, int num_experts,
+                                        int num_slots, int r_max, int64_t max_slots);
 
 // Argument checks of moe_route (shared with the fused op).
 void check_route_args(const Tensor& logits, const Tensor& correction_bias, const RouterConfig& cfg,

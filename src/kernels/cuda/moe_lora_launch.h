@@ -2,6 +2,9 @@
 // are in moe_ops_launch.h). Raw pointers in, cudaError_t out; no fmt, no Tensor.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
+
 #include "kernels/cuda/moe_ops_launch.h"
 
 namespace moelora::cuda::detail {
@@ -20,6 +23,33 @@ cudaError_t launch_moe_lora_add_delta(const float* d, const int32_t* ids,
 // splits), with rank tiles sized to a.R and fewer threads per CTA (more CTAs per SM).
 cudaError_t launch_moe_lora_shrink_stream(const LoraPlanView& plan, const ShrinkArgs& a,
                                           int blocks, cudaStream_t stream);
+// The direct variant's arguments (moe_lora_direct.cu): the whole seam from the routing.
+struct DirectLoraArgs {
+  const void* in;  // bf16 [rows, K]; slot s reads row s / rows_div
+  int rows_div;
+  const int32_t* ids;         // [n] expert per token-slot
+  const int32_t* token_slot;  // [n / top_k] adapter slot per token (out of range: base)
+  int top_k, n;
+  int num_experts, num_lora_slots;
+  const void* A;  // bf16 [S, E, R, K]
+  int R, K;
+  const void* B;  // bf16 [S, E, N, r_max]
+  int N, r_max;
+  const int32_t* meta;  // [S, 6]
+  bool gate_up;         // B rows [0, N/2) use the gate ranks, the rest the up ranks
+  const float* slot_weights;  // [n] or null
+  float* out;                 // [n, N] f32
+};
+// Dynamic shared memory the direct kernel takes, and its bound.
+inline constexpr size_t kDirectMaxSmem = 160 * 1024;
+size_t moe_lora_direct_smem(int n, int keys, int R, int num_lora_slots);
+// out[s] = w[s] * B . (A . in[s]) for every token-slot s whose token has an adapter slot in
+// [0, num_lora_slots) and whose expert is in [0, num_experts) (zeros where the adapter lacks
+// the seam); other rows untouched. cluster_size 2, 4 or 8 CTAs per (adapter, expert) pair,
+// at most max_clusters clusters. Needs K % 8 == 0, r_max % 8 == 0 and the smem bound.
+cudaError_t launch_moe_lora_direct(const DirectLoraArgs& a, int cluster_size, int max_clusters,
+                                   cudaStream_t stream);
+
 // Whether the vectorized expand applies to these sizes and pointers.
 inline bool lora_expand4_ok(const ExpandArgs& a) {
   const int half = a.gate_up ? a.N / 2 : a.N;

@@ -2,6 +2,9 @@
 #include "core/cuda_check.h"
 #include <algorithm>
 #include <cmath>
+#include <string>
+
+#include <fmt/format.h>
 
 #include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_lora_epilogue.h"
@@ -236,6 +239,88 @@ void moe_lora_add_delta(const Tensor& d, const Tensor& ids, const Tensor& token_
       d.data<float>(), ids.data<int32_t>(), token_slot.data<int32_t>(), int(ids.size(1)),
       num_experts, num_lora_slots, out.size(0), int(out.size(1)), out.data<float>(),
       raw_stream(stream)));
+}
+
+std::string moe_lora_direct_unsupported(int64_t hidden, int64_t inter, int num_experts,
+                                        int num_slots, int r_max, int64_t max_slots) {
+  if (hidden % 8 != 0 || inter % 8 != 0)
+    return fmt::format("hidden and intermediate sizes must be multiples of 8, found H {}, I {}",
+                       hidden, inter);
+  if (r_max % 8 != 0) return fmt::format("r_max must be a multiple of 8, found {}", r_max);
+  const int64_t keys = int64_t(num_slots) * num_experts;
+  const size_t smem = detail::moe_lora_direct_smem(int(std::min<int64_t>(max_slots, 1 << 20)),
+                                                   int(keys), 2 * r_max, num_slots);
+  if (max_slots > (1 << 20) || keys > (1 << 20) || smem > detail::kDirectMaxSmem)
+    return fmt::format(
+        "{} token-slots with {} LoRA slots x {} experts and r_max {} need {} bytes of shared "
+        "memory per CTA, the kernel takes at most {}",
+        max_slots, num_slots, num_experts, r_max, smem, detail::kDirectMaxSmem);
+  return {};
+}
+
+void moe_lora_direct(const Tensor& in, int rows_div, const Tensor& ids, const Tensor& token_slot,
+                     const Tensor& A, const Tensor& B, const Tensor& meta, LoraSeam seam,
+                     const Tensor& slot_weights, Tensor& d, int cluster_size, int max_clusters,
+                     const Stream& stream) {
+  const char* op = "moe_lora_direct";
+  const bool gate_up = seam == LoraSeam::gate_up;
+  check_cuda_tensor(in, DType::bf16, "moe_lora_direct input");
+  check_cuda_tensor(ids, DType::i32, "moe_lora_direct ids");
+  check_cuda_tensor(token_slot, DType::i32, "moe_lora_direct token_slot");
+  check_cuda_tensor(A, DType::bf16, "moe_lora_direct A");
+  check_cuda_tensor(B, DType::bf16, "moe_lora_direct B");
+  check_cuda_tensor(d, DType::f32, "moe_lora_direct d");
+  MOELORA_CHECK(ids.dim() == 2, "{} ids: expected [M, k], found {}", op, ids.describe());
+  const int64_t M = ids.size(0), k = ids.size(1), n = M * k;
+  check_shape(token_slot, {M}, "moe_lora_direct token_slot");
+  MOELORA_CHECK(rows_div == (gate_up ? k : 1), "{}: rows_div must be {} for the {} seam, found {}",
+                op, gate_up ? k : 1, gate_up ? "gate_up" : "down", rows_div);
+  MOELORA_CHECK(in.dim() == 2 && in.size(0) * rows_div == n,
+                "{} input: expected [{}, K], found {}", op, n / rows_div, in.describe());
+  const int64_t K = in.size(1);
+  MOELORA_CHECK(A.dim() == 4 && A.size(3) == K, "{} A: expected [S, E, R, K={}], found {}", op, K,
+                A.describe());
+  const int64_t S = A.size(0), E = A.size(1), R = A.size(2);
+  MOELORA_CHECK(B.dim() == 4 && B.size(0) == S && B.size(1) == E,
+                "{} B: expected [S={}, E={}, N, r_max], found {}", op, S, E, B.describe());
+  const int64_t N = B.size(2), r_max = B.size(3);
+  MOELORA_CHECK(R == (gate_up ? 2 : 1) * r_max,
+                "{} A: expected {} shrink rows for r_max {}, found {}", op,
+                (gate_up ? 2 : 1) * r_max, r_max, A.describe());
+  MOELORA_CHECK(!gate_up || N % 2 == 0, "{} B: the gate_up seam needs an even N, found {}", op,
+                B.describe());
+  check_shape(d, {n, N}, "moe_lora_direct d");
+  check_meta(meta, A, op);
+  const float* sw = nullptr;
+  if (slot_weights.defined()) {
+    check_cuda_tensor(slot_weights, DType::f32, "moe_lora_direct slot_weights");
+    MOELORA_CHECK(slot_weights.numel() == n, "{} slot_weights: expected [{}], found {}", op, n,
+                  slot_weights.describe());
+    sw = slot_weights.data<float>();
+  }
+  MOELORA_CHECK(cluster_size == 2 || cluster_size == 4 || cluster_size == 8,
+                "{}: cluster_size must be 2, 4 or 8, found {}", op, cluster_size);
+  MOELORA_CHECK(max_clusters >= 1, "{}: max_clusters must be >= 1, found {}", op, max_clusters);
+  MOELORA_CHECK(K % 8 == 0 && r_max % 8 == 0,
+                "{}: needs K and r_max multiples of 8, found K {}, r_max {}", op, K, r_max);
+  for (const Tensor* t : {&in, &A, &B})
+    MOELORA_CHECK(reinterpret_cast<uintptr_t>(t->data()) % 16 == 0,
+                  "{}: {} must be 16-byte aligned", op, t->describe());
+  const size_t smem = detail::moe_lora_direct_smem(int(n), int(S * E), int(R), int(S));
+  MOELORA_CHECK(smem <= detail::kDirectMaxSmem,
+                "{}: {} token-slots, {} LoRA slots x {} experts and {} shrink rows need {} bytes "
+                "of shared memory, the kernel takes at most {}",
+                op, n, S, E, R, smem, detail::kDirectMaxSmem);
+  if (n == 0) return;
+  const detail::DirectLoraArgs a{in.data(),        rows_div,         ids.data<int32_t>(),
+                                 token_slot.data<int32_t>(),         int(k),
+                                 int(n),           int(E),           int(S),
+                                 A.data(),         int(R),           int(K),
+                                 B.data(),         int(N),           int(r_max),
+                                 meta.data<int32_t>(),               gate_up,
+                                 sw,               d.data<float>()};
+  MOELORA_CUDA_CHECK(
+      detail::launch_moe_lora_direct(a, cluster_size, max_clusters, raw_stream(stream)));
 }
 
 int moe_lora_shrink_splits(int64_t num_slots) {
