@@ -75,7 +75,9 @@ class CudaLoraHooks final : public MoeLoraHooks {
       const std::string why = cuda::moe_lora_direct_unsupported(
           s.hidden, s.inter, s.num_experts, pool.num_slots(), pool.r_max(),
           std::min(max_tokens, direct_max_tokens_) * s.top_k);
-      MOELORA_CHECK(why.empty(), "MoE LoRA hooks: the direct path cannot run this pool: {}", why);
+      MOELORA_CHECK(why.empty() || !options.direct_strict,
+                    "MoE LoRA hooks: the direct path cannot run this pool: {}", why);
+      if (!why.empty()) direct_max_tokens_ = 0;
       MOELORA_CHECK(direct_cluster_size_ == 2 || direct_cluster_size_ == 4 ||
                         direct_cluster_size_ == 8,
                     "MoE LoRA hooks: direct_cluster_size must be 2, 4 or 8, found {}",

@@ -175,6 +175,10 @@ struct MoeLoraHooksOptions {
   int64_t direct_max_tokens = 0;
   // CTAs per (adapter, expert) pair in the direct variant's clusters: 2, 4 or 8.
   int direct_cluster_size = 4;
+  // When the pool cannot run the direct kernel: true = error at creation (an explicit
+  // request), false = those batches take the next variant that applies (the default
+  // variant choice, decode_hook_options, asks this way).
+  bool direct_strict = true;
   // CUDA, on backends that run inline LoRA (MoeBackend::runs_inline_lora): batches of up to
   // this many tokens compute both deltas in extra CTAs of the expert GEMM grids themselves
   // (no side stream, no LoRA alignment) and add them inside the activation and the reduction
