@@ -78,10 +78,9 @@ class CudaLoraHooks final : public MoeLoraHooks {
       MOELORA_CHECK(why.empty() || !options.direct_strict,
                     "MoE LoRA hooks: the direct path cannot run this pool: {}", why);
       if (!why.empty()) direct_max_tokens_ = 0;
-      MOELORA_CHECK(direct_cluster_size_ == 2 || direct_cluster_size_ == 4 ||
-                        direct_cluster_size_ == 8,
-                    "MoE LoRA hooks: direct_cluster_size must be 2, 4 or 8, found {}",
-                    direct_cluster_size_);
+      MOELORA_CHECK(
+          direct_cluster_size_ == 2 || direct_cluster_size_ == 4 || direct_cluster_size_ == 8,
+          "MoE LoRA hooks: direct_cluster_size must be 2, 4 or 8, found {}", direct_cluster_size_);
     }
     if ((inline_max_tokens_ > 0 || direct_max_tokens_ > 0) && d.is_cuda())
       sms_ = cuda::current_sm_count();
@@ -162,8 +161,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
     if (directs(m_)) {
       Tensor d = d13_.first_rows(n);
       cuda::moe_lora_direct(x, k, topk.ids, bound_slots(m_), pool_.a13(), pool_.b13(),
-                            pool_.slot_meta(), LoraSeam::gate_up, Tensor(), d,
-                            direct_cluster_size_, direct_clusters(), side_);
+                            pool_.slot_meta(), LoraSeam::gate_up, Tensor(), d, direct_cluster_size_,
+                            direct_clusters(), side_);
       gu_done_.record(side_);
       gu_queued_ = true;
       return;

@@ -33,12 +33,12 @@ inline std::unique_ptr<MoeRunner> make_model_runner(const HfModelConfig& c,
 // The MoE LoRA hooks' settings on a decode path, per expert weight format: the variant that
 // measured fastest in `bench moe --path hooks|fast|overlap|direct|inline` (H100, 2026-11-23,
 // BENCHMARKS.md "MoE LoRA variants"). fp8 block-scale: the direct kernels at batch 1, then
-// deltas beside the GEMMs added in the activation / reduction (overlap) up to 128 tokens (2-15 % less LoRA time at r16x1 and r64x1,
-// within 1 % at r16x4; the inline variant won only at r16x1 from batch 16 in the layer and lost
-// in the whole model, session 5); int4 (wna16): the staged hooks everywhere (overlap slower);
-// formats not measured yet keep the staged hooks. On the hooks path: the default options, so
-// that path stays byte for byte what it was.
-// DecodeOptions::moe_lora other than `best` forces a variant up to max_batch tokens.
+// deltas beside the GEMMs added in the activation / reduction (overlap) up to 128 tokens (2-15 %
+// less LoRA time at r16x1 and r64x1, within 1 % at r16x4; the inline variant won only at r16x1 from
+// batch 16 in the layer and lost in the whole model, session 5); int4 (wna16): the staged hooks
+// everywhere (overlap slower); formats not measured yet keep the staged hooks. On the hooks path:
+// the default options, so that path stays byte for byte what it was. DecodeOptions::moe_lora other
+// than `best` forces a variant up to max_batch tokens.
 inline MoeLoraHooksOptions decode_hook_options(const DecodeOptions& d, WeightFormat format,
                                                Device device) {
   MoeLoraHooksOptions o;

@@ -165,10 +165,9 @@ struct Row {
 
 int run_bench_moe(const BenchMoeOptions& opt) {
   const WeightFormat format = parse_weight_format(opt.dtype);
-  MOELORA_CHECK(
-      opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap" ||
-          opt.path == "direct" || opt.path == "inline",
-      "--path: expected hooks, fast, overlap, direct or inline, found '{}'", opt.path);
+  MOELORA_CHECK(opt.path == "hooks" || opt.path == "fast" || opt.path == "overlap" ||
+                    opt.path == "direct" || opt.path == "inline",
+                "--path: expected hooks, fast, overlap, direct or inline, found '{}'", opt.path);
   int64_t group_size = opt.group_size;
   if (group_size == 0) group_size = format == WeightFormat::nvfp4 ? 16 : 128;
   Device device = Device::cpu();

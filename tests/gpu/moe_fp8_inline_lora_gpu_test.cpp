@@ -61,9 +61,9 @@ void inline_lora_layer(bool graph, bool direct = false) {
   for (const Fp8LayerCase& c : fp8_layer_cases()) {
     for (int64_t m : {1, 7, 64, 257}) {
       for (const auto& [splits, k_splits] : {std::pair{1, 0}, std::pair{3, 4}, std::pair{2, 2}}) {
-        SCOPED_TRACE(::testing::Message() << c.shape.name << " M=" << m << " splits=" << splits
-                                          << " k_splits=" << k_splits << " graph=" << graph
-                                          << " direct=" << direct);
+        SCOPED_TRACE(::testing::Message()
+                     << c.shape.name << " M=" << m << " splits=" << splits
+                     << " k_splits=" << k_splits << " graph=" << graph << " direct=" << direct);
         const int64_t H = c.shape.hidden;
         MoeRunnerConfig rc;
         rc.shape = c.shape, rc.router = c.router, rc.max_tokens = m;

@@ -186,8 +186,7 @@ __global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 3)
         prefetch_l2(p + off);
     }
 
-    const __nv_bfloat16* abase =
-        static_cast<const __nv_bfloat16*>(a.A) + pair * int64_t(a.R) * a.K;
+    const __nv_bfloat16* abase = static_cast<const __nv_bfloat16*>(a.A) + pair * int64_t(a.R) * a.K;
     const int chunks = (a.K + 31) / 32;
     const int per_cta = (chunks + kC - 1) / kC;
     const int cb = crank * per_cta, ce = min(chunks, cb + per_cta);
@@ -290,14 +289,12 @@ __global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 3)
 }
 
 template <int kC>
-cudaError_t launch_direct(const DirectLoraArgs& a, int clusters, size_t smem,
-                          cudaStream_t stream) {
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(moe_lora_direct_kernel<kC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           int(kDirectMaxSmem));
+cudaError_t launch_direct(const DirectLoraArgs& a, int clusters, size_t smem, cudaStream_t stream) {
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      moe_lora_direct_kernel<kC>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDirectMaxSmem));
   if (attr != cudaSuccess) return attr;
-  return launch_pdl(moe_lora_direct_kernel<kC>, dim3(unsigned(clusters * kC)),
-                    dim3(kDirectThreads), smem, stream, a);
+  return launch_pdl(moe_lora_direct_kernel<kC>, dim3(unsigned(clusters * kC)), dim3(kDirectThreads),
+                    smem, stream, a);
 }
 
 }  // namespace

@@ -35,8 +35,8 @@ struct DirectLoraArgs {
   int R, K;
   const void* B;  // bf16 [S, E, N, r_max]
   int N, r_max;
-  const int32_t* meta;  // [S, 6]
-  bool gate_up;         // B rows [0, N/2) use the gate ranks, the rest the up ranks
+  const int32_t* meta;        // [S, 6]
+  bool gate_up;               // B rows [0, N/2) use the gate ranks, the rest the up ranks
   const float* slot_weights;  // [n] or null
   float* out;                 // [n, N] f32
 };

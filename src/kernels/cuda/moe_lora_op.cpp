@@ -1,11 +1,11 @@
 // Ops (layer 3) for LoRA on experts on CUDA: virtual-expert ids, shrink, expand, block_m.
-#include "core/cuda_check.h"
 #include <algorithm>
 #include <cmath>
 #include <string>
 
 #include <fmt/format.h>
 
+#include "core/cuda_check.h"
 #include "kernels/cuda/moe_fused_ops.h"
 #include "kernels/cuda/moe_lora_epilogue.h"
 #include "kernels/cuda/moe_lora_launch.h"
@@ -275,8 +275,8 @@ void moe_lora_direct(const Tensor& in, int rows_div, const Tensor& ids, const Te
   check_shape(token_slot, {M}, "moe_lora_direct token_slot");
   MOELORA_CHECK(rows_div == (gate_up ? k : 1), "{}: rows_div must be {} for the {} seam, found {}",
                 op, gate_up ? k : 1, gate_up ? "gate_up" : "down", rows_div);
-  MOELORA_CHECK(in.dim() == 2 && in.size(0) * rows_div == n,
-                "{} input: expected [{}, K], found {}", op, n / rows_div, in.describe());
+  MOELORA_CHECK(in.dim() == 2 && in.size(0) * rows_div == n, "{} input: expected [{}, K], found {}",
+                op, n / rows_div, in.describe());
   const int64_t K = in.size(1);
   MOELORA_CHECK(A.dim() == 4 && A.size(3) == K, "{} A: expected [S, E, R, K={}], found {}", op, K,
                 A.describe());
@@ -312,13 +312,24 @@ void moe_lora_direct(const Tensor& in, int rows_div, const Tensor& ids, const Te
                 "of shared memory, the kernel takes at most {}",
                 op, n, S, E, R, smem, detail::kDirectMaxSmem);
   if (n == 0) return;
-  const detail::DirectLoraArgs a{in.data(),        rows_div,         ids.data<int32_t>(),
-                                 token_slot.data<int32_t>(),         int(k),
-                                 int(n),           int(E),           int(S),
-                                 A.data(),         int(R),           int(K),
-                                 B.data(),         int(N),           int(r_max),
-                                 meta.data<int32_t>(),               gate_up,
-                                 sw,               d.data<float>()};
+  const detail::DirectLoraArgs a{.in = in.data(),
+                                 .rows_div = rows_div,
+                                 .ids = ids.data<int32_t>(),
+                                 .token_slot = token_slot.data<int32_t>(),
+                                 .top_k = int(k),
+                                 .n = int(n),
+                                 .num_experts = int(E),
+                                 .num_lora_slots = int(S),
+                                 .A = A.data(),
+                                 .R = int(R),
+                                 .K = int(K),
+                                 .B = B.data(),
+                                 .N = int(N),
+                                 .r_max = int(r_max),
+                                 .meta = meta.data<int32_t>(),
+                                 .gate_up = gate_up,
+                                 .slot_weights = sw,
+                                 .out = d.data<float>()};
   MOELORA_CUDA_CHECK(
       detail::launch_moe_lora_direct(a, cluster_size, max_clusters, raw_stream(stream)));
 }
