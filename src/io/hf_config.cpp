@@ -208,6 +208,32 @@ void parse_qwen(const Fields& f, HfModelConfig& c) {
   }
 }
 
+// rope_parameters / rope_scaling of rope_type "yarn" (`key` names the object in errors).
+// transformers reads beta_fast / beta_slow with `or` (0 means the default) and tests mscale /
+// mscale_all_dim for truthiness; the same here.
+void parse_yarn(const Fields& r, const char* key, const std::string& path, YarnRope& y) {
+  y.factor = r.f64("factor", 0.0);
+  MOELORA_CHECK(!r.has("factor") || y.factor > 0.0,
+                "{}: field '{}.factor' must be > 0 for YaRN, found {}", path, key, y.factor);
+  y.original_max_position = r.i64("original_max_position_embeddings", 0);
+  MOELORA_CHECK(!r.has("original_max_position_embeddings") || y.original_max_position > 0,
+                "{}: field '{}.original_max_position_embeddings' must be > 0, found {}", path, key,
+                y.original_max_position);
+  const double bf = r.f64("beta_fast", 0.0), bs = r.f64("beta_slow", 0.0);
+  y.beta_fast = bf != 0.0 ? bf : 32.0;
+  y.beta_slow = bs != 0.0 ? bs : 1.0;
+  MOELORA_CHECK(y.beta_fast > 0.0 && y.beta_slow > 0.0,
+                "{}: fields '{}.beta_fast' / 'beta_slow' must be > 0, found {} / {}", path, key,
+                y.beta_fast, y.beta_slow);
+  y.mscale = r.f64("mscale", 0.0);
+  y.mscale_all_dim = r.f64("mscale_all_dim", 0.0);
+  y.attention_factor = r.f64("attention_factor", 0.0);
+  MOELORA_CHECK(!r.has("attention_factor") || y.attention_factor > 0.0,
+                "{}: field '{}.attention_factor' must be > 0, found {}", path, key,
+                y.attention_factor);
+  y.truncate = r.boolean("truncate", true);
+}
+
 }  // namespace
 
 std::vector<std::string> HfModelConfig::supported_model_types() {
@@ -267,6 +293,7 @@ HfModelConfig HfModelConfig::parse(std::string_view json_text, const std::string
     Fields r(*rp, path);
     if (r.has("rope_theta")) c.rope_theta = r.f64("rope_theta", c.rope_theta);
     c.rope_type = r.str("rope_type", r.str("type", c.rope_type));
+    if (c.rope_type == "yarn") parse_yarn(r, key, path, c.yarn);
   }
   c.rms_norm_eps = f.f64("rms_norm_eps", 1e-6);
   c.max_position_embeddings = f.i64("max_position_embeddings", 0);

@@ -6,6 +6,7 @@
 // callers own those invariants (the model builds these tensors itself).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "moelora/core/error.h"
@@ -92,7 +93,8 @@ inline MlaLoraDims check_mla_lora(const Tensor& token_slot, const Tensor& A, con
 
 // Returns whether x is bf16.
 inline bool check_mla_rope(const Tensor& x, int head_stride, int rope_offset, int rope_dim,
-                           const Tensor& positions, double theta, Device dev) {
+                           const Tensor& positions, double theta, Device dev,
+                           const Tensor& inv_freq, float cos_sin_scale) {
   const bool xb = mla_act(x, dev, "mla_rope x");
   mla_on(positions, DType::i32, dev, "mla_rope positions");
   MOELORA_CHECK(rope_dim > 0 && rope_dim % 2 == 0 && rope_offset >= 0 &&
@@ -104,6 +106,12 @@ inline bool check_mla_rope(const Tensor& x, int head_stride, int rope_offset, in
                 head_stride);
   MOELORA_CHECK(theta > 0, "mla_rope: theta must be > 0, found {}", theta);
   check_shape(positions, {x.size(0)}, "mla_rope positions");
+  if (inv_freq.defined()) {
+    mla_on(inv_freq, DType::f32, dev, "mla_rope inv_freq");
+    check_shape(inv_freq, {rope_dim / 2}, "mla_rope inv_freq");
+  }
+  MOELORA_CHECK(std::isfinite(cos_sin_scale) && cos_sin_scale > 0.0f,
+                "mla_rope: cos_sin_scale must be finite and > 0, found {}", cos_sin_scale);
   return xb;
 }
 

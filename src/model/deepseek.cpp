@@ -27,6 +27,7 @@
 #include "model/expert_loader.h"
 #include "model/mla_dispatch.h"
 #include "model/moe_block.h"
+#include "model/rope.h"
 #include "model/weight_loader.h"
 
 namespace moelora {
@@ -51,11 +52,11 @@ void check_unsupported_settings(const std::string& dir, const HfModelConfig& c, 
   MOELORA_CHECK(act == j.end() || act->is_null() || *act == "silu",
                 "{}: hidden_act {} is not supported (expected \"silu\")", path,
                 act == j.end() ? "" : act->dump());
-  // YaRN (DeepSeek-V2/V3 checkpoints with long context) changes the frequencies and the softmax
-  // scale (mscale); not implemented yet, so refuse rather than run with the wrong RoPE.
-  MOELORA_CHECK(c.rope_type == "default",
+  // YaRN (DeepSeek-V2/V3 and Kimi-K2 checkpoints) changes the frequencies, cos / sin and the
+  // softmax scale (model/rope.h); the other scaled RoPE types are refused.
+  MOELORA_CHECK(c.rope_type == "default" || c.rope_type == "yarn",
                 "{}: rope_scaling / rope_parameters.rope_type '{}' is not supported by the {} "
-                "model yet (only \"default\" RoPE; YaRN is a TODO)",
+                "model (\"default\" and \"yarn\" are)",
                 path, c.rope_type, c.model_type);
   MOELORA_CHECK(c.max_position_embeddings > 0, "{}: max_position_embeddings must be > 0", path);
   MOELORA_CHECK(c.num_key_value_heads == c.num_attention_heads,
@@ -84,6 +85,17 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
   const int64_t H = c.hidden_size, V = c.vocab_size, nh = c.num_attention_heads;
   const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
   const int64_t L = c.kv_lora_rank, qk = nope + rope;
+  // RoPE frequencies and the softmax scale, as transformers' DeepseekV2 / V3 attention sets them.
+  const RopeFrequencies rf = rope_frequencies(c, int(rope));
+  if (!rf.plain) {
+    Tensor t = Tensor::empty({int64_t(rf.inv_freq.size())}, DType::f32);
+    std::copy(rf.inv_freq.begin(), rf.inv_freq.end(), t.data<float>());
+    rope_inv_freq_ = t.to(device_);
+    rope_cos_sin_scale_ = rf.attention_scaling;
+  }
+  attn_scale_ = 1.0f / std::sqrt(float(qk));
+  if (const double m2 = deepseek_softmax_mscale2(c); m2 != 1.0)
+    attn_scale_ = float(std::pow(double(qk), -0.5) * m2);
   WeightLoader wl(dir, options.load_progress);
   embed_ = place(wl.bf16("model.embed_tokens.weight", {V, H}));
   final_norm_ = place(wl.bf16("model.norm.weight", {H}));
@@ -251,9 +263,10 @@ void DeepseekModel::attention(MlaLayer& Ly, int layer, const Tensor& xn, const S
   ops::linear(xn, Ly.kv_a_proj, kv, stream_);
   add_lora(Ly, "kv_a_proj_with_mqa", xn, s.token_slot, s.lora, kv, ws_.lora_x, ws_.lora_u);
   ops::mla_kv_norm(kv, Ly.kv_a_norm, eps, stream_);  // kv_a_layernorm; k_pe stays as is
-  ops::mla_rope(q, int(qk), nope, rope, s.positions, c.rope_theta, rope_interleave_, stream_);
+  ops::mla_rope(q, int(qk), nope, rope, s.positions, c.rope_theta, rope_interleave_, stream_,
+                rope_inv_freq_, rope_cos_sin_scale_);
   ops::mla_rope(kv, int(L + rope), int(L), rope, s.positions, c.rope_theta, rope_interleave_,
-                stream_);
+                stream_, rope_inv_freq_, rope_cos_sin_scale_);
   ops::mla_cache_write(kv, s.slots, cache.k(layer), stream_);
 
   Tensor a = ws_.attn.get(M, nh * vd, DType::f32, device_);
@@ -298,8 +311,7 @@ void DeepseekModel::absorbed_rows(MlaLayer& Ly, int layer, const Tensor& q, cons
     ops::mla_lora_absorb_q(q, ts, kvb->a(), kvb->b(), kvb->ranks(), int(nh), nope, rope, vd,
                            q_lat, stream_);
   Tensor lat = ws_.lat.get(n, nh * L, DType::f32, device_);
-  // transformers' softmax scale: (qk_nope + qk_rope)^-0.5 (no YaRN mscale: refused at load).
-  const float scale = 1.0f / std::sqrt(float(nope + rope));
+  const float scale = attn_scale_;  // transformers': qk_head_dim^-0.5 (x YaRN's mscale^2)
   ops::mla_paged_attention(q_lat, cache.k(layer), s.block_table, tseq, pos, int(nh), scale, lat,
                            stream_);
   ops::mla_absorb_v(lat, Ly.kv_b_proj, int(nh), nope, vd, out, stream_);
@@ -325,7 +337,7 @@ void DeepseekModel::expanded_rows(MlaLayer& Ly, int layer, const Tensor& q, cons
   ops::linear(ckv, Ly.kv_b_proj, kvb, stream_);
   if (g.kv_b_slot.defined())
     add_lora(Ly, "kv_b_proj", ckv, g.kv_b_slot, true, kvb, ws_.e_lora_x, ws_.e_lora_u);
-  const float scale = 1.0f / std::sqrt(float(nope + rope));
+  const float scale = attn_scale_;
   ops::mla_expanded_attention(q, kvb, lat, s.positions.narrow(0, g.row0, n), int(nh), nope, rope,
                               vd, scale, out, stream_);
 }

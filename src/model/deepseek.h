@@ -154,6 +154,10 @@ class DeepseekModel final : public Model {
   Device device_;
   Stream stream_;
   bool rope_interleave_ = true;
+  // YaRN: the frequency table (on device_) and cos / sin factor; undefined / 1 for plain RoPE.
+  Tensor rope_inv_freq_;
+  float rope_cos_sin_scale_ = 1.0f;
+  float attn_scale_ = 1.0f;  // the attention softmax scale (model/rope.h)
   MlaPath path_ = MlaPath::automatic;
   Tensor embed_, final_norm_, lm_head_;
   std::vector<MlaLayer> layers_;

@@ -416,10 +416,10 @@ TEST(DeepseekModel, BadModelDirectories) {
   }
   {
     ModelFiles f = read_model(kV3);
-    f.config["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 10000.0},
-                                   {"factor", 40.0}, {"original_max_position_embeddings", 4096}};
-    test::expect_error([&] { Model::load(write_model("yarn", f)); },
-                       "rope_type 'yarn' is not supported by the deepseek_v3 model yet");
+    f.config["rope_parameters"] = {{"rope_type", "linear"}, {"rope_theta", 10000.0},
+                                   {"factor", 4.0}};
+    test::expect_error([&] { Model::load(write_model("linear_rope", f)); },
+                       "rope_type 'linear' is not supported by the deepseek_v3 model");
   }
   {
     ModelFiles f = read_model(kV2);
@@ -445,6 +445,40 @@ TEST(DeepseekModel, RopeInterleaveFlagIsRead) {
   EXPECT_EQ(std::vector<float>(out[0].begin(), out[0].begin() + kVocab),
             std::vector<float>(out[1].begin(), out[1].begin() + kVocab));
   EXPECT_NE(out[0], out[1]);
+}
+
+// YaRN (rope_parameters.rope_type "yarn", as DeepSeek / Kimi checkpoints have it) is read and
+// applied: factor 1 reduces to plain RoPE (same logits up to the blend's rounding); factor 40
+// with mscale_all_dim changes every later position, while position 0 (no rotation, a single
+// key: the softmax is 1 at any scale) keeps plain RoPE's logits. rope_test.cpp checks the
+// frequencies and scales themselves.
+TEST(DeepseekModel, YarnRopeIsApplied) {
+  const std::vector<int32_t> prompt = kV3.ints("p0.prompt");
+  auto logits = [&](Model& m) {
+    PagedKvCache cache(m.kv_cache_config(8, 16, DType::f32));
+    return test::to_floats(
+        m.forward({SeqInput{cache.add_sequence(), prompt, -1}}, cache, true).all_logits);
+  };
+  auto plain = Model::load(kV3.model());
+  const std::vector<float> base = logits(*plain);
+  auto yarn = [&](double factor, const char* name) {
+    ModelFiles f = read_model(kV3);
+    f.config["rope_parameters"] = {{"rope_type", "yarn"},
+                                   {"rope_theta", 10000.0},
+                                   {"factor", factor},
+                                   {"original_max_position_embeddings", 64},
+                                   {"mscale", 1.0},
+                                   {"mscale_all_dim", 1.0}};
+    auto m = Model::load(write_model(name, f));
+    return logits(*m);
+  };
+  const std::vector<float> same = yarn(1.0, "yarn_factor1");
+  EXPECT_TRUE(test::allclose(same, base, 1e-5, 1e-5));
+  const std::vector<float> scaled = yarn(40.0, "yarn_factor40");
+  ASSERT_EQ(scaled.size(), base.size());
+  for (int64_t v = 0; v < kVocab; ++v) EXPECT_NEAR(scaled[size_t(v)], base[size_t(v)], 1e-5);
+  EXPECT_FALSE(test::allclose(std::vector<float>(scaled.begin() + kVocab, scaled.end()),
+                              std::vector<float>(base.begin() + kVocab, base.end()), 1e-3, 1e-3));
 }
 
 std::string write_adapter(const std::string& name, const std::string& module, int64_t in,

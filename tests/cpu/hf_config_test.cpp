@@ -266,6 +266,46 @@ TEST(HfConfig, UnknownModelTypeListsSupported) {
   test::expect_error([&] { parse(j); }, "missing required field 'model_type'");
 }
 
+// YaRN as real DeepSeek / Kimi checkpoints write it: rope_scaling with `type` (transformers 4)
+// or rope_parameters with `rope_type` (transformers 5); absent fields keep transformers'
+// defaults; bad values name the field.
+TEST(HfConfig, YarnRopeScaling) {
+  json j = deepseek_v2_lite();
+  j["rope_scaling"] = json::parse(R"({"type": "yarn", "factor": 40, "beta_fast": 32,
+      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+      "original_max_position_embeddings": 4096})");
+  HfModelConfig c = parse(j);
+  EXPECT_EQ(c.rope_type, "yarn");
+  EXPECT_DOUBLE_EQ(c.yarn.factor, 40.0);
+  EXPECT_EQ(c.yarn.original_max_position, 4096);
+  EXPECT_DOUBLE_EQ(c.yarn.beta_fast, 32.0);
+  EXPECT_DOUBLE_EQ(c.yarn.beta_slow, 1.0);
+  EXPECT_DOUBLE_EQ(c.yarn.mscale, 0.707);
+  EXPECT_DOUBLE_EQ(c.yarn.mscale_all_dim, 0.707);
+  EXPECT_DOUBLE_EQ(c.yarn.attention_factor, 0.0);
+  EXPECT_TRUE(c.yarn.truncate);
+
+  j = deepseek_v3();
+  j.erase("rope_scaling");
+  j["rope_parameters"] = json::parse(R"({"rope_type": "yarn", "rope_theta": 50000.0,
+      "factor": 32.0, "beta_fast": null, "truncate": false})");
+  c = parse(j);
+  EXPECT_EQ(c.rope_type, "yarn");
+  EXPECT_DOUBLE_EQ(c.rope_theta, 50000.0);
+  EXPECT_DOUBLE_EQ(c.yarn.beta_fast, 32.0);  // null: the default
+  EXPECT_EQ(c.yarn.original_max_position, 0);
+  EXPECT_FALSE(c.yarn.truncate);
+
+  j["rope_parameters"]["factor"] = -2;
+  test::expect_error([&] { parse(j); }, "field 'rope_parameters.factor' must be > 0");
+  j["rope_parameters"]["factor"] = 4;
+  j["rope_parameters"]["original_max_position_embeddings"] = 0;
+  test::expect_error([&] { parse(j); }, "'rope_parameters.original_max_position_embeddings'");
+  j["rope_parameters"]["original_max_position_embeddings"] = 4096;
+  j["rope_parameters"]["attention_factor"] = "1";
+  test::expect_error([&] { parse(j); }, "field 'attention_factor': expected a number");
+}
+
 TEST(HfConfig, BadConfigsNameFileAndField) {
   test::expect_error([] { HfModelConfig::parse("{not json", "/m/config.json"); },
                      "/m/config.json: not valid JSON");

@@ -255,6 +255,52 @@ TEST(MlaOps, RopeOnTheRopePart) {
   EXPECT_EQ(test::to_floats(y), test::to_floats(z));
 }
 
+// A frequency table (YaRN's) replaces theta's frequencies and cos / sin take its scale: theta's
+// own table gives theta's bits, any table the rotation by its frequencies times the scale.
+TEST(MlaOps, RopeFrequencyTableAndScale) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const int64_t m = 4, stride = kNope + kRope;
+  const Tensor x0 = test::random_tensor({m, kHeads * stride}, DType::f32, rng);
+  const Tensor pos = test::from_ints({0, 3, 17, 250}, {m});
+  const Stream st = Stream::create(Device::cpu());
+  const double theta = 10000.0;
+  auto run = [&](const Tensor& table, float scale) {
+    Tensor x = Tensor::empty(x0.shape(), DType::f32);
+    x.copy_from(x0);
+    cpu::mla_rope(x, int(stride), kNope, kRope, pos, theta, true, st, table, scale);
+    return test::to_floats(x);
+  };
+  std::vector<float> own;
+  for (int i = 0; i < kRope / 2; ++i)
+    own.push_back(1.0f / std::pow(float(theta), float(2 * i) / float(kRope)));
+  EXPECT_EQ(run(test::from_floats(own, {kRope / 2}, DType::f32), 1.0f), run(Tensor(), 1.0f));
+
+  const std::vector<float> table = {0.25f, 0.0031f};
+  const float scale = 1.3f;
+  const auto a = run(test::from_floats(table, {kRope / 2}, DType::f32), scale), a0 = test::to_floats(x0);
+  for (int64_t t = 0; t < m; ++t)
+    for (int h = 0; h < kHeads; ++h) {
+      const int64_t base = t * kHeads * stride + h * stride + kNope;
+      for (int i = 0; i < kRope / 2; ++i) {
+        const double f = double(pos.data<int32_t>()[t]) * table[size_t(i)];
+        const double re = a0[size_t(base + 2 * i)], im = a0[size_t(base + 2 * i + 1)];
+        EXPECT_NEAR(a[size_t(base + 2 * i)], scale * (re * std::cos(f) - im * std::sin(f)), 1e-4);
+        EXPECT_NEAR(a[size_t(base + 2 * i + 1)], scale * (im * std::cos(f) + re * std::sin(f)),
+                    1e-4);
+      }
+    }
+  Tensor x = Tensor::empty(x0.shape(), DType::f32);
+  test::expect_error(
+      [&] {
+        cpu::mla_rope(x, int(stride), kNope, kRope, pos, theta, true, st,
+                      test::from_floats({1.0f, 2.0f, 3.0f}, {3}, DType::f32), 1.0f);
+      },
+      "mla_rope inv_freq");
+  test::expect_error(
+      [&] { cpu::mla_rope(x, int(stride), kNope, kRope, pos, theta, true, st, Tensor(), 0.0f); },
+      "cos_sin_scale must be finite and > 0");
+}
+
 TEST(MlaOps, BadArguments) {
   const Stream st = Stream::create(Device::cpu());
   const int64_t m = 2;

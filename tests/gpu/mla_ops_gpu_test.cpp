@@ -119,6 +119,17 @@ TEST_P(MlaOpsGpu, RopeAndCacheWrite) {
       EXPECT_TRUE(test::allclose(test::to_floats(kv_gpu), test::to_floats(kv), rope_tol(dt), 1e-4))
           << sh.name << " kv rope " << dn(dt) << " interleaved " << inter;
 
+      // A frequency table (YaRN's) with a cos / sin scale, as the model passes it.
+      const Tensor table = test::random_tensor({sh.rope / 2}, DType::f32, rng, 1e-5f, 1.0f);
+      Tensor qt = test::random_tensor({m, sh.heads * qk}, dt, rng);
+      Tensor qt_gpu = gpu(qt);
+      cpu::mla_rope(qt, int(qk), sh.nope, sh.rope, pos, 10000.0, inter, Stream(), table, 1.2f);
+      cuda::mla_rope(qt_gpu, int(qk), sh.nope, sh.rope, gpu(pos), 10000.0, inter, s, gpu(table),
+                     1.2f);
+      s.synchronize();
+      EXPECT_TRUE(test::allclose(test::to_floats(qt_gpu), test::to_floats(qt), rope_tol(dt), 1e-4))
+          << sh.name << " q rope with a table " << dn(dt) << " interleaved " << inter;
+
       // cache write into scattered slots (distinct), rest of the cache untouched
       for (DType ct : {DType::f32, DType::bf16}) {
         const int64_t pages = 9, page = 8;

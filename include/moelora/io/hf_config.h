@@ -10,6 +10,18 @@
 
 namespace moelora {
 
+// YaRN RoPE settings (rope_type "yarn": DeepSeek-V2/V3 and Kimi-K2 checkpoints), as written in
+// rope_parameters / rope_scaling. Absent fields keep transformers' defaults; 0 / false where
+// transformers tests the field's truthiness (mscale, mscale_all_dim).
+struct YarnRope {
+  double factor = 0.0;                // 0: absent (max_position_embeddings / original)
+  int64_t original_max_position = 0;  // 0: absent (max_position_embeddings)
+  double beta_fast = 32.0, beta_slow = 1.0;
+  double mscale = 0.0, mscale_all_dim = 0.0;
+  double attention_factor = 0.0;  // 0: absent (from mscale / mscale_all_dim)
+  bool truncate = true;           // round the correction range outwards to whole dims
+};
+
 // DeepSeek `topk_method`; the other families route greedily.
 enum class TopkMethod : uint8_t { greedy, group_limited_greedy, noaux_tc };
 
@@ -31,6 +43,7 @@ struct HfModelConfig {
   double rope_theta = 10000.0;
   // rope_parameters.rope_type (or rope_scaling's type); "default" = plain RoPE.
   std::string rope_type = "default";
+  YarnRope yarn;  // when rope_type == "yarn"
   double rms_norm_eps = 1e-6;
   int64_t max_position_embeddings = 0;
   // MLA (DeepSeek). q_lora_rank == 0 means the config says null: q_proj is one matrix.

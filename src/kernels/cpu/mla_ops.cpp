@@ -45,21 +45,26 @@ void check_token_slots(const Tensor& token_slot, int64_t slots, const char* op) 
 }  // namespace
 
 void mla_rope(Tensor& x, int head_stride, int rope_offset, int rope_dim, const Tensor& positions,
-              double theta, bool interleaved, const Stream& /*stream*/) {
-  check_mla_rope(x, head_stride, rope_offset, rope_dim, positions, theta, kCpu);
+              double theta, bool interleaved, const Stream& /*stream*/, const Tensor& table,
+              float cos_sin_scale) {
+  check_mla_rope(x, head_stride, rope_offset, rope_dim, positions, theta, kCpu, table,
+                 cos_sin_scale);
   const int64_t m = x.size(0), cols = x.size(1), half = rope_dim / 2;
-  // inv_freq in f32 as transformers computes it.
-  std::vector<float> inv_freq(static_cast<size_t>(half)), cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
+  // inv_freq in f32 as transformers computes it (or the caller's table).
+  std::vector<float> inv_freq(static_cast<size_t>(half)), cs(static_cast<size_t>(half)),
+      sn(static_cast<size_t>(half));
   for (int64_t i = 0; i < half; ++i)
-    inv_freq[size_t(i)] = 1.0f / std::pow(float(theta), float(2 * i) / float(rope_dim));
+    inv_freq[size_t(i)] = table.defined()
+                              ? table.data<float>()[i]
+                              : 1.0f / std::pow(float(theta), float(2 * i) / float(rope_dim));
   std::vector<float> row(static_cast<size_t>(cols));
   const int32_t* pos = positions.data<int32_t>();
   for (int64_t t = 0; t < m; ++t) {
     MOELORA_CHECK(pos[t] >= 0, "mla_rope: position {} of token {} is negative", pos[t], t);
     for (int64_t i = 0; i < half; ++i) {
       const float f = float(pos[t]) * inv_freq[size_t(i)];
-      cs[size_t(i)] = std::cos(f);
-      sn[size_t(i)] = std::sin(f);
+      cs[size_t(i)] = std::cos(f) * cos_sin_scale;  // exact at the default scale 1
+      sn[size_t(i)] = std::sin(f) * cos_sin_scale;
     }
     load_row(x, t, cols, row.data());
     for (int64_t h0 = 0; h0 < cols; h0 += head_stride) {

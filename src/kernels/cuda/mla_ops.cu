@@ -50,7 +50,7 @@ unsigned grid_for(int64_t n, int threads) {
 template <class T>
 __global__ void mla_rope_kernel(T* x, int64_t m, int64_t cols, int stride, int offset,
                                 int rope_dim, const int32_t* positions, float theta,
-                                bool interleaved) {
+                                const float* table, float cos_sin_scale, bool interleaved) {
   const int half = rope_dim / 2;
   const int64_t per_token = cols / stride * half;  // (head, pair) per token
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < m * per_token;
@@ -58,10 +58,11 @@ __global__ void mla_rope_kernel(T* x, int64_t m, int64_t cols, int stride, int o
     const int64_t t = idx / per_token, rem = idx % per_token;
     const int64_t h = rem / half;
     const int i = int(rem % half);
-    // f32 as transformers (and the CPU op): inv_freq = 1 / theta^(2i/d).
-    const float inv_freq = 1.0f / powf(theta, float(2 * i) / float(rope_dim));
+    // f32 as transformers (and the CPU op): inv_freq = 1 / theta^(2i/d), or the caller's table.
+    const float inv_freq =
+        table != nullptr ? table[i] : 1.0f / powf(theta, float(2 * i) / float(rope_dim));
     const float f = float(positions[t]) * inv_freq;
-    const float cs = cosf(f), sn = sinf(f);
+    const float cs = cosf(f) * cos_sin_scale, sn = sinf(f) * cos_sin_scale;
     T* p = x + t * cols + h * stride + offset;
     const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
     const float a = to_f32(p[ia]), b = to_f32(p[ib]);
@@ -375,13 +376,15 @@ cudaError_t paged_attention_per(const MlaAttentionArgs& a, cudaStream_t s) {
 
 cudaError_t launch_mla_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_stride,
                             int rope_offset, int rope_dim, const int32_t* positions, float theta,
-                            bool interleaved, cudaStream_t s) {
+                            const float* inv_freq, float cos_sin_scale, bool interleaved,
+                            cudaStream_t s) {
   const int64_t pairs = m * (cols / head_stride) * (rope_dim / 2);
   if (pairs == 0) return cudaSuccess;
   return by_type(x_bf16, [&]<class T>() {
     mla_rope_kernel<T><<<grid_for(pairs, 256), 256, 0, s>>>(static_cast<T*>(x), m, cols,
                                                             head_stride, rope_offset, rope_dim,
-                                                            positions, theta, interleaved);
+                                                            positions, theta, inv_freq,
+                                                            cos_sin_scale, interleaved);
     return cudaGetLastError();
   });
 }

@@ -8,9 +8,12 @@
 
 namespace moelora::cuda {
 
+// inv_freq: [rope_dim / 2] frequencies, or null for theta^(-2i / rope_dim); cos and sin are
+// multiplied by cos_sin_scale.
 cudaError_t launch_mla_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_stride,
                             int rope_offset, int rope_dim, const int32_t* positions, float theta,
-                            bool interleaved, cudaStream_t s);
+                            const float* inv_freq, float cos_sin_scale, bool interleaved,
+                            cudaStream_t s);
 cudaError_t launch_mla_cache_write(const void* kv, bool kv_bf16, const int32_t* slot_mapping,
                                    void* cache, bool cache_bf16, int64_t m, int64_t row,
                                    cudaStream_t s);
