@@ -39,7 +39,9 @@ gaps too (e.g. >= 1e-3 in sigmoid units) would avoid it.
 
 The device returns only two folder levels under $OUT: write to a scratch directory and tar it.
 
-Usage: make_deepseek_model_golden.py OUT_ROOT   (writes OUT_ROOT/deepseek_v2_tiny, ..._v3_tiny)
+Usage: make_deepseek_model_golden.py OUT_ROOT [NAME ...]
+  (default NAMEs deepseek_v2_tiny deepseek_v3_tiny; also deepseek_v2_yarn_tiny,
+  deepseek_v3_yarn_tiny: the same models with YaRN rope_parameters, YARN below)
 """
 import json
 import os
@@ -59,14 +61,14 @@ def bf16_round(t):
     return t.to(torch.bfloat16).to(torch.float32)
 
 
-def common():
+def common(rope=None):
     return dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                 kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                 n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1,
                 n_group=4, topk_group=2, max_position_embeddings=64, rms_norm_eps=1e-6,
                 tie_word_embeddings=False, attention_bias=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 10000.0}))
 
 
 # Optional fields a transformers version may not know (its configs are strict dataclasses).
@@ -86,22 +88,39 @@ def make_cfg(cls, kw):
     raise SystemExit("config rejected")
 
 
-def make_v2():
+def make_v2(rope=None):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
     cfg = make_cfg(DeepseekV2Config, dict(q_lora_rank=None, n_shared_experts=2,
                    topk_method="group_limited_greedy", routed_scaling_factor=1.5,
-                   norm_topk_prob=False, **common()))
+                   norm_topk_prob=False, **common(rope)))
     attn = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
     return cfg, DeepseekV2ForCausalLM, attn
 
 
-def make_v3():
+def make_v3(rope=None):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     cfg = make_cfg(DeepseekV3Config, dict(q_lora_rank=24, n_shared_experts=1,
                    topk_method="noaux_tc", routed_scaling_factor=2.5, norm_topk_prob=True,
-                   rope_interleave=True, **common()))
+                   rope_interleave=True, **common(rope)))
     attn = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
     return cfg, DeepseekV3ForCausalLM, attn
+
+
+# YaRN as DeepSeek-V2/V3 and Kimi-K2 checkpoints carry it, scaled down to the tiny model: the
+# correction range falls inside the 4 rotated frequencies (orig 16 positions, factor 4), and
+# mscale != mscale_all_dim so both the cos/sin attention factor and the softmax mscale^2 differ
+# from 1.
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+        "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+        "mscale": 0.8, "mscale_all_dim": 1.0}
+
+
+def make_v2_yarn():
+    return make_v2(YARN)
+
+
+def make_v3_yarn():
+    return make_v3(YARN)
 
 
 def randomize_(model, seed):
@@ -260,8 +279,13 @@ def main():
     import transformers, peft
     print("torch", torch.__version__, "transformers", transformers.__version__, "peft",
           peft.__version__)
-    build("deepseek_v2_tiny", make_v2, 200)
-    build("deepseek_v3_tiny", make_v3, 300)
+    makers = {"deepseek_v2_tiny": (make_v2, 200), "deepseek_v3_tiny": (make_v3, 300),
+              "deepseek_v2_yarn_tiny": (make_v2_yarn, 400),
+              "deepseek_v3_yarn_tiny": (make_v3_yarn, 500)}
+    names = sys.argv[2:] or ["deepseek_v2_tiny", "deepseek_v3_tiny"]
+    for name in names:
+        maker, seed = makers[name]
+        build(name, maker, seed)
 
 
 if __name__ == "__main__":
