@@ -125,6 +125,10 @@ void parse_deepseek(const Fields& f, HfModelConfig& c) {
                 c.n_shared_experts);
   c.shared_expert_intermediate_size = c.n_shared_experts * c.moe_intermediate_size;
   c.first_k_dense_replace = f.i32("first_k_dense_replace", 0);
+  c.num_nextn_predict_layers = f.i32("num_nextn_predict_layers", 0);
+  MOELORA_CHECK(c.num_nextn_predict_layers >= 0,
+                "{}: field 'num_nextn_predict_layers': expected >= 0, found {}", p,
+                c.num_nextn_predict_layers);
   c.moe_layer_freq = f.i32("moe_layer_freq", 1);
   MOELORA_CHECK(c.first_k_dense_replace >= 0,
                 "{}: field 'first_k_dense_replace': expected >= 0, found {}", p,

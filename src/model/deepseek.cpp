@@ -175,6 +175,11 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
     }
     layers_.push_back(std::move(Ly));
   }
+  // DeepSeek-V3's multi-token-prediction layers (model.layers.<num_hidden_layers + i>.*) serve
+  // speculative decoding, which moelora does not run; transformers skips them on load too.
+  for (int i = 0; i < c.num_nextn_predict_layers; ++i)
+    wl.skip_prefix(fmt::format("model.layers.{}.", c.num_hidden_layers + i),
+                   "a multi-token-prediction layer (num_nextn_predict_layers), not run");
   wl.check_all_used();
   if (num_moe_layers_ > 0) {
     WeightFormat format = WeightFormat::bf16;

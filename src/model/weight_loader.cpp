@@ -344,6 +344,17 @@ ExpertMatrices WeightLoader::random_experts(const std::string& name, int64_t gro
   return m;
 }
 
+int64_t WeightLoader::skip_prefix(const std::string& prefix, const std::string& why) {
+  if (random_) return 0;
+  int64_t n = 0;
+  for (const std::string& name : ck_.names())
+    if (name.starts_with(prefix) && used_.insert(name).second) ++n;
+  if (n > 0)
+    fmt::print(stderr, "moelora: checkpoint {}: skipping {} tensor(s) '{}*': {}\n", dir_, n,
+               prefix, why);
+  return n;
+}
+
 void WeightLoader::check_all_used() const {
   if (random_) return;
   std::vector<std::string> unused;

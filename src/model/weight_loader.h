@@ -102,6 +102,11 @@ class WeightLoader {
   // Random experts stack [groups, n, k] in the random format; `name` seeds it.
   ExpertMatrices random_experts(const std::string& name, int64_t groups, int64_t n, int64_t k);
 
+  // Marks every checkpoint tensor whose name starts with `prefix` as deliberately unused and
+  // prints one note to stderr naming how many and `why` (e.g. a multi-token-prediction layer
+  // the model does not run). Returns how many were skipped.
+  int64_t skip_prefix(const std::string& prefix, const std::string& why);
+
   // Throws listing the checkpoint keys that were never taken (nothing to check for random
   // weights).
   void check_all_used() const;

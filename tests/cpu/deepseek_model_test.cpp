@@ -447,6 +447,34 @@ TEST(DeepseekModel, RopeInterleaveFlagIsRead) {
   EXPECT_NE(out[0], out[1]);
 }
 
+// DeepSeek-V3 checkpoints store their multi-token-prediction layer after the decoder layers
+// (model.layers.<num_hidden_layers>.*: eh_proj, enorm, hnorm, shared_head, a decoder layer):
+// skipped with a note, as transformers does; tensors of any other layer stay an error.
+TEST(DeepseekModel, MultiTokenPredictionLayersAreSkipped) {
+  ModelFiles f = read_model(kV3);
+  ASSERT_EQ(f.config["num_nextn_predict_layers"], 1);
+  const int64_t H = f.config["hidden_size"];
+  for (const char* n : {"eh_proj.weight", "enorm.weight", "self_attn.o_proj.weight"})
+    f.tensors[std::string("model.layers.3.") + n] = Tensor::zeros({H, H}, DType::bf16);
+  auto with_mtp = Model::load(write_model("mtp", f));
+  auto plain = Model::load(kV3.model());
+  const std::vector<int32_t> prompt = kV3.ints("p0.prompt");
+  std::vector<std::vector<float>> out;
+  for (Model* m : {with_mtp.get(), plain.get()}) {
+    PagedKvCache cache(m->kv_cache_config(8, 16, DType::f32));
+    out.push_back(test::to_floats(
+        m->forward({SeqInput{cache.add_sequence(), prompt, -1}}, cache, true).all_logits));
+  }
+  EXPECT_EQ(out[0], out[1]);
+
+  f.tensors["model.layers.4.enorm.weight"] = Tensor::zeros({H}, DType::bf16);
+  test::expect_error([&] { Model::load(write_model("mtp_extra", f)); },
+                     "unexpected keys: 'model.layers.4.enorm.weight'");
+  f.tensors.erase("model.layers.4.enorm.weight");
+  f.config["num_nextn_predict_layers"] = 0;
+  test::expect_error([&] { Model::load(write_model("no_mtp", f)); }, "'model.layers.3.");
+}
+
 // YaRN (rope_parameters.rope_type "yarn", as DeepSeek / Kimi checkpoints have it) is read and
 // applied: factor 1 reduces to plain RoPE (same logits up to the blend's rounding); factor 40
 // with mscale_all_dim changes every later position, while position 0 (no rotation, a single

@@ -62,6 +62,9 @@ struct HfModelConfig {
   int n_shared_experts = 0;                 // DeepSeek
   bool shared_expert_gate = false;          // Qwen2-MoE sigmoid gate on the shared expert
   int first_k_dense_replace = 0;            // DeepSeek
+  // DeepSeek-V3 / Kimi-K2: multi-token-prediction layers stored after the decoder layers
+  // (model.layers.<num_hidden_layers + i>.*); not run (transformers skips them too).
+  int num_nextn_predict_layers = 0;
   int moe_layer_freq = 1;                   // DeepSeek; only 1 is accepted
   int decoder_sparse_step = 1;              // Qwen
   std::vector<int> mlp_only_layers;         // Qwen
