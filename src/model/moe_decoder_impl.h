@@ -136,6 +136,9 @@ class MoeDecoder final : public Model {
   Device device_;
   Stream stream_;
   Tensor embed_, final_norm_, lm_head_;
+  // YaRN: the RoPE frequency table (on device_) and cos / sin factor; undefined / 1 otherwise.
+  Tensor rope_inv_freq_;
+  float rope_cos_sin_scale_ = 1.0f;
   std::vector<DecoderLayer> layers_;
   int num_moe_layers_ = 0;
   std::unique_ptr<MoeRunner> runner_;

@@ -58,9 +58,10 @@ inline void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slots
 inline void attention_prologue(Tensor& q, Tensor& k, const Tensor& v, const Tensor& q_norm,
                                const Tensor& k_norm, float eps, int head_dim, const Tensor& pos,
                                double theta, const Tensor& slots, Tensor& kc, Tensor& vc,
-                               const Stream& s) {
+                               const Stream& s, const Tensor& inv_freq = Tensor(),
+                               float cos_sin_scale = 1.0f) {
   MOELORA_MODEL_OP(attention_prologue, q, q, k, v, q_norm, k_norm, eps, head_dim, pos, theta, slots,
-                   kc, vc, s);
+                   kc, vc, s, inv_freq, cos_sin_scale);
 }
 inline void paged_attention(const Tensor& q, const Tensor& kc, const Tensor& vc,
                             const Tensor& block_table, const Tensor& token_seq,

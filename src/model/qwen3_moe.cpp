@@ -29,8 +29,8 @@ void check_unsupported_settings(const std::string& dir, const HfModelConfig& c) 
   MOELORA_CHECK(act == j.end() || act->is_null() || *act == "silu",
                 "{}: hidden_act {} is not supported (expected \"silu\")", path,
                 act == j.end() ? "" : act->dump());
-  MOELORA_CHECK(c.rope_type == "default",
-                "{}: rope_type '{}' is not supported yet (only \"default\" RoPE)", path,
+  MOELORA_CHECK(c.rope_type == "default" || c.rope_type == "yarn",
+                "{}: rope_type '{}' is not supported (\"default\" and \"yarn\" are)", path,
                 c.rope_type);
   MOELORA_CHECK(c.max_position_embeddings > 0, "{}: max_position_embeddings must be > 0", path);
 }

@@ -38,6 +38,46 @@ TEST(DenseOps, RopeRotateHalf) {
                      "not a multiple of head_dim 16");
 }
 
+// A frequency table (YaRN's) replaces theta's frequencies and cos / sin take its scale; theta's
+// own table gives theta's bits; attention_prologue passes both through.
+TEST(DenseOps, RopeFrequencyTableAndScale) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const int64_t M = 4, heads = 2, D = 8;
+  const Tensor x0 = test::random_tensor({M, heads * D}, DType::f32, rng);
+  const Tensor pos = test::from_ints({0, 5, 33, 900}, {M});
+  auto run = [&](const Tensor& table, float scale) {
+    Tensor x = Tensor::empty(x0.shape(), DType::f32);
+    x.copy_from(x0);
+    cpu::rope(x, int(D), pos, 1e6, cpu_stream(), table, scale);
+    return test::to_floats(x);
+  };
+  std::vector<float> own;
+  for (int i = 0; i < D / 2; ++i)
+    own.push_back(1.0f / std::pow(1e6f, float(2 * i) / float(D)));
+  EXPECT_EQ(run(test::from_floats(own, {D / 2}, DType::f32), 1.0f), run(Tensor(), 1.0f));
+  const std::vector<float> table = {0.5f, 0.02f, 1e-3f, 4e-5f};
+  const float scale = 1.25f;
+  const auto got = run(test::from_floats(table, {D / 2}, DType::f32), scale);
+  const auto a0 = test::to_floats(x0);
+  for (int64_t t = 0; t < M; ++t)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const double f = double(pos.data<int32_t>()[t]) * table[size_t(i)];
+        const size_t a = size_t(t * heads * D + h * D + i), b = a + size_t(D / 2);
+        EXPECT_NEAR(got[a], scale * (a0[a] * std::cos(f) - a0[b] * std::sin(f)), 1e-4);
+        EXPECT_NEAR(got[b], scale * (a0[b] * std::cos(f) + a0[a] * std::sin(f)), 1e-4);
+      }
+  Tensor x = Tensor::empty(x0.shape(), DType::f32);
+  test::expect_error(
+      [&] {
+        cpu::rope(x, int(D), pos, 1e6, cpu_stream(), test::from_floats({1, 2}, {2}, DType::f32),
+                  1.0f);
+      },
+      "rope inv_freq");
+  test::expect_error([&] { cpu::rope(x, int(D), pos, 1e6, cpu_stream(), Tensor(), -1.0f); },
+                     "cos_sin_scale must be finite and > 0");
+}
+
 TEST(DenseOps, RmsNormPerHeadAndLinear) {
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t M = 3, heads = 4, D = 16, N = 24;

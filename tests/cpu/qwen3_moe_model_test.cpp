@@ -357,9 +357,42 @@ TEST(Qwen3MoeModel, BadModelDirectories) {
   }
   {
     ModelFiles f = read_model();
-    f.config["rope_parameters"]["rope_type"] = "yarn";
-    test::expect_error([&] { Model::load(write_model("yarn", f)); }, "rope_type 'yarn'");
+    f.config["rope_parameters"]["rope_type"] = "dynamic";
+    test::expect_error([&] { Model::load(write_model("dynamic_rope", f)); },
+                       "rope_type 'dynamic' is not supported");
   }
+}
+
+// YaRN rope_parameters (Qwen3's long-context setting) are read and applied: factor 1 reduces
+// to plain RoPE (same logits up to the blend's rounding); factor 4 changes every later position
+// (frequencies and the cos / sin factor 0.1 ln 4 + 1), while position 0 (no rotation; q and k
+// scaled alike, a single key) keeps plain RoPE's logits. rope_test.cpp checks the frequencies.
+TEST(Qwen3MoeModel, YarnRopeIsApplied) {
+  const std::vector<int32_t> prompt = ref_ints("p2.prompt");
+  auto logits = [&](Model& m) {
+    PagedKvCache cache(m.kv_cache_config(8, 16, DType::f32));
+    return test::to_floats(
+        m.forward({SeqInput{cache.add_sequence(), prompt, -1}}, cache, true).all_logits);
+  };
+  auto plain = Model::load(model_dir());
+  const int64_t V = plain->config().vocab_size;
+  const std::vector<float> base = logits(*plain);
+  auto yarn = [&](double factor, const char* name) {
+    ModelFiles f = read_model();
+    f.config["rope_parameters"] = {{"rope_type", "yarn"},
+                                   {"rope_theta", 1000000.0},
+                                   {"factor", factor},
+                                   {"original_max_position_embeddings", 16}};
+    auto m = Model::load(write_model(name, f));
+    return logits(*m);
+  };
+  EXPECT_TRUE(test::allclose(yarn(1.0, "yarn_factor1"), base, 1e-5, 1e-5));
+  const std::vector<float> scaled = yarn(4.0, "yarn_factor4");
+  ASSERT_EQ(scaled.size(), base.size());
+  ASSERT_GT(base.size(), size_t(V));
+  for (int64_t v = 0; v < V; ++v) EXPECT_NEAR(scaled[size_t(v)], base[size_t(v)], 1e-5);
+  EXPECT_FALSE(test::allclose(std::vector<float>(scaled.begin() + V, scaled.end()),
+                              std::vector<float>(base.begin() + V, base.end()), 1e-3, 1e-3));
 }
 
 TEST(Qwen3MoeModel, ConfigFromTransformers5) {

@@ -165,7 +165,8 @@ TEST_P(DenseOpsGpu, PagedAttention) {
 // attention_prologue: CUDA's one kernel gives exactly the bits of rms_norm (q_norm, k_norm),
 // rope and kv_cache_write run one after another on CUDA, and the CPU's within tolerance.
 // Head dims 64 / 128 / 256, grouped and plain kv heads, norms on and off, f32 and bf16 caches,
-// padding slots (-1) and scattered slots.
+// padding slots (-1) and scattered slots; theta's frequencies and a frequency table with a
+// cos / sin scale (YaRN's, as the model passes it).
 TEST(DenseOpsGpu, AttentionPrologueMatchesTheOps) {
   MOELORA_REQUIRE_GPU();
   std::mt19937_64 rng(test::fresh_seed());
@@ -178,8 +179,12 @@ TEST(DenseOpsGpu, AttentionPrologueMatchesTheOps) {
   for (const Case& c : {Case{128, 4, 2, true, DType::bf16}, Case{64, 8, 8, false, DType::f32},
                         Case{256, 2, 1, true, DType::f32}, Case{128, 6, 3, false, DType::bf16}}) {
     for (int64_t m : {1, 7, 37}) {
+      const bool yarn = m != 7;
       SCOPED_TRACE(::testing::Message() << "d=" << c.d << " heads=" << c.heads << "/" << c.kv_heads
-                                        << " norms=" << c.norms << " m=" << m);
+                                        << " norms=" << c.norms << " m=" << m << " yarn=" << yarn);
+      const Tensor table =
+          yarn ? test::random_tensor({c.d / 2}, DType::f32, rng, 1e-6f, 1.0f) : Tensor();
+      const float scale = yarn ? 1.13f : 1.0f;
       const int64_t page = 4, pages = (m + page - 1) / page + 3, row = int64_t(c.kv_heads) * c.d;
       Tensor q = test::random_tensor({m, int64_t(c.heads) * c.d}, DType::f32, rng, -2, 2);
       Tensor k = test::random_tensor({m, row}, DType::f32, rng, -2, 2);
@@ -200,21 +205,23 @@ TEST(DenseOpsGpu, AttentionPrologueMatchesTheOps) {
       Tensor kcf = poisoned(cs, c.cache), vcf = poisoned(cs, c.cache);
       Tensor kcs = poisoned(cs, c.cache), vcs = poisoned(cs, c.cache);
       const Tensor qng = c.norms ? gpu(qn) : Tensor(), kng = c.norms ? gpu(kn) : Tensor();
-      const Tensor posg = gpu(pos), slotsg = gpu(slots);
-      cuda::attention_prologue(qf, kf, vg, qng, kng, eps, c.d, posg, theta, slotsg, kcf, vcf, s);
+      const Tensor posg = gpu(pos), slotsg = gpu(slots), tableg = yarn ? gpu(table) : Tensor();
+      cuda::attention_prologue(qf, kf, vg, qng, kng, eps, c.d, posg, theta, slotsg, kcf, vcf, s,
+                               tableg, scale);
       if (c.norms) {
         cuda::rms_norm(qs, qng, eps, qs, s);
         cuda::rms_norm(ks, kng, eps, ks, s);
       }
-      cuda::rope(qs, c.d, posg, theta, s);
-      cuda::rope(ks, c.d, posg, theta, s);
+      cuda::rope(qs, c.d, posg, theta, s, tableg, scale);
+      cuda::rope(ks, c.d, posg, theta, s, tableg, scale);
       cuda::kv_cache_write(ks, vg, slotsg, kcs, vcs, s);
       // The CPU op.
       Tensor qc = Tensor::empty(q.shape(), DType::f32), kc = Tensor::empty(k.shape(), DType::f32);
       qc.copy_from(q);
       kc.copy_from(k);
       Tensor kcc = Tensor::zeros(cs, c.cache), vcc = Tensor::zeros(cs, c.cache);
-      cpu::attention_prologue(qc, kc, v, qn, kn, eps, c.d, pos, theta, slots, kcc, vcc, Stream());
+      cpu::attention_prologue(qc, kc, v, qn, kn, eps, c.d, pos, theta, slots, kcc, vcc, Stream(),
+                              table, scale);
       s.synchronize();  // the stream is non-blocking: finish before reading
       const auto bits = [](const Tensor& a, const Tensor& b) {
         const Tensor ah = a.to(Device::cpu()), bh = b.to(Device::cpu());

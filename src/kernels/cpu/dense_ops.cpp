@@ -115,7 +115,8 @@ void linear(const Tensor& x, const Tensor& w, Tensor& y, const Stream& stream) {
   for (int64_t i = 0; i < m; ++i) store_row(y, i, n, ys.data() + i * n);
 }
 
-void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const Stream& stream) {
+void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const Stream& stream,
+          const Tensor& table, float cos_sin_scale) {
   (void)stream;
   check_act(x, "rope input x");
   check_2d(x, "rope input x");
@@ -129,10 +130,19 @@ void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const 
   MOELORA_CHECK(theta > 0, "rope: theta must be > 0, found {}", theta);
   const int64_t m = x.size(0), cols = x.size(1), half = head_dim / 2;
   check_shape(positions, {m}, "rope positions");
-  // inv_freq in f32 as transformers computes it (theta ** (2i / d) in f32, then 1 / that).
+  if (table.defined()) {
+    check_host(table, DType::f32, "rope inv_freq");
+    check_shape(table, {half}, "rope inv_freq");
+  }
+  MOELORA_CHECK(std::isfinite(cos_sin_scale) && cos_sin_scale > 0.0f,
+                "rope: cos_sin_scale must be finite and > 0, found {}", cos_sin_scale);
+  // inv_freq in f32 as transformers computes it (theta ** (2i / d) in f32, then 1 / that), or
+  // the caller's table.
   std::vector<float> inv_freq(static_cast<size_t>(half));
   for (int64_t i = 0; i < half; ++i)
-    inv_freq[size_t(i)] = 1.0f / std::pow(float(theta), float(2 * i) / float(head_dim));
+    inv_freq[size_t(i)] = table.defined()
+                              ? table.data<float>()[i]
+                              : 1.0f / std::pow(float(theta), float(2 * i) / float(head_dim));
   std::vector<float> row(static_cast<size_t>(cols)), cs(static_cast<size_t>(half)),
       sn(static_cast<size_t>(half));
   const int32_t* pos = positions.data<int32_t>();
@@ -140,8 +150,8 @@ void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const 
     MOELORA_CHECK(pos[t] >= 0, "rope: position {} of token {} is negative", pos[t], t);
     for (int64_t i = 0; i < half; ++i) {
       const float f = float(pos[t]) * inv_freq[size_t(i)];  // f32 product, like transformers
-      cs[size_t(i)] = std::cos(f);
-      sn[size_t(i)] = std::sin(f);
+      cs[size_t(i)] = std::cos(f) * cos_sin_scale;            // exact at the default scale 1
+      sn[size_t(i)] = std::sin(f) * cos_sin_scale;
     }
     load_row(x, t, cols, row.data());
     for (int64_t h0 = 0; h0 < cols; h0 += head_dim) {
@@ -196,11 +206,11 @@ void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slot_mapping
 void attention_prologue(Tensor& q, Tensor& k, const Tensor& v, const Tensor& q_norm,
                         const Tensor& k_norm, float eps, int head_dim, const Tensor& positions,
                         double theta, const Tensor& slot_mapping, Tensor& k_cache, Tensor& v_cache,
-                        const Stream& stream) {
+                        const Stream& stream, const Tensor& inv_freq, float cos_sin_scale) {
   if (q_norm.defined()) rms_norm(q, q_norm, eps, q, stream);
   if (k_norm.defined()) rms_norm(k, k_norm, eps, k, stream);
-  rope(q, head_dim, positions, theta, stream);
-  rope(k, head_dim, positions, theta, stream);
+  rope(q, head_dim, positions, theta, stream, inv_freq, cos_sin_scale);
+  rope(k, head_dim, positions, theta, stream, inv_freq, cos_sin_scale);
   kv_cache_write(k, v, slot_mapping, k_cache, v_cache, stream);
 }
 

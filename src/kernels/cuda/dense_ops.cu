@@ -161,19 +161,22 @@ __global__ void __launch_bounds__(kLinWarps * 32)
 // ---- rope ------------------------------------------------------------------------------------
 
 // (a, b) = (x[i], x[i + d/2]) of one head rotated by position `pos` (the rotate-half layout),
-// f32 as transformers: inv_freq = 1 / theta^(2i/d), angle = position * inv_freq.
+// f32 as transformers: inv_freq = 1 / theta^(2i/d) (or table[i]), angle = position * inv_freq,
+// cos and sin times `scale` (exact at 1).
 __device__ __forceinline__ void rope_pair(float& a, float& b, int32_t pos, int i, int head_dim,
-                                          float theta) {
-  const float inv_freq = 1.0f / powf(theta, float(2 * i) / float(head_dim));
+                                          float theta, const float* table, float scale) {
+  const float inv_freq =
+      table != nullptr ? table[i] : 1.0f / powf(theta, float(2 * i) / float(head_dim));
   const float f = float(pos) * inv_freq;
-  const float cs = cosf(f), sn = sinf(f);
+  const float cs = cosf(f) * scale, sn = sinf(f) * scale;
   const float ra = a * cs - b * sn, rb = b * cs + a * sn;
   a = ra, b = rb;
 }
 
 template <bool kX>
 __global__ void rope_kernel(void* x, int64_t m, int64_t cols, int head_dim,
-                            const int32_t* positions, float theta) {
+                            const int32_t* positions, float theta, const float* table,
+                            float scale) {
   pdl_wait();  // programmatic dependent launch: see pdl_launch.cuh
   pdl_trigger();
   const int half = head_dim / 2;
@@ -185,7 +188,7 @@ __global__ void rope_kernel(void* x, int64_t m, int64_t cols, int head_dim,
     const int i = int(rem % half);
     const int64_t base = t * cols + head * head_dim;
     float a = load<kX>(x, base + i), b = load<kX>(x, base + i + half);
-    rope_pair(a, b, positions[t], i, head_dim, theta);
+    rope_pair(a, b, positions[t], i, head_dim, theta, table, scale);
     store<kX>(x, base + i, a);
     store<kX>(x, base + i + half, b);
   }
@@ -242,7 +245,7 @@ __global__ void __launch_bounds__(rms_norm_threads(0))
   const int64_t dst = int64_t(slot) * kv_row + int64_t(head) * d;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     float lo = row[i], hi = row[i + half];
-    rope_pair(lo, hi, pos, i, d, a.theta);
+    rope_pair(lo, hi, pos, i, d, a.theta, a.inv_freq, a.cos_sin_scale);
     x[i] = lo;
     x[i + half] = hi;
     if (slot >= 0) {
@@ -495,14 +498,15 @@ cudaError_t launch_add_f32(const float* a, const float* b, float* out, int64_t n
 }
 
 cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_dim,
-                        const int32_t* positions, float theta, cudaStream_t s) {
+                        const int32_t* positions, float theta, const float* inv_freq,
+                        float cos_sin_scale, cudaStream_t s) {
   if (m * cols == 0) return cudaSuccess;
   const unsigned g = grid_for(m * cols / 2, 256);
   if (x_bf16)
     return detail::launch_pdl(rope_kernel<true>, dim3(g), dim3(256), 0, s, x, m, cols, head_dim,
-                              positions, theta);
+                              positions, theta, inv_freq, cos_sin_scale);
   return detail::launch_pdl(rope_kernel<false>, dim3(g), dim3(256), 0, s, x, m, cols, head_dim,
-                            positions, theta);
+                            positions, theta, inv_freq, cos_sin_scale);
 }
 
 cudaError_t launch_attention_prologue(const AttentionPrologueArgs& a, bool cache_bf16,

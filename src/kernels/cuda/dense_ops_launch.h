@@ -33,6 +33,8 @@ struct AttentionPrologueArgs {
   float eps;
   const int32_t* positions;  // [m]
   float theta;
+  const float* inv_freq;  // [head_dim / 2] or null (theta's frequencies)
+  float cos_sin_scale;
   const int32_t* slot_mapping;  // [m]
   void* k_cache;                // [slots, kv_heads * head_dim], f32 or bf16
   void* v_cache;
@@ -41,8 +43,11 @@ struct AttentionPrologueArgs {
 };
 cudaError_t launch_attention_prologue(const AttentionPrologueArgs& a, bool cache_bf16,
                                       cudaStream_t s);
+// inv_freq: [head_dim / 2] frequencies or null (theta^(-2i / head_dim)); cos and sin are
+// multiplied by cos_sin_scale.
 cudaError_t launch_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int head_dim,
-                        const int32_t* positions, float theta, cudaStream_t s);
+                        const int32_t* positions, float theta, const float* inv_freq,
+                        float cos_sin_scale, cudaStream_t s);
 cudaError_t launch_kv_cache_write(const void* k, bool k_bf16, const void* v, bool v_bf16,
                                   const int32_t* slot_mapping, void* k_cache, void* v_cache,
                                   bool cache_bf16, int64_t m, int64_t row, cudaStream_t s);

@@ -2,6 +2,8 @@
 // then the launchers in dense_ops.cu. Data-dependent checks the CPU makes on the host (token ids
 // in range, cache slots, block-table entries) cannot be made here without a sync: callers own
 // those invariants (the model builds these tensors itself).
+#include <cmath>
+
 #include "core/cuda_check.h"
 #include "kernels/cuda/cublas_linear.h"
 #include "kernels/cuda/dense_ops.h"
@@ -91,7 +93,24 @@ void linear(const Tensor& x, const Tensor& w, Tensor& y, const Stream& stream) {
   MOELORA_CUDA_CHECK(launch_linear(x.data(), xb, w.data(), y.data(), yb, m, n, k, raw(stream)));
 }
 
-void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const Stream& stream) {
+namespace {
+
+// The optional frequency table and cos / sin scale of rope / attention_prologue.
+const float* rope_table(const Tensor& table, int head_dim, Device device, float cos_sin_scale,
+                        const char* op) {
+  MOELORA_CHECK(std::isfinite(cos_sin_scale) && cos_sin_scale > 0.0f,
+                "{}: cos_sin_scale must be finite and > 0, found {}", op, cos_sin_scale);
+  if (!table.defined()) return nullptr;
+  typed(table, DType::f32, "rope inv_freq");
+  check_device(table, device, "rope inv_freq");
+  check_shape(table, {head_dim / 2}, "rope inv_freq");
+  return table.data<float>();
+}
+
+}  // namespace
+
+void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const Stream& stream,
+          const Tensor& inv_freq, float cos_sin_scale) {
   const bool xb = act(x, "rope input x");
   two_d(x, "rope input x");
   typed(positions, DType::i32, "rope positions");
@@ -101,8 +120,10 @@ void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const 
                 "rope input x: {} columns is not a multiple of head_dim {}", x.size(1), head_dim);
   MOELORA_CHECK(theta > 0, "rope: theta must be > 0, found {}", theta);
   check_shape(positions, {x.size(0)}, "rope positions");
+  const float* table = rope_table(inv_freq, head_dim, x.device(), cos_sin_scale, "rope");
   MOELORA_CUDA_CHECK(launch_rope(x.data(), xb, x.size(0), x.size(1), head_dim,
-                                 positions.data<int32_t>(), float(theta), raw(stream)));
+                                 positions.data<int32_t>(), float(theta), table, cos_sin_scale,
+                                 raw(stream)));
 }
 
 void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slot_mapping, Tensor& k_cache,
@@ -131,7 +152,7 @@ void kv_cache_write(const Tensor& k, const Tensor& v, const Tensor& slot_mapping
 void attention_prologue(Tensor& q, Tensor& k, const Tensor& v, const Tensor& q_norm,
                         const Tensor& k_norm, float eps, int head_dim, const Tensor& positions,
                         double theta, const Tensor& slot_mapping, Tensor& k_cache, Tensor& v_cache,
-                        const Stream& stream) {
+                        const Stream& stream, const Tensor& inv_freq, float cos_sin_scale) {
   auto norm_ok = [&](const Tensor& w) {
     return !w.defined() || (w.dtype() == DType::bf16 && w.dim() == 1 && w.size(0) == head_dim);
   };
@@ -142,8 +163,8 @@ void attention_prologue(Tensor& q, Tensor& k, const Tensor& v, const Tensor& q_n
   if (!fused) {  // the ops one after another (they check everything and name what is wrong)
     if (q_norm.defined()) rms_norm(q, q_norm, eps, q, stream);
     if (k_norm.defined()) rms_norm(k, k_norm, eps, k, stream);
-    rope(q, head_dim, positions, theta, stream);
-    rope(k, head_dim, positions, theta, stream);
+    rope(q, head_dim, positions, theta, stream, inv_freq, cos_sin_scale);
+    rope(k, head_dim, positions, theta, stream, inv_freq, cos_sin_scale);
     kv_cache_write(k, v, slot_mapping, k_cache, v_cache, stream);
     return;
   }
@@ -181,6 +202,8 @@ void attention_prologue(Tensor& q, Tensor& k, const Tensor& v, const Tensor& q_n
   a.eps = eps;
   a.positions = positions.data<int32_t>();
   a.theta = float(theta);
+  a.inv_freq = rope_table(inv_freq, head_dim, q.device(), cos_sin_scale, "attention_prologue");
+  a.cos_sin_scale = cos_sin_scale;
   a.slot_mapping = slot_mapping.data<int32_t>();
   a.k_cache = k_cache.data();
   a.v_cache = v_cache.data();
