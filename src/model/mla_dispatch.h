@@ -22,8 +22,8 @@ namespace moelora::ops {
 inline void mla_rope(Tensor& x, int head_stride, int rope_offset, int rope_dim,
                      const Tensor& positions, double theta, bool interleaved, const Stream& s,
                      const Tensor& inv_freq = Tensor(), float cos_sin_scale = 1.0f) {
-  MOELORA_MLA_OP(mla_rope, x, x, head_stride, rope_offset, rope_dim, positions, theta,
-                 interleaved, s, inv_freq, cos_sin_scale);
+  MOELORA_MLA_OP(mla_rope, x, x, head_stride, rope_offset, rope_dim, positions, theta, interleaved,
+                 s, inv_freq, cos_sin_scale);
 }
 inline void mla_cache_write(const Tensor& kv, const Tensor& slot_mapping, Tensor& cache,
                             const Stream& s) {

@@ -20,8 +20,7 @@ double yarn_mscale(double scale, double mscale) {
 
 // The YaRN factor: rope_parameters.factor, or max_position_embeddings over the original.
 double yarn_factor(const HfModelConfig& c, int64_t original) {
-  return c.yarn.factor > 0.0 ? c.yarn.factor
-                             : double(c.max_position_embeddings) / double(original);
+  return c.yarn.factor > 0.0 ? c.yarn.factor : double(c.max_position_embeddings) / double(original);
 }
 
 int64_t yarn_original(const HfModelConfig& c) {

@@ -350,8 +350,8 @@ int64_t WeightLoader::skip_prefix(const std::string& prefix, const std::string& 
   for (const std::string& name : ck_.names())
     if (name.starts_with(prefix) && used_.insert(name).second) ++n;
   if (n > 0)
-    fmt::print(stderr, "moelora: checkpoint {}: skipping {} tensor(s) '{}*': {}\n", dir_, n,
-               prefix, why);
+    fmt::print(stderr, "moelora: checkpoint {}: skipping {} tensor(s) '{}*': {}\n", dir_, n, prefix,
+               why);
   return n;
 }
 

@@ -416,8 +416,8 @@ TEST(DeepseekModel, BadModelDirectories) {
   }
   {
     ModelFiles f = read_model(kV3);
-    f.config["rope_parameters"] = {{"rope_type", "linear"}, {"rope_theta", 10000.0},
-                                   {"factor", 4.0}};
+    f.config["rope_parameters"] = {
+        {"rope_type", "linear"}, {"rope_theta", 10000.0}, {"factor", 4.0}};
     test::expect_error([&] { Model::load(write_model("linear_rope", f)); },
                        "rope_type 'linear' is not supported by the deepseek_v3 model");
   }
@@ -491,12 +491,9 @@ TEST(DeepseekModel, YarnRopeIsApplied) {
   const std::vector<float> base = logits(*plain);
   auto yarn = [&](double factor, const char* name) {
     ModelFiles f = read_model(kV3);
-    f.config["rope_parameters"] = {{"rope_type", "yarn"},
-                                   {"rope_theta", 10000.0},
-                                   {"factor", factor},
-                                   {"original_max_position_embeddings", 64},
-                                   {"mscale", 1.0},
-                                   {"mscale_all_dim", 1.0}};
+    f.config["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 10000.0},
+                                   {"factor", factor},    {"original_max_position_embeddings", 64},
+                                   {"mscale", 1.0},       {"mscale_all_dim", 1.0}};
     auto m = Model::load(write_model(name, f));
     return logits(*m);
   };

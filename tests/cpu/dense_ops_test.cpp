@@ -52,8 +52,7 @@ TEST(DenseOps, RopeFrequencyTableAndScale) {
     return test::to_floats(x);
   };
   std::vector<float> own;
-  for (int i = 0; i < D / 2; ++i)
-    own.push_back(1.0f / std::pow(1e6f, float(2 * i) / float(D)));
+  for (int i = 0; i < D / 2; ++i) own.push_back(1.0f / std::pow(1e6f, float(2 * i) / float(D)));
   EXPECT_EQ(run(test::from_floats(own, {D / 2}, DType::f32), 1.0f), run(Tensor(), 1.0f));
   const std::vector<float> table = {0.5f, 0.02f, 1e-3f, 4e-5f};
   const float scale = 1.25f;

@@ -277,7 +277,8 @@ TEST(MlaOps, RopeFrequencyTableAndScale) {
 
   const std::vector<float> table = {0.25f, 0.0031f};
   const float scale = 1.3f;
-  const auto a = run(test::from_floats(table, {kRope / 2}, DType::f32), scale), a0 = test::to_floats(x0);
+  const auto a = run(test::from_floats(table, {kRope / 2}, DType::f32), scale),
+             a0 = test::to_floats(x0);
   for (int64_t t = 0; t < m; ++t)
     for (int h = 0; h < kHeads; ++h) {
       const int64_t base = t * kHeads * stride + h * stride + kNope;

@@ -150,7 +150,7 @@ void rope(Tensor& x, int head_dim, const Tensor& positions, double theta, const 
     MOELORA_CHECK(pos[t] >= 0, "rope: position {} of token {} is negative", pos[t], t);
     for (int64_t i = 0; i < half; ++i) {
       const float f = float(pos[t]) * inv_freq[size_t(i)];  // f32 product, like transformers
-      cs[size_t(i)] = std::cos(f) * cos_sin_scale;            // exact at the default scale 1
+      cs[size_t(i)] = std::cos(f) * cos_sin_scale;          // exact at the default scale 1
       sn[size_t(i)] = std::sin(f) * cos_sin_scale;
     }
     load_row(x, t, cols, row.data());

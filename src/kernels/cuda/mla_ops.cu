@@ -48,9 +48,9 @@ unsigned grid_for(int64_t n, int threads) {
 
 // ---- rope on the rope part of each head -------------------------------------------------------
 template <class T>
-__global__ void mla_rope_kernel(T* x, int64_t m, int64_t cols, int stride, int offset,
-                                int rope_dim, const int32_t* positions, float theta,
-                                const float* table, float cos_sin_scale, bool interleaved) {
+__global__ void mla_rope_kernel(T* x, int64_t m, int64_t cols, int stride, int offset, int rope_dim,
+                                const int32_t* positions, float theta, const float* table,
+                                float cos_sin_scale, bool interleaved) {
   const int half = rope_dim / 2;
   const int64_t per_token = cols / stride * half;  // (head, pair) per token
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < m * per_token;
@@ -381,10 +381,9 @@ cudaError_t launch_mla_rope(void* x, bool x_bf16, int64_t m, int64_t cols, int h
   const int64_t pairs = m * (cols / head_stride) * (rope_dim / 2);
   if (pairs == 0) return cudaSuccess;
   return by_type(x_bf16, [&]<class T>() {
-    mla_rope_kernel<T><<<grid_for(pairs, 256), 256, 0, s>>>(static_cast<T*>(x), m, cols,
-                                                            head_stride, rope_offset, rope_dim,
-                                                            positions, theta, inv_freq,
-                                                            cos_sin_scale, interleaved);
+    mla_rope_kernel<T><<<grid_for(pairs, 256), 256, 0, s>>>(
+        static_cast<T*>(x), m, cols, head_stride, rope_offset, rope_dim, positions, theta, inv_freq,
+        cos_sin_scale, interleaved);
     return cudaGetLastError();
   });
 }

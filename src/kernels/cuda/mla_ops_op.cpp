@@ -47,10 +47,10 @@ void mla_rope(Tensor& x, int head_stride, int rope_offset, int rope_dim, const T
               float cos_sin_scale) {
   const bool xb = check_mla_rope(x, head_stride, rope_offset, rope_dim, positions, theta,
                                  gpu_of(x, "mla_rope x"), inv_freq, cos_sin_scale);
-  MOELORA_CUDA_CHECK(launch_mla_rope(
-      x.data(), xb, x.size(0), x.size(1), head_stride, rope_offset, rope_dim,
-      positions.data<int32_t>(), float(theta), inv_freq.defined() ? inv_freq.data<float>() : nullptr,
-      cos_sin_scale, interleaved, raw(stream)));
+  MOELORA_CUDA_CHECK(launch_mla_rope(x.data(), xb, x.size(0), x.size(1), head_stride, rope_offset,
+                                     rope_dim, positions.data<int32_t>(), float(theta),
+                                     inv_freq.defined() ? inv_freq.data<float>() : nullptr,
+                                     cos_sin_scale, interleaved, raw(stream)));
 }
 
 void mla_cache_write(const Tensor& kv, const Tensor& slot_mapping, Tensor& cache,
