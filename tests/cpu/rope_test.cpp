@@ -56,6 +56,13 @@ TEST(Rope, YarnKimiK2) {
                    {31, 8.764412911589875e-07}});
   EXPECT_FLOAT_EQ(f.attention_scaling, 1.0f);
   EXPECT_NEAR(deepseek_softmax_mscale2(c), 1.8132604340394958, 1e-12);
+  // Kimi-K2's released config has beta_fast = beta_slow = 1: a one-dim ramp over [19, 20].
+  HfModelConfig k = c;
+  k.yarn.beta_fast = k.yarn.beta_slow = 1.0;
+  expect_freqs(rope_frequencies(k, 64), {{18, 0.0022742037565104418},
+                                         {19, 0.0016217599081159522},
+                                         {20, 3.6140467735726306e-05},
+                                         {21, 2.577216815624846e-05}});
 }
 
 TEST(Rope, YarnWithoutMscaleAndUntruncated) {
