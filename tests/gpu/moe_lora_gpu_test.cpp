@@ -389,5 +389,52 @@ TEST(CudaMoeLora, BadInput) {
   }
 }
 
+// The direct variant's op (cuda::moe_lora_direct) names what is wrong; the hooks refuse a
+// forced direct variant the pool cannot run and fall back when asked softly.
+TEST(CudaMoeLora, DirectBadInput) {
+  MOELORA_REQUIRE_GPU();
+  const MoeShape sh = lora_shape();
+  MoeLoraPool pool(sh, kSlots, kRmax, Device::cuda());
+  Stream s = Stream::create(Device::cuda());
+  const Device d = Device::cuda();
+  const int64_t m = 4, n = m * sh.top_k;
+  const Tensor ids = Tensor::zeros({m, sh.top_k}, DType::i32, d);
+  const Tensor ts = Tensor::zeros({m}, DType::i32, d);
+  const Tensor x = Tensor::zeros({m, sh.hidden}, DType::bf16, d);
+  Tensor d13 = Tensor::empty({n, 2 * sh.inter}, DType::f32, d);
+  auto gate_up = [&](const Tensor& in, int rows_div, const Tensor& A, Tensor& out, int cluster) {
+    cuda::moe_lora_direct(in, rows_div, ids, ts, A, pool.b13(), pool.slot_meta(), LoraSeam::gate_up,
+                          Tensor(), out, cluster, 64, s);
+  };
+  gate_up(x, sh.top_k, pool.a13(), d13, 4);  // fine
+  s.synchronize();
+  test::expect_error([&] { gate_up(x, 1, pool.a13(), d13, 4); }, "rows_div must be");
+  test::expect_error([&] { gate_up(x, sh.top_k, pool.a2(), d13, 4); }, "A");
+  test::expect_error([&] { gate_up(x, sh.top_k, pool.a13(), d13, 3); }, "cluster_size");
+  Tensor narrow = Tensor::empty({n, 2 * sh.inter - 2}, DType::f32, d);
+  test::expect_error([&] { gate_up(x, sh.top_k, pool.a13(), narrow, 4); }, "moe_lora_direct d");
+  Tensor a = Tensor::zeros({n, sh.inter}, DType::bf16, d);
+  Tensor d2 = Tensor::empty({n, sh.hidden}, DType::f32, d);
+  const Tensor short_weights = Tensor::zeros({n - 1}, DType::f32, d);
+  test::expect_error(
+      [&] {
+        cuda::moe_lora_direct(a, 1, ids, ts, pool.a2(), pool.b2(), pool.slot_meta(), LoraSeam::down,
+                              short_weights, d2, 4, 64, s);
+      },
+      "slot_weights");
+  // A hidden size the kernel cannot take (not a multiple of 8): an error when forced, the
+  // overlap variant when asked softly.
+  MoeShape odd = sh;
+  odd.hidden = 260;
+  MoeLoraPool odd_pool(odd, kSlots, kRmax, d);
+  MoeLoraHooksOptions o;
+  o.direct_max_tokens = 4;
+  test::expect_error([&] { MoeLoraHooks::create(odd_pool, 4, o); }, "multiples of 8");
+  o.direct_strict = false;
+  o.overlap_max_tokens = 4;
+  auto hooks = MoeLoraHooks::create(odd_pool, 4, o);
+  EXPECT_TRUE(hooks->fuses_activation(4));
+}
+
 }  // namespace
 }  // namespace moelora
