@@ -4,6 +4,9 @@
 #           decode GPU tests, memcheck and racecheck, bench moe (DTYPES, default fp8) over
 #           PATHS (default "overlap direct4 direct8 direct2"), bench decode fast path best vs
 #           direct (alternating). Results in $OUT/direct.tgz.
+#   profile-direct: why the direct kernel takes 19-37 us per seam (bench/NOTES.md, session 7):
+#           Nsight Compute on it at batch 16 and 128 (SpeedOfLight, Occupancy, WarpStateStats,
+#           LaunchStats, source counters), cluster sizes 4 and 8. Results in $OUT/profdirect.tgz.
 #   final: every GPU test, memcheck (SAN_FILTER, optional), bench decode hooks / fast.
 set -uo pipefail
 B=$1; OUT=$2; MODE=$3; mkdir -p "$OUT"
@@ -40,6 +43,22 @@ if [ "$MODE" = direct ]; then
   done
   [ -n "${DECODE:-}" ] && decode_ab "$R" $DECODE
   tar -czf "$OUT/direct.tgz" -C "$OUT" direct
+fi
+if [ "$MODE" = profile-direct ]; then
+  R=$OUT/profdirect; mkdir -p "$R"
+  for c in 4 8; do
+    for b in 16 128; do
+      timeout 240 ncu --clock-control none --kernel-name regex:moe_lora_direct --launch-count 2 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+        --section SchedulerStats --section SourceCounters --section MemoryWorkloadAnalysis \
+        "$B/moelora" bench moe --layers 1 --repeats 1 --dtype fp8 --path direct \
+        --direct-cluster $c --lora r16x1 --batches $b > "$R/ncu_c${c}_b${b}.txt" 2>&1
+      echo "== cluster $c batch $b rc=$?"
+      grep -E "Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Stall|Warp Cycles Per Issued|DRAM Throughput|Cluster" \
+        "$R/ncu_c${c}_b${b}.txt" | head -24
+    done
+  done
+  tar -czf "$OUT/profdirect.tgz" -C "$OUT" profdirect
 fi
 if [ "$MODE" = final ]; then
   R=$OUT/final; mkdir -p "$R"
