@@ -26,7 +26,9 @@ MoE layer) and exempts from the bf16 tolerance only the logit rows such a token 
 (greedy tokens must match everywhere). Screening seeds for router gaps >= 0.02 as well was tried: none of seeds
 100..999 passes (the smallest gap over ~400 routing decisions is typically ~0.005).
 
-Usage: make_qwen3_moe_model_golden.py OUT_DIR
+Usage: make_qwen3_moe_model_golden.py OUT_DIR [--yarn]
+  --yarn: the same model with YaRN rope_parameters (Qwen3's long-context setting scaled down
+  to the tiny model: factor 4 over an original 16 positions), e.g. OUT_DIR qwen3_moe_yarn_tiny.
 """
 import json
 import os
@@ -37,6 +39,7 @@ import torch
 from safetensors.torch import save_file, load_file
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "qwen3_moe_tiny"
+YARN = "--yarn" in sys.argv[2:]
 STEPS = 8
 PROMPT_LENS = (7, 13, 3)
 TOKEN_MARGIN = 0.05    # smallest top-1 / top-2 logit gap allowed on a greedy path
@@ -49,12 +52,16 @@ def bf16_round(t):
 
 def make_config():
     from transformers import Qwen3MoeConfig
+    rope = {"rope_type": "default", "rope_theta": 1000000.0}
+    if YARN:
+        rope = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                "original_max_position_embeddings": 16}
     return Qwen3MoeConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
         decoder_sparse_step=1, max_position_embeddings=64, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, tie_word_embeddings=False, attention_bias=False,
+        rope_parameters=rope, tie_word_embeddings=False, attention_bias=False,
         output_router_logits=False)
 
 
