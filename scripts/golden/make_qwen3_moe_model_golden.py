@@ -52,17 +52,17 @@ def bf16_round(t):
 
 def make_config():
     from transformers import Qwen3MoeConfig
-    rope = {"rope_type": "default", "rope_theta": 1000000.0}
+    # The committed fixture passes rope_theta; --yarn passes transformers 5's rope_parameters.
+    rope = dict(rope_theta=1000000.0)
     if YARN:
-        rope = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
-                "original_max_position_embeddings": 16}
+        rope = dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                     "original_max_position_embeddings": 16})
     return Qwen3MoeConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
         decoder_sparse_step=1, max_position_embeddings=64, rms_norm_eps=1e-6,
-        rope_parameters=rope, tie_word_embeddings=False, attention_bias=False,
-        output_router_logits=False)
+        tie_word_embeddings=False, attention_bias=False, output_router_logits=False, **rope)
 
 
 def randomize_(model, seed):
