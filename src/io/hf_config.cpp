@@ -298,7 +298,15 @@ HfModelConfig HfModelConfig::parse(std::string_view json_text, const std::string
     if (r.has("rope_theta")) c.rope_theta = r.f64("rope_theta", c.rope_theta);
     c.rope_type = r.str("rope_type", r.str("type", c.rope_type));
     if (c.rope_type == "yarn") parse_yarn(r, key, path, c.yarn);
+    MOELORA_CHECK(r.f64("partial_rotary_factor", 1.0) == 1.0,
+                  "{}: field '{}.partial_rotary_factor': only 1 (every head dim rotated) is "
+                  "supported, found {}",
+                  path, key, r.f64("partial_rotary_factor", 1.0));
   }
+  MOELORA_CHECK(f.f64("partial_rotary_factor", 1.0) == 1.0,
+                "{}: field 'partial_rotary_factor': only 1 (every head dim rotated) is supported, "
+                "found {}",
+                path, f.f64("partial_rotary_factor", 1.0));
   c.rms_norm_eps = f.f64("rms_norm_eps", 1e-6);
   c.max_position_embeddings = f.i64("max_position_embeddings", 0);
   c.tie_word_embeddings = f.boolean("tie_word_embeddings", false);

@@ -304,6 +304,12 @@ TEST(HfConfig, YarnRopeScaling) {
   j["rope_parameters"]["original_max_position_embeddings"] = 4096;
   j["rope_parameters"]["attention_factor"] = "1";
   test::expect_error([&] { parse(j); }, "field 'attention_factor': expected a number");
+  j["rope_parameters"].erase("attention_factor");
+  j["rope_parameters"]["partial_rotary_factor"] = 0.5;
+  test::expect_error([&] { parse(j); }, "'rope_parameters.partial_rotary_factor': only 1");
+  j["rope_parameters"].erase("partial_rotary_factor");
+  j["partial_rotary_factor"] = 0.25;
+  test::expect_error([&] { parse(j); }, "field 'partial_rotary_factor': only 1");
 }
 
 TEST(HfConfig, BadConfigsNameFileAndField) {
