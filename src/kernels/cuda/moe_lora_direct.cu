@@ -3,8 +3,10 @@
 // carries an adapter, straight from the routing (ids, token_slot): no (adapter, expert)
 // alignment kernel, no u round trip through global memory, no separate expand. The staged
 // chain (group/align, shrink, expand) costs ~15 us of latency per seam even on an idle GPU
-// (bench/NOTES.md, session 6); here the whole seam is one launch whose critical path is about
-// two memory round trips plus a cluster exchange.
+// (bench/NOTES.md, session 6); here the whole seam is one launch whose critical path was
+// designed as about two memory round trips plus a cluster exchange. Measured on the H100
+// (session 7) it takes 19-37 us per seam from batch 16 up, so it wins only at batch 1; the
+// analysis and the next version (branch direct-v2) are in bench/NOTES.md, session 7.
 //
 // Work unit: one (adapter slot, expert) pair present in the batch, taken by one cluster of kC
 // CTAs. Every CTA reads the batch's routing into shared memory once, marks the present pairs
