@@ -86,13 +86,7 @@ DeepseekModel::DeepseekModel(const std::string& dir, const HfModelConfig& config
   const int64_t nope = c.qk_nope_head_dim, rope = c.qk_rope_head_dim, vd = c.v_head_dim;
   const int64_t L = c.kv_lora_rank, qk = nope + rope;
   // RoPE frequencies and the softmax scale, as transformers' DeepseekV2 / V3 attention sets them.
-  const RopeFrequencies rf = rope_frequencies(c, int(rope));
-  if (!rf.plain) {
-    Tensor t = Tensor::empty({int64_t(rf.inv_freq.size())}, DType::f32);
-    std::copy(rf.inv_freq.begin(), rf.inv_freq.end(), t.data<float>());
-    rope_inv_freq_ = t.to(device_);
-    rope_cos_sin_scale_ = rf.attention_scaling;
-  }
+  rope_ = rope_table(c, int(rope), device_);
   attn_scale_ = 1.0f / std::sqrt(float(qk));
   if (const double m2 = deepseek_softmax_mscale2(c); m2 != 1.0)
     attn_scale_ = float(std::pow(double(qk), -0.5) * m2);
@@ -269,9 +263,9 @@ void DeepseekModel::attention(MlaLayer& Ly, int layer, const Tensor& xn, const S
   add_lora(Ly, "kv_a_proj_with_mqa", xn, s.token_slot, s.lora, kv, ws_.lora_x, ws_.lora_u);
   ops::mla_kv_norm(kv, Ly.kv_a_norm, eps, stream_);  // kv_a_layernorm; k_pe stays as is
   ops::mla_rope(q, int(qk), nope, rope, s.positions, c.rope_theta, rope_interleave_, stream_,
-                rope_inv_freq_, rope_cos_sin_scale_);
+                rope_.inv_freq, rope_.cos_sin_scale);
   ops::mla_rope(kv, int(L + rope), int(L), rope, s.positions, c.rope_theta, rope_interleave_,
-                stream_, rope_inv_freq_, rope_cos_sin_scale_);
+                stream_, rope_.inv_freq, rope_.cos_sin_scale);
   ops::mla_cache_write(kv, s.slots, cache.k(layer), stream_);
 
   Tensor a = ws_.attn.get(M, nh * vd, DType::f32, device_);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/decode_graphs.h"
+#include "model/rope.h"
 #include "model/step_output.h"
 #include "moelora/core/stream.h"
 #include "moelora/lora/dense_lora.h"
@@ -154,9 +155,7 @@ class DeepseekModel final : public Model {
   Device device_;
   Stream stream_;
   bool rope_interleave_ = true;
-  // YaRN: the frequency table (on device_) and cos / sin factor; undefined / 1 for plain RoPE.
-  Tensor rope_inv_freq_;
-  float rope_cos_sin_scale_ = 1.0f;
+  RopeTable rope_;           // YaRN's frequency table and cos / sin factor (model/rope.h)
   float attn_scale_ = 1.0f;  // the attention softmax scale (model/rope.h)
   MlaPath path_ = MlaPath::automatic;
   Tensor embed_, final_norm_, lm_head_;

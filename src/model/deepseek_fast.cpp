@@ -127,7 +127,7 @@ void DeepseekModel::attention_overlapped(MlaLayer& Ly, int layer, const Tensor& 
     dense_lora_expand(p_q, u, ts, q, stream_);
   }
   ops::mla_rope(q, int(qk), nope, rope, s.positions, c.rope_theta, rope_interleave_, stream_,
-                rope_inv_freq_, rope_cos_sin_scale_);
+                rope_.inv_freq, rope_.cos_sin_scale);
   Tensor q_lat = ws_.q_lat.get(M, nh * (L + rope), DType::f32, device_);
   ops::mla_absorb_q(q, Ly.kv_b_proj, int(nh), nope, rope, vd, q_lat, stream_);
   // Side: kv_b_proj's q-side correction (reads q's nope part, adds into q_latent), beside the
@@ -143,7 +143,7 @@ void DeepseekModel::attention_overlapped(MlaLayer& Ly, int layer, const Tensor& 
   dense_lora_expand(p_kv, u_kv, ts, kv, stream_);
   ops::mla_kv_norm(kv, Ly.kv_a_norm, eps, stream_);
   ops::mla_rope(kv, int(L + rope), int(L), rope, s.positions, c.rope_theta, rope_interleave_,
-                stream_, rope_inv_freq_, rope_cos_sin_scale_);
+                stream_, rope_.inv_freq, rope_.cos_sin_scale);
   ops::mla_cache_write(kv, s.slots, cache.k(layer), stream_);
   join(kJoinKvb);
 

@@ -37,13 +37,7 @@ MoeDecoder::MoeDecoder(const std::string& dir, const HfModelConfig& config,
   const int64_t H = c.hidden_size, D = c.head_dim, V = c.vocab_size;
   const int64_t nq = int64_t(c.num_attention_heads) * D, nkv = int64_t(c.num_key_value_heads) * D;
   const int slots = std::max(options_.lora_slots, 0);
-  // RoPE: YaRN's frequency table and cos / sin factor (plain RoPE: the ops compute theta's).
-  if (const RopeFrequencies rf = rope_frequencies(c, int(D)); !rf.plain) {
-    Tensor t = Tensor::empty({int64_t(rf.inv_freq.size())}, DType::f32);
-    std::copy(rf.inv_freq.begin(), rf.inv_freq.end(), t.data<float>());
-    rope_inv_freq_ = t.to(device_);
-    rope_cos_sin_scale_ = rf.attention_scaling;
-  }
+  rope_ = rope_table(c, int(D), device_);
   WeightLoader wl(dir, options.load_progress);
   embed_ = place(wl.bf16("model.embed_tokens.weight", {V, H}));
   final_norm_ = place(wl.bf16("model.norm.weight", {H}));
@@ -208,7 +202,7 @@ void MoeDecoder::attention(DecoderLayer& L, int layer, const Tensor& xn, const T
   ops::attention_prologue(q, k, v, family_.qk_norm ? L.q_norm : Tensor(),
                           family_.qk_norm ? L.k_norm : Tensor(), float(c.rms_norm_eps), int(D),
                           t.positions, c.rope_theta, t.slots, cache.k(layer), cache.v(layer),
-                          stream_, rope_inv_freq_, rope_cos_sin_scale_);
+                          stream_, rope_.inv_freq, rope_.cos_sin_scale);
   const float scale = 1.0f / std::sqrt(float(D));
   ops::paged_attention(q, cache.k(layer), cache.v(layer), t.block_table, t.token_seq, t.positions,
                        scale, a, stream_);

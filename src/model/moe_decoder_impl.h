@@ -14,6 +14,7 @@
 
 #include "model/decode_graphs.h"
 #include "model/moe_decoder.h"
+#include "model/rope.h"
 #include "model/step_output.h"
 #include "moelora/core/stream.h"
 #include "moelora/lora/dense_lora.h"
@@ -136,9 +137,7 @@ class MoeDecoder final : public Model {
   Device device_;
   Stream stream_;
   Tensor embed_, final_norm_, lm_head_;
-  // YaRN: the RoPE frequency table (on device_) and cos / sin factor; undefined / 1 otherwise.
-  Tensor rope_inv_freq_;
-  float rope_cos_sin_scale_ = 1.0f;
+  RopeTable rope_;  // YaRN's frequency table and cos / sin factor (model/rope.h)
   std::vector<DecoderLayer> layers_;
   int num_moe_layers_ = 0;
   std::unique_ptr<MoeRunner> runner_;

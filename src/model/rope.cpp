@@ -82,6 +82,17 @@ RopeFrequencies rope_frequencies(const HfModelConfig& c, int dim) {
   return f;
 }
 
+RopeTable rope_table(const HfModelConfig& c, int dim, Device device) {
+  const RopeFrequencies f = rope_frequencies(c, dim);
+  RopeTable t;
+  if (f.plain) return t;
+  Tensor host = Tensor::empty({int64_t(f.inv_freq.size())}, DType::f32);
+  std::copy(f.inv_freq.begin(), f.inv_freq.end(), host.data<float>());
+  t.inv_freq = host.to(device);
+  t.cos_sin_scale = f.attention_scaling;
+  return t;
+}
+
 double deepseek_softmax_mscale2(const HfModelConfig& c) {
   if (c.rope_type == "default" || c.yarn.mscale_all_dim == 0.0) return 1.0;
   const double m = yarn_mscale(yarn_factor(c, yarn_original(c)), c.yarn.mscale_all_dim);

@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "moelora/core/tensor.h"
 #include "moelora/io/hf_config.h"
 
 namespace moelora {
@@ -18,6 +19,14 @@ struct RopeFrequencies {
 // rope_type "default" or "yarn" over `dim` rotated values (the other types: an error naming
 // the config). dim must be even and > 0.
 RopeFrequencies rope_frequencies(const HfModelConfig& c, int dim);
+
+// What the rope ops take (mla_rope, rope, attention_prologue): the frequency table on `device`
+// and the cos / sin factor; undefined and 1 for plain RoPE (the ops compute theta's).
+struct RopeTable {
+  Tensor inv_freq;
+  float cos_sin_scale = 1.0f;
+};
+RopeTable rope_table(const HfModelConfig& c, int dim, Device device);
 
 // The factor DeepSeek's attention multiplies its softmax scale qk_head_dim^-0.5 by
 // (transformers' DeepseekV2 / V3 attention: yarn_get_mscale(factor, mscale_all_dim)^2 when the

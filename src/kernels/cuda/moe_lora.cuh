@@ -203,18 +203,9 @@ __global__ void __launch_bounds__(kExpandThreads)
   const int v = plan.block_group[b];
   if (v < 0) return;
   const int slot = v / plan.num_experts, e = v % plan.num_experts;
-  const int32_t* m = a.meta + slot * 6;
   // (rank, u column) of the gate half and of the up half; down uses one pair.
-  int rank_lo, col_lo, rank_hi, col_hi;
-  if (a.gate_up) {
-    rank_lo = m[1], col_lo = m[2], rank_hi = m[3], col_hi = m[4];
-  } else {
-    rank_lo = rank_hi = m[5];
-    col_lo = col_hi = 0;
-  }
-  col_lo = max(0, min(col_lo, a.ldu)), col_hi = max(0, min(col_hi, a.ldu));
-  rank_lo = max(0, min(rank_lo, min(a.r_max, a.ldu - col_lo)));
-  rank_hi = max(0, min(rank_hi, min(a.r_max, a.ldu - col_hi)));
+  const SeamRanks sr = SeamRanks::of(a.meta + slot * 6, a.gate_up).clamped(a.ldu, a.r_max);
+  const int rank_lo = sr.rank_lo, col_lo = sr.col_lo, rank_hi = sr.rank_hi, col_hi = sr.col_hi;
   if (rank_lo == 0 && rank_hi == 0) return;
   const int width = max(col_lo + rank_lo, col_hi + rank_hi);
   const int stride = width + kExpandRankChunk;
@@ -346,6 +337,9 @@ __global__ void __launch_bounds__(kExpand4Threads)
     srow[j] = j < plan.block_m ? plan.sorted_slots[b * plan.block_m + j] : plan.num_slots;
   if (b * plan.block_m >= padded || v < 0) return;
   const int slot = v / plan.num_experts, e = v % plan.num_experts;
+  // SeamRanks spelled out: its raw values are read here, clamped twice below (the staging
+  // loop needs them before the rest); kept inline because the helper changed this kernel's
+  // register allocation (241 -> 248 with kDelta) and it could not be re-measured (session 7).
   const int32_t* m = a.meta + slot * 6;
   int rank_lo, col_lo, rank_hi, col_hi;
   if (a.gate_up) {

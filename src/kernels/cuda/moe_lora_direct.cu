@@ -165,16 +165,8 @@ __global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 3)
     // The adapter's ranks for this seam, clamped to the pool (as the staged kernels do).
     const int* m = s_meta + slot * 6;
     const int shrink_rank = max(0, min(m[a.gate_up ? 0 : 5], a.R));
-    int rank_lo, col_lo, rank_hi, col_hi;
-    if (a.gate_up) {
-      rank_lo = m[1], col_lo = m[2], rank_hi = m[3], col_hi = m[4];
-    } else {
-      rank_lo = rank_hi = m[5];
-      col_lo = col_hi = 0;
-    }
-    col_lo = max(0, min(col_lo, a.R)), col_hi = max(0, min(col_hi, a.R));
-    rank_lo = max(0, min(rank_lo, min(a.r_max, a.R - col_lo)));
-    rank_hi = max(0, min(rank_hi, min(a.r_max, a.R - col_hi)));
+    const SeamRanks sr = SeamRanks::of(m, a.gate_up).clamped(a.R, a.r_max);
+    const int rank_lo = sr.rank_lo, col_lo = sr.col_lo, rank_hi = sr.rank_hi, col_hi = sr.col_hi;
 
     // This CTA's output columns, and their B rows into L2 while the shrink runs.
     const int cols = (a.N + kC - 1) / kC;

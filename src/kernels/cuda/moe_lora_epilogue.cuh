@@ -27,6 +27,25 @@ __device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
   return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
+// A slot's (rank, u column) for the gate (lo) and up (hi) halves of the gate_up seam, or the
+// down seam's one pair, read from its MoeLoraSlotMeta row [6]; clamped() bounds them to the
+// pool the way every MoE LoRA kernel reads them (u columns < ldu, ranks <= r_max).
+struct SeamRanks {
+  int rank_lo, col_lo, rank_hi, col_hi;
+
+  __device__ __forceinline__ static SeamRanks of(const int32_t* m, bool gate_up) {
+    if (gate_up) return {m[1], m[2], m[3], m[4]};
+    return {m[5], 0, m[5], 0};
+  }
+  __device__ __forceinline__ SeamRanks clamped(int ldu, int r_max) const {
+    SeamRanks s;
+    s.col_lo = max(0, min(col_lo, ldu)), s.col_hi = max(0, min(col_hi, ldu));
+    s.rank_lo = max(0, min(rank_lo, min(r_max, ldu - s.col_lo)));
+    s.rank_hi = max(0, min(rank_hi, min(r_max, ldu - s.col_hi)));
+    return s;
+  }
+};
+
 __device__ __forceinline__ void bf16x8_to_float(const uint4& v, float (&f)[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
 #pragma unroll
