@@ -78,9 +78,10 @@ class CudaLoraHooks final : public MoeLoraHooks {
       MOELORA_CHECK(why.empty() || !options.direct_strict,
                     "MoE LoRA hooks: the direct path cannot run this pool: {}", why);
       if (!why.empty()) direct_max_tokens_ = 0;
-      MOELORA_CHECK(
-          direct_cluster_size_ == 2 || direct_cluster_size_ == 4 || direct_cluster_size_ == 8,
-          "MoE LoRA hooks: direct_cluster_size must be 2, 4 or 8, found {}", direct_cluster_size_);
+      MOELORA_CHECK(direct_cluster_size_ == 1 || direct_cluster_size_ == 2 ||
+                        direct_cluster_size_ == 4 || direct_cluster_size_ == 8,
+                    "MoE LoRA hooks: direct_cluster_size must be 1, 2, 4 or 8, found {}",
+                    direct_cluster_size_);
     }
     if ((inline_max_tokens_ > 0 || direct_max_tokens_ > 0) && d.is_cuda())
       sms_ = cuda::current_sm_count();

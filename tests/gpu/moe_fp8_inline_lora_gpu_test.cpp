@@ -53,7 +53,7 @@ void load_four_adapters(const MoeShape& s, std::mt19937_64& rng, MoeLoraPool& cp
 }
 
 // direct: the direct variant (MoeLoraHooksOptions::direct_max_tokens: each delta one kernel on
-// the side stream, straight from the routing) in place of inline, cluster sizes 4 / 8 / 2 for
+// the side stream, straight from the routing) in place of inline, cluster sizes 4 / 8 / 1 for
 // the three split settings.
 void inline_lora_layer(bool graph, bool direct = false) {
   std::mt19937_64 rng(test::fresh_seed());
@@ -82,7 +82,7 @@ void inline_lora_layer(bool graph, bool direct = false) {
         MoeLoraHooksOptions opt;
         if (direct) {
           opt.direct_max_tokens = m;
-          opt.direct_cluster_size = splits == 1 ? 4 : splits == 3 ? 8 : 2;
+          opt.direct_cluster_size = splits == 1 ? 4 : splits == 3 ? 8 : 1;
         } else {
           opt.inline_max_tokens = m;
           opt.inline_column_splits = splits;

@@ -187,7 +187,7 @@ TEST(CudaMoeLayer, GraphReplayWithNewInputs) {
 // The fast LoRA path (expands folded into the activation and the reduction,
 // MoeLoraHooksOptions::fused_max_tokens), the overlap path (deltas computed on the side
 // stream, added in the activation and the reduction, overlap_max_tokens) and the direct path
-// (as overlap, each delta one kernel from the routing, direct_max_tokens; cluster sizes 2, 4,
+// (as overlap, each delta one kernel from the routing, direct_max_tokens; cluster sizes 1, 2,
 // 8 in turn): against the CPU reference, eager and under graph replay with new inputs and a
 // new adapter mix each time; base tokens bit-identical to a LoRA-off run of the same GPU
 // runner.
@@ -198,7 +198,7 @@ void fused_lora_layer(bool graph, FastVariant variant = FastVariant::fused) {
   Stream s = Stream::create(Device::cuda());
   for (const LayerCase& c : layer_cases()) {
     for (int64_t m : {1, 7, 64, 257}) {
-      const int cluster = 2 << (m % 3);  // 2, 4, 8 over M = 1, 7, 64, 257
+      const int cluster = 1 << (m % 4);  // direct: 2, 8, 1, 2 CTAs over M = 1, 7, 64, 257
       SCOPED_TRACE(::testing::Message() << c.name << " M=" << m << " graph=" << graph
                                         << " variant=" << int(variant) << " cluster=" << cluster);
       MoeRunner ref(runner_config(c, Device::cpu(), m));

@@ -173,7 +173,8 @@ struct MoeLoraHooksOptions {
   // fused_max_tokens. 0 = off. Needs H and I multiples of 8, r_max % 8 == 0, and the batch's
   // routing in one CTA's shared memory (cuda::moe_lora_direct_unsupported says why not).
   int64_t direct_max_tokens = 0;
-  // CTAs per (adapter, expert) pair in the direct variant's clusters: 2, 4 or 8.
+  // CTAs per (adapter, expert) pair in the direct variant's clusters: 1 (a plain CTA, no
+  // cluster), 2, 4 or 8.
   int direct_cluster_size = 4;
   // When the pool cannot run the direct kernel: true = error at creation (an explicit
   // request), false = those batches take the next variant that applies (the default

@@ -18,8 +18,11 @@
 //    a fixed order;
 //  - exchange: each CTA sums the kC partial u rows from its cluster's shared memory (DSMEM), in
 //    CTA order, so every CTA holds the same u;
-//  - expand: CTA c writes its 1 / kC slice of the output columns, one column per thread, B read
-//    as 16-byte rows (prefetched into L2 when the unit starts, while the shrink runs).
+//  - expand: CTA c writes its 1 / kC slice of the output columns, four adjacent columns per
+//    thread (16-byte stores), u staged transposed ([rank][token]: one rank costs two broadcast
+//    16-byte shared loads for 32 FMAs), B read as 16-byte row pieces (prefetched into L2 when
+//    the unit starts, while the shrink runs).
+// kC == 1 is a plain CTA per pair (moe_lora_direct_single_kernel: no cluster to co-schedule).
 // Sums run in a fixed order everywhere: results are deterministic (eager = graph replay).
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -41,7 +44,7 @@ using sm90::detail::mma_bf16_16816;
 
 constexpr int kDirectWarps = 8;
 constexpr int kDirectThreads = kDirectWarps * 32;
-constexpr int kDirectTok = 16;    // token-slots per pass (two MMA n-tiles)
+constexpr int kDirectTok = 8;     // token-slots per pass (one MMA n-tile)
 constexpr int kDirectRanks = 32;  // A rows per shrink pass (two MMA m-tiles)
 
 // Dynamic shared memory, in 4-byte words, for n slots, `keys` pair ids and R shrink rows.
@@ -64,15 +67,15 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// The kernel body for clusters of kC CTAs (kC == 1: a plain CTA per pair, no cluster).
 template <int kC>
-__global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 3)
-    moe_lora_direct_kernel(const DirectLoraArgs a) {
+__device__ __forceinline__ void direct_body(const DirectLoraArgs& a) {
   extern __shared__ __align__(16) int smem[];
   __shared__ float red[kDirectWarps][kDirectRanks][kDirectTok];
   __shared__ int s_unit_key, s_units, s_count, s_warp_base[kDirectWarps + 1];
   __shared__ float s_wt[kDirectTok];
-  cg::cluster_group cluster = cg::this_cluster();
-  const int crank = int(cluster.block_rank());
+  int crank = 0;
+  if constexpr (kC > 1) crank = int(cg::this_cluster().block_rank());
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;
   const int E = a.num_experts, S = a.num_lora_slots, keys = S * E;
@@ -169,7 +172,7 @@ __global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 3)
     const int rank_lo = sr.rank_lo, col_lo = sr.col_lo, rank_hi = sr.rank_hi, col_hi = sr.col_hi;
 
     // This CTA's output columns, and their B rows into L2 while the shrink runs.
-    const int cols = (a.N + kC - 1) / kC;
+    const int cols = ((a.N + kC - 1) / kC + 3) / 4 * 4;  // whole 4-column quads (N % 4 == 0)
     const int c0 = crank * cols, c1 = min(a.N, c0 + cols);
     const int64_t pair = int64_t(slot) * E + e;
     const __nv_bfloat16* bbase = static_cast<const __nv_bfloat16*>(a.B) + pair * a.N * a.r_max;
@@ -187,19 +190,13 @@ __global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 3)
 
     for (int t0 = 0; t0 < T; t0 += kDirectTok) {
       const int tc = min(kDirectTok, T - t0);
-      // This thread's input rows (token column g of each MMA n-tile).
-      const __nv_bfloat16* xrow[2];
-      bool has[2];
-#pragma unroll
-      for (int tt = 0; tt < 2; ++tt) {
-        const int t = tt * 8 + g;
-        has[tt] = t < tc;
-        xrow[tt] = static_cast<const __nv_bfloat16*>(a.in) +
-                   int64_t(has[tt] ? s_list[t0 + t] / a.rows_div : 0) * a.K;
-      }
+      // This thread's input row (token column g of the MMA n-tile).
+      const bool has = g < tc;
+      const __nv_bfloat16* xrow = static_cast<const __nv_bfloat16*>(a.in) +
+                                  int64_t(has ? s_list[t0 + g] / a.rows_div : 0) * a.K;
       for (int r0 = 0; r0 < shrink_rank; r0 += kDirectRanks) {
-        float acc[2][2][4] = {};
-#pragma unroll 2
+        float acc[2][4] = {};
+#pragma unroll 4
         for (int c = cb + warp; c < ce; c += kDirectWarps) {
           const int k = c * 32 + tig * 8;
           const bool k_ok = k < a.K;
@@ -212,25 +209,20 @@ __global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 3)
             f0[rt][0] = lo.x, f0[rt][1] = hi.x, f0[rt][2] = lo.y, f0[rt][3] = hi.y;
             f1[rt][0] = lo.z, f1[rt][1] = hi.z, f1[rt][2] = lo.w, f1[rt][3] = hi.w;
           }
+          const uint4 x = load_or_zero(xrow + k, k_ok && has);
 #pragma unroll
-          for (int tt = 0; tt < 2; ++tt) {
-            const uint4 x = load_or_zero(xrow[tt] + k, k_ok && has[tt]);
-#pragma unroll
-            for (int rt = 0; rt < 2; ++rt) {
-              mma_bf16_16816(acc[tt][rt], f0[rt], x.x, x.y);
-              mma_bf16_16816(acc[tt][rt], f1[rt], x.z, x.w);
-            }
+          for (int rt = 0; rt < 2; ++rt) {
+            mma_bf16_16816(acc[rt], f0[rt], x.x, x.y);
+            mma_bf16_16816(acc[rt], f1[rt], x.z, x.w);
           }
         }
 #pragma unroll
-        for (int tt = 0; tt < 2; ++tt)
-#pragma unroll
-          for (int rt = 0; rt < 2; ++rt) {
-            red[warp][rt * 16 + g][tt * 8 + 2 * tig] = acc[tt][rt][0];
-            red[warp][rt * 16 + g][tt * 8 + 2 * tig + 1] = acc[tt][rt][1];
-            red[warp][rt * 16 + g + 8][tt * 8 + 2 * tig] = acc[tt][rt][2];
-            red[warp][rt * 16 + g + 8][tt * 8 + 2 * tig + 1] = acc[tt][rt][3];
-          }
+        for (int rt = 0; rt < 2; ++rt) {
+          red[warp][rt * 16 + g][2 * tig] = acc[rt][0];
+          red[warp][rt * 16 + g][2 * tig + 1] = acc[rt][1];
+          red[warp][rt * 16 + g + 8][2 * tig] = acc[rt][2];
+          red[warp][rt * 16 + g + 8][2 * tig + 1] = acc[rt][3];
+        }
         __syncthreads();
         for (int i = threadIdx.x; i < kDirectRanks * kDirectTok; i += kDirectThreads) {
           const int rr = i / kDirectTok, t = i % kDirectTok;
@@ -242,40 +234,70 @@ __global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 3)
         }
         __syncthreads();  // `red` is reused by the next rank pass
       }
-      cluster.sync();  // every CTA's partial u is in its shared memory
-      for (int i = threadIdx.x; i < tc * a.R; i += kDirectThreads) {
-        const int j = i % a.R;
+      // Every CTA's partial u is in its shared memory; sum them (CTA order) into u transposed,
+      // [rank][token], zero past the shrink rank and the pass's tokens.
+      if constexpr (kC > 1) {
+        cg::this_cluster().sync();
+      } else {
+        __syncthreads();
+      }
+      for (int i = threadIdx.x; i < a.R * kDirectTok; i += kDirectThreads) {
+        const int j = i / kDirectTok, t = i % kDirectTok;
         float sum = 0.0f;
-        if (j < shrink_rank)
-          for (int c = 0; c < kC; ++c) sum += cluster.map_shared_rank(s_part, c)[i];
+        if (j < shrink_rank && t < tc) {
+          const int at = t * a.R + j;
+          if constexpr (kC > 1) {
+            for (int c = 0; c < kC; ++c) sum += cg::this_cluster().map_shared_rank(s_part, c)[at];
+          } else {
+            sum = s_part[at];
+          }
+        }
         s_u[i] = sum;
       }
       if (threadIdx.x < kDirectTok) {
         const int t = int(threadIdx.x);
         s_wt[t] = (a.slot_weights != nullptr && t < tc) ? a.slot_weights[s_list[t0 + t]] : 1.0f;
       }
-      cluster.sync();  // the partials are read (the next pass may overwrite them); u is ready
+      // The partials are read (the next pass may overwrite them); u is ready.
+      if constexpr (kC > 1) {
+        cg::this_cluster().sync();
+      } else {
+        __syncthreads();
+      }
 
-      // Expand: out[s][col] = w[s] * sum_r B[col][r] * u[s][col_half + r].
-      for (int col = c0 + int(threadIdx.x); col < c1; col += kDirectThreads) {
-        const bool lo = !a.gate_up || col < a.N / 2;
+      // Expand, four adjacent columns per thread (one half: I % 4 == 0):
+      // out[s][col] = w[s] * sum_r B[col][r] * u[s][col_half + r], ranks in order.
+      for (int q0 = c0 + 4 * int(threadIdx.x); q0 < c1; q0 += 4 * kDirectThreads) {
+        const bool lo = !a.gate_up || q0 < a.N / 2;
         const int rk = lo ? rank_lo : rank_hi, cl = lo ? col_lo : col_hi;
-        const __nv_bfloat16* brow = bbase + int64_t(col) * a.r_max;
-        float acc[kDirectTok] = {};
+        const __nv_bfloat16* brow = bbase + int64_t(q0) * a.r_max;
+        float acc[4][kDirectTok] = {};
         for (int r = 0; r < rk; r += 8) {
-          float bv[8];
-          bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(brow + r)), bv);
+          uint4 bq[4];  // ranks r .. r + 7 of the four rows, widened one rank at a time
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            bq[c] = __ldg(reinterpret_cast<const uint4*>(brow + c * a.r_max + r));
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             if (r + i >= rk) break;
-            const float* ur = s_u + cl + r + i;
+            const float4* ur = reinterpret_cast<const float4*>(s_u + (cl + r + i) * kDirectTok);
+            const float4 u0 = ur[0], u1 = ur[1];
+            const float uj[kDirectTok] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
 #pragma unroll
-            for (int t = 0; t < kDirectTok; ++t) acc[t] = fmaf(bv[i], ur[t * a.R], acc[t]);
+            for (int c = 0; c < 4; ++c) {
+              const uint32_t w = reinterpret_cast<const uint32_t*>(&bq[c])[i >> 1];
+              const float b = __uint_as_float((i & 1) ? (w & 0xffff0000u) : (w << 16));  // bf16
+#pragma unroll
+              for (int t = 0; t < kDirectTok; ++t) acc[c][t] = fmaf(b, uj[t], acc[c][t]);
+            }
           }
         }
 #pragma unroll
         for (int t = 0; t < kDirectTok; ++t)
-          if (t < tc) a.out[int64_t(s_list[t0 + t]) * a.N + col] = s_wt[t] * acc[t];
+          if (t < tc)
+            *reinterpret_cast<float4*>(a.out + int64_t(s_list[t0 + t]) * a.N + q0) =
+                make_float4(s_wt[t] * acc[0][t], s_wt[t] * acc[1][t], s_wt[t] * acc[2][t],
+                            s_wt[t] * acc[3][t]);
       }
       __syncthreads();  // s_u and s_list are read before the next pass / unit rewrites them
     }
@@ -283,12 +305,25 @@ __global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 3)
 }
 
 template <int kC>
-cudaError_t launch_direct(const DirectLoraArgs& a, int clusters, size_t smem, cudaStream_t stream) {
+__global__ void __cluster_dims__(kC, 1, 1) __launch_bounds__(kDirectThreads, 2)
+    moe_lora_direct_kernel(const DirectLoraArgs a) {
+  direct_body<kC>(a);
+}
+
+// One CTA per pair (no cluster: each CTA needs only its own SM's room).
+__global__ void __launch_bounds__(kDirectThreads, 2)
+    moe_lora_direct_single_kernel(const DirectLoraArgs a) {
+  direct_body<1>(a);
+}
+
+template <class Kernel>
+cudaError_t launch_direct(Kernel kernel, const DirectLoraArgs& a, int ctas, size_t smem,
+                          cudaStream_t stream) {
+  // Once per instantiation: allow the kernel more than 48 KB of dynamic shared memory.
   static const cudaError_t attr = cudaFuncSetAttribute(
-      moe_lora_direct_kernel<kC>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDirectMaxSmem));
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDirectMaxSmem));
   if (attr != cudaSuccess) return attr;
-  return launch_pdl(moe_lora_direct_kernel<kC>, dim3(unsigned(clusters * kC)), dim3(kDirectThreads),
-                    smem, stream, a);
+  return launch_pdl(kernel, dim3(unsigned(ctas)), dim3(kDirectThreads), smem, stream, a);
 }
 
 }  // namespace
@@ -301,18 +336,21 @@ cudaError_t launch_moe_lora_direct(const DirectLoraArgs& a, int cluster_size, in
                                    cudaStream_t stream) {
   const int keys = a.num_lora_slots * a.num_experts;
   const size_t smem = moe_lora_direct_smem(a.n, keys, a.R, a.num_lora_slots);
-  if (smem > kDirectMaxSmem || a.n < 1 || a.K % 8 != 0 || a.r_max % 8 != 0)
+  if (smem > kDirectMaxSmem || a.n < 1 || a.K % 8 != 0 || a.r_max % 8 != 0 || a.N % 4 != 0 ||
+      (a.gate_up && (a.N / 2) % 4 != 0) || reinterpret_cast<uintptr_t>(a.out) % 16 != 0)
     return cudaErrorInvalidValue;
   // One cluster per possible (adapter, expert) pair, at most max_clusters (they loop).
   const int clusters = int(std::min<int64_t>(std::min<int64_t>(a.n, keys), max_clusters));
   if (clusters < 1) return cudaSuccess;
   switch (cluster_size) {
+    case 1:
+      return launch_direct(moe_lora_direct_single_kernel, a, clusters, smem, stream);
     case 2:
-      return launch_direct<2>(a, clusters, smem, stream);
+      return launch_direct(moe_lora_direct_kernel<2>, a, clusters * 2, smem, stream);
     case 4:
-      return launch_direct<4>(a, clusters, smem, stream);
+      return launch_direct(moe_lora_direct_kernel<4>, a, clusters * 4, smem, stream);
     case 8:
-      return launch_direct<8>(a, clusters, smem, stream);
+      return launch_direct(moe_lora_direct_kernel<8>, a, clusters * 8, smem, stream);
     default:
       return cudaErrorInvalidValue;
   }

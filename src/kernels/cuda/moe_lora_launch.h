@@ -45,8 +45,9 @@ inline constexpr size_t kDirectMaxSmem = 160 * 1024;
 size_t moe_lora_direct_smem(int n, int keys, int R, int num_lora_slots);
 // out[s] = w[s] * B . (A . in[s]) for every token-slot s whose token has an adapter slot in
 // [0, num_lora_slots) and whose expert is in [0, num_experts) (zeros where the adapter lacks
-// the seam); other rows untouched. cluster_size 2, 4 or 8 CTAs per (adapter, expert) pair,
-// at most max_clusters clusters. Needs K % 8 == 0, r_max % 8 == 0 and the smem bound.
+// the seam); other rows untouched. cluster_size 1 (plain CTAs), 2, 4 or 8 CTAs per (adapter,
+// expert) pair, at most max_clusters clusters. Needs K % 8 == 0, r_max % 8 == 0, N (and the
+// gate_up halves) % 4 == 0, a 16-byte aligned out and the smem bound.
 cudaError_t launch_moe_lora_direct(const DirectLoraArgs& a, int cluster_size, int max_clusters,
                                    cudaStream_t stream);
 

@@ -298,12 +298,16 @@ void moe_lora_direct(const Tensor& in, int rows_div, const Tensor& ids, const Te
                   slot_weights.describe());
     sw = slot_weights.data<float>();
   }
-  MOELORA_CHECK(cluster_size == 2 || cluster_size == 4 || cluster_size == 8,
-                "{}: cluster_size must be 2, 4 or 8, found {}", op, cluster_size);
+  MOELORA_CHECK(cluster_size == 1 || cluster_size == 2 || cluster_size == 4 || cluster_size == 8,
+                "{}: cluster_size must be 1, 2, 4 or 8, found {}", op, cluster_size);
   MOELORA_CHECK(max_clusters >= 1, "{}: max_clusters must be >= 1, found {}", op, max_clusters);
   MOELORA_CHECK(K % 8 == 0 && r_max % 8 == 0,
                 "{}: needs K and r_max multiples of 8, found K {}, r_max {}", op, K, r_max);
-  for (const Tensor* t : {&in, &A, &B})
+  MOELORA_CHECK(N % 4 == 0 && (!gate_up || (N / 2) % 4 == 0),
+                "{}: the output width (and the gate / up halves) must be multiples of 4, found N "
+                "{}",
+                op, N);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&in, &A, &B, &d})
     MOELORA_CHECK(reinterpret_cast<uintptr_t>(t->data()) % 16 == 0,
                   "{}: {} must be 16-byte aligned", op, t->describe());
   const size_t smem = detail::moe_lora_direct_smem(int(n), int(S * E), int(R), int(S));
