@@ -45,6 +45,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
         overlap_max_tokens_(std::max<int64_t>(0, options.overlap_max_tokens)),
         inline_max_tokens_(std::max<int64_t>(0, options.inline_max_tokens)),
         direct_max_tokens_(std::max<int64_t>(0, options.direct_max_tokens)),
+        direct_gap_min_(options.direct_gap_min),
+        direct_gap_max_(options.direct_gap_max),
         direct_cluster_size_(options.direct_cluster_size),
         inline_k_splits_(options.inline_k_splits),
         inline_column_splits_(options.inline_column_splits) {
@@ -78,9 +80,11 @@ class CudaLoraHooks final : public MoeLoraHooks {
       MOELORA_CHECK(why.empty() || !options.direct_strict,
                     "MoE LoRA hooks: the direct path cannot run this pool: {}", why);
       if (!why.empty()) direct_max_tokens_ = 0;
-      MOELORA_CHECK(direct_cluster_size_ == 1 || direct_cluster_size_ == 2 ||
-                        direct_cluster_size_ == 4 || direct_cluster_size_ == 8,
-                    "MoE LoRA hooks: direct_cluster_size must be 1, 2, 4 or 8, found {}",
+      MOELORA_CHECK(direct_cluster_size_ == 0 || direct_cluster_size_ == 1 ||
+                        direct_cluster_size_ == 2 || direct_cluster_size_ == 4 ||
+                        direct_cluster_size_ == 8,
+                    "MoE LoRA hooks: direct_cluster_size must be 0 (by batch size), 1, 2, 4 or "
+                    "8, found {}",
                     direct_cluster_size_);
     }
     if ((inline_max_tokens_ > 0 || direct_max_tokens_ > 0) && d.is_cuda())
@@ -162,8 +166,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
     if (directs(m_)) {
       Tensor d = d13_.first_rows(n);
       cuda::moe_lora_direct(x, k, topk.ids, bound_slots(m_), pool_.a13(), pool_.b13(),
-                            pool_.slot_meta(), LoraSeam::gate_up, Tensor(), d, direct_cluster_size_,
-                            direct_clusters(), side_);
+                            pool_.slot_meta(), LoraSeam::gate_up, Tensor(), d, cluster_size(m_),
+                            direct_clusters(m_), side_);
       gu_done_.record(side_);
       gu_queued_ = true;
       return;
@@ -206,7 +210,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
       Tensor d = d2_.first_rows(n);
       cuda::moe_lora_direct(a, 1, topk.ids, bound_slots(m_), pool_.a2(), pool_.b2(),
                             pool_.slot_meta(), LoraSeam::down, topk.weights.view({n}), d,
-                            direct_cluster_size_, direct_clusters(), side_);
+                            cluster_size(m_), direct_clusters(m_), side_);
       down_done_.record(side_);
       down_queued_ = true;
       return;
@@ -303,9 +307,20 @@ class CudaLoraHooks final : public MoeLoraHooks {
     return n <= delta_rows_ && n / pool_.shape().top_k > fused_max_tokens_;
   }
   bool overlaps(int64_t m) const { return m <= overlap_max_tokens_; }
-  bool directs(int64_t m) const { return m <= direct_max_tokens_; }
+  bool directs(int64_t m) const {
+    return m <= direct_max_tokens_ && (m < direct_gap_min_ || m > direct_gap_max_);
+  }
+  // The direct kernel's CTAs per (adapter, expert) pair for a batch of m tokens: the option,
+  // or by batch size (0): one token has at most top_k pairs, too few CTAs for the GPU unless
+  // each pair's K is split over a cluster of 4 (41.3 vs 44.7 us per fp8 layer at r16x1, 56.8
+  // vs 77.9 at r64x1); from 4 tokens a plain CTA per pair is faster (82.9 vs 99.0 at r16x1,
+  // batch 4; 181.2 vs 192.7 at batch 16; H100, session 8).
+  int cluster_size(int64_t m) const {
+    if (direct_cluster_size_ > 0) return direct_cluster_size_;
+    return m <= 1 ? 4 : 1;
+  }
   // The direct kernel's grid bound: two clusters' worth of CTAs per SM (pairs beyond loop).
-  int direct_clusters() const { return std::max(1, 2 * sms_ * 4 / direct_cluster_size_); }
+  int direct_clusters(int64_t m) const { return std::max(1, 2 * sms_ * 4 / cluster_size(m)); }
   // K slices of an inline seam for a batch of m tokens (MoeLoraHooksOptions::inline_k_splits).
   int64_t k_splits(int64_t m, bool gate_up) const {
     if (inline_k_splits_ > 0) return inline_k_splits_;
@@ -321,6 +336,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
   int64_t overlap_max_tokens_ = 0;
   int64_t inline_max_tokens_ = 0;
   int64_t direct_max_tokens_ = 0;
+  int64_t direct_gap_min_ = 1, direct_gap_max_ = 0;
   int direct_cluster_size_ = 4;
   int inline_k_splits_ = 0, inline_column_splits_ = 1, sms_ = 132;
   MoeLoraInlineSeams inline_;

@@ -32,10 +32,10 @@ inline std::unique_ptr<MoeRunner> make_model_runner(const HfModelConfig& c,
 
 // The MoE LoRA hooks' settings on a decode path, per expert weight format: the variant that
 // measured fastest in `bench moe --path hooks|fast|overlap|direct|inline` (H100, 2026-11-23,
-// BENCHMARKS.md "MoE LoRA variants"). fp8 block-scale: the direct kernels at batch 1, then
-// deltas beside the GEMMs added in the activation / reduction (overlap) up to 128 tokens (2-15 %
-// less LoRA time at r16x1 and r64x1, within 1 % at r16x4; the inline variant won only at r16x1 from
-// batch 16 in the layer and lost in the whole model, session 5); int4 (wna16): the staged hooks
+// BENCHMARKS.md "MoE LoRA variants"). fp8 block-scale: the direct kernels at batches 1-8 and
+// 65-128, deltas beside the GEMMs added in the activation / reduction (overlap) in between (the
+// inline variant won only at r16x1 from batch 16 in the layer and lost in the whole model,
+// session 5); int4 (wna16): the staged hooks
 // everywhere (overlap slower); formats not measured yet keep the staged hooks. On the hooks path:
 // the default options, so that path stays byte for byte what it was. DecodeOptions::moe_lora other
 // than `best` forces a variant up to max_batch tokens.
@@ -47,11 +47,15 @@ inline MoeLoraHooksOptions decode_hook_options(const DecodeOptions& d, WeightFor
   switch (d.moe_lora) {
     case MoeLoraVariant::best:
       if (format == WeightFormat::fp8_block) {
+        // Whole-model decode, r16x1 / none (H100, session 8, bench/NOTES.md): the direct
+        // kernels (clusters of 4 at one token, a plain CTA per pair from 2) at batches 1-8
+        // (0.924 vs 0.902 overlap at 4) and 65-128 (0.900 vs 0.887 at 128); overlap at 9-64
+        // (0.904 vs 0.892 at 16, 0.912 vs 0.900 at 64).
         o.overlap_max_tokens = 128;
-        // Batch 1: the direct kernels in clusters of 8 (43.0 vs 46.2 us per layer at r16x1,
-        // 55.4 vs 56.6 at r64x1; slower than overlap from batch 4 on; session 7).
-        o.direct_max_tokens = 1;
-        o.direct_cluster_size = 8;
+        o.direct_max_tokens = 128;
+        o.direct_gap_min = 9;
+        o.direct_gap_max = 64;
+        o.direct_cluster_size = 0;
         o.direct_strict = false;
       }
       break;

@@ -15,7 +15,7 @@ struct BenchMoeOptions {
   std::string path = "hooks";  // LoRA: hooks (staged expands) | fast | overlap | direct | inline
   int inline_column_splits = 1;          // --path inline: MoeLoraHooksOptions::inline_column_splits
   int inline_k_splits = 0;               // --path inline: MoeLoraHooksOptions::inline_k_splits
-  int direct_cluster = 4;                // --path direct: MoeLoraHooksOptions::direct_cluster_size
+  int direct_cluster = 0;                // --path direct: MoeLoraHooksOptions::direct_cluster_size
   std::string side_priority = "normal";  // MoeLoraHooksOptions::side_stream_priority
   std::vector<int> batches;              // empty: 1,4,16,64,128,256 on CUDA; 1,4,16 on the CPU
   std::vector<std::string> lora = {"none", "r16x1", "r16x4", "r64x1"};

@@ -43,8 +43,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench_moe
       ->add_option("--direct-cluster", moe.direct_cluster,
-                   "--path direct: CTAs per (adapter, expert) pair: 1 (no cluster), 2, 4 or 8")
-      ->check(CLI::IsMember({1, 2, 4, 8}))
+                   "--path direct: CTAs per (adapter, expert) pair: 1 (no cluster), 2, 4 or 8; 0 = by "
+                   "batch size")
+      ->check(CLI::IsMember({0, 1, 2, 4, 8}))
       ->capture_default_str();
   bench_moe
       ->add_option("--side-priority", moe.side_priority,

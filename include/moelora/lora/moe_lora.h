@@ -173,9 +173,15 @@ struct MoeLoraHooksOptions {
   // fused_max_tokens. 0 = off. Needs H and I multiples of 8, r_max % 8 == 0, and the batch's
   // routing in one CTA's shared memory (cuda::moe_lora_direct_unsupported says why not).
   int64_t direct_max_tokens = 0;
+  // Batches of m tokens with direct_gap_min <= m <= direct_gap_max do not take the direct
+  // variant (the next one that applies runs them): the measured best can alternate with the
+  // batch size (decode_hook_options). Empty by default (min > max).
+  int64_t direct_gap_min = 1;
+  int64_t direct_gap_max = 0;
   // CTAs per (adapter, expert) pair in the direct variant's clusters: 1 (a plain CTA, no
-  // cluster), 2, 4 or 8.
-  int direct_cluster_size = 4;
+  // cluster), 2, 4 or 8; 0 = by batch size (4 for one token, where a
+  // pair's K needs splitting to fill the GPU, else 1; measured on the H100, session 8).
+  int direct_cluster_size = 0;
   // When the pool cannot run the direct kernel: true = error at creation (an explicit
   // request), false = those batches take the next variant that applies (the default
   // variant choice, decode_hook_options, asks this way).
