@@ -25,5 +25,5 @@ for path in hooks fast; do
   echo "== decode $path rc=$?"; grep -E "batch +[0-9]+ +$path" "$R/decode_$path.log"
 done
 wait $GOLD
-tail -2 "$R/golden_deepseek.log" "$R/golden_qwen3.log"
+tail -n 2 "$R/golden_deepseek.log" "$R/golden_qwen3.log"
 tar -czf "$OUT/s8.tgz" -C "$OUT" s8
