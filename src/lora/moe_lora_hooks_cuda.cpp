@@ -313,8 +313,8 @@ class CudaLoraHooks final : public MoeLoraHooks {
   // The direct kernel's CTAs per (adapter, expert) pair for a batch of m tokens: the option,
   // or by batch size (0): one token has at most top_k pairs, too few CTAs for the GPU unless
   // each pair's K is split over a cluster of 4 (41.3 vs 44.7 us per fp8 layer at r16x1, 56.8
-  // vs 77.9 at r64x1); from 4 tokens a plain CTA per pair is faster (82.9 vs 99.0 at r16x1,
-  // batch 4; 181.2 vs 192.7 at batch 16; H100, session 8).
+  // vs 77.9 at r64x1); from 2 tokens a plain CTA per pair (measured from batch 4: 82.9 vs 99.0
+  // at r16x1, batch 4; 181.2 vs 192.7 at batch 16; H100, session 8; batches 2-3 not measured).
   int cluster_size(int64_t m) const {
     if (direct_cluster_size_ > 0) return direct_cluster_size_;
     return m <= 1 ? 4 : 1;
@@ -337,7 +337,7 @@ class CudaLoraHooks final : public MoeLoraHooks {
   int64_t inline_max_tokens_ = 0;
   int64_t direct_max_tokens_ = 0;
   int64_t direct_gap_min_ = 1, direct_gap_max_ = 0;
-  int direct_cluster_size_ = 4;
+  int direct_cluster_size_ = 0;
   int inline_k_splits_ = 0, inline_column_splits_ = 1, sms_ = 132;
   MoeLoraInlineSeams inline_;
   bool inline_on_ = false;  // this layer call runs the inline seams
